@@ -1,0 +1,1 @@
+"""Pure loss and advantage math: functions of tensors, no models or configs."""

@@ -1,0 +1,108 @@
+"""The ``rltrain`` command: ``rltrain train [overrides]``, ``rltrain bench [...]``.
+
+Config mistakes end the program before any work with one line naming the key (exit code 2), for every job of a
+``-m`` sweep, instead of Hydra's multi-line report from inside the first job.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+USAGE = "usage: rltrain {train,bench} [args...]   (rltrain train --help for Hydra's options)"
+# Hydra options that take a value; their value is not an override.
+_VALUE_FLAGS = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c",
+                "--package", "-p", "--info", "-i", "--experimental-rerun"}
+MAX_CHECKED_JOBS = 256
+
+
+def _overrides(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _VALUE_FLAGS:
+            skip = True
+        elif not arg.startswith("-"):
+            out.append(arg)
+    return out
+
+
+def _jobs(overrides: list[str]) -> list[list[str]]:
+    """Expand sweep overrides (``a=1,2``) into the override list of each job, as Hydra's basic sweeper does."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("hydra.")])
+    choices = []
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            choices.append([o.input_line])
+    return [list(combo) for combo in itertools.islice(itertools.product(*choices), MAX_CHECKED_JOBS)]
+
+
+def config_error(exc: BaseException) -> str:
+    """The innermost OmegaConf/rltrain message, with the full key it concerns, on one line."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rltrain.config import ConfigError
+
+    chain, seen = [], exc
+    while seen is not None:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        if isinstance(e, ConfigError):
+            return str(e)
+    for e in reversed(chain):
+        if isinstance(e, OmegaConfBaseException):
+            key = getattr(e, "full_key", None)
+            message = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
+            return f"{key}: {message}" if key else message
+    return " ".join(str(exc).split())
+
+
+def compose(overrides: list[str], config_name: str = "config"):
+    """The validated ``Config`` for these overrides (Hydra compose API, no run directory)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from rltrain.config import register, to_config
+    from rltrain.paths import CONF_DIR
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    return to_config(cfg)
+
+
+def check_overrides_or_exit(argv: list[str]) -> None:
+    if any(a in ("-h", "--help", "--hydra-help", "--info", "-i", "--cfg", "-c") for a in argv):
+        return
+    try:
+        for job in _jobs(_overrides(argv)):
+            compose(job)
+    except Exception as exc:  # noqa: BLE001 - every config failure becomes the same one-line report
+        print(f"rltrain: config error: {config_error(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print(USAGE)
+        raise SystemExit(0 if len(sys.argv) >= 2 else 2)
+    command, args = sys.argv[1], sys.argv[2:]
+    if command == "train":
+        from rltrain.train import main as train_main
+
+        sys.argv = ["rltrain train"] + args
+        train_main(args)
+    elif command == "bench":
+        from rltrain.bench import main as bench_main
+
+        bench_main(args)
+    else:
+        print(f"rltrain: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2)

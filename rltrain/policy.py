@@ -1,0 +1,249 @@
+"""The policy worker: per-token log-probs of completions, and optimizer updates from a rollout batch.
+
+Verbs: ``logprobs`` (no grad), ``update`` (one rollout batch -> one or more optimizer steps), ``save``.
+Micro-batches are length-bucketed (samples sorted by length, so padding stays small) and gradient accumulation
+weights each micro-batch by its share of the step (``aggregation.weight``), so the accumulated gradient equals the
+gradient of the whole batch at once, for every aggregation mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from rltrain.algorithms import aggregation
+from rltrain.batch import RolloutBatch, Source
+
+
+@dataclass
+class LossInputs:
+    """What a loss sees for one micro-batch. Log-probs are per completion token, right-padded to T."""
+
+    logp_BT: Tensor  # policy, training context, with grad
+    old_logp_BT: Tensor  # policy at the start of the step, generation context, no grad
+    ref_logp_BT: Tensor | None  # frozen reference, training context (only when a KL term is used)
+    behaviour_logp_BT: Tensor  # the generator's own log-probs
+    adv_B: Tensor
+    mask_BT: Tensor
+    sources: list[Source]
+    entropy_BT: Tensor | None  # only when the loss asks for it
+
+
+class PolicyLoss(Protocol):
+    aggregation: str
+    max_len: int | None
+    needs_entropy: bool
+    needs_reference: bool
+
+    def __call__(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-token loss [B, T] (before masking) and per-token metrics, each [B, T]."""
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    max_grad_norm: float
+    warmup_steps: int
+    micro_batch_size: int
+    updates_per_step: int
+    temperature: float
+    precision: str  # "fp32" | "bf16"
+
+
+class PolicyWorker:
+    def __init__(self, model: nn.Module, settings: OptimSettings, *, pad_token_id: int, reference: nn.Module | None = None):
+        self.model = model
+        self.settings = settings
+        self.pad_token_id = pad_token_id
+        self.reference = reference
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
+        )
+        warmup = max(settings.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+        self.device = next(model.parameters()).device
+
+    # ---- log-probs ---------------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.settings.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _forward(
+        self, model: nn.Module, prompts: list[list[int]], completions: list[list[int]], want_entropy: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """Log-probs [B, T] of each completion token given its prompt (right-padded), and optionally entropies."""
+        lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+        width, t_max = max(lengths), max(len(c) for c in completions)
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        # position of the logit that predicts completion token t of row b
+        gather_pos_BT = torch.zeros((len(prompts), t_max), dtype=torch.long)
+        targets_BT = torch.full((len(prompts), t_max), self.pad_token_id, dtype=torch.long)
+        for b, (p, c) in enumerate(zip(prompts, completions)):
+            input_ids[b, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+            attention_mask[b, : len(p) + len(c)] = 1
+            gather_pos_BT[b, : len(c)] = torch.arange(len(p) - 1, len(p) + len(c) - 1)
+            gather_pos_BT[b, len(c) :] = len(p) - 1
+            targets_BT[b, : len(c)] = torch.tensor(c, dtype=torch.long)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        with self._autocast():
+            logits_BLV = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        index = gather_pos_BT.to(self.device).unsqueeze(-1).expand(-1, -1, logits_BLV.shape[-1])
+        logits_BTV = logits_BLV.gather(1, index).float() / self.settings.temperature
+        log_norm_BT = torch.logsumexp(logits_BTV, dim=-1)
+        logp_BT = logits_BTV.gather(-1, targets_BT.to(self.device).unsqueeze(-1)).squeeze(-1) - log_norm_BT
+        entropy_BT = None
+        if want_entropy:
+            probs_BTV = torch.softmax(logits_BTV, dim=-1)
+            entropy_BT = log_norm_BT - (probs_BTV * logits_BTV).sum(-1)
+        return logp_BT, entropy_BT
+
+    def _micro_batches(self, indices: list[int], batch: RolloutBatch, prompts: list[list[int]]) -> list[list[int]]:
+        by_length = sorted(indices, key=lambda i: len(prompts[i]) + len(batch.completion_ids[i]), reverse=True)
+        size = self.settings.micro_batch_size
+        return [by_length[i : i + size] for i in range(0, len(by_length), size)]
+
+    @torch.no_grad()
+    def logprobs(
+        self, prompts: list[list[int]], completions: list[list[int]], *, model: nn.Module | None = None
+    ) -> list[list[float]]:
+        """Per-token log-probs of each completion under ``model`` (default: the policy), micro-batched."""
+        model = self.model if model is None else model
+        out: list[list[float]] = [[] for _ in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(completions[i]), reverse=True)
+        for start in range(0, len(order), self.settings.micro_batch_size):
+            chunk = order[start : start + self.settings.micro_batch_size]
+            logp_BT, _ = self._forward(model, [prompts[i] for i in chunk], [completions[i] for i in chunk], False)
+            for row, i in enumerate(chunk):
+                out[i] = logp_BT[row, : len(completions[i])].tolist()
+        return out
+
+    # ---- update ------------------------------------------------------------------------------------------------
+
+    def update(self, batch: RolloutBatch, loss_fn: PolicyLoss) -> dict[str, float]:
+        """Train on one rollout batch: ``updates_per_step`` optimizer steps over disjoint shuffled mini-batches."""
+        if batch.advantages_N is None:
+            raise ValueError("update needs a batch with advantages")
+        n_updates = self.settings.updates_per_step
+        hinted = batch.is_hinted()
+        # With one update per batch pi_old == pi_theta, so old log-probs are sg(logp) for free (no second
+        # forward). Samples generated from another context (hints) always need theirs scored under that context.
+        need_old = [n_updates > 1 or h for h in hinted]
+        scored = [i for i, need in enumerate(need_old) if need]
+        old_logp: dict[int, list[float]] = {}
+        if scored:
+            values = self.logprobs([batch.gen_prompt_ids[i] for i in scored], [batch.completion_ids[i] for i in scored])
+            old_logp = dict(zip(scored, values))
+        ref_logp: dict[int, list[float]] = {}
+        if loss_fn.needs_reference:
+            every = list(range(len(batch)))
+            values = self.logprobs(
+                [batch.train_prompt_ids[i] for i in every], [batch.completion_ids[i] for i in every], model=self.reference
+            ) if self.reference is not None else self._reference_logprobs_from_adapter(batch)
+            ref_logp = dict(zip(every, values))
+
+        permutation = torch.randperm(len(batch)).tolist() if n_updates > 1 else list(range(len(batch)))
+        mini_batches = [permutation[k::n_updates] for k in range(n_updates)]
+        totals: dict[str, float] = {}
+        for mini in mini_batches:
+            metrics = self._one_update(batch, sorted(mini), loss_fn, old_logp, ref_logp)
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v / n_updates
+        return totals
+
+    def _reference_logprobs_from_adapter(self, batch: RolloutBatch) -> list[list[float]]:
+        """For a PEFT model the reference is the base model: the same module with its adapters disabled."""
+        with self.model.disable_adapter():
+            return self.logprobs(batch.train_prompt_ids, batch.completion_ids)
+
+    def _one_update(
+        self,
+        batch: RolloutBatch,
+        indices: list[int],
+        loss_fn: PolicyLoss,
+        old_logp: dict[int, list[float]],
+        ref_logp: dict[int, list[float]],
+    ) -> dict[str, float]:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        prompts = batch.train_prompt_ids
+        step_weight = aggregation.weight(_mask(batch, indices), mode=loss_fn.aggregation)
+        sums: dict[str, float] = {}
+        tokens = 0.0
+        loss_total = 0.0
+        for mb in self._micro_batches(indices, batch, prompts):
+            logp_BT, entropy_BT = self._forward(
+                self.model, [prompts[i] for i in mb], [batch.completion_ids[i] for i in mb], loss_fn.needs_entropy
+            )
+            mask_BT = _mask(batch, mb).to(logp_BT.device)
+            old_BT = _stack_old(mb, old_logp, logp_BT)
+            inputs = LossInputs(
+                logp_BT=logp_BT,
+                old_logp_BT=old_BT,
+                ref_logp_BT=_pad([ref_logp[i] for i in mb], logp_BT.shape[1]).to(logp_BT.device) if ref_logp else None,
+                behaviour_logp_BT=_pad([batch.behaviour_logp[i] for i in mb], logp_BT.shape[1]).to(logp_BT.device),
+                adv_B=batch.advantages_N[mb].to(logp_BT.device),
+                mask_BT=mask_BT,
+                sources=[batch.sources[i] for i in mb],
+                entropy_BT=entropy_BT,
+            )
+            loss_BT, token_metrics = loss_fn(inputs)
+            share = aggregation.weight(mask_BT, mode=loss_fn.aggregation) / step_weight
+            loss = aggregation.aggregate(loss_BT, mask_BT, mode=loss_fn.aggregation, max_len=loss_fn.max_len) * share
+            loss.backward()
+            loss_total += float(loss.detach())
+            n_tok = float(mask_BT.sum())
+            tokens += n_tok
+            for k, v_BT in token_metrics.items():
+                sums[k] = sums.get(k, 0.0) + float((v_BT.detach() * mask_BT).sum())
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm))
+        finite = math.isfinite(grad_norm) and math.isfinite(loss_total)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        metrics = {k: v / max(tokens, 1.0) for k, v in sums.items()}
+        metrics.update(loss=loss_total, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0], skipped_update=float(not finite))
+        return metrics
+
+    # ---- state -------------------------------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> None:
+        """Weights as safetensors (an adapter directory for a PEFT model)."""
+        self.model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def _pad(rows: list[list[float]], width: int) -> Tensor:
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out
+
+
+def _mask(batch: RolloutBatch, indices: list[int]) -> Tensor:
+    return _pad([[float(m) for m in batch.completion_mask[i]] for i in indices], max(len(batch.completion_ids[i]) for i in indices))
+
+
+def _stack_old(mb: list[int], old_logp: dict[int, list[float]], logp_BT: Tensor) -> Tensor:
+    """Scored old log-probs where a sample has them, sg(logp) elsewhere."""
+    old_BT = logp_BT.detach().clone()
+    for row, i in enumerate(mb):
+        if i in old_logp:
+            values = torch.tensor(old_logp[i], dtype=old_BT.dtype, device=old_BT.device)
+            old_BT[row] = 0.0
+            old_BT[row, : len(values)] = values
+    return old_BT

@@ -1,0 +1,37 @@
+"""The rollout-engine interface. A controller calls only these verbs; backends (HF generate, vLLM) implement them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    greedy: bool = False
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]  # log-prob of each sampled token under the sampling distribution
+    finished: bool  # True when generation stopped at EOS (the EOS token is included in token_ids)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """One completion per prompt (repeat a prompt to sample a group)."""
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Bring the engine's weights up to date with the policy's."""
+
+    def sleep(self) -> None:
+        """Free generation memory while the policy updates."""
+
+    def wake(self) -> None:
+        """Reclaim generation memory before generating."""
