@@ -54,7 +54,9 @@ def smollm2_path() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(package_dir), gguf_file=SMOLLM2_FILE)
     quantised = AutoModelForCausalLM.from_pretrained(str(package_dir), gguf_file=SMOLLM2_FILE, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config and copy the weights over.
-    plain = type(quantised)(quantised.config)
+    config = quantised.config.to_dict()
+    config.pop("quantization_config", None)
+    plain = type(quantised)(type(quantised.config).from_dict(config))
     plain.load_state_dict(quantised.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))

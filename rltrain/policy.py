@@ -40,6 +40,7 @@ class PolicyLoss(Protocol):
     max_len: int | None
     needs_entropy: bool
     needs_reference: bool
+    zero_without_advantage: bool  # loss and gradient vanish for samples with advantage 0 (no KL, no entropy)
 
     def __call__(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-token loss [B, T] (before masking) and per-token metrics, each [B, T]."""
@@ -84,25 +85,27 @@ class PolicyWorker:
     def _forward(
         self, model: nn.Module, prompts: list[list[int]], completions: list[list[int]], want_entropy: bool
     ) -> tuple[Tensor, Tensor | None]:
-        """Log-probs [B, T] of each completion token given its prompt (right-padded), and optionally entropies."""
-        lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-        width, t_max = max(lengths), max(len(c) for c in completions)
-        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        # position of the logit that predicts completion token t of row b
-        gather_pos_BT = torch.zeros((len(prompts), t_max), dtype=torch.long)
-        targets_BT = torch.full((len(prompts), t_max), self.pad_token_id, dtype=torch.long)
+        """Log-probs [B, T] of each completion token given its prompt (right-padded), and optionally entropies.
+
+        Prompts are left-padded and completions right-padded, so every row's completion starts in the same column
+        and the LM head runs on the completion positions only (``logits_to_keep``), not on the prompts.
+        """
+        p_max, t_max = max(len(p) for p in prompts), max(len(c) for c in completions)
+        input_ids = torch.full((len(prompts), p_max + t_max), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
         for b, (p, c) in enumerate(zip(prompts, completions)):
-            input_ids[b, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
-            attention_mask[b, : len(p) + len(c)] = 1
-            gather_pos_BT[b, : len(c)] = torch.arange(len(p) - 1, len(p) + len(c) - 1)
-            gather_pos_BT[b, len(c) :] = len(p) - 1
-            targets_BT[b, : len(c)] = torch.tensor(c, dtype=torch.long)
+            input_ids[b, p_max - len(p) : p_max + len(c)] = torch.tensor(p + c, dtype=torch.long)
+            attention_mask[b, p_max - len(p) : p_max + len(c)] = 1
+        # Positions count real tokens only, as in left-padded generation.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        targets_BT = input_ids[:, p_max:]
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         with self._autocast():
-            logits_BLV = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        index = gather_pos_BT.to(self.device).unsqueeze(-1).expand(-1, -1, logits_BLV.shape[-1])
-        logits_BTV = logits_BLV.gather(1, index).float() / self.settings.temperature
+            logits_BTV = model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids.to(self.device),
+                use_cache=False, logits_to_keep=t_max + 1,
+            ).logits[:, :-1]
+        logits_BTV = logits_BTV.float() / self.settings.temperature
         log_norm_BT = torch.logsumexp(logits_BTV, dim=-1)
         logp_BT = logits_BTV.gather(-1, targets_BT.to(self.device).unsqueeze(-1)).squeeze(-1) - log_norm_BT
         entropy_BT = None
@@ -184,6 +187,12 @@ class PolicyWorker:
         sums: dict[str, float] = {}
         tokens = 0.0
         loss_total = 0.0
+        if loss_fn.zero_without_advantage:
+            # Their loss and gradient are exactly zero; they still count in step_weight, so the result is unchanged.
+            indices = [i for i in indices if float(batch.advantages_N[i]) != 0.0]
+        if not indices:
+            self.scheduler.step()
+            return {"loss": 0.0, "grad_norm": 0.0, "lr": self.scheduler.get_last_lr()[0], "skipped_update": 1.0}
         for mb in self._micro_batches(indices, batch, prompts):
             logp_BT, entropy_BT = self._forward(
                 self.model, [prompts[i] for i in mb], [batch.completion_ids[i] for i in mb], loss_fn.needs_entropy

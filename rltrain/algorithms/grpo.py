@@ -106,6 +106,7 @@ class GRPOLoss:
         self.aggregation, self.max_len = aggregation, max_len
         self.needs_reference = beta != 0.0
         self.needs_entropy = entropy_coef != 0.0
+        self.zero_without_advantage = not (self.needs_reference or self.needs_entropy)
 
     def __call__(self, inputs) -> tuple[Tensor, dict[str, Tensor]]:
         loss_BT = clipped_surrogate(
