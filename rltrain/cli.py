@@ -56,12 +56,11 @@ def config_error(exc: BaseException) -> str:
     for e in chain:
         if isinstance(e, ConfigError):
             return str(e)
-    for e in reversed(chain):
-        if isinstance(e, OmegaConfBaseException):
-            key = getattr(e, "full_key", None)
-            message = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
-            return f"{key}: {message}" if key else message
-    return " ".join(str(exc).split())
+    for e in chain:
+        if isinstance(e, OmegaConfBaseException) and getattr(e, "full_key", None):
+            return f"{e.full_key}: {str(e).strip().splitlines()[0]}"
+    message = " ".join(str(chain[-1] if len(chain) > 1 else exc).split())
+    return message.split(" Config search path:")[0]
 
 
 def compose(overrides: list[str], config_name: str = "config"):

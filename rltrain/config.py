@@ -7,6 +7,7 @@ directory, world size, totals) live in ``RunContext`` in train.py, never written
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -82,7 +83,8 @@ class ModelConfig:
 @dataclass
 class BuiltinTaskConfig:
     mix: dict[str, float] = field(default_factory=lambda: {"addition": 1.0})
-    digits: dict[str, int] = field(default_factory=dict)
+    digits: dict[str, int] = field(default_factory=dict)  # per kind: most digits per operand (default 2)
+    min_digits: dict[str, int] = field(default_factory=dict)  # per kind: fewest (default: the same as digits)
     style: PromptStyle = PromptStyle.sentence
     train_size: int = 2000
     seed: int = 0
@@ -158,6 +160,7 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
     eval_every: int = 10  # steps; 0 = only at start and end
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default (one per core)
     save_final: bool = True
     seed: int = 0
 
@@ -240,10 +243,31 @@ def check(config: Config) -> None:
         raise ConfigError("adapter.lora must hold peft.LoraConfig settings when adapter.kind=lora")
 
 
+def _reject_unknown_keys(node: DictConfig, cls: type, prefix: str) -> None:
+    """Hydra's ``+key=value`` can add keys to a typed node; a key no dataclass declares is a mistake."""
+    declared = {f.name: f for f in dataclasses.fields(cls)}
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if key not in declared:
+            raise ConfigError(f"{full}: no such key in {cls.__name__} (known: {', '.join(sorted(declared))})")
+        child_type = declared[key].type
+        child_cls = _SCHEMAS.get(child_type if isinstance(child_type, str) else getattr(child_type, "__name__", ""))
+        if child_cls is not None and isinstance(node[key], DictConfig):
+            _reject_unknown_keys(node[key], child_cls, f"{full}.")
+
+
 def to_config(cfg: DictConfig) -> Config:
     """Hydra's composed DictConfig -> a validated ``Config`` object."""
+    _reject_unknown_keys(cfg, Config, "")
     schema = OmegaConf.structured(Config)
     merged = OmegaConf.merge(schema, cfg)
     config: Config = OmegaConf.to_object(merged)
     check(config)
     return config
+
+
+_SCHEMAS = {
+    cls.__name__: cls
+    for cls in (Config, ModelConfig, TinyModelConfig, TaskConfig, BuiltinTaskConfig, DatasetConfig, RolloutConfig,
+                AlgorithmConfig, AdapterConfig, TrainerConfig, LoggerConfig, DistributedConfig)
+}

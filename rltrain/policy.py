@@ -99,12 +99,15 @@ class PolicyWorker:
         # Positions count real tokens only, as in left-padded generation.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         targets_BT = input_ids[:, p_max:]
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        # The last token predicts nothing we score, so it is not fed at all.
         with self._autocast():
             logits_BTV = model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids.to(self.device),
-                use_cache=False, logits_to_keep=t_max + 1,
-            ).logits[:, :-1]
+                input_ids=input_ids[:, :-1].to(self.device),
+                attention_mask=attention_mask[:, :-1].to(self.device),
+                position_ids=position_ids[:, :-1].to(self.device),
+                use_cache=False,
+                logits_to_keep=t_max,
+            ).logits
         logits_BTV = logits_BTV.float() / self.settings.temperature
         log_norm_BT = torch.logsumexp(logits_BTV, dim=-1)
         logp_BT = logits_BTV.gather(-1, targets_BT.to(self.device).unsqueeze(-1)).squeeze(-1) - log_norm_BT
@@ -144,7 +147,8 @@ class PolicyWorker:
         hinted = batch.is_hinted()
         # With one update per batch pi_old == pi_theta, so old log-probs are sg(logp) for free (no second
         # forward). Samples generated from another context (hints) always need theirs scored under that context.
-        need_old = [n_updates > 1 or h for h in hinted]
+        skipped = [loss_fn.zero_without_advantage and float(a) == 0.0 for a in batch.advantages_N]
+        need_old = [(n_updates > 1 or h) and not skip for h, skip in zip(hinted, skipped)]
         scored = [i for i, need in enumerate(need_old) if need]
         old_logp: dict[int, list[float]] = {}
         if scored:
@@ -184,6 +188,8 @@ class PolicyWorker:
         self.optimizer.zero_grad(set_to_none=True)
         prompts = batch.train_prompt_ids
         step_weight = aggregation.weight(_mask(batch, indices), mode=loss_fn.aggregation)
+        # Dr.GRPO divides by a fixed length; without one each micro-batch would use its own padded width.
+        max_len = loss_fn.max_len or max(len(batch.completion_ids[i]) for i in indices)
         sums: dict[str, float] = {}
         tokens = 0.0
         loss_total = 0.0
@@ -211,7 +217,7 @@ class PolicyWorker:
             )
             loss_BT, token_metrics = loss_fn(inputs)
             share = aggregation.weight(mask_BT, mode=loss_fn.aggregation) / step_weight
-            loss = aggregation.aggregate(loss_BT, mask_BT, mode=loss_fn.aggregation, max_len=loss_fn.max_len) * share
+            loss = aggregation.aggregate(loss_BT, mask_BT, mode=loss_fn.aggregation, max_len=max_len) * share
             loss.backward()
             loss_total += float(loss.detach())
             n_tok = float(mask_BT.sum())
@@ -237,9 +243,10 @@ class PolicyWorker:
 
 
 def _pad(rows: list[list[float]], width: int) -> Tensor:
+    """Right-pad ragged rows with zeros to [len(rows), width], built from one flat tensor."""
+    lengths = torch.tensor([len(r) for r in rows])
     out = torch.zeros((len(rows), width), dtype=torch.float32)
-    for b, row in enumerate(rows):
-        out[b, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    out[torch.arange(width) < lengths.unsqueeze(-1)] = torch.tensor([x for r in rows for x in r], dtype=torch.float32)
     return out
 
 

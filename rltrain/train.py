@@ -62,6 +62,8 @@ def seed_everything(seed: int) -> None:
 
 def build(config: Config) -> Components:
     seed_everything(config.trainer.seed)
+    if config.trainer.num_threads:
+        torch.set_num_threads(config.trainer.num_threads)
     train_set, eval_set = load_prompt_sets(config.task)
     model, tokenizer = load_model(config.model)
     formatter = PromptFormatter(tokenizer, config.task)

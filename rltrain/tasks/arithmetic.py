@@ -133,8 +133,13 @@ GENERATORS = {
 
 
 def make_items(mix: dict[str, float], digits: dict[str, int], count: int, seed: int, *,
-               exclude: set[str] = frozenset()) -> list[Item]:
-    """``count`` distinct items drawn from ``mix`` (generator name -> weight), none whose prompt is in ``exclude``."""
+               min_digits: dict[str, int] | None = None, exclude: set[str] = frozenset()) -> list[Item]:
+    """``count`` distinct items drawn from ``mix`` (generator name -> weight), none whose prompt is in ``exclude``.
+
+    Each item of a kind has between ``min_digits[kind]`` (default: ``digits[kind]``) and ``digits[kind]``
+    (default 2) digits, drawn uniformly.
+    """
+    min_digits = min_digits or {}
     unknown = sorted(set(mix) - set(GENERATORS))
     if unknown:
         raise ValueError(f"unknown built-in task kinds {unknown}; choose from {sorted(GENERATORS)}")
@@ -147,7 +152,8 @@ def make_items(mix: dict[str, float], digits: dict[str, int], count: int, seed: 
         if len(items) == count:
             break
         kind = rng.choices(names, weights)[0]
-        item = GENERATORS[kind](rng, digits.get(kind, 2))
+        high = digits.get(kind, 2)
+        item = GENERATORS[kind](rng, rng.randint(min_digits.get(kind, high), high))
         if item.prompt not in seen:
             seen.add(item.prompt)
             items.append(item)

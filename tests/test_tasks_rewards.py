@@ -1,0 +1,112 @@
+"""Built-in tasks, dataset loading with column mapping, reward functions and their combination."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from rltrain import rewards as reward_lib
+from rltrain.config import RewardConfig, TaskConfig, TaskSource
+from rltrain.rewards.answers import answer_match, answer_only
+from rltrain.tasks import arithmetic
+from rltrain.tasks.prompts import load_prompt_sets
+
+MIX = {name: 1.0 for name in arithmetic.GENERATORS}
+
+
+def test_items_are_seeded_and_correct():
+    items = arithmetic.make_items(MIX, {}, 300, seed=3)
+    assert [i.prompt for i in items] == [i.prompt for i in arithmetic.make_items(MIX, {}, 300, seed=3)]
+    assert [i.prompt for i in items] != [i.prompt for i in arithmetic.make_items(MIX, {}, 300, seed=4)]
+    for item in items:
+        if item.kind == "counting":
+            letter, word = re.match(r"count\((\w),(\w+)\)", item.compact).groups()
+            truth = word.count(letter)
+        elif item.kind == "comparison":
+            truth = max(map(int, re.findall(r"\d+", item.compact)))
+        else:
+            truth = eval(item.compact)  # the compact form is a plain arithmetic expression
+        assert int(item.answer) == truth, item
+        assert item.solution.endswith(f"answer {item.answer}")
+        assert item.hint and item.solution.startswith(item.hint)
+        assert item.capabilities
+
+
+def test_capability_tags_follow_the_arithmetic():
+    items = arithmetic.make_items({"addition": 1.0}, {"addition": 2}, 200, seed=0)
+    for item in items:
+        a, b = map(int, item.compact.split("+"))
+        carries = (a % 10 + b % 10) >= 10 or (a // 10 + b // 10 + ((a % 10 + b % 10) >= 10)) >= 10
+        assert ("carry" in item.capabilities) == carries, item
+
+
+def test_eval_split_is_disjoint_from_train():
+    task = TaskConfig()
+    task.builtin.train_size, task.eval_size = 500, 100
+    train, held_out = load_prompt_sets(task)
+    assert len(train) == 500 and len(held_out) == 100
+    assert not {r["prompt"] for r in train.rows} & {r["prompt"] for r in held_out.rows}
+
+
+def test_unknown_kind_and_too_many_items_are_explained():
+    with pytest.raises(ValueError, match="unknown built-in task kinds"):
+        arithmetic.make_items({"division": 1.0}, {}, 10, seed=0)
+    with pytest.raises(ValueError, match="distinct items"):
+        arithmetic.make_items({"comparison": 1.0}, {"comparison": 1}, 500, seed=0)
+
+
+def _jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_jsonl_dataset_with_column_mapping(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", [{"question": f"q{i}", "solution": str(i), "extra": i} for i in range(5)])
+    task = TaskConfig(source=TaskSource.dataset, eval_size=2)
+    task.dataset.path = str(path)
+    task.dataset.columns = {"prompt": "question", "answer": "solution"}
+    train, held_out = load_prompt_sets(task)
+    assert train.rows[3] == {"prompt": "q3", "answer": "3", "extra": 3}
+    assert len(held_out) == 2
+    assert train.columns([1, 4]) == {"answer": ["1", "4"], "extra": [1, 4]}
+
+
+def test_missing_column_and_empty_prompt_name_the_problem(tmp_path):
+    task = TaskConfig(source=TaskSource.dataset)
+    task.dataset.path = str(_jsonl(tmp_path / "a.jsonl", [{"q": "x", "answer": "1"}]))
+    task.dataset.columns = {"prompt": "question", "answer": "answer"}
+    with pytest.raises(ValueError, match=r"column 'question' \(task.dataset.columns.prompt\) not found"):
+        load_prompt_sets(task)
+    task.dataset.path = str(_jsonl(tmp_path / "b.jsonl", [{"prompt": "x", "answer": "1"}, {"prompt": " ", "answer": "2"}]))
+    task.dataset.columns = {"prompt": "prompt", "answer": "answer"}
+    with pytest.raises(ValueError, match="row 1: column 'prompt' is empty"):
+        load_prompt_sets(task)
+
+
+def test_answer_match_uses_boxed_then_last_number():
+    completions = ["23 + 45 = 68", "The answer is \\boxed{68}.", "68 is wrong, it is 67", "no idea", "1,068"]
+    assert answer_match([""] * 5, completions, answer=["68", "68", "68", "68", "1068"]) == [1.0, 1.0, 0.0, 0.0, 1.0]
+    assert answer_only([""] * 3, ["68", " 68.", "x68"], answer=["68", "68", "68"]) == [1.0, 1.0, 0.0]
+
+
+def test_rewards_combine_by_weight_and_keep_components():
+    specs = [RewardConfig(fn="rltrain.rewards.answers:answer_only", weight=2.0),
+             RewardConfig(fn="tests.reward_fixtures:length_penalty", weight=-1.0)]
+    rewards = reward_lib.build(specs)
+    total, parts = reward_lib.score(rewards, ["p", "p"], ["7", "8 apples"], {"answer": ["7", "8"]})
+    assert torch.allclose(parts["answer_only"], torch.tensor([1.0, 0.0]))
+    assert torch.allclose(parts["length_penalty"], torch.tensor([0.1, 0.8]))
+    assert torch.allclose(total, torch.tensor([2.0 - 0.1, -0.8]))
+    assert reward_lib.full_reward(rewards) == 2.0
+
+
+def test_reward_import_errors_name_the_path():
+    with pytest.raises(ValueError, match="'package.module:function'"):
+        reward_lib.import_reward("no_colon")
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
+        reward_lib.import_reward("no_such_module:f")
+    with pytest.raises(ValueError, match="has no function 'nope'"):
+        reward_lib.import_reward("rltrain.rewards.answers:nope")

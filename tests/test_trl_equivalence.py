@@ -1,0 +1,269 @@
+"""A GRPO step's loss and gradient equal, within 1e-5, what TRL's GRPO loss gives on the same inputs.
+
+TRL's own ``GRPOTrainer._compute_loss`` (and its ``_get_per_token_logps_and_entropies`` with TRL's fused LM head) runs
+unbound on a stand-in object carrying the trainer attributes it reads, set as a single-process ``GRPOTrainer`` would
+set them. Same tiny Qwen2 (a copy, since TRL patches its forward), same prompts, completions, masks, advantages,
+old and reference log-probs. loss_type is matched to the aggregation mode:
+
+    grpo ~ seq_mean_token_mean,  bnpo / dapo ~ token_mean,  dr_grpo ~ seq_mean_token_sum_norm (max_completion_length)
+
+rltrain's completion mask (tokens trained on) is TRL's ``tool_mask``; TRL's ``completion_mask`` is the padding mask.
+rltrain accumulates over micro-batches of 3, TRL sees the whole batch at once. Seconds, CPU, fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from trl.trainer.grpo_trainer import GRPOTrainer  # noqa: E402
+from trl.trainer.utils import add_fused_lm_head  # noqa: E402
+
+from rltrain.algorithms.grpo import GRPOLoss, group_advantages  # noqa: E402
+from rltrain.batch import RolloutBatch  # noqa: E402
+from rltrain.config import ModelConfig, ModelSource, TinyModelConfig  # noqa: E402
+from rltrain.models import tiny_model, tiny_tokenizer  # noqa: E402
+from rltrain.policy import OptimSettings, PolicyWorker  # noqa: E402
+
+LOSS_TYPES = {
+    "grpo": "seq_mean_token_mean", "bnpo": "token_mean", "dapo": "token_mean", "dr_grpo": "seq_mean_token_sum_norm"
+}
+TEMPERATURE = 0.9
+EPS_LOW, EPS_HIGH = 0.2, 0.28
+MAX_COMPLETION_LENGTH = 9
+PAD = 0
+TOL = 1e-5
+
+# The rltrain side replaces optimizer.step with a gradient recorder; the LR scheduler notices and warns.
+pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+
+
+class SingleProcessAccelerator:
+    """What ``accelerate.Accelerator`` does for the loss on one CPU process without mixed precision."""
+
+    num_processes = 1
+    is_main_process = True
+    sync_gradients = True
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def gather(self, x):
+        return x
+
+    gather_for_metrics = gather
+
+    def reduce(self, x, reduction="sum"):
+        return x
+
+    def pad_across_processes(self, x, dim=0, pad_index=0):
+        return x
+
+
+class TRLGRPOLoss:
+    """TRL's GRPO loss code, run on the attributes ``GRPOTrainer.__init__`` derives from a ``GRPOConfig``."""
+
+    _compute_loss = GRPOTrainer._compute_loss
+    _get_per_token_logps_and_entropies = GRPOTrainer._get_per_token_logps_and_entropies
+    get_high_entropy_mask = GRPOTrainer.get_high_entropy_mask
+
+    def __init__(self, loss_type: str, *, beta: float = 0.0):
+        self.loss_type = loss_type
+        self.epsilon_low, self.epsilon_high = EPS_LOW, EPS_HIGH
+        self.beta = beta
+        self.importance_sampling_level = "token"
+        self.max_completion_length = MAX_COMPLETION_LENGTH
+        self.top_entropy_quantile = 1.0
+        self.off_policy_mask_threshold = None
+        self.aux_loss_enabled = False
+        self.use_vllm = False
+        self.vllm_importance_sampling_correction = False
+        self._entropy_bonus_enabled = False
+        self.current_gradient_accumulation_steps = 1
+        self.model = SimpleNamespace(training=True)
+        self.accelerator = SingleProcessAccelerator()
+        self.args = SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1)
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+
+@pytest.fixture(scope="module")
+def model():
+    # One intra-op thread: on a shared 2-core runner OpenMP spinning makes each tiny forward ~100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(1)
+    tokenizer = tiny_tokenizer()
+    tiny = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+    m = tiny_model(ModelConfig(source=ModelSource.tiny, max_context=64, tiny=tiny), tokenizer)
+    assert tokenizer.pad_token_id == PAD
+    with torch.no_grad():  # weights large enough that every token's context matters
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+            else:
+                p.add_(0.1 * torch.randn_like(p))
+    m.train()
+    yield m
+    torch.set_num_threads(threads)
+
+
+def make_batch() -> RolloutBatch:
+    """7 samples, groups of 3, 3 and 1, prompts of 1-5 tokens, completions of 1-6 tokens, interior mask zeros."""
+    prompts = [[5, 6, 7], [5, 6, 7], [5, 6, 7], [8, 9, 10, 11, 12], [8, 9, 10, 11, 12], [8, 9, 10, 11, 12], [20]]
+    completions = [
+        [13, 14, 15, 16, 17, 18], [19, 21], [22, 23, 24], [25], [26, 27, 28, 29], [30, 31, 32, 33, 34], [35, 36]
+    ]
+    masks = [[1, 1, 0, 1, 1, 1], [1, 1], [1, 0, 1], [1], [0, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1]]
+    batch = RolloutBatch(
+        train_prompt_ids=prompts,
+        gen_prompt_ids=prompts,
+        completion_ids=completions,
+        behaviour_logp=[[0.0] * len(c) for c in completions],
+        group_ids_N=[2, 2, 2, 0, 0, 0, 5],
+        sources=["on_policy"] * 7,
+        prompt_index=[0, 0, 0, 1, 1, 1, 2],
+        truncated_N=[False] * 7,
+        completion_mask=masks,
+    ).with_rewards(torch.tensor([1.0, 0.0, 0.0, 0.3, 1.0, 0.0, 1.0]), {})
+    batch.advantages_N = group_advantages(batch.rewards_N, batch.group_ids_N)
+    return batch
+
+
+def pad_right(rows, width, value=0.0, dtype=torch.float32):
+    out = torch.full((len(rows), width), value, dtype=dtype)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = torch.tensor(row, dtype=dtype)
+    return out
+
+
+def trl_inputs(batch: RolloutBatch, old_logp=None, ref_logp=None) -> dict:
+    """The dict ``GRPOTrainer._generate_and_score_completions`` hands to the loss: left-padded prompts,
+    right-padded completions."""
+    p_max = max(len(p) for p in batch.train_prompt_ids)
+    t_max = max(len(c) for c in batch.completion_ids)
+    prompt_ids = torch.full((len(batch), p_max), PAD, dtype=torch.long)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    for b, p in enumerate(batch.train_prompt_ids):
+        prompt_ids[b, p_max - len(p) :] = torch.tensor(p)
+        prompt_mask[b, p_max - len(p) :] = 1
+    completion_ids = pad_right(batch.completion_ids, t_max, PAD, torch.long)
+    completion_mask = pad_right([[1] * len(c) for c in batch.completion_ids], t_max, 0, torch.long)
+    tool_mask = pad_right(batch.completion_mask, t_max, 0, torch.long)
+    inputs = {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "tool_mask": tool_mask,
+        "advantages": batch.advantages_N.clone(),
+        "num_items_in_batch": (completion_mask * tool_mask).sum(),
+    }
+    if old_logp is not None:
+        inputs["old_per_token_logps"] = pad_right([old_logp[i] for i in range(len(batch))], t_max)
+    if ref_logp is not None:
+        inputs["ref_per_token_logps"] = pad_right([ref_logp[i] for i in range(len(batch))], t_max)
+    return inputs
+
+
+def trl_step(model, batch, loss_type, *, beta=0.0, old_logp=None, ref_logp=None):
+    trl_model = copy.deepcopy(model)
+    add_fused_lm_head(trl_model, temperature=TEMPERATURE, outputs=("log_probs", "entropy"))
+    trainer = TRLGRPOLoss(loss_type, beta=beta)
+    loss = trainer._compute_loss(trl_model, trl_inputs(batch, old_logp, ref_logp))
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in trl_model.named_parameters()}
+    return loss.item(), grads, trainer._metrics["train"]
+
+
+def rltrain_worker(model, micro_batch_size=3):
+    settings = OptimSettings(
+        lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), max_grad_norm=1e9, warmup_steps=0,
+        micro_batch_size=micro_batch_size, updates_per_step=1, temperature=TEMPERATURE, precision="fp32",
+    )
+    worker = PolicyWorker(model, settings, pad_token_id=PAD)
+    recorded = []
+    worker.optimizer.step = lambda *a, **k: recorded.append(
+        {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    )
+    return worker, recorded
+
+
+def rltrain_loss(loss_type, *, beta=0.0):
+    return GRPOLoss(eps_low=EPS_LOW, eps_high=EPS_HIGH, beta=beta, aggregation=LOSS_TYPES[loss_type],
+                    max_len=MAX_COMPLETION_LENGTH)
+
+
+def assert_grads_close(ours: dict, theirs: dict) -> None:
+    assert ours.keys() == theirs.keys()
+    scale = max(float(g.abs().max()) for g in theirs.values())
+    assert scale > 1e-3  # a real gradient
+    worst = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
+    assert worst < TOL, worst
+
+
+def perturbed_old_logprobs(worker, batch):
+    """Old log-probs = current ones shifted by up to +-0.45, so ratios fall on both sides of the clip range."""
+    current = worker.logprobs(batch.train_prompt_ids, batch.completion_ids)
+    shifts = [0.45, -0.3, 0.0, 0.1, -0.45, 0.25, -0.15]
+    return {i: [v + shifts[(i + t) % len(shifts)] for t, v in enumerate(row)] for i, row in enumerate(current)}
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
+def test_on_policy_step_matches_trl(model, loss_type):
+    """One update per batch: rltrain's update() uses sg(logp) as old log-probs; TRL gets old_per_token_logps=None."""
+    batch = make_batch()
+    assert (batch.advantages_N == 0).sum() == 1  # the singleton group
+    worker, recorded = rltrain_worker(model)
+    metrics = worker.update(batch, rltrain_loss(loss_type))
+    trl_loss, trl_grads, _ = trl_step(model, batch, loss_type)
+    assert metrics["loss"] == pytest.approx(trl_loss, abs=TOL)
+    assert_grads_close(recorded[0], trl_grads)
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
+def test_off_policy_clipped_step_matches_trl(model, loss_type):
+    """Old log-probs differ from the current policy's, so the ratio clips on both sides."""
+    batch = make_batch()
+    worker, recorded = rltrain_worker(model)
+    old_logp = perturbed_old_logprobs(worker, batch)
+    metrics = worker._one_update(batch, list(range(len(batch))), rltrain_loss(loss_type), old_logp, {})
+    trl_loss, trl_grads, trl_metrics = trl_step(model, batch, loss_type, old_logp=old_logp)
+    assert metrics["loss"] == pytest.approx(trl_loss, abs=TOL)
+    assert_grads_close(recorded[0], trl_grads)
+    # Clipping is active in this case: TRL counts tokens where the clipped branch wins on each side.
+    assert trl_metrics["clip_ratio/low_mean"][0] > 0 and trl_metrics["clip_ratio/high_mean"][0] > 0
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_step_with_kl_matches_trl(model, loss_type):
+    """beta > 0: k3 KL to reference log-probs, on top of clipped off-policy ratios."""
+    batch = make_batch()
+    worker, recorded = rltrain_worker(model)
+    old_logp = perturbed_old_logprobs(worker, batch)
+    current = worker.logprobs(batch.train_prompt_ids, batch.completion_ids)
+    ref_logp = {i: [v - 0.2 + 0.1 * (t % 3) for t, v in enumerate(row)] for i, row in enumerate(current)}
+    metrics = worker._one_update(batch, list(range(len(batch))), rltrain_loss(loss_type, beta=0.04), old_logp, ref_logp)
+    trl_loss, trl_grads, trl_metrics = trl_step(
+        model, batch, loss_type, beta=0.04, old_logp=old_logp, ref_logp=ref_logp
+    )
+    assert metrics["loss"] == pytest.approx(trl_loss, abs=TOL)
+    assert_grads_close(recorded[0], trl_grads)
+    # Both report the KL as a mean over trained tokens.
+    assert metrics["kl"] == pytest.approx(trl_metrics["kl"][0], abs=TOL)
+    assert metrics["kl"] > 1e-3
+
+
+def test_loss_types_differ_on_this_batch(model):
+    """Guards the tests above: the matched pairs are not all the same number."""
+    batch = make_batch()
+    losses = {t: trl_step(model, batch, t)[0] for t in ("grpo", "bnpo", "dr_grpo")}
+    assert abs(losses["grpo"] - losses["bnpo"]) > 1e-3
+    assert abs(losses["grpo"] - losses["dr_grpo"]) > 1e-3
+    assert abs(losses["bnpo"] - losses["dr_grpo"]) > 1e-3
