@@ -1,9 +1,11 @@
 """The policy worker: per-token log-probs of completions, and optimizer updates from a rollout batch.
 
 Verbs: ``logprobs`` (no grad), ``update`` (one rollout batch -> one or more optimizer steps), ``save``.
-Micro-batches are length-bucketed (samples sorted by length, so padding stays small) and gradient accumulation
-weights each micro-batch by its share of the step (``aggregation.weight``), so the accumulated gradient equals the
-gradient of the whole batch at once, for every aggregation mode.
+Samples of a group share their prompt, so a forward runs each distinct prompt once and only the completions per
+sample (``_forward``). Micro-batches keep a prompt's samples together and are length-bucketed (groups sorted by
+length, so padding stays small), and gradient accumulation weights each micro-batch by its share of the step
+(``aggregation.weight``), so the accumulated gradient equals the gradient of the whole batch at once, for every
+aggregation mode.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class PolicyWorker:
         self.settings = settings
         self.pad_token_id = pad_token_id
         self.reference = reference
+        if getattr(model, "is_gradient_checkpointing", False):
+            raise ValueError("the shared-prompt forward (``_forward``) needs the KV cache, which HF drops under "
+                             "gradient checkpointing")
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
@@ -87,27 +92,48 @@ class PolicyWorker:
     ) -> tuple[Tensor, Tensor | None]:
         """Log-probs [B, T] of each completion token given its prompt (right-padded), and optionally entropies.
 
-        Prompts are left-padded and completions right-padded, so every row's completion starts in the same column
-        and the LM head runs on the completion positions only (``logits_to_keep``), not on the prompts.
+        A group's G samples share one prompt, and running it G times was most of the compute. So the distinct
+        prompts run once (left-padded, with gradients), their KV cache is repeated for each sample of that prompt,
+        and the completions (right-padded) run on it. The logits predicting a completion's first token come from its
+        prompt's last position; the LM head runs on those and on completion positions only. Positions count real
+        tokens only, as in left-padded generation. Gradients flow through the repeated cache into the prompt forward,
+        so the result equals one forward of each whole sequence; it needs the KV cache, which HF models drop under
+        gradient checkpointing (hence the check in ``__init__``).
         """
-        p_max, t_max = max(len(p) for p in prompts), max(len(c) for c in completions)
-        input_ids = torch.full((len(prompts), p_max + t_max), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for b, (p, c) in enumerate(zip(prompts, completions)):
-            input_ids[b, p_max - len(p) : p_max + len(c)] = torch.tensor(p + c, dtype=torch.long)
-            attention_mask[b, p_max - len(p) : p_max + len(c)] = 1
-        # Positions count real tokens only, as in left-padded generation.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        targets_BT = input_ids[:, p_max:]
-        # The last token predicts nothing we score, so it is not fed at all.
+        distinct: dict[tuple[int, ...], int] = {}
+        prompt_of_B = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts])
+        prompt_ids, prompt_mask = _left_pad(list(distinct), self.pad_token_id)
+        prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        t_max = max(len(c) for c in completions)
+        targets_BT = torch.full((len(completions), t_max), self.pad_token_id, dtype=torch.long)
+        for b, c in enumerate(completions):
+            targets_BT[b, : len(c)] = torch.tensor(c, dtype=torch.long)
+        # The last completion token predicts nothing we score, so it is not fed at all.
+        inputs_BT = targets_BT[:, :-1]
+        completion_mask = (torch.arange(t_max - 1) < torch.tensor([len(c) for c in completions]).unsqueeze(-1)).long()
+        attention_mask = torch.cat([prompt_mask[prompt_of_B], completion_mask], dim=1)
+        positions_BT = prompt_positions[prompt_of_B, -1:] + 1 + torch.arange(t_max - 1)
         with self._autocast():
-            logits_BTV = model(
-                input_ids=input_ids[:, :-1].to(self.device),
-                attention_mask=attention_mask[:, :-1].to(self.device),
-                position_ids=position_ids[:, :-1].to(self.device),
-                use_cache=False,
-                logits_to_keep=t_max,
-            ).logits
+            prefill = model(
+                input_ids=prompt_ids.to(self.device),
+                attention_mask=prompt_mask.to(self.device),
+                position_ids=prompt_positions.to(self.device),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            prompt_of_B = prompt_of_B.to(self.device)
+            logits_BTV = prefill.logits[prompt_of_B]
+            if t_max > 1:
+                cache = prefill.past_key_values
+                cache.batch_select_indices(prompt_of_B)
+                rest_BTV = model(
+                    input_ids=inputs_BT.to(self.device),
+                    attention_mask=attention_mask.to(self.device),
+                    position_ids=positions_BT.to(self.device),
+                    past_key_values=cache,
+                    use_cache=True,
+                ).logits
+                logits_BTV = torch.cat([logits_BTV, rest_BTV], dim=1)
         logits_BTV = logits_BTV.float() / self.settings.temperature
         log_norm_BT = torch.logsumexp(logits_BTV, dim=-1)
         logp_BT = logits_BTV.gather(-1, targets_BT.to(self.device).unsqueeze(-1)).squeeze(-1) - log_norm_BT
@@ -117,8 +143,22 @@ class PolicyWorker:
             entropy_BT = log_norm_BT - (probs_BTV * logits_BTV).sum(-1)
         return logp_BT, entropy_BT
 
-    def _micro_batches(self, indices: list[int], batch: RolloutBatch, prompts: list[list[int]]) -> list[list[int]]:
-        by_length = sorted(indices, key=lambda i: len(prompts[i]) + len(batch.completion_ids[i]), reverse=True)
+    def _micro_batches(self, indices: list[int], prompts: list[list[int]], completions: list[list[int]]) -> list[list[int]]:
+        """Chunks of ``micro_batch_size`` samples in which a prompt's samples sit together, so that each chunk runs
+        a prompt once (a group larger than a chunk, or cut by a chunk boundary, runs it once per chunk it touches).
+        Groups go longest first and samples within a group too, so each chunk holds similar lengths."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in indices:
+            groups.setdefault(tuple(prompts[i]), []).append(i)
+
+        def length(i: int) -> int:
+            return len(prompts[i]) + len(completions[i])
+
+        by_length = [
+            i
+            for group in sorted(groups.values(), key=lambda g: max(map(length, g)), reverse=True)
+            for i in sorted(group, key=length, reverse=True)
+        ]
         size = self.settings.micro_batch_size
         return [by_length[i : i + size] for i in range(0, len(by_length), size)]
 
@@ -129,9 +169,7 @@ class PolicyWorker:
         """Per-token log-probs of each completion under ``model`` (default: the policy), micro-batched."""
         model = self.model if model is None else model
         out: list[list[float]] = [[] for _ in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(completions[i]), reverse=True)
-        for start in range(0, len(order), self.settings.micro_batch_size):
-            chunk = order[start : start + self.settings.micro_batch_size]
+        for chunk in self._micro_batches(list(range(len(prompts))), prompts, completions):
             logp_BT, _ = self._forward(model, [prompts[i] for i in chunk], [completions[i] for i in chunk], False)
             for row, i in enumerate(chunk):
                 out[i] = logp_BT[row, : len(completions[i])].tolist()
@@ -196,10 +234,9 @@ class PolicyWorker:
         if loss_fn.zero_without_advantage:
             # Their loss and gradient are exactly zero; they still count in step_weight, so the result is unchanged.
             indices = [i for i in indices if float(batch.advantages_N[i]) != 0.0]
-        if not indices:
-            self.scheduler.step()
+        if not indices:  # no sample carries signal: no update (AdamW would still move on stale momentum)
             return {"loss": 0.0, "grad_norm": 0.0, "lr": self.scheduler.get_last_lr()[0], "skipped_update": 1.0}
-        for mb in self._micro_batches(indices, batch, prompts):
+        for mb in self._micro_batches(indices, prompts, batch.completion_ids):
             logp_BT, entropy_BT = self._forward(
                 self.model, [prompts[i] for i in mb], [batch.completion_ids[i] for i in mb], loss_fn.needs_entropy
             )
@@ -229,8 +266,8 @@ class PolicyWorker:
         finite = math.isfinite(grad_norm) and math.isfinite(loss_total)
         if finite:
             self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         metrics = {k: v / max(tokens, 1.0) for k, v in sums.items()}
         metrics.update(loss=loss_total, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0], skipped_update=float(not finite))
         return metrics
@@ -240,6 +277,17 @@ class PolicyWorker:
     def save(self, directory: str | Path) -> None:
         """Weights as safetensors (an adapter directory for a PEFT model)."""
         self.model.save_pretrained(str(directory), safe_serialization=True)
+
+
+def _left_pad(rows: list[tuple[int, ...]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Token ids [len(rows), longest] left-padded with ``pad_token_id``, and the attention mask (1 = real token)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[b, width - len(r) :] = 1
+    return ids, mask
 
 
 def _pad(rows: list[list[float]], width: int) -> Tensor:

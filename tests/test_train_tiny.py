@@ -1,0 +1,113 @@
+"""A few real GRPO steps on the tiny model through the real trainer: metrics contract, LoRA, bf16, refills, sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rltrain.cli import compose
+from rltrain.train import RunContext, build, generate_step, train
+
+FAST = ["experiment=tiny", "model.tiny.sft_steps=30", "task.builtin.train_size=200", "task.eval_size=16",
+        "trainer.prompts_per_step=4", "trainer.rollouts_per_prompt=4", "trainer.micro_batch_size_per_device=8",
+        "logger.progress=false"]
+STEP_KEYS = {"step", "reward_mean", "accuracy", "frac_zero_std_groups", "rollouts", "tokens_generated",
+             "time_generate_s", "time_update_s", "time_step_s"}
+# Rewards that differ within a group, so every step has signal even for a barely trained model.
+DENSE_REWARD = "task.rewards=[{fn: tests.reward_fixtures:length_penalty, weight: 1.0}]"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(tmp_path: Path, *overrides: str) -> tuple[dict, list[dict]]:
+    config = compose(FAST + list(overrides))
+    summary = train(config, RunContext(run_dir=tmp_path, rollouts_per_step=16))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return summary, records
+
+
+def test_metrics_contract_and_final_weights(tmp_path):
+    summary, records = run(tmp_path, "trainer.steps=3", "trainer.eval_every=2")
+    steps = [r for r in records if "step" in r]
+    evals = [r for r in records if "eval_step" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert [r["eval_step"] for r in evals] == [0, 2, 3]
+    for r in steps:
+        assert STEP_KEYS <= r.keys()
+        assert r["rollouts"] == 16
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["frac_zero_std_groups"] <= 1.0
+        assert r["time_step_s"] >= r["time_generate_s"] > 0
+    assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in evals)
+    assert summary["eval_accuracy_end"] == evals[-1]["eval_accuracy"]
+    assert (tmp_path / "final" / "model.safetensors").exists()
+    assert not list((tmp_path / "final").glob("*.bin"))
+
+
+def test_training_changes_the_weights_and_only_trainable_ones_with_lora(tmp_path):
+    config = compose(FAST + ["adapter=lora", "adapter.lora.r=4", "adapter.lora.target_modules=[q_proj,v_proj]",
+                             "trainer.lr=1e-2", DENSE_REWARD])
+    c = build(config)
+    before = {n: p.detach().clone() for n, p in c.policy.model.named_parameters()}
+    for step in (1, 2):
+        batch, _ = generate_step(c, config, step)
+        from rltrain.algorithms.grpo import group_advantages
+
+        batch.advantages_N = group_advantages(batch.rewards_N, batch.group_ids_N)
+        c.policy.update(batch, c.loss)
+    changed = {n for n, p in c.policy.model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed and all("lora_" in n for n in changed)
+    c.policy.save(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_bf16_kl_and_several_updates_per_step(tmp_path):
+    _, records = run(tmp_path, "trainer.steps=2", "trainer.eval_every=0", "model.precision=bf16",
+                     "algorithm.beta=0.05", "trainer.updates_per_step=2", DENSE_REWARD)
+    steps = [r for r in records if "step" in r]
+    assert all(r["skipped_update"] == 0.0 and r["kl"] >= 0.0 for r in steps)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+
+
+def test_constant_groups_are_filtered_and_refilled(tmp_path):
+    config = compose(FAST + ["algorithm.filter_constant_groups=true", "algorithm.max_refill_rounds=3"])
+    c = build(config)
+    batch, stats = generate_step(c, config, 1)
+    from rltrain.algorithms.grpo import constant_groups
+
+    assert stats["rollouts"] == 16 * (1 + stats["refill_rounds"])
+    if batch is not None:
+        assert not constant_groups(batch.rewards_N, batch.group_ids_N).any()
+        assert len(batch.groups()) <= config.trainer.prompts_per_step
+
+
+def _cli(*args: str, cwd: Path, runner: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = (runner or [sys.executable, "-m", "rltrain"]) + list(args)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+def test_multirun_sweep_writes_one_run_per_job(tmp_path):
+    result = _cli("train", "-m", *FAST, "trainer.steps=1", "trainer.eval_every=0", "trainer.seed=0,1",
+                  f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = sorted((tmp_path / "sweep").glob("*/metrics.jsonl"))
+    assert len(jobs) == 2
+    seeds = [(j.parent / ".hydra" / "overrides.yaml").read_text().count("trainer.seed=1") for j in jobs]
+    assert sorted(seeds) == [0, 1]
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
+def test_starts_under_torchrun_with_one_process(tmp_path):
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "1",
+                "-m", "rltrain.train"]
+    result = _cli(*FAST, "trainer.steps=1", "trainer.eval_every=0", f"hydra.run.dir={tmp_path}/run",
+                  cwd=tmp_path, runner=torchrun)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
