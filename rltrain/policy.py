@@ -121,11 +121,11 @@ class PolicyWorker:
                 use_cache=True,
                 logits_to_keep=1,
             )
-            prompt_of_B = prompt_of_B.to(self.device)
-            logits_BTV = prefill.logits[prompt_of_B]
-            if t_max > 1:
+            repeat_B = prompt_of_B.to(self.device)
+            logits_BTV = prefill.logits[repeat_B]
+            if t_max > 1:  # a one-token completion is scored from its prompt's last position alone
                 cache = prefill.past_key_values
-                cache.batch_select_indices(prompt_of_B)
+                cache.batch_select_indices(repeat_B)  # row b of the cache now holds sample b's prompt
                 rest_BTV = model(
                     input_ids=inputs_BT.to(self.device),
                     attention_mask=attention_mask.to(self.device),
@@ -143,7 +143,9 @@ class PolicyWorker:
             entropy_BT = log_norm_BT - (probs_BTV * logits_BTV).sum(-1)
         return logp_BT, entropy_BT
 
-    def _micro_batches(self, indices: list[int], prompts: list[list[int]], completions: list[list[int]]) -> list[list[int]]:
+    def _micro_batches(
+        self, indices: list[int], prompts: list[list[int]], completions: list[list[int]]
+    ) -> list[list[int]]:
         """Chunks of ``micro_batch_size`` samples in which a prompt's samples sit together, so that each chunk runs
         a prompt once (a group larger than a chunk, or cut by a chunk boundary, runs it once per chunk it touches).
         Groups go longest first and samples within a group too, so each chunk holds similar lengths."""

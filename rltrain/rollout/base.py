@@ -24,8 +24,12 @@ class Completion:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """One completion per prompt (repeat a prompt to sample a group)."""
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, counts: list[int] | None = None
+    ) -> list[Completion]:
+        """``counts[k]`` completions of ``prompts[k]`` (default one each), prompt by prompt in the caller's order.
+
+        Counts let an engine process a group's shared prompt once (vLLM's ``n``; a shared prefill in HF)."""
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Bring the engine's weights up to date with the policy's."""

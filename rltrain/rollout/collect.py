@@ -36,7 +36,7 @@ def collect(
         contexts += [ids] * count
         groups += [first_group_id + k] * count
         rows += [index] * count
-    completions = engine.generate(contexts, params)
+    completions = engine.generate([prompt_ids[i] for i in indices], params, counts)
     return RolloutBatch(
         train_prompt_ids=contexts,
         gen_prompt_ids=contexts,
