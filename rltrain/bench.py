@@ -1,6 +1,6 @@
 """``rltrain bench trl``: seconds per GRPO optimizer step, rltrain vs TRL's ``GRPOTrainer``, on CPU.
 
-What is measured: the wall-clock time of one whole GRPO step (generate P prompts x G completions with HF ``generate``,
+What is measured: the wall-clock time of one whole GRPO step (generate P prompts x G completions on the HF model,
 score them, compute group advantages, forward/backward over micro-batches, one AdamW update) in each framework, for
 the same problem:
 
@@ -9,7 +9,8 @@ the same problem:
   look like answers, saved with ``save_pretrained`` to a temporary directory, and both frameworks load that directory;
 * the same prompts in the same order (the built-in compact addition prompts, ``47+38=``, in the order rltrain's
   ``PromptSampler`` draws them; TRL gets them as chat messages with ``shuffle_dataset=False``);
-* the same sampling (temperature, top_p, top_k=0, max new tokens, all P x G completions in one ``generate`` call),
+* the same sampling (temperature, top_p, top_k=0, max new tokens, all P x G completions in one batch; TRL calls
+  ``model.generate``, rltrain's HF engine prefills each prompt once and samples with its own loop on the same model),
   the same micro-batch size, one optimizer update per generation batch, beta=0 (no reference model), DAPO token-mean
   loss aggregation (TRL ``loss_type="dapo"`` = rltrain ``token_mean``), fp32, no gradient checkpointing, constant LR;
 * the same reward function (TRL signature ``fn(prompts, completions, answer, **kw)``). The main row uses a dense
@@ -505,8 +506,8 @@ def render(rows: list[Row], s: Settings, command: str, env: dict, vers: dict, st
         "- *exact answer*: the tiny experiment's real reward (1.0 for exactly the answer). Many groups are then "
         "constant; rltrain skips the forward/backward of zero-advantage samples (their loss and gradient are exactly "
         "zero), TRL computes them.",
-        "- *rltrain generate / update*: medians of the two parts of rltrain's step: `generate_step` (HF `generate` "
-        "+ decoding + reward) and advantages + `PolicyWorker.update` (forward/backward, clip, AdamW).",
+        "- *rltrain generate / update*: medians of the two parts of rltrain's step: `generate_step` (sampling on the HF "
+        "model + decoding + reward) and advantages + `PolicyWorker.update` (forward/backward, clip, AdamW).",
         "- *torch threads*: `torch.set_num_threads` for both frameworks in that row (`--threads`, default 1; torch's "
         "own default is one per core). With one thread per core on a small machine shared with other busy processes, "
         "step times turn bimodal for both frameworks (OpenMP threads waiting for a core) and measure the scheduler "
@@ -535,7 +536,8 @@ def render(rows: list[Row], s: Settings, command: str, env: dict, vers: dict, st
         f"{s.accumulation} |",
         "| updates | one optimizer step per generation batch (rltrain `updates_per_step=1`; TRL `num_iterations=1`, "
         "`steps_per_generation` = `gradient_accumulation_steps`, so no old-log-prob pass in either) |",
-        f"| generation | HF `generate` on the policy module, one call for all {s.rollouts} completions, temperature "
+        f"| generation | the policy's HF module, all {s.rollouts} completions in one batch (TRL: `model.generate`; "
+        "rltrain: each prompt prefilled once, its KV cache repeated per completion, own sampling loop), temperature "
         f"{s.temperature}, top_p {s.top_p}, top_k 0, at most {s.max_tokens} new tokens, stop at EOS; TRL "
         "`use_vllm=False` |",
         "| loss | clipped surrogate (eps 0.2 / 0.2), beta 0 (no reference model), advantages normalised by the group's "
