@@ -22,6 +22,36 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+def beta_binomial_pass_at_k(alpha: float, beta: float, k: int) -> float:
+    """Expected pass@k when per-problem success rates follow Beta(alpha, beta) (arXiv 2510.05197):
+    1 - B(alpha, beta + k) / B(alpha, beta)."""
+    log_ratio = (math.lgamma(beta + k) - math.lgamma(alpha + beta + k)) - (math.lgamma(beta) - math.lgamma(alpha + beta))
+    return 1.0 - math.exp(log_ratio)
+
+
+def fit_beta_binomial(successes, attempts) -> tuple[float, float]:
+    """Maximum-likelihood Beta(alpha, beta) prior over per-problem success rates from (successes, attempts) pairs;
+    attempts may differ between problems."""
+    import numpy as np
+    from scipy.optimize import minimize
+    from scipy.special import betaln
+
+    s = np.asarray(successes, dtype=float)
+    n = np.asarray(attempts, dtype=float)
+    if s.shape != n.shape or s.size == 0 or (s < 0).any() or (s > n).any():
+        raise ValueError("need equal-length successes and attempts with 0 <= successes <= attempts")
+
+    def negative_log_likelihood(log_params):
+        a, b = np.exp(log_params)
+        return -np.sum(betaln(s + a, n - s + b) - betaln(a, b))
+
+    mean = (s.sum() + 0.5) / (n.sum() + 1.0)
+    start = np.log([mean * 2.0, (1.0 - mean) * 2.0])
+    result = minimize(negative_log_likelihood, start, method="L-BFGS-B", bounds=[(-12.0, 12.0)] * 2)
+    alpha, beta = np.exp(result.x)
+    return float(alpha), float(beta)
+
+
 def evaluate(engine, prompt_ids: PromptIds, rewards, tokenizer, *, max_tokens: int, samples: int = 0,
              temperature: float = 1.0, top_p: float = 1.0) -> dict[str, float]:
     """Greedy accuracy on every prompt of the set; with ``samples > 1`` also pass@k for k = 1, 2, 4, ... samples."""
