@@ -82,7 +82,7 @@ class ModelConfig:
 
 @dataclass
 class BuiltinTaskConfig:
-    mix: dict[str, float] = field(default_factory=lambda: {"addition": 1.0})
+    mix: dict[str, float] = field(default_factory=dict)  # kind -> weight; a task config names every kind it uses
     digits: dict[str, int] = field(default_factory=dict)  # per kind: most digits per operand (default 2)
     min_digits: dict[str, int] = field(default_factory=dict)  # per kind: fewest (default: the same as digits)
     style: PromptStyle = PromptStyle.sentence
@@ -233,6 +233,8 @@ def check(config: Config) -> None:
         raise ConfigError(f"distributed.kind={config.distributed.kind!r} is not available; choose 'none'")
     if config.model.source == ModelSource.hf and not config.model.path:
         raise ConfigError("model.path must name a local directory or hub id when model.source=hf")
+    if config.task.source == TaskSource.builtin and not any(w > 0 for w in config.task.builtin.mix.values()):
+        raise ConfigError("task.builtin.mix must give at least one task kind a positive weight")
     if config.task.source == TaskSource.dataset and not config.task.dataset.path:
         raise ConfigError("task.dataset.path must be set when task.source=dataset")
     if config.task.source == TaskSource.dataset and "prompt" not in config.task.dataset.columns:

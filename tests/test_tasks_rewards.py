@@ -45,6 +45,7 @@ def test_capability_tags_follow_the_arithmetic():
 
 def test_eval_split_is_disjoint_from_train():
     task = TaskConfig()
+    task.builtin.mix = {"addition": 1.0, "comparison": 0.5}
     task.builtin.train_size, task.eval_size = 500, 100
     train, held_out = load_prompt_sets(task)
     assert len(train) == 500 and len(held_out) == 100
