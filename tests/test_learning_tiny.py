@@ -1,7 +1,7 @@
 """The tiny-model learning test: GRPO raises held-out greedy accuracy by >= 20 points within minutes on a CPU.
 
 ``experiment=tiny`` as shipped: a partial SFT warm start (seconds), then GRPO on max(a,b) of 2-digit numbers. The
-eval at step 0 runs after the SFT, so the gain measured here is GRPO's alone. Measured on 2 idle cores:
+eval at step 0 runs after the SFT, so the gain measured here is GRPO's alone. Measured on 2 lightly loaded cores:
 0.257 -> 0.915, 0.213 -> 0.765, 0.250 -> 0.743 for seeds 0, 1, 2, about 50 s each, so it runs in the default suite.
 """
 
