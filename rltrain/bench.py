@@ -7,7 +7,8 @@ the same problem:
 * the same model and initial weights: the tiny character-level Qwen2 of ``experiment=tiny`` is built once from a seed
   (``rltrain.models.tiny_tokenizer`` / ``tiny_model``), given the experiment's short SFT warm start so completions
   look like answers, saved with ``save_pretrained`` to a temporary directory, and both frameworks load that directory;
-* the same prompts in the same order (the built-in compact addition prompts, ``47+38=``, in the order rltrain's
+* the same prompts in the same order (the built-in compact prompts of ``experiment=tiny``, e.g. ``max(47,38)=``, in the
+  order rltrain's
   ``PromptSampler`` draws them; TRL gets them as chat messages with ``shuffle_dataset=False``);
 * the same sampling (temperature, top_p, top_k=0, max new tokens, all P x G completions in one batch; TRL calls
   ``model.generate``, rltrain's HF engine prefills each prompt once and samples with its own loop on the same model),
@@ -524,7 +525,7 @@ def render(rows: list[Row], s: Settings, command: str, env: dict, vers: dict, st
         "loads it with `model.source=hf model.path=<dir>`, TRL with `GRPOTrainer(model=<dir>)` |",
         "| precision | fp32 (TRL `bf16=False`, `model_init_kwargs={dtype: float32}`), no gradient checkpointing (TRL "
         "`gradient_checkpointing=False`) |",
-        "| prompts | built-in compact 2-digit additions (`47+38`, chat template -> `47+38=`), the same rows in the "
+        "| prompts | the built-in compact prompts of `experiment=tiny` (e.g. `max(47,38)`, chat template appends `=`), the same rows in the "
         "same "
         "order (rltrain's `PromptSampler` order; TRL gets them as chat messages with `shuffle_dataset=False`); token "
         "ids checked equal |",
