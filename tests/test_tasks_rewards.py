@@ -10,7 +10,7 @@ import torch
 
 from rltrain import rewards as reward_lib
 from rltrain.config import RewardConfig, TaskConfig, TaskSource
-from rltrain.rewards.answers import answer_match, answer_only
+from rltrain.rewards.answers import answer_match, answer_only, final_number
 from rltrain.tasks import arithmetic
 from rltrain.tasks.prompts import load_prompt_sets
 
@@ -111,3 +111,10 @@ def test_reward_import_errors_name_the_path():
         reward_lib.import_reward("no_such_module:f")
     with pytest.raises(ValueError, match="has no function 'nope'"):
         reward_lib.import_reward("rltrain.rewards.answers:nope")
+
+
+def test_final_number_reads_the_result_not_a_restated_question():
+    completions = ["76 - 32 = 44", "To convert 76 - 32 to a single number, I", "\\boxed{44} and then 7", "1,044", "no"]
+    assert final_number([""] * 5, completions, answer=["44", "44", "44", "1044", "44"]) == [1.0, 0.0, 1.0, 1.0, 0.0]
+    # math-verify evaluates the restated expression: the hack final_number closes
+    assert answer_match([""], ["To convert 76 - 32 to a single number, I"], answer=["44"]) == [1.0]
