@@ -38,7 +38,6 @@ class RunContext:
     """Values derived from the config and the environment, kept out of the frozen config."""
 
     run_dir: Path
-    rollouts_per_step: int
 
 
 @dataclass
@@ -219,8 +218,7 @@ def _hydra_entry():
         config = to_config(cfg)
         if world != 1 and config.distributed.kind == "none":
             raise SystemExit(f"rltrain: distributed.kind=none runs one process, but WORLD_SIZE={world}")
-        ctx = RunContext(run_dir=Path(HydraConfig.get().runtime.output_dir),
-                         rollouts_per_step=config.trainer.prompts_per_step * config.trainer.rollouts_per_prompt)
+        ctx = RunContext(run_dir=Path(HydraConfig.get().runtime.output_dir))
         return train(config, ctx)["eval_accuracy_end"]
 
     return main

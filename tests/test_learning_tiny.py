@@ -26,7 +26,7 @@ def test_grpo_raises_held_out_accuracy_of_the_tiny_model(tmp_path):
     threads = torch.get_num_threads()
     try:
         summary = train(config, RunContext(
-            run_dir=tmp_path, rollouts_per_step=config.trainer.prompts_per_step * config.trainer.rollouts_per_prompt))
+            run_dir=tmp_path))
     finally:
         torch.set_num_threads(threads)  # trainer.num_threads is process-wide; leave other tests as they were
 
