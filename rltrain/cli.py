@@ -1,4 +1,4 @@
-"""The ``rltrain`` command: ``rltrain train [overrides]``, ``rltrain bench [...]``.
+"""The ``rltrain`` command: ``rltrain train|eval [overrides]``, ``rltrain report DIR``, ``rltrain bench [...]``.
 
 Config mistakes end the program before any work with one line naming the key (exit code 2), for every job of a
 ``-m`` sweep, instead of Hydra's multi-line report from inside the first job.
@@ -9,7 +9,11 @@ from __future__ import annotations
 import itertools
 import sys
 
-USAGE = "usage: rltrain {train,bench} [args...]   (rltrain train --help for Hydra's options)"
+USAGE = ("usage: rltrain {train,eval,report,bench} [args...]\n"
+         "  train [overrides]    GRPO run (rltrain train --help for Hydra's options; -m for sweeps)\n"
+         "  eval [overrides]     accuracy and pass@k of eval.checkpoint=PATH on a split\n"
+         "  report DIR           report.png/report.html of a run dir, or the summary table of a multirun dir\n"
+         "  bench trl            rollout+update speed against TRL, written to docs/benchmarks.md")
 # Hydra options that take a value; their value is not an override.
 _VALUE_FLAGS = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c",
                 "--package", "-p", "--info", "-i", "--experimental-rerun"}
@@ -98,6 +102,14 @@ def main() -> None:
 
         sys.argv = ["rltrain train"] + args
         train_main(args)
+    elif command == "eval":
+        from rltrain.evaluation import main as eval_main
+
+        eval_main(args)
+    elif command == "report":
+        from rltrain.report import main as report_main
+
+        report_main(args)
     elif command == "bench":
         from rltrain.bench import main as bench_main
 

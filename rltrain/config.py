@@ -59,6 +59,32 @@ class AdapterKind(str, enum.Enum):
     lora = "lora"
 
 
+class RewardFailure(str, enum.Enum):
+    zero = "zero"  # a sample whose reward function failed scores 0 for that function and stays in its group
+    drop = "drop"  # the sample leaves the batch (its group trains on the rest)
+
+
+class InvalidRows(str, enum.Enum):
+    error = "error"  # stop at start-up with one line naming the row and the column
+    skip = "skip"  # leave the row out, count it, and say so once
+
+
+class LoggerBackend(str, enum.Enum):
+    none = "none"  # metrics.jsonl and the console only (metrics.jsonl is always written)
+    wandb = "wandb"
+
+
+class WandbMode(str, enum.Enum):
+    auto = "auto"  # online when WANDB_API_KEY is set, offline otherwise
+    online = "online"
+    offline = "offline"
+
+
+class EvalSplit(str, enum.Enum):
+    eval = "eval"  # the held-out split (task.dataset.eval_split, or the built-in held-out items)
+    train = "train"
+
+
 @dataclass
 class TinyModelConfig:
     hidden_size: int = 128
@@ -103,6 +129,7 @@ class DatasetConfig:
 class RewardConfig:
     fn: str = "rltrain.rewards.answers:answer_match"
     weight: float = 1.0
+    timeout_s: float = 30.0  # per call; a call still running after this is abandoned and its samples fail
 
 
 @dataclass
@@ -115,6 +142,8 @@ class TaskConfig:
     instruction: str = ""  # appended to every user prompt
     chat_template: bool = True
     rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
+    on_reward_failure: RewardFailure = RewardFailure.zero  # a reward that raises, hangs, or returns NaN/wrong length
+    invalid_rows: InvalidRows = InvalidRows.error  # missing column, empty prompt, prompt too long for the context
 
 
 @dataclass
@@ -162,13 +191,40 @@ class TrainerConfig:
     eval_every: int = 10  # steps; 0 = only at start and end
     num_threads: int = 0  # torch CPU threads; 0 = torch's default (one per core)
     save_final: bool = True
+    checkpoint_every: int = 0  # steps; 0 = no intermediate checkpoints
+    keep_checkpoints: int = 2  # newest K complete checkpoints are kept
+    max_nonfinite_updates: int = 5  # consecutive skipped updates (NaN/inf loss or gradient) before the run stops
     seed: int = 0
 
 
 @dataclass
+class WandbConfig:
+    project: str = "rltrain"
+    entity: Optional[str] = None
+    mode: WandbMode = WandbMode.auto
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LoggerConfig:
+    backend: LoggerBackend = LoggerBackend.none
     progress: bool = True
     print_every: int = 1
+    samples_per_step: int = 2  # completions per step written to samples.jsonl (shown in the report)
+    report: bool = True  # write report.png / report.html at the end of the run
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class EvalConfig:
+    """``rltrain eval``: what to load and how to sample. Greedy accuracy always; pass@k when samples > 1."""
+
+    checkpoint: str = ""  # a model/adapter dir, a checkpoint dir, or a run dir (its final/ or newest checkpoint)
+    split: EvalSplit = EvalSplit.eval
+    samples: int = 16  # per prompt, for pass@k
+    ks: list[int] = field(default_factory=list)  # empty: 1, 2, 4, ... up to samples
+    extrapolate_ks: list[int] = field(default_factory=lambda: [64, 256, 1024])  # beta-binomial fit
+    output: str = ""  # JSON path; default: eval.json next to the checkpoint
 
 
 @dataclass
@@ -187,6 +243,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    resume: str = "none"  # none | auto (newest complete checkpoint in the run dir, if any) | a checkpoint or run dir
 
 
 def register() -> None:
@@ -241,6 +299,15 @@ def check(config: Config) -> None:
         raise ConfigError("task.dataset.columns must map 'prompt' to a dataset column")
     if not config.task.rewards:
         raise ConfigError("task.rewards must list at least one reward function")
+    if t.checkpoint_every < 0 or t.keep_checkpoints < 1 or t.max_nonfinite_updates < 1:
+        raise ConfigError("trainer.checkpoint_every must be >= 0, trainer.keep_checkpoints and "
+                          "trainer.max_nonfinite_updates >= 1")
+    for i, reward in enumerate(config.task.rewards):
+        if not reward.timeout_s > 0:
+            raise ConfigError(f"task.rewards.{i}.timeout_s must be > 0, got {reward.timeout_s}")
+    e = config.eval
+    if e.samples < 1 or any(k < 1 or k > e.samples for k in e.ks) or any(k < 1 for k in e.extrapolate_ks):
+        raise ConfigError(f"eval.ks must lie in [1, eval.samples={e.samples}] and eval.extrapolate_ks be >= 1")
     if config.adapter.kind == AdapterKind.lora and not config.adapter.lora:
         raise ConfigError("adapter.lora must hold peft.LoraConfig settings when adapter.kind=lora")
 
@@ -271,5 +338,5 @@ def to_config(cfg: DictConfig) -> Config:
 _SCHEMAS = {
     cls.__name__: cls
     for cls in (Config, ModelConfig, TinyModelConfig, TaskConfig, BuiltinTaskConfig, DatasetConfig, RolloutConfig,
-                AlgorithmConfig, AdapterConfig, TrainerConfig, LoggerConfig, DistributedConfig)
+                AlgorithmConfig, AdapterConfig, TrainerConfig, LoggerConfig, WandbConfig, DistributedConfig, EvalConfig)
 }
