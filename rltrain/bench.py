@@ -252,12 +252,14 @@ class RltrainRunner:
     """``train()``'s loop body, one step per call, on components from ``rltrain.train.build``."""
 
     def __init__(self, config, recorder: RewardRecorder) -> None:
-        from rltrain.rewards import WeightedReward
+        from rltrain.rewards import RewardScorer, WeightedReward
         from rltrain.train import build
 
         self.config = config
         self.c = build(config)
-        self.c.rewards = [WeightedReward(recorder.__name__, recorder, 1.0)]
+        # A callable object, so it runs in this process: it records what it scored, for the cross-check with TRL.
+        self.c.rewards = RewardScorer([WeightedReward(recorder.__name__, recorder, 1.0, config.task.rewards[0].timeout_s)],
+                                      on_failure=config.task.on_reward_failure)
         self.step_no = 0
         self.split: list[tuple[float, float]] = []  # per step: (generate + reward, advantages + update)
 

@@ -129,7 +129,7 @@ class DatasetConfig:
 class RewardConfig:
     fn: str = "rltrain.rewards.answers:answer_match"
     weight: float = 1.0
-    timeout_s: float = 30.0  # per call; a call still running after this is abandoned and its samples fail
+    timeout_s: float = 30.0  # per call; a call still running after this is killed with its worker process
 
 
 @dataclass

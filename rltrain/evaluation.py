@@ -1,14 +1,44 @@
-"""Held-out evaluation (greedy, never with hints) and pass@k estimators."""
+"""Evaluation: greedy accuracy (never with hints), pass@k from sampled completions, and the ``rltrain eval`` command.
+
+pass@k at k <= n uses the unbiased estimator (Chen et al. 2021). Beyond n, per-prompt (successes, attempts) are fit
+with a beta-binomial by maximum likelihood and pass@k = 1 - B(alpha, beta + k) / B(alpha, beta) (arXiv 2510.05197,
+algorithms.md section 5); the command reports the fit at k <= n too, next to the unbiased numbers, so its quality
+shows. The fit is biased upward when some prompts are truly impossible (a Beta puts mass near every p > 0).
+
+``rltrain eval [overrides]`` loads ``eval.checkpoint`` (a model dir, a PEFT adapter dir, a checkpoint dir holding
+``model/``, or a run dir: its ``final/``, else its newest complete checkpoint; empty: the model the config describes),
+evaluates ``task.eval_size`` prompts of ``eval.split`` and writes a table to the console and JSON to ``eval.output``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from rltrain import rewards as reward_lib
+from rltrain.config import RewardFailure
+from rltrain.rewards import RewardScorer
 from rltrain.rollout.base import SamplingParams
 from rltrain.rollout.collect import PromptIds, collect
+
+USAGE = """usage: rltrain eval [overrides]
+  e.g. rltrain eval experiment=tiny eval.checkpoint=outputs/tiny/RUN eval.samples=16
+  eval.checkpoint   model dir | PEFT adapter dir | checkpoint dir (model/) | run dir (final/ or newest checkpoint);
+                    empty: the model the config describes
+  eval.split        eval | train (task.eval_size prompts of it; 0 = all)
+  eval.samples      sampled completions per prompt for pass@k (1 = greedy accuracy only)
+  eval.ks           pass@k at these k (default 1, 2, 4, ... up to eval.samples)
+  eval.extrapolate_ks  k beyond eval.samples, from the beta-binomial fit
+  eval.output       JSON path (default: eval.json in eval.checkpoint, or in the current directory)"""
+
+
+# ---- estimators (pure) ---------------------------------------------------------------------------------------------
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -25,7 +55,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def beta_binomial_pass_at_k(alpha: float, beta: float, k: int) -> float:
     """Expected pass@k when per-problem success rates follow Beta(alpha, beta) (arXiv 2510.05197):
     1 - B(alpha, beta + k) / B(alpha, beta)."""
-    log_ratio = (math.lgamma(beta + k) - math.lgamma(alpha + beta + k)) - (math.lgamma(beta) - math.lgamma(alpha + beta))
+    log_ratio = math.lgamma(beta + k) - math.lgamma(alpha + beta + k) - math.lgamma(beta) + math.lgamma(alpha + beta)
     return 1.0 - math.exp(log_ratio)
 
 
@@ -52,25 +82,305 @@ def fit_beta_binomial(successes, attempts) -> tuple[float, float]:
     return float(alpha), float(beta)
 
 
-def evaluate(engine, prompt_ids: PromptIds, rewards, tokenizer, *, max_tokens: int, samples: int = 0,
-             temperature: float = 1.0, top_p: float = 1.0) -> dict[str, float]:
-    """Greedy accuracy on every prompt of the set; with ``samples > 1`` also pass@k for k = 1, 2, 4, ... samples."""
+def default_ks(samples: int) -> list[int]:
+    """1, 2, 4, ... up to ``samples``."""
+    return [2**j for j in range(int(math.log2(samples)) + 1)]
+
+
+def mean_pass_at_k(successes_P: list[int], attempts_P: list[int], ks: list[int]) -> dict[str, float]:
+    """pass@k averaged over prompts, for each k (JSON-style string keys)."""
+    return {str(k): sum(pass_at_k(n, c, k) for c, n in zip(successes_P, attempts_P)) / len(successes_P) for k in ks}
+
+
+# ---- running prompts -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptOutcomes:
+    """Per prompt P of a set: the greedy completion, its reward and whether it was correct (full reward); and, when
+    sampled, how many of its ``attempts_P`` sampled completions were correct."""
+
+    completions: list[str]
+    rewards_P: list[float]
+    correct_P: list[bool]
+    successes_P: list[int] | None = None
+    attempts_P: list[int] | None = None
+
+
+def _scored(batch, rewards: RewardScorer, tokenizer, prompt_set):
+    """The one place evaluation calls the reward library: (batch with rewards, decoded completions, correct_N), a
+    sample being correct when it reaches the full reward. A sample whose reward failed scores 0 and stays, whatever
+    the run's policy: dropping it would raise the accuracy and leave prompts with fewer samples."""
+    batch, texts, _ = rewards.with_policy(RewardFailure.zero).score_batch(batch, tokenizer, prompt_set)
+    return batch, texts, batch.rewards_N >= rewards.full_reward - 1e-6
+
+
+def run_prompts(engine, prompt_ids: PromptIds, rewards: RewardScorer, tokenizer, *, max_tokens: int, samples: int = 0,
+                temperature: float = 1.0, top_p: float = 1.0) -> PromptOutcomes:
+    """Greedy completion of every prompt of the set; with ``samples > 1`` also that many sampled ones each."""
     prompt_set = prompt_ids.prompts
     indices = list(range(len(prompt_set)))
-    target = reward_lib.full_reward(rewards)
-    greedy = collect(engine, prompt_ids, indices, [1] * len(indices), SamplingParams(max_tokens=max_tokens, greedy=True))
-    greedy, texts = reward_lib.score_batch(greedy, rewards, tokenizer, prompt_set)
-    correct_N = greedy.rewards_N >= target - 1e-6
-    out = {"eval_accuracy": float(correct_N.float().mean()), "eval_reward_mean": float(greedy.rewards_N.mean())}
+    greedy = collect(engine, prompt_ids, indices, [1] * len(indices),
+                     SamplingParams(max_tokens=max_tokens, greedy=True))
+    greedy, texts, correct_N = _scored(greedy, rewards, tokenizer, prompt_set)
+    out = PromptOutcomes(completions=texts, rewards_P=greedy.rewards_N.tolist(), correct_P=correct_N.tolist())
     if samples > 1:
         sampled = collect(engine, prompt_ids, indices, [samples] * len(indices),
                           SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens))
-        sampled, _ = reward_lib.score_batch(sampled, rewards, tokenizer, prompt_set)
-        hits_P = torch.zeros(len(indices)).index_add_(0, sampled.group_ids_N, (sampled.rewards_N >= target - 1e-6).float())
-        ks = [2**j for j in range(int(math.log2(samples)) + 1)]
-        out["eval_pass_at_k"] = {
-            str(k): sum(pass_at_k(samples, int(c), k) for c in hits_P.tolist()) / len(indices) for k in ks
-        }
-    out["eval_samples"] = [{"prompt": prompt_set.rows[i]["prompt"], "completion": texts[i],
-                            "reward": float(greedy.rewards_N[i])} for i in indices[:3]]
+        sampled, _, hit_N = _scored(sampled, rewards, tokenizer, prompt_set)
+        rows_N = torch.tensor(sampled.prompt_index, dtype=torch.long)
+        out.successes_P = torch.bincount(rows_N, weights=hit_N.double(), minlength=len(indices)).long().tolist()
+        out.attempts_P = torch.bincount(rows_N, minlength=len(indices)).tolist()
     return out
+
+
+def breakdown(rows: list[dict], outcomes: PromptOutcomes, ks: list[int]) -> dict[str, dict[str, dict]]:
+    """Accuracy (and pass@k when sampled) per capability tag (``capabilities`` column, a list of tags) and per
+    ``kind``, for the columns the rows have. A prompt counts once under each of its tags."""
+    present = [name for name in ("capabilities", "kind") if rows and name in rows[0]]
+    columns = {name: [_tags(row[name]) for row in rows] for name in present}
+    out = {}
+    for column, tags_P in columns.items():
+        members: dict[str, list[int]] = defaultdict(list)
+        for p, tags in enumerate(tags_P):
+            for tag in tags:
+                members[tag].append(p)
+        out[column] = {tag: _group_summary(outcomes, members[tag], ks) for tag in sorted(members)}
+    return out
+
+
+def _tags(value) -> list[str]:
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def _group_summary(outcomes: PromptOutcomes, prompts: list[int], ks: list[int]) -> dict:
+    summary = {"prompts": len(prompts), "accuracy": sum(outcomes.correct_P[p] for p in prompts) / len(prompts)}
+    if outcomes.successes_P is not None:
+        summary["pass_at_k"] = mean_pass_at_k([outcomes.successes_P[p] for p in prompts],
+                                              [outcomes.attempts_P[p] for p in prompts], ks)
+    return summary
+
+
+def evaluate(engine, prompt_ids: PromptIds, rewards: RewardScorer, tokenizer, *, max_tokens: int, samples: int = 0,
+             temperature: float = 1.0, top_p: float = 1.0) -> dict:
+    """Greedy accuracy on every prompt of the set; with ``samples > 1`` also pass@k for k = 1, 2, 4, ... samples.
+    Rows with a ``capabilities`` column also get the greedy accuracy per capability tag."""
+    outcomes = run_prompts(engine, prompt_ids, rewards, tokenizer, max_tokens=max_tokens, samples=samples,
+                           temperature=temperature, top_p=top_p)
+    rows = prompt_ids.prompts.rows
+    n = len(rows)
+    out = {"eval_accuracy": sum(outcomes.correct_P) / n, "eval_reward_mean": sum(outcomes.rewards_P) / n}
+    if samples > 1:
+        out["eval_pass_at_k"] = mean_pass_at_k(outcomes.successes_P, outcomes.attempts_P, default_ks(samples))
+    by_capability = breakdown(rows, outcomes, []).get("capabilities")
+    if by_capability:
+        out["eval_accuracy_by_capability"] = {tag: s["accuracy"] for tag, s in by_capability.items()}
+    out["eval_samples"] = [{"prompt": rows[i]["prompt"], "completion": outcomes.completions[i],
+                            "reward": outcomes.rewards_P[i]} for i in range(min(3, n))]
+    return out
+
+
+def report(rows: list[dict], outcomes: PromptOutcomes, ks: list[int], extrapolate_ks: list[int]) -> dict:
+    """The ``rltrain eval`` result: overall accuracy, pass@k (unbiased at k <= n; beta-binomial fit at every k),
+    the capability/kind breakdown, and every prompt's outcome."""
+    n = len(rows)
+    out = {"prompts": n, "accuracy": sum(outcomes.correct_P) / n, "reward_mean": sum(outcomes.rewards_P) / n}
+    if outcomes.successes_P is not None:
+        out["samples"] = max(outcomes.attempts_P)
+        out["pass_at_k"] = mean_pass_at_k(outcomes.successes_P, outcomes.attempts_P, ks)
+        alpha, beta = fit_beta_binomial(outcomes.successes_P, outcomes.attempts_P)
+        out["beta_binomial"] = {"alpha": alpha, "beta": beta, "pass_at_k": {
+            str(k): beta_binomial_pass_at_k(alpha, beta, k) for k in sorted(set(ks) | set(extrapolate_ks))}}
+    out["breakdown"] = breakdown(rows, outcomes, ks)
+    out["per_prompt"] = [
+        {"prompt": row["prompt"], **({"answer": row["answer"]} if "answer" in row else {}),
+         "completion": outcomes.completions[p], "reward": outcomes.rewards_P[p], "correct": outcomes.correct_P[p],
+         **({"successes": outcomes.successes_P[p], "attempts": outcomes.attempts_P[p]}
+            if outcomes.successes_P is not None else {})}
+        for p, row in enumerate(rows)
+    ]
+    return out
+
+
+# ---- what to load --------------------------------------------------------------------------------------------------
+
+
+class CheckpointPathError(ValueError):
+    """``eval.checkpoint`` names nothing loadable; the message says what was expected."""
+
+
+@dataclass(frozen=True)
+class ModelLocation:
+    """Weights to evaluate: a model dir, or an adapter dir applied to ``base`` (None: the config's model)."""
+
+    weights: Path
+    adapter: bool
+    base: Path | None = None
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
+
+
+def _checked_model_dir(path: Path) -> Path:
+    if not _is_model_dir(path):
+        raise CheckpointPathError(f"{path} is not a model dir (config.json + *.safetensors)")
+    if not _has_tokenizer(path):
+        raise CheckpointPathError(f"model dir {path} has no tokenizer files (tokenizer_config.json or tokenizer.json)")
+    return path
+
+
+def _is_adapter_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
+
+
+def _in_checkpoint(weights: Path, checkpoint_dir: Path) -> ModelLocation:
+    """A checkpoint's weights dir (``model/`` or ``final/``): an adapter's base is ``checkpoint_dir/base_model``."""
+    if _is_adapter_dir(weights):
+        base = checkpoint_dir / "base_model"
+        return ModelLocation(weights, adapter=True, base=_checked_model_dir(base) if base.is_dir() else None)
+    if _is_model_dir(weights):
+        return ModelLocation(_checked_model_dir(weights), adapter=False)
+    raise CheckpointPathError(f"{weights} holds neither a model (config.json + *.safetensors) nor a PEFT adapter "
+                              "(adapter_config.json + adapter_model.safetensors)")
+
+
+def locate(path: str | Path) -> ModelLocation:
+    """What ``eval.checkpoint`` names: a model dir, a PEFT adapter dir, a checkpoint dir holding ``model/``, or a run
+    dir (its ``final/`` if present, else its newest complete checkpoint)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointPathError(f"no directory {path}")
+    if (path / "adapter_config.json").is_file() or _is_model_dir(path):
+        return _in_checkpoint(path, path.parent)
+    if (path / "model").is_dir():
+        return _in_checkpoint(path / "model", path)
+    if (path / "final").is_dir():
+        return _in_checkpoint(path / "final", path)
+    if (path / "checkpoints").is_dir():
+        from rltrain.checkpoint import latest
+
+        newest = latest(path)
+        if newest is None:
+            raise CheckpointPathError(f"run dir {path} has no final/ and no complete checkpoint in checkpoints/")
+        return _in_checkpoint(newest / "model", newest)
+    raise CheckpointPathError(f"{path} is not a model dir (config.json + *.safetensors), a PEFT adapter dir "
+                              "(adapter_config.json + adapter_model.safetensors), a checkpoint dir (model/) or a run "
+                              "dir (final/ or checkpoints/)")
+
+
+def load_for_eval(location: ModelLocation | None, model_config):
+    """(model, tokenizer) in eval mode, weights from safetensors only; ``location`` None: the config's model (for
+    ``model.source=tiny`` that is the untrained model: its SFT warm start happens in training)."""
+    from rltrain.models import load_model, load_pretrained
+
+    trust = model_config.trust_remote_code
+    if location is None or (location.adapter and location.base is None):
+        model, tokenizer = load_model(model_config)
+    elif location.adapter:
+        model, tokenizer = load_pretrained(location.base, trust_remote_code=trust)
+    else:
+        model, tokenizer = load_pretrained(location.weights, trust_remote_code=trust)
+    if location is not None and location.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(location.weights)).merge_and_unload()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+# ---- the command ---------------------------------------------------------------------------------------------------
+
+
+def eval_prompt_set(config):
+    """The rows ``eval.split`` names, the first ``task.eval_size`` of them (0 = all)."""
+    from rltrain.config import EvalSplit
+    from rltrain.tasks.prompts import load_prompt_sets
+
+    train_set, eval_set = load_prompt_sets(config.task)
+    chosen = eval_set if config.eval.split == EvalSplit.eval else train_set
+    return dataclasses.replace(chosen, rows=chosen.rows[: config.task.eval_size or len(chosen)])
+
+
+def main(args: list[str]) -> None:
+    """``rltrain eval [overrides]``: exit 2 with one line on a config mistake or an unloadable eval.checkpoint."""
+    from rltrain.cli import check_overrides_or_exit, compose
+
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return
+    check_overrides_or_exit(args)
+    config = compose(args)
+    e = config.eval
+    try:
+        location = locate(e.checkpoint) if e.checkpoint else None
+    except CheckpointPathError as err:
+        print(f"rltrain: config error: eval.checkpoint: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    output = Path(e.output) if e.output else Path(e.checkpoint or ".") / "eval.json"
+
+    from rltrain.rollout.hf import HFEngine
+    from rltrain.tasks.prompts import DatasetRowError, PromptFormatter, validate_rows
+
+    if config.trainer.num_threads:
+        torch.set_num_threads(config.trainer.num_threads)
+    torch.manual_seed(config.trainer.seed)
+    model, tokenizer = load_for_eval(location, config.model)
+    prompt_set = eval_prompt_set(config)
+    r = config.rollout
+    engine = HFEngine(model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+                      batch_size=r.batch_size)
+    formatter = PromptFormatter(tokenizer, config.task)
+    try:
+        prompt_set, _ = validate_rows(prompt_set, formatter, max_prompt_tokens=config.model.max_context - r.max_tokens,
+                                      policy=config.task.invalid_rows)
+    except DatasetRowError as err:
+        print(f"rltrain: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    outcomes = run_prompts(engine, PromptIds(formatter, prompt_set),
+                           RewardScorer.from_config(config.task), tokenizer, max_tokens=r.max_tokens,
+                           samples=e.samples, temperature=r.temperature, top_p=r.top_p)
+    ks = sorted(set(e.ks)) or default_ks(e.samples)
+    result = {"checkpoint": str(location.weights) if location else "", "split": e.split.value,
+              "prompt_set": prompt_set.name,
+              **report(prompt_set.rows, outcomes, ks, list(e.extrapolate_ks))}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1) + "\n")
+    print_report(result, ks)
+    print(f"wrote {output}")
+
+
+def print_report(result: dict, ks: list[int]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    sampled = "pass_at_k" in result
+    head = Table(title=f"{result['checkpoint'] or 'config model'}: {result['split']} split, {result['prompts']} prompts"
+                 + (f", {result['samples']} samples each" if sampled else ""))
+    head.add_column("greedy accuracy", justify="right")
+    head.add_column("greedy reward mean", justify="right")
+    head.add_row(f"{result['accuracy']:.3f}", f"{result['reward_mean']:.3f}")
+    console.print(head)
+    if sampled:
+        fit = result["beta_binomial"]
+        curve = Table(title=f"pass@k (beta-binomial fit: alpha={fit['alpha']:.3g}, beta={fit['beta']:.3g})")
+        for name in ("k", "unbiased", "beta-binomial fit"):
+            curve.add_column(name, justify="right")
+        for k, fitted in fit["pass_at_k"].items():
+            unbiased = result["pass_at_k"].get(k)
+            curve.add_row(k, "" if unbiased is None else f"{unbiased:.3f}", f"{fitted:.3f}")
+        console.print(curve)
+    for column, groups in result["breakdown"].items():
+        table = Table(title=f"by {column}")
+        for name in (column, "prompts", "accuracy", *(f"pass@{k}" for k in ks if sampled)):
+            table.add_column(name, justify="left" if name == column else "right")
+        for tag, s in groups.items():
+            table.add_row(tag, str(s["prompts"]), f"{s['accuracy']:.3f}",
+                          *(f"{v:.3f}" for v in s.get("pass_at_k", {}).values()))
+        console.print(table)

@@ -237,7 +237,8 @@ class PolicyWorker:
             # Their loss and gradient are exactly zero; they still count in step_weight, so the result is unchanged.
             indices = [i for i in indices if float(batch.advantages_N[i]) != 0.0]
         if not indices:  # no sample carries signal: no update (AdamW would still move on stale momentum)
-            return {"loss": 0.0, "grad_norm": 0.0, "lr": self.scheduler.get_last_lr()[0], "skipped_update": 1.0}
+            return {"loss": 0.0, "grad_norm": 0.0, "lr": self.scheduler.get_last_lr()[0], "skipped_update": 1.0,
+                    "nonfinite_update": 0.0}
         for mb in self._micro_batches(indices, prompts, batch.completion_ids):
             logp_BT, entropy_BT = self._forward(
                 self.model, [prompts[i] for i in mb], [batch.completion_ids[i] for i in mb], loss_fn.needs_entropy
@@ -271,7 +272,8 @@ class PolicyWorker:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {k: v / max(tokens, 1.0) for k, v in sums.items()}
-        metrics.update(loss=loss_total, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0], skipped_update=float(not finite))
+        metrics.update(loss=loss_total, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0],
+                       skipped_update=float(not finite), nonfinite_update=float(not finite))
         return metrics
 
     # ---- state -------------------------------------------------------------------------------------------------
@@ -279,6 +281,37 @@ class PolicyWorker:
     def save(self, directory: str | Path) -> None:
         """Weights as safetensors (an adapter directory for a PEFT model)."""
         self.model.save_pretrained(str(directory), safe_serialization=True)
+
+    def load(self, directory: str | Path) -> None:
+        """Weights written by ``save`` back into this model, exactly (no dtype or device round trip)."""
+        from safetensors.torch import load_file
+
+        files = sorted(Path(directory).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no .safetensors weights in {directory}")
+        tensors = {k: v for f in files for k, v in load_file(str(f), device=str(self.device)).items()}
+        if hasattr(self.model, "peft_config"):
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(self.model, tensors)
+            if result.unexpected_keys:
+                raise ValueError(f"{directory}: adapter weights not in this model: {result.unexpected_keys[:3]}")
+            return
+        missing, unexpected = self.model.load_state_dict(tensors, strict=False)
+        # Tied weights (lm_head = embed_tokens) are saved once; a missing key is fine only if it aliases a loaded one.
+        loaded = {t.data_ptr() for k, t in self.model.state_dict().items() if k in tensors}
+        untied = [k for k in missing if self.model.state_dict()[k].data_ptr() not in loaded]
+        if unexpected or untied:
+            raise ValueError(f"{directory}: weights do not match the model (missing {untied[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+
+    def state_dict(self) -> dict:
+        """Optimizer and learning-rate schedule; the weights go through ``save``/``load`` as safetensors."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
 
 def _left_pad(rows: list[tuple[int, ...]], pad_token_id: int) -> tuple[Tensor, Tensor]:

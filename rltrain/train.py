@@ -7,8 +7,12 @@ Everything the loop calls is built once, before it starts (``build``); the loop 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import logging
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -17,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rltrain import rewards as reward_lib
 from rltrain.algorithms.grpo import GRPOLoss, constant_groups, group_advantages
 from rltrain.batch import RolloutBatch
+from rltrain.checkpoint import Checkpointer, CheckpointError, config_changes, resume_source, truncate_jsonl
 from rltrain.config import AdapterKind, Config, ModelSource
 from rltrain.data import PromptSampler
 from rltrain.evaluation import evaluate
@@ -28,9 +32,12 @@ from rltrain.models import load_model, wrap_lora
 from rltrain.policy import OptimSettings, PolicyWorker
 from rltrain.rollout.base import SamplingParams
 from rltrain.rollout.collect import PromptIds, collect
+from rltrain.rewards import RewardScorer
 from rltrain.rollout.hf import HFEngine
 from rltrain.sft import warm_start
-from rltrain.tasks.prompts import PromptFormatter, load_prompt_sets
+from rltrain.tasks.prompts import DatasetRowError, PromptFormatter, load_prompt_sets, validate_rows
+
+logger = logging.getLogger("rltrain")
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,7 @@ class Components:
     policy: PolicyWorker
     engine: HFEngine
     loss: GRPOLoss
-    rewards: list[reward_lib.WeightedReward]
+    rewards: RewardScorer
     tokenizer: object
     train_ids: PromptIds
     eval_ids: PromptIds
@@ -66,6 +73,9 @@ def build(config: Config) -> Components:
     train_set, eval_set = load_prompt_sets(config.task)
     model, tokenizer = load_model(config.model)
     formatter = PromptFormatter(tokenizer, config.task)
+    max_prompt = config.model.max_context - config.rollout.max_tokens
+    train_set, _ = validate_rows(train_set, formatter, max_prompt_tokens=max_prompt, policy=config.task.invalid_rows)
+    eval_set, _ = validate_rows(eval_set, formatter, max_prompt_tokens=max_prompt, policy=config.task.invalid_rows)
     train_ids, eval_ids = PromptIds(formatter, train_set), PromptIds(formatter, eval_set)
     if config.model.source == ModelSource.tiny:
         tiny = config.model.tiny
@@ -89,31 +99,31 @@ def build(config: Config) -> Components:
     loss = GRPOLoss(eps_low=a.eps_low, eps_high=a.eps_high, beta=a.beta, entropy_coef=a.entropy_coef,
                     aggregation=a.aggregation.value, max_len=r.max_tokens)
     return Components(
-        policy=policy, engine=engine, loss=loss, rewards=reward_lib.build(config.task.rewards), tokenizer=tokenizer,
+        policy=policy, engine=engine, loss=loss, rewards=RewardScorer.from_config(config.task), tokenizer=tokenizer,
         train_ids=train_ids, eval_ids=eval_ids, sampler=PromptSampler(len(train_set), t.seed),
         sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens),
     )
 
 
-def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatch, dict]:
-    """Rollouts for one step, scored; constant-reward groups dropped and refilled when the config asks."""
+def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatch | None, dict]:
+    """Rollouts for one step, scored; constant-reward groups dropped and refilled when the config asks.
+    None when nothing is left to learn from (every sample dropped by failing rewards, or every group filtered)."""
     t, a = config.trainer, config.algorithm
     wanted = t.prompts_per_step
-    indices = c.sampler.next(wanted)
-    batch = _scored_rollouts(c, indices, t.rollouts_per_prompt, first_group_id=step * 1_000_000)
+    stats = {"rollouts": 0, "tokens_generated": 0, "time_reward_s": 0.0, "refill_rounds": 0}
+    batch = _scored_rollouts(c, c.sampler.next(wanted), t.rollouts_per_prompt, stats, first_group_id=step * 1_000_000)
+    if len(batch) == 0:
+        return None, {**stats, "frac_zero_std_groups": float("nan")}
     flat_N = constant_groups(batch.rewards_N, batch.group_ids_N)
-    stats = {"frac_zero_std_groups": _group_fraction(batch, flat_N), "rollouts": len(batch),
-             "tokens_generated": sum(len(x) for x in batch.completion_ids), "refill_rounds": 0}
+    stats["frac_zero_std_groups"] = _group_fraction(batch, flat_N)
     if not a.filter_constant_groups:
         return batch, stats
     kept = batch.select((~flat_N).nonzero().squeeze(-1)) if (~flat_N).any() else None
     for round_ in range(1, a.max_refill_rounds + 1):
         if kept is not None and len(kept.groups()) >= wanted:
             break
-        extra = _scored_rollouts(c, c.sampler.next(wanted), t.rollouts_per_prompt,
+        extra = _scored_rollouts(c, c.sampler.next(wanted), t.rollouts_per_prompt, stats,
                                  first_group_id=step * 1_000_000 + round_ * 1_000)
-        stats["rollouts"] += len(extra)
-        stats["tokens_generated"] += sum(len(x) for x in extra.completion_ids)
         stats["refill_rounds"] = round_
         extra_flat = constant_groups(extra.rewards_N, extra.group_ids_N)
         if (~extra_flat).any():
@@ -125,10 +135,18 @@ def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatc
     return kept, stats
 
 
-def _scored_rollouts(c: Components, indices: list[int], per_prompt: int, *, first_group_id: int) -> RolloutBatch:
+def _scored_rollouts(c: Components, indices: list[int], per_prompt: int, stats: dict, *,
+                     first_group_id: int) -> RolloutBatch:
+    """Generate and score; ``stats`` accumulates rollouts, tokens, reward time and reward failures over refills."""
     batch = collect(c.engine, c.train_ids, indices, [per_prompt] * len(indices), c.sampling,
                     first_group_id=first_group_id)
-    batch, _ = reward_lib.score_batch(batch, c.rewards, c.tokenizer, c.train_ids.prompts)
+    stats["rollouts"] += len(batch)
+    stats["tokens_generated"] += sum(len(x) for x in batch.completion_ids)
+    start = time.perf_counter()
+    batch, _, reward_stats = c.rewards.score_batch(batch, c.tokenizer, c.train_ids.prompts)
+    stats["time_reward_s"] += time.perf_counter() - start
+    for key, value in reward_stats.items():
+        stats[key] = stats.get(key, 0.0) + value
     return batch
 
 
@@ -138,63 +156,174 @@ def _group_fraction(batch: RolloutBatch, flag_N: torch.Tensor) -> float:
 
 
 def run_eval(c: Components, config: Config, step: int, log: MetricsLogger) -> dict:
+    start = time.perf_counter()
     result = evaluate(c.engine, c.eval_ids, c.rewards, c.tokenizer, max_tokens=config.rollout.max_tokens,
                       samples=config.rollout.eval_samples, temperature=config.rollout.temperature,
                       top_p=config.rollout.top_p)
-    log.log({"eval_step": step, **result})
+    log.log({"eval_step": step, **result, "time_eval_s": time.perf_counter() - start})
     return result
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step, checkpointed with everything else."""
+
+    nonfinite_in_row: int = 0
+    wall_time_s: float = 0.0  # over every session of a resumed run
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.nonfinite_in_row, self.wall_time_s = state["nonfinite_in_row"], state["wall_time_s"]
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def train_step(c: Components, config: Config, step: int) -> tuple[dict, RolloutBatch | None]:
+    """Generate, score and learn from one batch; the record holds the step's metrics and per-phase timings."""
+    a = config.algorithm
+    start = time.perf_counter()
+    batch, stats = generate_step(c, config, step)
+    generated = time.perf_counter()
+    record = {"step": step, **stats, "time_generate_s": generated - start - stats["time_reward_s"]}
+    if batch is None:  # nothing to learn from (see generate_step)
+        record.update(reward_mean=float("nan"), accuracy=float("nan"), empty_batch=1.0)
+    else:
+        batch.advantages_N = group_advantages(batch.rewards_N, batch.group_ids_N,
+                                              scale=a.advantage_scale.value, std=a.advantage_std.value)
+        target = c.rewards.full_reward
+        record.update(
+            reward_mean=float(batch.rewards_N.mean()),
+            accuracy=float((batch.rewards_N >= target - 1e-6).float().mean()),
+            completion_len_mean=sum(len(x) for x in batch.completion_ids) / len(batch),
+            truncated_frac=float(batch.truncated_N.float().mean()),
+            **{f"reward/{k}": float(v.mean()) for k, v in batch.reward_components.items()},
+        )
+        record.update(c.policy.update(batch, c.loss))
+    updated = time.perf_counter()
+    record["time_update_s"] = updated - generated
+    c.engine.load_weights({})
+    record["time_sync_s"] = time.perf_counter() - updated
+    record["time_step_s"] = time.perf_counter() - start
+    return record, batch
 
 
 def train(config: Config, ctx: RunContext) -> dict:
     c = build(config)
-    t, a = config.trainer, config.algorithm
-    log = MetricsLogger(ctx.run_dir, t.steps, progress=config.logger.progress, print_every=config.logger.print_every)
-    first_eval, history = run_eval(c, config, 0, log), []
-    target = reward_lib.full_reward(c.rewards)
-    try:
-        for step in range(1, t.steps + 1):
-            start = time.perf_counter()
-            batch, stats = generate_step(c, config, step)
-            generated = time.perf_counter()
-            record = {"step": step, **stats, "time_generate_s": generated - start}
-            if batch is None:  # every group had constant reward and refills found none: nothing to learn from
-                record.update(reward_mean=float("nan"), accuracy=float("nan"), skipped_update=1.0)
-            else:
-                batch.advantages_N = group_advantages(batch.rewards_N, batch.group_ids_N,
-                                                      scale=a.advantage_scale.value, std=a.advantage_std.value)
-                record.update(
-                    reward_mean=float(batch.rewards_N.mean()),
-                    accuracy=float((batch.rewards_N >= target - 1e-6).float().mean()),
-                    completion_len_mean=sum(len(x) for x in batch.completion_ids) / len(batch),
-                    truncated_frac=float(batch.truncated_N.float().mean()),
-                    **{f"reward/{k}": float(v.mean()) for k, v in batch.reward_components.items()},
-                )
-                record.update(c.policy.update(batch, c.loss))
-                c.engine.load_weights({})
-            record["time_update_s"] = time.perf_counter() - generated
-            record["time_step_s"] = time.perf_counter() - start
-            history.append(record)
+    t = config.trainer
+    loop = LoopState()
+    checkpoints = Checkpointer(ctx.run_dir / "checkpoints", keep=t.keep_checkpoints)
+    for name, component in (("policy", c.policy), ("sampler", c.sampler), ("loop", loop)):
+        checkpoints.register(name, component)
+    config_dict = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    first_step = resume(config, ctx, checkpoints, c, config_dict) + 1
+    session_start = time.perf_counter()
+    with MetricsLogger(ctx.run_dir, t.steps, config.logger, run_config=config_dict, start_step=first_step - 1) as log:
+        if first_step == 1:
+            run_eval(c, config, 0, log)
+        for step in range(first_step, t.steps + 1):
+            record, batch = train_step(c, config, step)
             log.log(record)
+            if batch is not None and config.logger.samples_per_step:
+                log.log_samples(step, _samples(c, batch, config.logger.samples_per_step))
+            _check_finite(record, loop, t.max_nonfinite_updates, log)
             if t.eval_every and step % t.eval_every == 0 and step != t.steps:
                 run_eval(c, config, step, log)
-        last_eval = run_eval(c, config, t.steps, log)
-    finally:
-        log.close()
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps:
+                loop.wall_time_s += time.perf_counter() - session_start
+                session_start = time.perf_counter()
+                checkpoints.save(step, policy=c.policy, tokenizer=c.tokenizer, meta={"config": config_dict})
+        run_eval(c, config, t.steps, log)
+    loop.wall_time_s += time.perf_counter() - session_start
     if t.save_final:
         c.policy.save(ctx.run_dir / "final")
         c.tokenizer.save_pretrained(str(ctx.run_dir / "final"))
-    summary = {
-        "eval_accuracy_start": first_eval["eval_accuracy"],
-        "eval_accuracy_end": last_eval["eval_accuracy"],
-        "reward_mean_first5": _mean([h.get("reward_mean") for h in history[:5]]),
-        "reward_mean_last5": _mean([h.get("reward_mean") for h in history[-5:]]),
-    }
+    summary = summarize(ctx.run_dir / "metrics.jsonl", wall_time_s=loop.wall_time_s)
+    _write_json(ctx.run_dir / "summary.json", summary)
+    if config.logger.report:
+        from rltrain.report import write_run_report
+
+        write_run_report(ctx.run_dir)
     log.console.print(
         f"done: eval accuracy {summary['eval_accuracy_start']:.3f} -> {summary['eval_accuracy_end']:.3f}, "
         f"reward (mean of 5 steps) {summary['reward_mean_first5']:.3f} -> {summary['reward_mean_last5']:.3f}; "
         f"run dir {ctx.run_dir}"
     )
     return summary
+
+
+def resume(config: Config, ctx: RunContext, checkpoints: Checkpointer, c: Components, config_dict: dict) -> int:
+    """Restore the checkpoint ``config.resume`` points at; the step it was written after (0 = a fresh start).
+    Metrics logged after that step by the interrupted run are dropped, so every step appears once."""
+    source = resume_source(config.resume, ctx.run_dir)
+    if source is None:
+        return 0
+    one = source if (source / "meta.json").exists() else None
+    restored = ((checkpoints.restore(one, policy=c.policy), one) if one is not None
+                else checkpoints.restore_latest(source, policy=c.policy))
+    if restored is None:
+        if config.resume == "auto":
+            logger.warning("resume=auto: no checkpoint in %s, starting at step 1 (to resume a run, give it a fixed "
+                           "directory: hydra.run.dir=PATH resume=auto)", source)
+            return 0
+        raise CheckpointError(f"resume={config.resume}: no complete checkpoint there")
+    step, path = restored
+    c.engine.load_weights({})
+    origin = path.parent.parent
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        if origin.resolve() != ctx.run_dir.resolve() and (origin / name).exists():
+            ctx.run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(origin / name, ctx.run_dir / name)
+        truncate_jsonl(ctx.run_dir / name, step)
+    changes = config_changes(json.loads((path / "meta.json").read_text()).get("config", {}), config_dict)
+    if changes:
+        logger.warning("resuming with a changed config: %s", "; ".join(changes))
+    logger.warning("resumed from %s: continuing at step %d", path, step + 1)
+    return step
+
+
+def _check_finite(record: dict, loop: LoopState, limit: int, log: MetricsLogger) -> None:
+    if not record.get("nonfinite_update"):
+        loop.nonfinite_in_row = 0
+        return
+    loop.nonfinite_in_row += 1
+    log.console.print(f"[yellow]step {record['step']}: loss or gradient not finite, update skipped "
+                      f"({loop.nonfinite_in_row} in a row; the run stops at {limit})")
+    if loop.nonfinite_in_row >= limit:
+        raise TrainingDiverged(
+            f"{limit} updates in a row had a non-finite loss or gradient (last at step {record['step']}); stopping. "
+            "Lower trainer.lr, check the reward scale, or resume=auto from the last checkpoint with changes")
+
+
+def _samples(c: Components, batch: RolloutBatch, count: int) -> list[dict]:
+    """One completion from each of the first ``count`` groups, for the report."""
+    firsts = [members[0] for members in list(batch.groups().values())[:count]]
+    texts = c.tokenizer.batch_decode([batch.completion_ids[i] for i in firsts], skip_special_tokens=True)
+    return [{"prompt": c.train_ids.prompts.rows[batch.prompt_index[i]]["prompt"], "completion": text,
+             "reward": float(batch.rewards_N[i])} for i, text in zip(firsts, texts)]
+
+
+def summarize(metrics_path: Path, *, wall_time_s: float) -> dict:
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    steps = [r for r in records if "step" in r]
+    evals = [r for r in records if "eval_step" in r]
+    return {
+        "steps": len(steps),
+        "eval_accuracy_start": evals[0]["eval_accuracy"] if evals else float("nan"),
+        "eval_accuracy_end": evals[-1]["eval_accuracy"] if evals else float("nan"),
+        "reward_mean_first5": _mean([r.get("reward_mean") for r in steps[:5]]),
+        "reward_mean_last5": _mean([r.get("reward_mean") for r in steps[-5:]]),
+        "wall_time_s": wall_time_s,
+    }
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
 
 
 def _mean(values) -> float:
@@ -219,7 +348,11 @@ def _hydra_entry():
         if world != 1 and config.distributed.kind == "none":
             raise SystemExit(f"rltrain: distributed.kind=none runs one process, but WORLD_SIZE={world}")
         ctx = RunContext(run_dir=Path(HydraConfig.get().runtime.output_dir))
-        return train(config, ctx)["eval_accuracy_end"]
+        try:
+            return train(config, ctx)["eval_accuracy_end"]
+        except (TrainingDiverged, CheckpointError, DatasetRowError) as err:
+            print(f"rltrain: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
 
     return main
 

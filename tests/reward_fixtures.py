@@ -1,5 +1,83 @@
-"""Reward functions used by tests, importable as ``tests.reward_fixtures:<name>``."""
+"""Reward functions used by tests, importable as ``tests.reward_fixtures:<name>``.
+
+The faulty ones fail on the samples whose completion contains a marker (``boom``, ``hang``, ``nan``, ``spin``,
+``exit``, ``segv``), so a test chooses the failing samples by its completions, in a batched call and in a call on one
+sample alike; ``reference`` is what each scores on every other sample. Those that hang, spin or end their process
+are for worker processes only, which are killed or replaced.
+"""
+
+import ctypes
+import os
+import threading
 
 
 def length_penalty(prompts, completions, **_):
     return [len(c) / 10 for c in completions]
+
+
+def reference(prompts, completions, answer, **_):
+    """A fault-free score that differs from sample to sample: 1 for the answer, else a fraction of the length."""
+    return [1.0 if c == a else len(c) / 7 for c, a in zip(completions, answer)]
+
+
+def raises_on_boom(prompts, completions, answer, **_):
+    if any("boom" in c for c in completions):
+        raise RuntimeError("boom in a completion")
+    return reference(prompts, completions, answer)
+
+
+def always_raises(prompts, completions, **_):
+    raise KeyError("answer_key")
+
+
+def hangs_on_hang(prompts, completions, answer, **_):
+    if any("hang" in c for c in completions):
+        threading.Event().wait()
+    return reference(prompts, completions, answer)
+
+
+def spins_on_spin(prompts, completions, answer, **_):
+    while any("spin" in c for c in completions):
+        pass
+    return reference(prompts, completions, answer)
+
+
+def exits_on_exit(prompts, completions, answer, **_):
+    if any("exit" in c for c in completions):
+        os._exit(1)
+    return reference(prompts, completions, answer)
+
+
+def segfaults_on_segv(prompts, completions, answer, **_):
+    if any("segv" in c for c in completions):
+        ctypes.string_at(0)
+    return reference(prompts, completions, answer)
+
+
+def worker_pid(prompts, completions, **_):
+    """The id of the process that scores, as every sample's score."""
+    return [float(os.getpid())] * len(completions)
+
+
+def nan_on_nan(prompts, completions, answer, **_):
+    return [float("nan") if "nan" in c else r for c, r in zip(completions, reference(prompts, completions, answer))]
+
+
+def inf_and_none(prompts, completions, answer, **_):
+    """``inf`` fails its sample; ``None`` is TRL's "does not apply", 0 without failing."""
+    return [float("inf") if "inf" in c else None if "none" in c else r
+            for c, r in zip(completions, reference(prompts, completions, answer))]
+
+
+def drops_last_score(prompts, completions, answer, **_):
+    """One score short whenever a call has more than one sample: scored one at a time, nothing fails."""
+    scores = reference(prompts, completions, answer)
+    return scores[:-1] if len(scores) > 1 else scores
+
+
+def always_short(prompts, completions, **_):
+    return [0.5] * (len(completions) - 1)
+
+
+def returns_a_number(prompts, completions, **_):
+    return 1.0

@@ -2,19 +2,42 @@
 
 A run combines several, each with a weight; the total is the weighted sum and each function's scores are kept as a
 component of the batch. Functions are named by import path (``package.module:function``).
+
+Reward functions are user code, and user code fails; a failure costs only the samples it touches. Each call runs in
+a worker process (``rltrain.rewards.workers``) within the function's ``timeout_s``; a call still running then is
+killed with its worker, so one that hangs or spins stops costing CPU, and one that crashes the interpreter
+(segfault, ``os._exit``) costs its samples, not the run. A call that raises, times out, dies or returns the wrong
+number of scores is repeated one sample at a time to find the samples that fail, on up to ``POOL_SIZE`` workers at
+once, so k hanging samples cost about k / ``POOL_SIZE`` timeouts, not k. A non-finite score fails its sample only.
+``None`` is TRL's "this function does not apply to this sample": it scores 0 and is no failure. A failed sample
+scores 0 for that function (``task.on_reward_failure=zero``) or leaves the batch (``drop``). The first failure of
+each kind of each function is logged (logger ``rltrain.rewards``) with its traceback; later ones are only counted,
+in the stats ``score_batch`` returns.
+
+Processes rather than threads, because Python can neither stop a thread nor deliver it a signal, and math-verify's
+``parse``/``verify`` time themselves out with ``signal.alarm``, which works in a main thread only. The price: dataset
+columns must pickle, a call costs a pipe round trip (about 0.25 ms for 64 short completions), and a script that
+scores must guard its top level with ``if __name__ == "__main__":``, as any that starts processes this way. A worker
+loads its function by import path, so a function that has none (a lambda, a closure, a callable object built in code,
+anything defined in ``__main__``) runs in this process instead: its exceptions and bad scores still cost only their
+samples, but nothing bounds its time or survives its crash.
 """
 
 from __future__ import annotations
 
-import importlib
-import math
+import copy
+import logging
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-RewardFn = Callable[..., list[float]]
+from rltrain.batch import RolloutBatch
+from rltrain.config import RewardFailure, TaskConfig
+from rltrain.rewards.workers import TIMED_OUT, Failure, Outcome, Request, RewardFn, WorkerPool, call, import_reward
+from rltrain.tasks.prompts import PromptSet
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -22,57 +45,140 @@ class WeightedReward:
     name: str
     fn: RewardFn
     weight: float
+    timeout_s: float  # per call
+    path: str | None = None  # how a worker imports fn; None: its module:name when that imports back to fn
 
 
-def import_reward(path: str) -> RewardFn:
-    """``'package.module:function'`` -> the function, with an error that names what is missing."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"reward function {path!r} must be written 'package.module:function'")
+def _worker_path(reward: WeightedReward) -> str | None:
+    """The path a worker process imports ``reward.fn`` by, or None where it has none and runs in this process."""
+    if reward.path is not None:
+        return reward.path
+    module, name = getattr(reward.fn, "__module__", None), getattr(reward.fn, "__qualname__", None)
+    if module in (None, "__main__") or name is None:  # a worker's __main__ is not the trainer's
+        return None
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"reward function {path!r}: cannot import module {module_name!r} ({err})") from err
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"reward function {path!r}: module {module_name!r} has no function {attr!r}")
-    return fn
+        return f"{module}:{name}" if import_reward(f"{module}:{name}") is reward.fn else None
+    except ValueError:  # a lambda, a closure, a method
+        return None
 
 
-def score(rewards: list[WeightedReward], prompts: list[str], completions: list[str], columns: dict[str, list]
-          ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Total reward [N] (weighted sum) and each function's raw scores [N]."""
-    components: dict[str, Tensor] = {}
-    total_N = torch.zeros(len(completions), dtype=torch.float32)
-    for reward in rewards:
-        values = reward.fn(prompts=prompts, completions=completions, **columns)
-        if len(values) != len(completions):
-            raise ValueError(f"reward {reward.name} returned {len(values)} scores for {len(completions)} completions")
-        scores_N = torch.tensor([float(v) if v is not None and math.isfinite(float(v)) else 0.0 for v in values])
-        components[reward.name] = scores_N
-        total_N += reward.weight * scores_N
-    return total_N, components
+class RewardScorer:
+    """The run's reward functions, their weights and the failure policy; scores batches as the module docstring says.
 
+    Built once per run: it remembers which failures it has logged, and owns the worker processes, which ``close``
+    ends (so do its garbage collection and the interpreter's exit).
+    """
 
-def full_reward(rewards: list[WeightedReward]) -> float:
-    """The total a sample gets when every function gives its maximum of 1.0; reaching it counts as correct."""
-    return sum(max(r.weight, 0.0) for r in rewards)
+    def __init__(self, rewards: list[WeightedReward], *, on_failure: RewardFailure) -> None:
+        self.rewards = rewards
+        self.on_failure = on_failure
+        self._logged: set[tuple[str, str, str]] = set()
+        self._paths = {r.name: _worker_path(r) for r in rewards}
+        for name, path in self._paths.items():
+            if path is None:
+                logger.info("reward %s has no import path, so it runs in this process, with no timeout", name)
+        self._workers = WorkerPool(sorted({p for p in self._paths.values() if p is not None}))
 
+    @classmethod
+    def from_config(cls, task: TaskConfig) -> RewardScorer:
+        """``task.rewards`` -> callables, each named after its function (its full path when two share a name)."""
+        rewards: list[WeightedReward] = []
+        for spec in task.rewards:
+            name = spec.fn.partition(":")[2]
+            if any(r.name == name for r in rewards):
+                name = spec.fn
+            rewards.append(WeightedReward(name, import_reward(spec.fn), spec.weight, spec.timeout_s, spec.fn))
+        return cls(rewards, on_failure=task.on_reward_failure)
 
-def build(specs) -> list[WeightedReward]:
-    """``task.rewards`` config entries -> callables, each named after its function."""
-    out = []
-    for spec in specs:
-        name = spec.fn.partition(":")[2]
-        if any(r.name == name for r in out):
-            name = spec.fn
-        out.append(WeightedReward(name, import_reward(spec.fn), spec.weight))
-    return out
+    def with_policy(self, on_failure: RewardFailure) -> RewardScorer:
+        """The same functions under another failure policy, sharing what has been logged and the workers.
+        Evaluation keeps every sample (``zero``): dropping failures would raise its accuracy and lose prompts from
+        pass@k."""
+        other = copy.copy(self)
+        other.on_failure = on_failure
+        return other
 
+    def close(self) -> None:
+        """Ends the worker processes, for this scorer and those ``with_policy`` made from it."""
+        self._workers.close()
 
-def score_batch(batch, rewards: list[WeightedReward], tokenizer, prompt_set):
-    """The batch with rewards: completions decoded, dataset columns passed to each function by name."""
-    completions = tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
-    prompts = [prompt_set.rows[i]["prompt"] for i in batch.prompt_index]
-    total_N, components = score(rewards, prompts, completions, prompt_set.columns(batch.prompt_index))
-    return batch.with_rewards(total_N, components), completions
+    @property
+    def full_reward(self) -> float:
+        """The total a sample gets when every function gives its maximum of 1.0; reaching it counts as correct."""
+        return sum(max(r.weight, 0.0) for r in self.rewards)
+
+    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list]
+              ) -> tuple[Tensor, dict[str, Tensor], Tensor, dict[str, float]]:
+        """Total reward [N] (weighted sum), each function's scores [N] (0 where it failed), failed_N (bool: some
+        function failed the sample), and ``reward_errors`` / ``reward_timeouts``: how many samples some function
+        failed by error (raised, died, wrong length, non-finite) / by timeout."""
+        n = len(completions)
+        components: dict[str, Tensor] = {}
+        total_N = torch.zeros(n, dtype=torch.float32)
+        errors, timeouts = set(), set()
+        for reward in self.rewards:
+            scores, failures = self._score_one(reward, prompts, completions, columns)
+            for i, failure in enumerate(failures):
+                if failure is not None:
+                    (timeouts if failure.kind == TIMED_OUT else errors).add(i)
+            components[reward.name] = torch.tensor(scores, dtype=torch.float32)
+            total_N += reward.weight * components[reward.name]
+        failed_N = torch.zeros(n, dtype=torch.bool)
+        failed_N[sorted(errors | timeouts)] = True
+        stats = {"reward_errors": float(len(errors)), "reward_timeouts": float(len(timeouts))}
+        return total_N, components, failed_N, stats
+
+    def score_batch(self, batch: RolloutBatch, tokenizer, prompt_set: PromptSet
+                    ) -> tuple[RolloutBatch, list[str], dict[str, float]]:
+        """The batch with rewards, its completions decoded, and the step's counts (``reward_errors``,
+        ``reward_timeouts``, ``reward_dropped``). Dataset columns reach each function by name. Under ``drop`` the
+        failed samples are gone from the batch and the completions: groups may shrink, vanish, or leave none."""
+        completions = tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
+        prompts = [prompt_set.rows[i]["prompt"] for i in batch.prompt_index]
+        total_N, components, failed_N, stats = self.score(prompts, completions, prompt_set.columns(batch.prompt_index))
+        batch = batch.with_rewards(total_N, components)
+        stats["reward_dropped"] = 0.0
+        if self.on_failure == RewardFailure.drop and failed_N.any():
+            kept = (~failed_N).nonzero().squeeze(-1).tolist()
+            batch, completions = batch.select(kept), [completions[i] for i in kept]
+            stats["reward_dropped"] = float(int(failed_N.sum()))
+        return batch, completions, stats
+
+    def _score_one(self, reward: WeightedReward, prompts: list[str], completions: list[str], columns: dict[str, list]
+                   ) -> tuple[list[float], list[Failure | None]]:
+        """One function's scores (0 where it failed) and, per sample, its failure or None."""
+        n = len(completions)
+        [outcome] = self._run(reward, [(prompts, completions, columns)])
+        if isinstance(outcome, Failure) and n > 1:
+            self._log_once(reward, "batch", outcome, f"on a call with {n} samples, so they are scored one at a time")
+            singles = self._run(reward, [([prompts[i]], [completions[i]], {k: [v[i]] for k, v in columns.items()})
+                                         for i in range(n)])
+            outcome = [single if isinstance(single, Failure) else single[0] for single in singles]
+        elif isinstance(outcome, Failure):
+            outcome = [outcome] * n
+        consequence = "it leaves the batch" if self.on_failure == RewardFailure.drop else "it scores 0 for this reward"
+        scores, failures = [], []
+        for i, value in enumerate(outcome):
+            if isinstance(value, Failure):
+                self._log_once(reward, "sample", value, f"on sample {i} of {n}, so {consequence}")
+                scores.append(0.0)
+                failures.append(value)
+            else:
+                scores.append(value)
+                failures.append(None)
+        return scores, failures
+
+    def _run(self, reward: WeightedReward, requests: list[Request]) -> list[Outcome]:
+        path = self._paths[reward.name]
+        if path is None:
+            return [call(reward.fn, *request) for request in requests]
+        return self._workers.run(path, reward.timeout_s, requests)
+
+    def _log_once(self, reward: WeightedReward, scope: str, failure: Failure, where: str) -> None:
+        key = (reward.name, scope, failure.kind)
+        if key in self._logged:
+            return
+        self._logged.add(key)
+        counted = "reward_timeouts" if failure.kind == TIMED_OUT else "reward_errors"
+        logger.warning("reward %s %s %s (logged once per run; later ones are only counted, in %s): %s", reward.name,
+                       failure.kind, where, counted, failure.detail, exc_info=failure.error)

@@ -3,23 +3,34 @@
 A row is a dict with at least ``prompt`` (text) and, for the built-in rewards, ``answer``; every other column is
 passed to reward functions by name, as in TRL. Dataset columns are renamed by ``task.dataset.columns``
 (rltrain name -> dataset column).
+
+Rows are checked once the tokenizer exists (``validate_rows``): a row with a mapped column missing, an empty prompt,
+or a prompt that leaves no room for a completion stops the run with one line naming it, or is left out and counted.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from rltrain.config import PromptStyle, TaskConfig, TaskSource
+from rltrain.config import InvalidRows, PromptStyle, TaskConfig, TaskSource
 from rltrain.tasks import arithmetic
 
 EVAL_SEED_OFFSET = 1_000_003
+
+logger = logging.getLogger(__name__)
+
+
+class DatasetRowError(ValueError):
+    """A row that cannot be trained on; the message names the prompt set (path and split), the row and the column."""
 
 
 @dataclass
 class PromptSet:
     rows: list[dict]
     name: str
+    renamed: dict[str, str] = field(default_factory=dict)  # task.dataset.columns (rltrain name -> dataset column)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -51,6 +62,13 @@ class PromptFormatter:
     def ids(self, prompt: str, hint: str | None = None) -> list[int]:
         return self.tokenizer(self.text(prompt, hint), add_special_tokens=False)["input_ids"]
 
+    def lengths(self, prompts: list[str]) -> list[int]:
+        """``len(ids(p))`` for each prompt, tokenized in one call: start-up measures every row of a dataset."""
+        if not prompts:
+            return []
+        texts = [self.text(p) for p in prompts]
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
 
 def load_prompt_sets(task: TaskConfig) -> tuple[PromptSet, PromptSet]:
     """(train, eval). Built-in eval items never share a prompt with train items."""
@@ -61,12 +79,60 @@ def load_prompt_sets(task: TaskConfig) -> tuple[PromptSet, PromptSet]:
                                          min_digits=dict(b.min_digits), exclude={i.prompt for i in train})
         to_rows = _compact_rows if b.style == PromptStyle.compact else (lambda items: [i.as_row() for i in items])
         return PromptSet(to_rows(train), "builtin/train"), PromptSet(to_rows(held_out), "builtin/eval")
-    d = task.dataset
-    train_rows = _dataset_rows(d.path, d.name, d.train_split, dict(d.columns))
-    eval_rows = _dataset_rows(d.path, d.name, d.eval_split, dict(d.columns))
+    d, columns = task.dataset, dict(task.dataset.columns)
+    train_rows = _dataset_rows(d.path, d.name, d.train_split, columns)
+    eval_rows = _dataset_rows(d.path, d.name, d.eval_split, columns)
     if task.eval_size:
         eval_rows = eval_rows[: task.eval_size]
-    return PromptSet(train_rows, f"{d.path}:{d.train_split}"), PromptSet(eval_rows, f"{d.path}:{d.eval_split}")
+    return (PromptSet(train_rows, f"{d.path}:{d.train_split}", columns),
+            PromptSet(eval_rows, f"{d.path}:{d.eval_split}", columns))
+
+
+def validate_rows(prompts: PromptSet, formatter: PromptFormatter, *, max_prompt_tokens: int, policy: InvalidRows
+                  ) -> tuple[PromptSet, list[int]]:
+    """The rows fit to train on, and the indices (in ``prompts``) of those left out.
+
+    A row is unfit when a mapped column (``prompts.renamed``, and ``prompt`` always) is missing or null, its prompt is
+    not text or only whitespace, or the formatted prompt is longer than ``max_prompt_tokens``
+    (model.max_context - rollout.max_tokens), leaving no room for a full completion. ``policy=error`` raises
+    DatasetRowError for the first such row; ``skip`` leaves them out, renumbering the rest, and logs one warning.
+    Either way a set with no fit row is an error.
+    """
+    problems = {i: p for i, row in enumerate(prompts.rows) if (p := _text_problem(prompts, row)) is not None}
+    measured = [i for i in range(len(prompts)) if i not in problems]
+    for index, length in zip(measured, formatter.lengths([prompts.rows[i]["prompt"] for i in measured])):
+        if length > max_prompt_tokens:
+            problems[index] = (f"column {_column(prompts, 'prompt')} is {length} tokens once formatted, more than the "
+                               f"{max_prompt_tokens} that model.max_context - rollout.max_tokens leaves")
+    skipped = sorted(problems)
+    first = f"row {skipped[0]}: {problems[skipped[0]]}" if skipped else ""
+    if skipped and policy == InvalidRows.error:
+        raise DatasetRowError(f"{prompts.name} {first} (task.invalid_rows=skip leaves such rows out)")
+    kept = [row for i, row in enumerate(prompts.rows) if i not in problems]
+    if not kept:
+        raise DatasetRowError(f"{prompts.name}: no row to use" + (f", every one is unfit; {first}" if first else ""))
+    if skipped:
+        shown = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
+        logger.warning("%s: left out %d of %d rows (task.invalid_rows=skip): rows %s; %s", prompts.name, len(skipped),
+                       len(prompts), shown, first)
+    return PromptSet(kept, prompts.name, prompts.renamed), skipped
+
+
+def _text_problem(prompts: PromptSet, row: dict) -> str | None:
+    """What keeps the row from being formatted at all, if anything."""
+    for ours in ["prompt", *(c for c in prompts.renamed if c != "prompt")]:
+        if row.get(ours) is None:
+            return f"column {_column(prompts, ours)} is missing or null"
+    if not isinstance(row["prompt"], str):
+        return f"column {_column(prompts, 'prompt')} holds {type(row['prompt']).__name__}, not text"
+    if not row["prompt"].strip():
+        return f"column {_column(prompts, 'prompt')} is empty"
+    return None
+
+
+def _column(prompts: PromptSet, ours: str) -> str:
+    theirs = prompts.renamed.get(ours)
+    return repr(ours) if theirs is None else f"{theirs!r} (task.dataset.columns.{ours})"
 
 
 def _compact_rows(items: list[arithmetic.Item]) -> list[dict]:
@@ -99,10 +165,4 @@ def _dataset_rows(path: str, name: str | None, split: str, columns: dict[str, st
             f"columns are {ds.column_names}"
         )
     renamed = {theirs: ours for ours, theirs in columns.items()}
-    rows = []
-    for index, record in enumerate(ds):
-        row = {renamed.get(k, k): v for k, v in record.items()}
-        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-            raise ValueError(f"dataset {path} [{split}] row {index}: column {columns['prompt']!r} is empty")
-        rows.append(row)
-    return rows
+    return [{renamed.get(k, k): v for k, v in record.items()} for record in ds]

@@ -1,0 +1,229 @@
+"""Checkpoints: everything a run needs to go on exactly as if it had never stopped.
+
+Layout of ``RUN/checkpoints/step_000120/``:
+
+    model/      the policy's weights as safetensors (a full model, or a PEFT adapter directory) and the tokenizer;
+                loads with ``from_pretrained`` / ``PeftModel.from_pretrained`` like any saved model
+    state.pt    step, RNG states (python, numpy, torch) and the state of every registered component (optimizer and
+                schedule, prompt sampler, and whatever later algorithms register: hint statistics, value-predictor
+                history, ...). Plain tensors and containers only: loaded with ``torch.load(weights_only=True)``.
+    meta.json   step, time, the run config and the size of every file above; written last
+
+A checkpoint is built in a hidden temporary directory next to the others and renamed into place, so a directory named
+``step_*`` is complete unless the disk lied; ``meta.json``'s file sizes catch that, and ``latest`` skips such a
+directory with a warning. One registration point (``Checkpointer.register``) carries any object with
+``state_dict()`` / ``load_state_dict()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+log = logging.getLogger("rltrain.checkpoint")
+
+PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"{PREFIX}{step:06d}"
+
+
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` holds every file its ``meta.json`` lists, at the recorded sizes."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        return all((path / name).stat().st_size == size for name, size in meta["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def complete_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoints under ``directory/checkpoints`` (or ``directory`` itself), oldest first.
+    Incomplete ones are skipped with a warning."""
+    directory = Path(directory)
+    root = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
+    if not root.is_dir():
+        return []
+    found = []
+    for path in sorted(root.glob(f"{PREFIX}*")):
+        if not path.name[len(PREFIX):].isdigit():
+            continue
+        if is_complete(path):
+            found.append(path)
+        else:
+            log.warning("skipping checkpoint %s: incomplete or corrupt (meta.json missing or file sizes differ)", path)
+    return found
+
+
+def latest(directory: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run directory (or of its ``checkpoints/`` folder), if any."""
+    found = complete_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+class Checkpointer:
+    """Writes and restores checkpoints of one run; components register once, before the loop."""
+
+    def __init__(self, root: str | Path, *, keep: int) -> None:
+        self.root = Path(root)
+        self.keep = keep
+        self._components: dict[str, Stateful] = {}
+
+    def register(self, name: str, component: Stateful) -> None:
+        if name in self._components:
+            raise ValueError(f"checkpoint component {name!r} registered twice")
+        self._components[name] = component
+
+    def save(self, step: int, *, policy, tokenizer, meta: dict) -> Path:
+        """Write the checkpoint of ``step`` atomically and drop all but the newest ``keep``."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"{TMP_PREFIX}{PREFIX}{step:06d}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        policy.save(tmp / "model")
+        tokenizer.save_pretrained(str(tmp / "model"))
+        state = {"step": step, "rng": rng_state(),
+                 "components": {name: c.state_dict() for name, c in self._components.items()}}
+        torch.save(state, tmp / "state.pt")
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time(), "files": files, **meta},
+                                                  indent=1, default=str))
+        _fsync_tree(tmp)
+        final = step_dir(self.root, step)
+        if final.exists():  # an older, abandoned timeline's checkpoint of the same step (a resume from before it)
+            stale = self.root / f"{TMP_PREFIX}stale-{final.name}-{os.getpid()}"
+            os.replace(final, stale)
+            shutil.rmtree(stale)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        complete = complete_checkpoints(self.root)
+        for old in complete[: max(len(complete) - self.keep, 0)]:
+            shutil.rmtree(old)
+        for leftover in self.root.glob(f"{TMP_PREFIX}*"):  # from a process killed while writing
+            if not leftover.name.endswith(f"-{os.getpid()}"):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def restore(self, path: Path, *, policy) -> int:
+        """Load the checkpoint at ``path`` into the policy and every registered component; returns its step."""
+        state = torch.load(path / "state.pt", weights_only=True)
+        missing = set(self._components) - set(state["components"])
+        if missing:
+            raise CheckpointError(f"{path}: no state for {sorted(missing)} (was it written by a different algorithm?)")
+        policy.load(path / "model")
+        for name, component in self._components.items():
+            component.load_state_dict(state["components"][name])
+        set_rng_state(state["rng"])
+        return int(state["step"])
+
+    def restore_latest(self, directory: Path, *, policy) -> tuple[int, Path] | None:
+        """Restore the newest checkpoint of ``directory`` that loads; a corrupt one is skipped with a warning."""
+        for path in reversed(complete_checkpoints(directory)):
+            try:
+                return self.restore(path, policy=policy), path
+            except CheckpointError:
+                raise
+            except Exception as err:  # noqa: BLE001 - any unreadable checkpoint falls back to the one before it
+                log.warning("skipping checkpoint %s: cannot be loaded (%s: %s)", path, type(err).__name__, err)
+        return None
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop records logged after ``step`` (by a run that went on past its last checkpoint), atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+        if record.get("step", record.get("eval_step", 0)) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in path.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def resume_source(resume: str, run_dir: Path) -> Path | None:
+    """``resume`` config value -> the directory to resume from: none, auto (this run dir), a checkpoint or run dir."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return run_dir
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"resume={resume}: no such directory (give a checkpoint or run directory, or auto)")
+    return path
+
+
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ between a checkpoint's config and the resuming run's (``resume`` itself aside)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        full = f"{prefix}{key}"
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{full}.")
+        elif a != b and full != "resume":
+            out.append(f"{full}: {a!r} -> {b!r}")
+    return out

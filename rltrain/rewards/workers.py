@@ -1,0 +1,270 @@
+"""Reward calls in worker processes, so that a call that hangs, spins or crashes costs its samples and a worker.
+
+A worker is a persistent process forked from multiprocessing's fork server: a clean process started once per run,
+with no CUDA and none of the threads that torch, OpenMP or tokenizers start in the trainer, holding this module
+(with torch, which ``rltrain.rewards`` imports) and the reward functions' modules already imported, so a fresh worker
+costs a fork (about 25 ms), not the imports (about 2 s with math-verify). The fork server starts with the first
+worker, with the modules of the pool that asks first; a function whose module it lacks is imported by each worker as
+it starts, before it counts as ready. Functions reach a worker by import path, their arguments and results through a
+pipe, so dataset columns must pickle.
+
+A function runs in its worker's main thread, where ``signal.alarm`` works (math-verify's ``parse`` and ``verify``
+time themselves out with it). The parent waits on the pipe until the call's deadline; a worker still busy then
+dumps its stack for the parent and exits (faulthandler, which needs no GIL, so a C loop cannot stop it), and is
+SIGKILLed if it has not within ``EXIT_GRACE_S``. A worker that hangs or dies is replaced at once; the replacement's
+start overlaps whatever the parent does next. Workers are daemons, end when their pipe closes (``close``, the pool's
+garbage collection or the interpreter's exit) and, if the parent is killed, at the latest at their call's deadline.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib
+import math
+import multiprocessing
+import os
+import pickle
+import signal
+import time
+import traceback
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Callable
+
+RewardFn = Callable[..., list[float]]
+Request = tuple[list, list, dict[str, list]]  # prompts, completions, dataset columns
+
+TIMED_OUT = "timed out"  # the one kind of failure counted in reward_timeouts; every other kind is a reward_error
+DIED = "crashed"  # its worker process ended: a segfault, os._exit, the OOM killer
+POOL_SIZE = 4  # workers for the one-sample-at-a-time pass: k hanging samples cost about k / POOL_SIZE timeouts
+EXIT_GRACE_S = 0.1  # how long after the deadline a busy worker has to dump its stack and exit before it is killed
+
+_CONTEXT = multiprocessing.get_context("forkserver")
+
+
+def import_reward(path: str) -> RewardFn:
+    """``'package.module:function'`` -> the function, with an error that names what is missing."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"reward function {path!r} must be written 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"reward function {path!r}: cannot import module {module_name!r} ({err})") from err
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward function {path!r}: module {module_name!r} has no function {attr!r}")
+    return fn
+
+
+@dataclass(frozen=True)
+class Failure:
+    kind: str  # TIMED_OUT, DIED, "raised", "returned the wrong number of scores", "returned a non-finite score", ...
+    detail: str
+    error: BaseException | None = None
+
+
+Outcome = list[float | Failure] | Failure  # per sample a score or why it has none; or why the whole call has none
+
+
+def call(fn: RewardFn, prompts: list, completions: list, columns: dict[str, list]) -> Outcome:
+    """One call of ``fn`` and what came of it."""
+    n = len(completions)
+    try:
+        result = fn(prompts=prompts, completions=completions, **columns)
+    except Exception as err:
+        return Failure("raised", f"{type(err).__name__}: {err}", err)
+    try:
+        raw = list(result)
+    except TypeError:  # a number, a 0-d tensor
+        return Failure("returned a non-list", f"returned {result!r}, not a list of {n} scores")
+    if len(raw) != n:
+        return Failure("returned the wrong number of scores", f"returned {len(raw)} scores for {n} samples")
+    return [_value(r) for r in raw]
+
+
+def _value(raw: object) -> float | Failure:
+    if raw is None:  # TRL's "this function does not apply to this sample"
+        return 0.0
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return Failure("returned a non-number", f"returned {raw!r} as a score")
+    return value if math.isfinite(value) else Failure("returned a non-finite score", f"returned {value}")
+
+
+class WorkerPool:
+    """Up to ``POOL_SIZE`` workers for the functions at ``paths``, started when first needed."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        self._workers: list[_Worker] = []
+        self._close = weakref.finalize(self, _close_all, self._workers)  # at close(), collection or exit
+        # read when the fork server starts, so only by the first pool to start a worker
+        _CONTEXT.set_forkserver_preload([__name__, *dict.fromkeys(p.partition(":")[0] for p in paths)])
+
+    def run(self, path: str, timeout_s: float, requests: list[Request]) -> list[Outcome]:
+        """The function at ``path`` on each request, as many at once as there are workers. A request still running
+        after ``timeout_s`` fails ``TIMED_OUT``, one whose worker dies ``DIED``; either way its worker is replaced."""
+        slots = min(POOL_SIZE, len(requests))
+        while len(self._workers) < slots:
+            self._workers.append(_Worker(self.paths))
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        todo = deque(range(len(requests)))
+        running: dict[int, tuple[int, float]] = {}  # slot -> (request, deadline)
+        try:
+            while todo or running:
+                for slot in range(slots):
+                    if todo and slot not in running:
+                        i = todo.popleft()
+                        running[slot] = (i, self._workers[slot].send(path, timeout_s, requests[i]))
+                next_deadline = min(deadline for _, deadline in running.values())
+                ready = wait([self._workers[s].conn for s in running], max(0.0, next_deadline - time.monotonic()))
+                now = time.monotonic()
+                for slot, (i, deadline) in list(running.items()):
+                    worker = self._workers[slot]
+                    if worker.conn in ready or now >= deadline:
+                        outcomes[i] = worker.finish(deadline, timeout_s)
+                        del running[slot]
+                        if not worker.process.is_alive():
+                            self._workers[slot] = _Worker(self.paths)
+        finally:
+            for slot in running:  # left running by an exception (Ctrl-C): no later call may read their results
+                self._workers[slot].process.kill()
+                self._workers[slot] = _Worker(self.paths)
+        return outcomes
+
+    def close(self) -> None:
+        self._close()
+
+
+class _Worker:
+    """A worker process, the parent's end of its pipe, and the read end of the pipe it dumps its stack to."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.conn, child = _CONTEXT.Pipe()
+        self.stack, stack_w = _CONTEXT.Pipe(duplex=False)
+        self.process = _CONTEXT.Process(target=_serve, args=(child, stack_w, paths), name="rltrain-reward",
+                                        daemon=True)
+        self.process.start()
+        child.close()  # the worker's end now lives in the worker only: its death reads as EOF here
+        stack_w.close()
+        self.ready = False
+
+    def send(self, path: str, timeout_s: float, request: Request) -> float:
+        """Starts the call; returns its deadline (``time.monotonic``, which the worker shares: one system clock)."""
+        if not self.ready:  # the worker's start, imports included, is not the call's time
+            try:
+                self.conn.recv()
+            except EOFError:
+                self.process.join()
+                raise RuntimeError(f"a reward worker process {_how_it_ended(self.process.exitcode)} before it was "
+                                   f"ready; its error is on stderr") from None
+            self.ready = True
+        deadline = time.monotonic() + timeout_s
+        try:
+            self.conn.send((path, deadline, *request))
+        except (pickle.PicklingError, TypeError, AttributeError) as err:  # raised before anything is written
+            columns = [name for name, values in request[2].items() if not _pickles(values)]
+            raise TypeError(f"reward function {path!r} runs in a worker process, so its arguments must pickle; "
+                            f"dataset column(s) {columns} do not: {err}") from err
+        return deadline
+
+    def finish(self, deadline: float, timeout_s: float) -> Outcome:
+        """The call's outcome, once the worker has sent it, ended, or let the deadline pass; then it is ended."""
+        if self.conn.poll():
+            try:
+                return self.conn.recv()
+            except (EOFError, ConnectionResetError):
+                pass
+        if time.monotonic() < deadline:
+            self.process.join()
+            return Failure(DIED, f"its worker process {_how_it_ended(self.process.exitcode)}{self._stack()}")
+        self.process.join(EXIT_GRACE_S)  # the worker dumps its stack and exits at the deadline
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        return Failure(TIMED_OUT, f"still running after {timeout_s:g} s{self._stack()}")
+
+    def _stack(self) -> str:
+        """Where the ended worker was (faulthandler's dump, most recent call first, up to this module's frames)."""
+        os.set_blocking(self.stack.fileno(), False)
+        try:
+            lines = os.read(self.stack.fileno(), 1 << 16).decode(errors="replace").splitlines()
+        except BlockingIOError:  # nothing dumped
+            lines = []
+        ours = next((k for k, line in enumerate(lines) if __file__ in line), len(lines))
+        return ", in\n" + "\n".join(lines[:ours]) if lines else ""
+
+
+def _how_it_ended(code: int) -> str:
+    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"ended with exit code {code}"
+
+
+def _pickles(value: object) -> bool:
+    try:
+        pickle.loads(pickle.dumps(value))
+    except Exception:  # an exception whose __init__ needs more than its args fails to load
+        return False
+    return True
+
+
+def _close_all(workers: list[_Worker]) -> None:
+    """Closing its pipe ends an idle worker; none is busy outside ``WorkerPool.run``."""
+    for worker in workers:
+        worker.conn.close()
+    for worker in workers:
+        worker.process.join(EXIT_GRACE_S)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+        worker.stack.close()
+    workers.clear()
+
+
+class _RemoteTraceback(Exception):
+    """The worker's traceback, chained as the cause of the exception it sent (as ``concurrent.futures`` does)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text}"""'
+
+
+def _with_cause(error: BaseException, text: str) -> BaseException:
+    error.__cause__ = _RemoteTraceback(text)
+    return error
+
+
+class _Raised:
+    """Pickles as the exception a function raised, with the worker's traceback as its cause."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.text = "".join(traceback.format_exception(error))
+        self.error = error if _pickles(error) else RuntimeError(f"{type(error).__name__}: {error}")
+
+    def __reduce__(self):
+        return _with_cause, (self.error, self.text)
+
+
+def _serve(conn: Connection, stack: Connection, paths: list[str]) -> None:
+    """A worker's life: import the functions, then one call per request until the parent closes the pipe."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes its workers
+    faulthandler.enable(stack.fileno())  # a crash leaves its stack to the parent
+    fns = {path: import_reward(path) for path in paths}
+    try:
+        conn.send("ready")
+        while True:
+            path, deadline, prompts, completions, columns = conn.recv()
+            faulthandler.dump_traceback_later(max(deadline - time.monotonic(), 1e-3), exit=True, file=stack.fileno())
+            outcome = call(fns[path], prompts, completions, columns)
+            faulthandler.cancel_dump_traceback_later()
+            if isinstance(outcome, Failure) and outcome.error is not None:
+                outcome = Failure(outcome.kind, outcome.detail, _Raised(outcome.error))
+            conn.send(outcome)
+    except (EOFError, BrokenPipeError, ConnectionResetError):  # the parent closed the pipe, or has ended
+        return

@@ -1,0 +1,187 @@
+"""Checkpoints: exact round trip of weights, optimizer, RNG and registered state; atomic writes, keep-K, skipping
+incomplete or corrupt checkpoints; and a real SIGKILL of a training process resumed to the same metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rltrain.checkpoint import Checkpointer, complete_checkpoints, latest, truncate_jsonl
+from rltrain.cli import compose
+from rltrain.train import build, generate_step
+from rltrain.algorithms.grpo import group_advantages
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = ["experiment=tiny", "model.tiny.sft_steps=5", "task.builtin.train_size=200", "task.eval_size=16",
+         "trainer.prompts_per_step=4", "trainer.rollouts_per_prompt=4", "trainer.micro_batch_size_per_device=16",
+         "logger.progress=false", "logger.report=false"]
+DENSE_REWARD = "task.rewards=[{fn: tests.reward_fixtures:length_penalty, weight: 1.0}]"
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.value = 0
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "history": torch.arange(self.value, dtype=torch.float32)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+        assert torch.equal(state["history"], torch.arange(self.value, dtype=torch.float32))
+
+
+def _train_one_step(c, config, step: int) -> None:
+    batch, _ = generate_step(c, config, step)
+    batch.advantages_N = group_advantages(batch.rewards_N, batch.group_ids_N)
+    c.policy.update(batch, c.loss)
+
+
+def _snapshot(c) -> dict:
+    return {
+        "weights": {n: p.detach().clone() for n, p in c.policy.model.named_parameters()},
+        "optimizer": [s["exp_avg_sq"].clone() for s in c.policy.optimizer.state.values()],
+        "sampler": c.sampler.state_dict(),
+        "rng": (random.random(), float(np.random.rand()), float(torch.rand(()))),
+    }
+
+
+@pytest.mark.parametrize("adapter", ["none", "lora"])
+def test_round_trip_restores_weights_optimizer_sampler_rng_and_registered_state(tmp_path, adapter):
+    overrides = SMALL + [DENSE_REWARD, "trainer.lr=1e-2"]
+    if adapter == "lora":
+        overrides += ["adapter=lora", "adapter.lora.r=4", "adapter.lora.target_modules=[q_proj,v_proj]"]
+    config = compose(overrides)
+    c = build(config)
+    counter = Counter()
+    checkpoints = Checkpointer(tmp_path / "checkpoints", keep=2)
+    checkpoints.register("policy", c.policy)
+    checkpoints.register("sampler", c.sampler)
+    checkpoints.register("counter", counter)
+    _train_one_step(c, config, 1)
+    counter.value = 7
+    path = checkpoints.save(1, policy=c.policy, tokenizer=c.tokenizer, meta={})
+    saved = _snapshot(c)  # consumes RNG, so it is taken after the save, as the resumed run will see it
+    if adapter == "lora":
+        assert (path / "model" / "adapter_model.safetensors").exists()
+    else:
+        assert (path / "model" / "model.safetensors").exists()
+    assert not list(path.rglob("*.bin"))
+
+    _train_one_step(c, config, 2)  # move every piece of state on
+    counter.value = 9
+    moved = _snapshot(c)["weights"]
+    assert any(not torch.equal(moved[n], t) for n, t in saved["weights"].items())
+    assert checkpoints.restore(path, policy=c.policy) == 1
+    restored = _snapshot(c)
+    assert counter.value == 7
+    assert restored["sampler"] == saved["sampler"]
+    assert restored["rng"] == saved["rng"]
+    for name, tensor in saved["weights"].items():
+        assert torch.equal(restored["weights"][name], tensor), name
+    assert all(torch.equal(a, b) for a, b in zip(restored["optimizer"], saved["optimizer"]))
+    assert len(restored["optimizer"]) == len(saved["optimizer"]) > 0
+
+
+def test_keep_last_k_and_latest_skips_incomplete_and_corrupt(tmp_path, caplog):
+    config = compose(SMALL)
+    c = build(config)
+    checkpoints = Checkpointer(tmp_path / "checkpoints", keep=2)
+    checkpoints.register("sampler", c.sampler)
+    for step in (2, 4, 6):
+        checkpoints.save(step, policy=c.policy, tokenizer=c.tokenizer, meta={})
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_000004", "step_000006"]
+    # A process killed while writing leaves only a hidden temp dir: never picked.
+    (tmp_path / "checkpoints" / ".tmp-step_000008-999").mkdir()
+    assert latest(tmp_path).name == "step_000006"
+    # A truncated weight file (the disk lied about the rename) is detected by size and skipped with a warning.
+    weights = tmp_path / "checkpoints" / "step_000006" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="rltrain.checkpoint"):
+        assert latest(tmp_path).name == "step_000004"
+    assert "step_000006" in caplog.text and "incomplete or corrupt" in caplog.text
+    # Same size but garbage content: listed as complete, but restore_latest falls back to the one before.
+    state = tmp_path / "checkpoints" / "step_000004" / "state.pt"
+    state.write_bytes(b"\0" * state.stat().st_size)
+    checkpoints.save(6, policy=c.policy, tokenizer=c.tokenizer, meta={})  # rewrites the broken step 6
+    bad6 = tmp_path / "checkpoints" / "step_000006" / "state.pt"
+    bad6.write_bytes(b"\1" * bad6.stat().st_size)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rltrain.checkpoint"):
+        assert checkpoints.restore_latest(tmp_path, policy=c.policy) is None
+    assert caplog.text.count("cannot be loaded") == 2
+
+
+def test_truncate_jsonl_drops_records_after_the_step_and_a_cut_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"eval_step": 0}, {"step": 1}, {"step": 2}, {"eval_step": 2}, {"step": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "rew')
+    truncate_jsonl(path, 2)
+    assert [json.loads(x) for x in path.read_text().splitlines()] == lines[:4]
+
+
+def _launch(run_dir: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # The tiny experiment's own reward after its full SFT warm start: most groups mix successes and failures.
+    args = SMALL + ["model.tiny.sft_steps=40", "trainer.steps=40", "trainer.checkpoint_every=5",
+                    "trainer.eval_every=10", "trainer.num_threads=1", "trainer.save_final=false",
+                    f"hydra.run.dir={run_dir}", *extra]
+    return subprocess.Popen([sys.executable, "-m", "rltrain.train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _records(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict], list[dict]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "step" in r]
+    assert len({r["step"] for r in steps}) == len(steps), "a step was logged twice"
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    return ({r["step"]: r for r in steps}, {r["eval_step"]: r for r in records if "eval_step" in r}, samples)
+
+
+def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(tmp_path):
+    reference = _launch(tmp_path / "reference")
+    out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, out[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    victim = _launch(killed_dir)
+    deadline = time.monotonic() + 600
+    while latest(killed_dir) is None or latest(killed_dir).name < "step_000010":
+        assert victim.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    kill_time = time.time()
+    victim.communicate(timeout=60)
+    assert victim.returncode == -signal.SIGKILL  # killed, not finished
+    resumed_from = int(latest(killed_dir).name.removeprefix("step_"))
+    assert 10 <= resumed_from < 40
+
+    resumed = _launch(killed_dir, "resume=auto")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"continuing at step {resumed_from + 1}" in out
+
+    ref_steps, ref_evals, ref_samples = _records(tmp_path / "reference")
+    steps, evals, samples = _records(killed_dir)
+    assert sorted(steps) == sorted(ref_steps) == list(range(1, 41))
+    assert sorted(evals) == sorted(ref_evals) == [0, 10, 20, 30, 40]
+    for step in range(1, 41):
+        assert steps[step]["reward_mean"] == ref_steps[step]["reward_mean"], step  # bitwise
+        assert steps[step]["loss"] == pytest.approx(ref_steps[step]["loss"], abs=1e-6), step
+    for step in evals:
+        assert evals[step]["eval_accuracy"] == ref_evals[step]["eval_accuracy"]
+    assert [(s["step"], s["completion"], s["reward"]) for s in samples] == \
+        [(s["step"], s["completion"], s["reward"]) for s in ref_samples]
+    # Steps up to the checkpoint come from the killed session, every later one was recomputed after the kill.
+    assert all((steps[s]["time"] < kill_time) == (s <= resumed_from) for s in steps)

@@ -1,0 +1,108 @@
+"""Start-up row checks: a row with a mapped column missing, an empty prompt, or a prompt too long for the context
+stops the run with one line naming the split, row and column, or (task.invalid_rows=skip) is left out and counted.
+
+Tiny JSONL datasets and the character-level tiny tokenizer, whose chat template adds one token ("="): a prompt of
+k characters is k + 1 tokens. Milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+
+from rltrain.config import InvalidRows, TaskConfig, TaskSource
+from rltrain.models import tiny_tokenizer
+from rltrain.tasks.prompts import DatasetRowError, PromptFormatter, PromptSet, load_prompt_sets, validate_rows
+
+TOKENIZER = tiny_tokenizer()
+COLUMNS = {"prompt": "question", "answer": "solution"}
+
+
+def load(tmp_path, rows: list[dict]) -> tuple[PromptSet, PromptSet, PromptFormatter, str]:
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    task = TaskConfig(source=TaskSource.dataset, eval_size=0)
+    task.dataset.path, task.dataset.columns = str(path), COLUMNS
+    train, held_out = load_prompt_sets(task)
+    return train, held_out, PromptFormatter(TOKENIZER, task), str(path)
+
+
+def rows_with(bad: dict[int, dict], n: int = 6) -> list[dict]:
+    rows = [{"question": f"what is {i}+1?", "solution": str(i + 1), "extra": None} for i in range(n)]
+    for index, row in bad.items():
+        rows[index] = row
+    return rows
+
+
+def check(prompts, formatter, policy=InvalidRows.error, max_prompt_tokens=20):
+    return validate_rows(prompts, formatter, max_prompt_tokens=max_prompt_tokens, policy=policy)
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ({"question": "what is 9+9?"}, "column 'solution' (task.dataset.columns.answer) is missing or null"),
+    ({"question": "what is 9+9?", "solution": None},
+     "column 'solution' (task.dataset.columns.answer) is missing or null"),
+    ({"solution": "3"}, "column 'question' (task.dataset.columns.prompt) is missing or null"),
+    ({"question": "", "solution": "3"}, "column 'question' (task.dataset.columns.prompt) is empty"),
+    ({"question": " \n\t", "solution": "3"}, "column 'question' (task.dataset.columns.prompt) is empty"),
+    ({"question": "what is 123456789+1?", "solution": "123456790"},
+     "column 'question' (task.dataset.columns.prompt) is 21 tokens once formatted, more than the 20 that "
+     "model.max_context - rollout.max_tokens leaves"),
+])
+def test_an_unfit_row_stops_the_run_with_one_line_naming_it(tmp_path, bad, problem):
+    train, _, formatter, path = load(tmp_path, rows_with({4: bad, 5: bad}))
+    with pytest.raises(DatasetRowError) as caught:
+        check(train, formatter)
+    assert str(caught.value) == f"{path}:train row 4: {problem} (task.invalid_rows=skip leaves such rows out)"
+    assert isinstance(caught.value, ValueError)
+
+
+def test_the_eval_split_is_named_and_a_prompt_at_the_limit_is_fit(tmp_path):
+    long_row = {"question": "what is 1234567+1?", "solution": "1234568"}  # 18 characters, 19 tokens
+    train, held_out, formatter, path = load(tmp_path, rows_with({2: long_row}))
+    assert check(train, formatter, max_prompt_tokens=19)[1] == []  # fits exactly
+    with pytest.raises(DatasetRowError, match=rf"^{re.escape(path)}:test row 2: column 'question' .* 19 tokens"):
+        check(held_out, formatter, max_prompt_tokens=18)
+
+
+def test_skip_keeps_exactly_the_fit_rows_and_says_so_once(tmp_path, caplog):
+    bad = {1: {"question": "   ", "solution": "2"}, 2: {"question": "what is 2+1?"},
+           4: {"question": "what is 123456789+1?", "solution": "x"}, 6: {"solution": "7"},
+           7: {"question": "", "solution": "8"}, 9: {"question": "what is 9+1?", "solution": None}}
+    train, _, formatter, path = load(tmp_path, rows_with(bad, n=10))
+    with caplog.at_level(logging.WARNING, logger="rltrain.tasks.prompts"):
+        kept, skipped = check(train, formatter, InvalidRows.skip)
+    assert skipped == [1, 2, 4, 6, 7, 9]
+    assert kept.rows == [{"prompt": f"what is {i}+1?", "answer": str(i + 1), "extra": None} for i in (0, 3, 5, 8)]
+    assert kept.name == train.name and kept.renamed == COLUMNS
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}:train: left out 6 of 10 rows (task.invalid_rows=skip): rows 1, 2, 4, 6, 7, ...; "
+        "row 1: column 'question' (task.dataset.columns.prompt) is empty"
+    ]
+
+
+def test_no_fit_row_is_an_error_even_when_skipping(tmp_path):
+    train, _, formatter, path = load(tmp_path, [{"question": " ", "solution": "1"}, {"question": "what?"}])
+    with pytest.raises(DatasetRowError) as caught:
+        check(train, formatter, InvalidRows.skip)
+    assert str(caught.value) == (f"{path}:train: no row to use, every one is unfit; "
+                                 "row 0: column 'question' (task.dataset.columns.prompt) is empty")
+
+
+def test_a_prompt_that_is_not_text_is_named():
+    prompts = PromptSet([{"prompt": "what is 1+1?"}, {"prompt": [{"role": "user", "content": "hi"}]}], "chat")
+    with pytest.raises(DatasetRowError, match=r"^chat row 1: column 'prompt' holds list, not text \(task"):
+        check(prompts, PromptFormatter(TOKENIZER, TaskConfig()))
+
+
+def test_builtin_rows_pass_and_lengths_match_the_ids_generation_uses():
+    task = TaskConfig(system_prompt="Answer with a number.", instruction=" Be brief.")
+    task.builtin.mix, task.builtin.train_size, task.eval_size = {"addition": 1.0, "counting": 1.0}, 50, 10
+    train, held_out = load_prompt_sets(task)
+    formatter = PromptFormatter(TOKENIZER, task)
+    assert formatter.lengths([r["prompt"] for r in train.rows]) == [len(formatter.ids(r["prompt"])) for r in train.rows]
+    kept, skipped = check(train, formatter, max_prompt_tokens=1024 - 32)
+    assert skipped == [] and kept.rows == train.rows
