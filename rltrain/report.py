@@ -279,7 +279,8 @@ def write_run_report(run_dir: Path) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
     steps, evals = split_records(read_jsonl(run_dir / "metrics.jsonl"))
     png, page = run_dir / "report.png", run_dir / "report.html"
-    title = f"{run_dir.resolve().name}: {len(steps)} steps"
+    where = run_dir.resolve()
+    title = f"{where.parent.name}/{where.name}: {len(steps)} steps"  # a sweep job's own name is only its number
     plot_run(steps, evals, png, title)
 
     e = html.escape
@@ -376,6 +377,7 @@ def split_overrides(jobs: list[JobSummary]) -> tuple[list[str], dict[int, str]]:
 
 
 COLUMNS = ("job", "overrides", "status", "steps", "final reward", "final eval accuracy", "wall time")
+SHORT = {"final reward": "reward", "final eval accuracy": "eval acc", "wall time": "time"}  # console headers
 
 
 def _cells(job: JobSummary, label: str) -> list[str]:
@@ -411,7 +413,9 @@ def write_sweep_report(sweep_dir: Path, console: Console) -> tuple[Path, Path, P
     common, labels = split_overrides(jobs)
     table = Table(title=f"{sweep_dir}: {len(jobs)} jobs", caption=f"common overrides: {' '.join(common) or '-'}")
     for column in COLUMNS:
-        table.add_column(column, justify="right" if column not in ("overrides", "status") else "left")
+        # On a narrow console the overrides fold onto more lines; the numbers are never cut short.
+        table.add_column(SHORT.get(column, column), justify="right" if column not in ("overrides", "status") else "left",
+                         overflow="fold", no_wrap=column not in ("overrides", "status"))
     for job in jobs:
         table.add_row(*_cells(job, labels[job.job]), style=None if job.status == "ok" else "yellow")
     console.print(table)

@@ -81,3 +81,24 @@ def always_short(prompts, completions, **_):
 
 def returns_a_number(prompts, completions, **_):
     return 1.0
+
+
+def fault_kind(prompt: str) -> str:
+    """Which fault ``flaky_by_prompt`` shows for a prompt: a function of its digits, so that a test can predict it."""
+    return ("raise", "hang", "nan", "short", "ok", "ok", "ok")[sum(int(ch) for ch in prompt if ch.isdigit()) % 7]
+
+
+def clean_by_prompt(prompts, completions, answer, **_):
+    return [1.0 if c.strip() == str(a) else len(c) / 7 for c, a in zip(completions, answer)]
+
+
+def flaky_by_prompt(prompts, completions, answer, **_):
+    """``clean_by_prompt``, except on prompts whose ``fault_kind`` is not "ok": the call raises, hangs, gives NaN for
+    the sample, or returns one score too few."""
+    kinds = [fault_kind(p) for p in prompts]
+    if "raise" in kinds:
+        raise ValueError("cannot parse this prompt")
+    if "hang" in kinds:
+        threading.Event().wait()
+    scores = [float("nan") if k == "nan" else s for k, s in zip(kinds, clean_by_prompt(prompts, completions, answer))]
+    return scores[:-1] if "short" in kinds else scores
