@@ -310,11 +310,13 @@ def eval_prompt_set(config):
 def main(args: list[str]) -> None:
     """``rltrain eval [overrides]``: exit 2 with one line on a config mistake or an unloadable eval.checkpoint."""
     from rltrain.cli import check_overrides_or_exit, compose
+    from rltrain.train import quiet_transformers
 
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
         return
     check_overrides_or_exit(args)
+    quiet_transformers()
     config = compose(args)
     e = config.eval
     try:
@@ -361,8 +363,9 @@ def print_report(result: dict, ks: list[int]) -> None:
 
     console = Console()
     sampled = "pass_at_k" in result
-    head = Table(title=f"{result['checkpoint'] or 'config model'}: {result['split']} split, {result['prompts']} prompts"
-                 + (f", {result['samples']} samples each" if sampled else ""))
+    console.print(f"[bold]{result['checkpoint'] or 'the config model'}[/]: {result['split']} split, "
+                  f"{result['prompts']} prompts" + (f", {result['samples']} samples each" if sampled else ""))
+    head = Table()
     head.add_column("greedy accuracy", justify="right")
     head.add_column("greedy reward mean", justify="right")
     head.add_row(f"{result['accuracy']:.3f}", f"{result['reward_mean']:.3f}")
@@ -379,7 +382,8 @@ def print_report(result: dict, ks: list[int]) -> None:
     for column, groups in result["breakdown"].items():
         table = Table(title=f"by {column}")
         for name in (column, "prompts", "accuracy", *(f"pass@{k}" for k in ks if sampled)):
-            table.add_column(name, justify="left" if name == column else "right")
+            table.add_column(name, justify="left" if name == column else "right", overflow="fold",
+                             no_wrap=name != column)
         for tag, s in groups.items():
             table.add_row(tag, str(s["prompts"]), f"{s['accuracy']:.3f}",
                           *(f"{v:.3f}" for v in s.get("pass_at_k", {}).values()))

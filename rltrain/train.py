@@ -331,6 +331,13 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def quiet_transformers() -> None:
+    """transformers' own loading/saving progress bars would cut through rltrain's progress bar."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _hydra_entry():
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -363,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     check_overrides_or_exit(argv)
+    quiet_transformers()
     sys.argv = [sys.argv[0]] + argv
     _hydra_entry()()
 
