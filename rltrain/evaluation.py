@@ -327,21 +327,20 @@ def main(args: list[str]) -> None:
     output = Path(e.output) if e.output else Path(e.checkpoint or ".") / "eval.json"
 
     from rltrain.rollout.hf import HFEngine
-    from rltrain.tasks.prompts import DatasetRowError, PromptFormatter, validate_rows
+    from rltrain.tasks.prompts import DatasetError, PromptFormatter, validate_rows
 
     if config.trainer.num_threads:
         torch.set_num_threads(config.trainer.num_threads)
     torch.manual_seed(config.trainer.seed)
     model, tokenizer = load_for_eval(location, config.model)
-    prompt_set = eval_prompt_set(config)
     r = config.rollout
     engine = HFEngine(model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
                       batch_size=r.batch_size)
     formatter = PromptFormatter(tokenizer, config.task)
     try:
-        prompt_set, _ = validate_rows(prompt_set, formatter, max_prompt_tokens=config.model.max_context - r.max_tokens,
-                                      policy=config.task.invalid_rows)
-    except DatasetRowError as err:
+        prompt_set, _ = validate_rows(eval_prompt_set(config), formatter, policy=config.task.invalid_rows,
+                                      max_prompt_tokens=config.model.max_context - r.max_tokens)
+    except DatasetError as err:
         print(f"rltrain: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     outcomes = run_prompts(engine, PromptIds(formatter, prompt_set),

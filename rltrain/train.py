@@ -35,7 +35,7 @@ from rltrain.rollout.collect import PromptIds, collect
 from rltrain.rewards import RewardScorer
 from rltrain.rollout.hf import HFEngine
 from rltrain.sft import warm_start
-from rltrain.tasks.prompts import DatasetRowError, PromptFormatter, load_prompt_sets, validate_rows
+from rltrain.tasks.prompts import DatasetError, PromptFormatter, load_prompt_sets, validate_rows
 
 logger = logging.getLogger("rltrain")
 
@@ -357,7 +357,7 @@ def _hydra_entry():
         ctx = RunContext(run_dir=Path(HydraConfig.get().runtime.output_dir))
         try:
             return train(config, ctx)["eval_accuracy_end"]
-        except (TrainingDiverged, CheckpointError, DatasetRowError) as err:
+        except (TrainingDiverged, CheckpointError, DatasetError) as err:
             print(f"rltrain: {err}", file=sys.stderr)
             raise SystemExit(1) from None
 

@@ -106,3 +106,26 @@ def test_builtin_rows_pass_and_lengths_match_the_ids_generation_uses():
     assert formatter.lengths([r["prompt"] for r in train.rows]) == [len(formatter.ids(r["prompt"])) for r in train.rows]
     kept, skipped = check(train, formatter, max_prompt_tokens=1024 - 32)
     assert skipped == [] and kept.rows == train.rows
+
+
+def test_the_train_command_reports_a_bad_row_in_one_line(tmp_path):
+    """Through ``rltrain train``: no traceback, one line naming the file, split, row and column, a failing exit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [{"question": "2+2", "solution": "4"},
+                                                      {"question": "  ", "solution": "5"}]))
+    done = subprocess.run(
+        [sys.executable, "-m", "rltrain.train", "model=tiny", "task.source=dataset", f"task.dataset.path={path}",
+         "task.dataset.eval_split=train", "task.dataset.columns={prompt: question, answer: solution}",
+         f"hydra.run.dir={tmp_path / 'run'}", "logger.progress=false"],
+        cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.startswith("rltrain:")]
+    assert lines == [f"rltrain: {path}:train row 1: column 'question' (task.dataset.columns.prompt) is empty "
+                     "(task.invalid_rows=skip leaves such rows out)"]
+    assert "Traceback" not in done.stderr + done.stdout

@@ -22,7 +22,11 @@ EVAL_SEED_OFFSET = 1_000_003
 logger = logging.getLogger(__name__)
 
 
-class DatasetRowError(ValueError):
+class DatasetError(ValueError):
+    """A dataset that cannot be used as configured; the message names the path, the split and the config key."""
+
+
+class DatasetRowError(DatasetError):
     """A row that cannot be trained on; the message names the prompt set (path and split), the row and the column."""
 
 
@@ -150,7 +154,7 @@ def _dataset_rows(path: str, name: str | None, split: str, columns: dict[str, st
     source = Path(path)
     if source.suffix in (".jsonl", ".json"):
         if not source.exists():
-            raise FileNotFoundError(f"task.dataset.path: no file {path}")
+            raise DatasetError(f"task.dataset.path: no file {path}")
         ds = datasets.load_dataset("json", data_files=str(source), split="train")
     elif (source / "dataset_info.json").exists() or (source / "dataset_dict.json").exists():
         loaded = datasets.load_from_disk(str(source))
@@ -160,7 +164,7 @@ def _dataset_rows(path: str, name: str | None, split: str, columns: dict[str, st
     missing = {ours: theirs for ours, theirs in columns.items() if theirs not in ds.column_names}
     if missing:
         ours, theirs = next(iter(missing.items()))
-        raise ValueError(
+        raise DatasetError(
             f"dataset {path} [{split}]: column {theirs!r} (task.dataset.columns.{ours}) not found; "
             f"columns are {ds.column_names}"
         )
