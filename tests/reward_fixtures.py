@@ -102,3 +102,8 @@ def flaky_by_prompt(prompts, completions, answer, **_):
         threading.Event().wait()
     scores = [float("nan") if k == "nan" else s for k, s in zip(kinds, clean_by_prompt(prompts, completions, answer))]
     return scores[:-1] if "short" in kinds else scores
+
+
+def overflowing(prompts, completions, **_):
+    """Finite rewards so large that, unscaled (algorithm.advantage_scale=none), the loss overflows to inf."""
+    return [1e38 * (1 + len(c)) for c in completions]

@@ -258,3 +258,25 @@ def test_a_function_without_an_import_path_runs_in_this_process():
 def test_columns_that_do_not_pickle_are_named():
     with pytest.raises(TypeError, match=r"dataset column\(s\) \['solver'\] do not"):
         scorer(fx.reference).score(["p"], ["0"], {"answer": ["0"], "solver": [lambda: 0]})
+
+
+def test_a_script_without_a_main_guard_is_not_run_again_by_the_workers(tmp_path):
+    """Many training scripts have no ``if __name__ == "__main__":``; a worker must not re-run them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from rltrain.config import RewardFailure\n"
+        "from rltrain.rewards import RewardScorer, WeightedReward\n"
+        "from tests.reward_fixtures import reference\n"
+        "print('script body ran', flush=True)\n"
+        "scorer = RewardScorer([WeightedReward('reference', reference, 1.0, 5.0)], on_failure=RewardFailure.zero)\n"
+        "print(scorer.score(['p', 'q'], ['4', 'abc'], {'answer': ['4', '5']})[0].tolist())\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], cwd=repo, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["script body ran", "[1.0, 0.4285714328289032]"]

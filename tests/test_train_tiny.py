@@ -108,3 +108,19 @@ def test_starts_under_torchrun_with_one_process(tmp_path):
                   cwd=tmp_path, runner=torchrun)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_non_finite_updates_are_skipped_and_the_run_stops_after_the_limit(tmp_path):
+    from rltrain.train import TrainingDiverged
+
+    overflow = ["task.rewards=[{fn: tests.reward_fixtures:overflowing, weight: 1.0}]", "algorithm.advantage_scale=none"]
+    config = compose(FAST + overflow + ["trainer.steps=10", "trainer.eval_every=0", "trainer.max_nonfinite_updates=3"])
+    try:
+        train(config, RunContext(run_dir=tmp_path))
+        raise AssertionError("the run went on")
+    except TrainingDiverged as err:
+        assert "3 updates in a row had a non-finite loss or gradient (last at step 3)" in str(err)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "step" in r]
+    assert [(r["step"], r["nonfinite_update"], r["skipped_update"]) for r in steps] == [(s, 1.0, 1.0) for s in (1, 2, 3)]
+    assert all(r["loss"] != r["loss"] or abs(r["loss"]) == float("inf") for r in steps)  # NaN or inf

@@ -16,8 +16,7 @@ in the stats ``score_batch`` returns.
 
 Processes rather than threads, because Python can neither stop a thread nor deliver it a signal, and math-verify's
 ``parse``/``verify`` time themselves out with ``signal.alarm``, which works in a main thread only. The price: dataset
-columns must pickle, a call costs a pipe round trip (about 0.25 ms for 64 short completions), and a script that
-scores must guard its top level with ``if __name__ == "__main__":``, as any that starts processes this way. A worker
+columns must pickle, and a call costs a pipe round trip (about 0.25 ms for 64 short completions). A worker
 loads its function by import path, so a function that has none (a lambda, a closure, a callable object built in code,
 anything defined in ``__main__``) runs in this process instead: its exceptions and bad scores still cost only their
 samples, but nothing bounds its time or survives its crash.

@@ -18,6 +18,7 @@ garbage collection or the interpreter's exit) and, if the parent is killed, at t
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import importlib
 import math
@@ -25,7 +26,9 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import time
+import types
 import traceback
 import weakref
 from collections import deque
@@ -148,7 +151,8 @@ class _Worker:
         self.stack, stack_w = _CONTEXT.Pipe(duplex=False)
         self.process = _CONTEXT.Process(target=_serve, args=(child, stack_w, paths), name="rltrain-reward",
                                         daemon=True)
-        self.process.start()
+        with _main_hidden():
+            self.process.start()
         child.close()  # the worker's end now lives in the worker only: its death reads as EOF here
         stack_w.close()
         self.ready = False
@@ -197,6 +201,20 @@ class _Worker:
             lines = []
         ours = next((k for k, line in enumerate(lines) if __file__ in line), len(lines))
         return ", in\n" + "\n".join(lines[:ours]) if lines else ""
+
+
+@contextlib.contextmanager
+def _main_hidden():
+    """Start a worker without the trainer's ``__main__``. multiprocessing would re-run it in the worker (to find
+    functions pickled from there; ours come by import path), so a user's script without an
+    ``if __name__ == "__main__":`` guard would start its training again in every worker, and ``python -m
+    rltrain.train`` would import the whole trainer into each."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _how_it_ended(code: int) -> str:
