@@ -89,6 +89,7 @@ def rng_state() -> dict:
         "python": [version, list(internal), gauss],
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
@@ -98,6 +99,8 @@ def set_rng_state(state: dict) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Checkpointer:
@@ -143,31 +146,55 @@ class Checkpointer:
         complete = complete_checkpoints(self.root)
         for old in complete[: max(len(complete) - self.keep, 0)]:
             shutil.rmtree(old)
-        for leftover in self.root.glob(f"{TMP_PREFIX}*"):  # from a process killed while writing
-            if not leftover.name.endswith(f"-{os.getpid()}"):
-                shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in self.root.glob(f"{TMP_PREFIX}*"):  # from a process killed while writing; none is in flight
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def drop_after(self, step: int) -> None:
+        """Delete this run's checkpoints past ``step``: the future of a timeline the run has just left (it resumed
+        from an earlier point), which ``resume=auto`` would otherwise prefer to the checkpoints the run writes now."""
+        for path in sorted(self.root.glob(f"{PREFIX}*")):
+            if path.name[len(PREFIX):].isdigit() and int(path.name[len(PREFIX):]) > step:
+                log.warning("deleting checkpoint %s: it comes after step %d, the point this run continues from",
+                            path, step)
+                shutil.rmtree(path)
 
     def restore(self, path: Path, *, policy) -> int:
         """Load the checkpoint at ``path`` into the policy and every registered component; returns its step."""
-        state = torch.load(path / "state.pt", weights_only=True)
+        if not is_complete(path):
+            raise CheckpointError(f"{path}: not a complete checkpoint (meta.json missing or file sizes differ)")
+        try:
+            state = torch.load(path / "state.pt", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - a damaged file, whatever the unpickler says about it
+            raise CheckpointError(f"{path}: state.pt cannot be read ({type(err).__name__}: {err})") from err
         missing = set(self._components) - set(state["components"])
         if missing:
             raise CheckpointError(f"{path}: no state for {sorted(missing)} (was it written by a different algorithm?)")
-        policy.load(path / "model")
+        try:
+            policy.load(path / "model")
+        except Exception as err:  # noqa: BLE001 - damaged weights, or weights of another model
+            raise CheckpointError(f"{path}: weights cannot be loaded into this model ({type(err).__name__}: "
+                                  f"{err})") from err
         for name, component in self._components.items():
-            component.load_state_dict(state["components"][name])
+            try:
+                component.load_state_dict(state["components"][name])
+            except (KeyError, ValueError) as err:
+                raise CheckpointError(f"{path}: the {name} state does not fit this run ({err})") from err
         set_rng_state(state["rng"])
         return int(state["step"])
 
     def restore_latest(self, directory: Path, *, policy) -> tuple[int, Path] | None:
-        """Restore the newest checkpoint of ``directory`` that loads; a corrupt one is skipped with a warning."""
-        for path in reversed(complete_checkpoints(directory)):
+        """Restore the newest checkpoint of ``directory`` that loads, skipping damaged ones with a warning.
+        None when there is no checkpoint at all; an error when there are some but none loads (rather than a
+        silent fresh start)."""
+        candidates = complete_checkpoints(directory)
+        for path in reversed(candidates):
             try:
                 return self.restore(path, policy=policy), path
-            except CheckpointError:
-                raise
-            except Exception as err:  # noqa: BLE001 - any unreadable checkpoint falls back to the one before it
-                log.warning("skipping checkpoint %s: cannot be loaded (%s: %s)", path, type(err).__name__, err)
+            except CheckpointError as err:
+                log.warning("skipping checkpoint %s: cannot be loaded (%s)", path, err)
+        if candidates:
+            raise CheckpointError(f"{directory}: none of its {len(candidates)} checkpoints can be loaded (see the "
+                                  "warnings above)")
         return None
 
 

@@ -29,8 +29,11 @@ class PromptSampler:
         return out
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "size": self.size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["size"] != self.size:  # the order would differ: the resumed run would replay and skip prompts
+            raise ValueError(f"the checkpoint's train set had {state['size']} prompts, this one has {self.size} "
+                             "(a changed dataset, task.builtin.train_size or task.invalid_rows?)")
         self.epoch, self.position = state["epoch"], state["position"]
         self._order = self._shuffle(self.epoch)

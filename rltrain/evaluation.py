@@ -115,8 +115,8 @@ def _scored(batch, rewards: RewardScorer, tokenizer, prompt_set):
     return batch, texts, batch.rewards_N >= rewards.full_reward - 1e-6
 
 
-def run_prompts(engine, prompt_ids: PromptIds, rewards: RewardScorer, tokenizer, *, max_tokens: int, samples: int = 0,
-                temperature: float = 1.0, top_p: float = 1.0) -> PromptOutcomes:
+def run_prompts(engine, prompt_ids: PromptIds, rewards: RewardScorer, tokenizer, *, max_tokens: int, samples: int,
+                temperature: float, top_p: float) -> PromptOutcomes:
     """Greedy completion of every prompt of the set; with ``samples > 1`` also that many sampled ones each."""
     prompt_set = prompt_ids.prompts
     indices = list(range(len(prompt_set)))
@@ -161,8 +161,8 @@ def _group_summary(outcomes: PromptOutcomes, prompts: list[int], ks: list[int]) 
     return summary
 
 
-def evaluate(engine, prompt_ids: PromptIds, rewards: RewardScorer, tokenizer, *, max_tokens: int, samples: int = 0,
-             temperature: float = 1.0, top_p: float = 1.0) -> dict:
+def evaluate(engine, prompt_ids: PromptIds, rewards: RewardScorer, tokenizer, *, max_tokens: int, samples: int,
+             temperature: float, top_p: float) -> dict:
     """Greedy accuracy on every prompt of the set; with ``samples > 1`` also pass@k for k = 1, 2, 4, ... samples.
     Rows with a ``capabilities`` column also get the greedy accuracy per capability tag."""
     outcomes = run_prompts(engine, prompt_ids, rewards, tokenizer, max_tokens=max_tokens, samples=samples,
@@ -239,10 +239,12 @@ def _is_adapter_dir(path: Path) -> bool:
 
 
 def _in_checkpoint(weights: Path, checkpoint_dir: Path) -> ModelLocation:
-    """A checkpoint's weights dir (``model/`` or ``final/``): an adapter's base is ``checkpoint_dir/base_model``."""
+    """A checkpoint's weights dir (``model/`` or ``final/``). An adapter's base is the config's model, unless the run
+    saved the base it trained on (``RUN/base_model``: a tiny model's SFT warm start) next to the checkpoint or two
+    levels up (a ``RUN/checkpoints/step_*`` dir)."""
     if _is_adapter_dir(weights):
-        base = checkpoint_dir / "base_model"
-        return ModelLocation(weights, adapter=True, base=_checked_model_dir(base) if base.is_dir() else None)
+        bases = [d / "base_model" for d in (checkpoint_dir, checkpoint_dir.parent.parent) if (d / "base_model").is_dir()]
+        return ModelLocation(weights, adapter=True, base=_checked_model_dir(bases[0]) if bases else None)
     if _is_model_dir(weights):
         return ModelLocation(_checked_model_dir(weights), adapter=False)
     raise CheckpointPathError(f"{weights} holds neither a model (config.json + *.safetensors) nor a PEFT adapter "
@@ -276,9 +278,13 @@ def locate(path: str | Path) -> ModelLocation:
 def load_for_eval(location: ModelLocation | None, model_config):
     """(model, tokenizer) in eval mode, weights from safetensors only; ``location`` None: the config's model (for
     ``model.source=tiny`` that is the untrained model: its SFT warm start happens in training)."""
+    from rltrain.config import ModelSource
     from rltrain.models import load_model, load_pretrained
 
     trust = model_config.trust_remote_code
+    if location is not None and location.adapter and location.base is None and model_config.source == ModelSource.tiny:
+        raise CheckpointPathError(f"{location.weights} is an adapter of a tiny model, whose base (its SFT warm start) "
+                                  "is saved as RUN/base_model by the run; it is not there")
     if location is None or (location.adapter and location.base is None):
         model, tokenizer = load_model(model_config)
     elif location.adapter:
@@ -327,6 +333,7 @@ def main(args: list[str]) -> None:
     output = Path(e.output) if e.output else Path(e.checkpoint or ".") / "eval.json"
 
     from rltrain.rollout.hf import HFEngine
+    from rltrain.rewards import RewardError
     from rltrain.tasks.prompts import DatasetError, PromptFormatter, validate_rows
 
     if config.trainer.num_threads:
@@ -340,12 +347,15 @@ def main(args: list[str]) -> None:
     try:
         prompt_set, _ = validate_rows(eval_prompt_set(config), formatter, policy=config.task.invalid_rows,
                                       max_prompt_tokens=config.model.max_context - r.max_tokens)
-    except DatasetError as err:
+        scorer = RewardScorer.from_config(config.task)
+        try:
+            outcomes = run_prompts(engine, PromptIds(formatter, prompt_set), scorer, tokenizer, max_tokens=r.max_tokens,
+                                   samples=e.samples, temperature=r.temperature, top_p=r.top_p)
+        finally:
+            scorer.close()
+    except (DatasetError, RewardError) as err:
         print(f"rltrain: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    outcomes = run_prompts(engine, PromptIds(formatter, prompt_set),
-                           RewardScorer.from_config(config.task), tokenizer, max_tokens=r.max_tokens,
-                           samples=e.samples, temperature=r.temperature, top_p=r.top_p)
     ks = sorted(set(e.ks)) or default_ks(e.samples)
     result = {"checkpoint": str(location.weights) if location else "", "split": e.split.value,
               "prompt_set": prompt_set.name,

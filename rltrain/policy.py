@@ -294,8 +294,10 @@ class PolicyWorker:
             from peft import set_peft_model_state_dict
 
             result = set_peft_model_state_dict(self.model, tensors)
-            if result.unexpected_keys:
-                raise ValueError(f"{directory}: adapter weights not in this model: {result.unexpected_keys[:3]}")
+            unloaded = [k for k in result.missing_keys if "lora_" in k]  # the base weights are missing by design
+            if result.unexpected_keys or unloaded:
+                raise ValueError(f"{directory}: adapter does not match this model (not in the model: "
+                                 f"{result.unexpected_keys[:3]}, not in the adapter: {unloaded[:3]})")
             return
         missing, unexpected = self.model.load_state_dict(tensors, strict=False)
         # Tied weights (lm_head = embed_tokens) are saved once; a missing key is fine only if it aliases a loaded one.

@@ -32,7 +32,7 @@ from rltrain.models import load_model, wrap_lora
 from rltrain.policy import OptimSettings, PolicyWorker
 from rltrain.rollout.base import SamplingParams
 from rltrain.rollout.collect import PromptIds, collect
-from rltrain.rewards import RewardScorer
+from rltrain.rewards import RewardError, RewardScorer
 from rltrain.rollout.hf import HFEngine
 from rltrain.sft import warm_start
 from rltrain.tasks.prompts import DatasetError, PromptFormatter, load_prompt_sets, validate_rows
@@ -58,6 +58,7 @@ class Components:
     eval_ids: PromptIds
     sampler: PromptSampler
     sampling: SamplingParams
+    adapter_base: torch.nn.Module | None = None  # a base that exists only in this run (tiny + LoRA), saved once
 
 
 def seed_everything(seed: int) -> None:
@@ -82,8 +83,10 @@ def build(config: Config) -> Components:
         rows = range(len(train_set))
         warm_start(model, tokenizer, [train_ids[i] for i in rows], [train_set.rows[i]["answer"] for i in rows],
                    steps=tiny.sft_steps, lr=tiny.sft_lr, batch_size=tiny.sft_batch_size, seed=config.trainer.seed)
-    reference = None
+    reference = adapter_base = None
     if config.adapter.kind == AdapterKind.lora:
+        if config.model.source == ModelSource.tiny:  # the base is this run's own SFT: adapters need it saved
+            adapter_base = copy.deepcopy(model)
         model = wrap_lora(model, dict(config.adapter.lora))
     elif config.algorithm.beta != 0.0:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -100,7 +103,7 @@ def build(config: Config) -> Components:
                     aggregation=a.aggregation.value, max_len=r.max_tokens)
     return Components(
         policy=policy, engine=engine, loss=loss, rewards=RewardScorer.from_config(config.task), tokenizer=tokenizer,
-        train_ids=train_ids, eval_ids=eval_ids, sampler=PromptSampler(len(train_set), t.seed),
+        train_ids=train_ids, eval_ids=eval_ids, sampler=PromptSampler(len(train_set), t.seed), adapter_base=adapter_base,
         sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens),
     )
 
@@ -212,14 +215,25 @@ def train_step(c: Components, config: Config, step: int) -> tuple[dict, RolloutB
 
 
 def train(config: Config, ctx: RunContext) -> dict:
+    source = resume_source(config.resume, ctx.run_dir)  # a wrong path fails before the model loads
     c = build(config)
+    try:
+        return _train(config, ctx, c, source)
+    finally:
+        c.rewards.close()
+
+
+def _train(config: Config, ctx: RunContext, c: Components, source: Path | None) -> dict:
     t = config.trainer
     loop = LoopState()
     checkpoints = Checkpointer(ctx.run_dir / "checkpoints", keep=t.keep_checkpoints)
     for name, component in (("policy", c.policy), ("sampler", c.sampler), ("loop", loop)):
         checkpoints.register(name, component)
     config_dict = json.loads(json.dumps(dataclasses.asdict(config), default=str))
-    first_step = resume(config, ctx, checkpoints, c, config_dict) + 1
+    first_step = resume(config, ctx, checkpoints, c, config_dict, source) + 1
+    if c.adapter_base is not None and not (ctx.run_dir / "base_model").exists():
+        c.adapter_base.save_pretrained(str(ctx.run_dir / "base_model"), safe_serialization=True)
+        c.tokenizer.save_pretrained(str(ctx.run_dir / "base_model"))
     session_start = time.perf_counter()
     with MetricsLogger(ctx.run_dir, t.steps, config.logger, run_config=config_dict, start_step=first_step - 1) as log:
         if first_step == 1:
@@ -233,10 +247,11 @@ def train(config: Config, ctx: RunContext) -> dict:
             if t.eval_every and step % t.eval_every == 0 and step != t.steps:
                 run_eval(c, config, step, log)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps:
-                loop.wall_time_s += time.perf_counter() - session_start
-                session_start = time.perf_counter()
-                checkpoints.save(step, policy=c.policy, tokenizer=c.tokenizer, meta={"config": config_dict})
-        run_eval(c, config, t.steps, log)
+                session_start = _checkpoint(checkpoints, step, c, loop, session_start, config_dict)
+        if first_step <= t.steps:
+            run_eval(c, config, t.steps, log)
+            if t.checkpoint_every:  # after the final eval, so that a finished run can be extended exactly
+                session_start = _checkpoint(checkpoints, t.steps, c, loop, session_start, config_dict)
     loop.wall_time_s += time.perf_counter() - session_start
     if t.save_final:
         c.policy.save(ctx.run_dir / "final")
@@ -255,22 +270,30 @@ def train(config: Config, ctx: RunContext) -> dict:
     return summary
 
 
-def resume(config: Config, ctx: RunContext, checkpoints: Checkpointer, c: Components, config_dict: dict) -> int:
-    """Restore the checkpoint ``config.resume`` points at; the step it was written after (0 = a fresh start).
-    Metrics logged after that step by the interrupted run are dropped, so every step appears once."""
-    source = resume_source(config.resume, ctx.run_dir)
-    if source is None:
-        return 0
-    one = source if (source / "meta.json").exists() else None
-    restored = ((checkpoints.restore(one, policy=c.policy), one) if one is not None
-                else checkpoints.restore_latest(source, policy=c.policy))
+def resume(config: Config, ctx: RunContext, checkpoints: Checkpointer, c: Components, config_dict: dict,
+           source: Path | None) -> int:
+    """Restore the checkpoint ``config.resume`` points at (``source``); the step it was written after, 0 for a fresh
+    start. Either way each step ends up once in the logs: lines the interrupted run wrote after its checkpoint are
+    dropped, and a fresh start in a used run directory starts its logs over."""
+    restored = None
+    if source is not None:
+        one = source if (source / "meta.json").exists() else None
+        restored = ((checkpoints.restore(one, policy=c.policy), one) if one is not None
+                    else checkpoints.restore_latest(source, policy=c.policy))
+        if restored is None and config.resume != "auto":
+            raise CheckpointError(f"resume={config.resume}: no complete checkpoint there")
     if restored is None:
+        if list(checkpoints.root.glob("step_*")):
+            raise CheckpointError(f"{ctx.run_dir} holds checkpoints of an earlier run: resume=auto continues it, "
+                                  "or choose another hydra.run.dir")
         if config.resume == "auto":
             logger.warning("resume=auto: no checkpoint in %s, starting at step 1 (to resume a run, give it a fixed "
                            "directory: hydra.run.dir=PATH resume=auto)", source)
-            return 0
-        raise CheckpointError(f"resume={config.resume}: no complete checkpoint there")
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            truncate_jsonl(ctx.run_dir / name, -1)  # a run killed before its first checkpoint
+        return 0
     step, path = restored
+    checkpoints.drop_after(step)
     c.engine.load_weights({})
     origin = path.parent.parent
     for name in ("metrics.jsonl", "samples.jsonl"):
@@ -283,6 +306,15 @@ def resume(config: Config, ctx: RunContext, checkpoints: Checkpointer, c: Compon
         logger.warning("resuming with a changed config: %s", "; ".join(changes))
     logger.warning("resumed from %s: continuing at step %d", path, step + 1)
     return step
+
+
+def _checkpoint(checkpoints: Checkpointer, step: int, c: Components, loop: LoopState, session_start: float,
+                config_dict: dict) -> float:
+    """Save, with the wall time so far in the loop state; returns the new session start."""
+    now = time.perf_counter()
+    loop.wall_time_s += now - session_start
+    checkpoints.save(step, policy=c.policy, tokenizer=c.tokenizer, meta={"config": config_dict})
+    return now
 
 
 def _check_finite(record: dict, loop: LoopState, limit: int, log: MetricsLogger) -> None:
@@ -357,7 +389,7 @@ def _hydra_entry():
         ctx = RunContext(run_dir=Path(HydraConfig.get().runtime.output_dir))
         try:
             return train(config, ctx)["eval_accuracy_end"]
-        except (TrainingDiverged, CheckpointError, DatasetError) as err:
+        except (TrainingDiverged, CheckpointError, DatasetError, RewardError) as err:
             print(f"rltrain: {err}", file=sys.stderr)
             raise SystemExit(1) from None
 

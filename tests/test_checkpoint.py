@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from rltrain.checkpoint import Checkpointer, complete_checkpoints, latest, truncate_jsonl
+from rltrain.checkpoint import Checkpointer, CheckpointError, complete_checkpoints, latest, truncate_jsonl
 from rltrain.cli import compose
-from rltrain.train import build, generate_step
+from rltrain.train import RunContext, build, generate_step, train
 from rltrain.algorithms.grpo import group_advantages
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,9 +117,41 @@ def test_keep_last_k_and_latest_skips_incomplete_and_corrupt(tmp_path, caplog):
     bad6 = tmp_path / "checkpoints" / "step_000006" / "state.pt"
     bad6.write_bytes(b"\1" * bad6.stat().st_size)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="rltrain.checkpoint"):
-        assert checkpoints.restore_latest(tmp_path, policy=c.policy) is None
-    assert caplog.text.count("cannot be loaded") == 2
+    with caplog.at_level(logging.WARNING, logger="rltrain.checkpoint"):  # none loads: an error, not a fresh start
+        with pytest.raises(CheckpointError, match="none of its 2 checkpoints can be loaded"):
+            checkpoints.restore_latest(tmp_path, policy=c.policy)
+    assert caplog.text.count("cannot be loaded") == 2 and "state.pt cannot be read" in caplog.text
+
+
+def test_fresh_start_resume_of_a_finished_run_and_resume_from_an_earlier_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 9}\n{"step": 2, "reward_mean": 9}\n')
+    base = SMALL + [DENSE_REWARD, "trainer.checkpoint_every=1", "trainer.keep_checkpoints=5", "trainer.eval_every=0"]
+
+    def go(*extra: str) -> tuple[list[dict], list[dict]]:
+        train(compose(base + list(extra)), RunContext(run_dir=run))
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in records if "step" in r], [r["eval_step"] for r in records if "eval_step" in r]
+
+    # A run killed before its first checkpoint left lines behind: resume=auto starts over, and its log with it.
+    steps, evals = go("resume=auto", "trainer.steps=2")
+    assert [r["step"] for r in steps] == [1, 2] and evals == [0, 2] and steps[0]["reward_mean"] != 9
+    assert [p.name for p in complete_checkpoints(run)] == ["step_000001", "step_000002"]  # the last step too
+    with pytest.raises(CheckpointError, match="holds checkpoints of an earlier run: resume=auto continues it"):
+        go("resume=none", "trainer.steps=2")
+    # A finished run goes on from its final checkpoint.
+    steps, evals = go("resume=auto", "trainer.steps=3")
+    assert [r["step"] for r in steps] == [1, 2, 3] and evals == [0, 2, 3]
+    first_timeline = {r["step"]: r["reward_mean"] for r in steps}
+    # Back to step 1: the later checkpoints and log lines belong to the abandoned future and go.
+    steps, evals = go(f"resume={run / 'checkpoints' / 'step_000001'}", "trainer.steps=3")
+    assert [r["step"] for r in steps] == [1, 2, 3] and evals == [0, 3]
+    assert {r["step"]: r["reward_mean"] for r in steps} == first_timeline  # and it is the same future again
+    assert [p.name for p in complete_checkpoints(run)] == ["step_000001", "step_000002", "step_000003"]
+    # A checkpoint whose state does not fit (another train set: the prompt order would differ) is refused.
+    with pytest.raises(CheckpointError, match="none of its 3 checkpoints can be loaded"):
+        go("resume=auto", "trainer.steps=4", "task.builtin.train_size=150")
 
 
 def test_truncate_jsonl_drops_records_after_the_step_and_a_cut_line(tmp_path):
@@ -134,7 +166,7 @@ def _launch(run_dir: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # The tiny experiment's own reward after its full SFT warm start: most groups mix successes and failures.
     args = SMALL + ["model.tiny.sft_steps=40", "trainer.steps=40", "trainer.checkpoint_every=5",
-                    "trainer.eval_every=10", "trainer.num_threads=1", "trainer.save_final=false",
+                    "trainer.eval_every=10", "trainer.num_threads=1",
                     f"hydra.run.dir={run_dir}", *extra]
     return subprocess.Popen([sys.executable, "-m", "rltrain.train", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -144,6 +176,8 @@ def _records(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict], list[dict
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "step" in r]
     assert len({r["step"] for r in steps}) == len(steps), "a step was logged twice"
+    evals = [r["eval_step"] for r in records if "eval_step" in r]
+    assert len(set(evals)) == len(evals), "an evaluation was logged twice"
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     return ({r["step"]: r for r in steps}, {r["eval_step"]: r for r in records if "eval_step" in r}, samples)
 
@@ -178,10 +212,12 @@ def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(tmp_p
     assert sorted(evals) == sorted(ref_evals) == [0, 10, 20, 30, 40]
     for step in range(1, 41):
         assert steps[step]["reward_mean"] == ref_steps[step]["reward_mean"], step  # bitwise
-        assert steps[step]["loss"] == pytest.approx(ref_steps[step]["loss"], abs=1e-6), step
+        assert steps[step]["loss"] == ref_steps[step]["loss"], step  # bitwise too (the promise is 1e-6)
     for step in evals:
         assert evals[step]["eval_accuracy"] == ref_evals[step]["eval_accuracy"]
     assert [(s["step"], s["completion"], s["reward"]) for s in samples] == \
         [(s["step"], s["completion"], s["reward"]) for s in ref_samples]
+    final = "final/model.safetensors"
+    assert (killed_dir / final).read_bytes() == (tmp_path / "reference" / final).read_bytes()
     # Steps up to the checkpoint come from the killed session, every later one was recomputed after the kill.
     assert all((steps[s]["time"] < kill_time) == (s <= resumed_from) for s in steps)

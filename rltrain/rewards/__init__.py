@@ -33,8 +33,11 @@ from torch import Tensor
 
 from rltrain.batch import RolloutBatch
 from rltrain.config import RewardFailure, TaskConfig
-from rltrain.rewards.workers import TIMED_OUT, Failure, Outcome, Request, RewardFn, WorkerPool, call, import_reward
+from rltrain.rewards.workers import (TIMED_OUT, Failure, Outcome, Request, RewardError, RewardFn, WorkerPool, call,
+                                     import_reward)
 from rltrain.tasks.prompts import PromptSet
+
+__all__ = ["RewardError", "RewardScorer", "WeightedReward", "import_reward"]
 
 logger = logging.getLogger(__name__)
 

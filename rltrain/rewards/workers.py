@@ -42,23 +42,29 @@ Request = tuple[list, list, dict[str, list]]  # prompts, completions, dataset co
 TIMED_OUT = "timed out"  # the one kind of failure counted in reward_timeouts; every other kind is a reward_error
 DIED = "crashed"  # its worker process ended: a segfault, os._exit, the OOM killer
 POOL_SIZE = 4  # workers for the one-sample-at-a-time pass: k hanging samples cost about k / POOL_SIZE timeouts
+READY_TIMEOUT_S = 300.0  # a worker's start: a fork and the reward modules' imports, if not preloaded
 EXIT_GRACE_S = 0.1  # how long after the deadline a busy worker has to dump its stack and exit before it is killed
 
 _CONTEXT = multiprocessing.get_context("forkserver")
+
+
+class RewardError(ValueError):
+    """A reward function that cannot be set up (import path, worker start, arguments that do not pickle); the
+    message says which and why. Failures while scoring are not errors: they cost samples (see rltrain.rewards)."""
 
 
 def import_reward(path: str) -> RewardFn:
     """``'package.module:function'`` -> the function, with an error that names what is missing."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"reward function {path!r} must be written 'package.module:function'")
+        raise RewardError(f"reward function {path!r} must be written 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"reward function {path!r}: cannot import module {module_name!r} ({err})") from err
+        raise RewardError(f"reward function {path!r}: cannot import module {module_name!r} ({err})") from err
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"reward function {path!r}: module {module_name!r} has no function {attr!r}")
+        raise RewardError(f"reward function {path!r}: module {module_name!r} has no function {attr!r}")
     return fn
 
 
@@ -143,6 +149,10 @@ class WorkerPool:
         self._close()
 
 
+class RewardColumnError(RewardError, TypeError):
+    pass
+
+
 class _Worker:
     """A worker process, the parent's end of its pipe, and the read end of the pipe it dumps its stack to."""
 
@@ -161,19 +171,25 @@ class _Worker:
         """Starts the call; returns its deadline (``time.monotonic``, which the worker shares: one system clock)."""
         if not self.ready:  # the worker's start, imports included, is not the call's time
             try:
+                if not self.conn.poll(READY_TIMEOUT_S):
+                    self.process.kill()
+                    raise RewardError(f"a reward worker process was not ready after {READY_TIMEOUT_S:g} s (does "
+                                      f"importing a reward module hang?)")
                 self.conn.recv()
             except EOFError:
                 self.process.join()
-                raise RuntimeError(f"a reward worker process {_how_it_ended(self.process.exitcode)} before it was "
-                                   f"ready; its error is on stderr") from None
+                raise RewardError(f"a reward worker process {_how_it_ended(self.process.exitcode)} before it was "
+                                  f"ready; its error is on stderr") from None
             self.ready = True
         deadline = time.monotonic() + timeout_s
         try:
             self.conn.send((path, deadline, *request))
         except (pickle.PicklingError, TypeError, AttributeError) as err:  # raised before anything is written
             columns = [name for name, values in request[2].items() if not _pickles(values)]
-            raise TypeError(f"reward function {path!r} runs in a worker process, so its arguments must pickle; "
-                            f"dataset column(s) {columns} do not: {err}") from err
+            raise RewardColumnError(f"reward function {path!r} runs in a worker process, so its arguments must "
+                                    f"pickle; dataset column(s) {columns} do not: {err}") from err
+        except (BrokenPipeError, ConnectionResetError):  # it died while idle: ``finish`` reports it as DIED
+            pass
         return deadline
 
     def finish(self, deadline: float, timeout_s: float) -> Outcome:
