@@ -59,6 +59,22 @@ class AdapterKind(str, enum.Enum):
     lora = "lora"
 
 
+class GuideMode(str, enum.Enum):
+    replace = "replace"  # a group with no success is regenerated with hints and replaced whole (Guide's default)
+    mixin = "mixin"  # the hinted group's successes replace that many of the failed unguided samples
+    balanced = "balanced"  # every prompt: half its group unguided, half hinted
+
+
+class GammaKind(str, enum.Enum):
+    percentile = "percentile"  # Guide: the detached quantile of the guided ratios in the scope
+    constant = "constant"  # LUFFY: a fixed gamma
+
+
+class GammaScope(str, enum.Enum):
+    sequence = "sequence"
+    batch = "batch"
+
+
 class RewardFailure(str, enum.Enum):
     zero = "zero"  # a sample whose reward function failed scores 0 for that function and stays in its group
     drop = "drop"  # the sample leaves the batch (its group trains on the rest)
@@ -140,6 +156,7 @@ class TaskConfig:
     eval_size: int = 100  # held-out prompts evaluated (0 = the whole split)
     system_prompt: Optional[str] = None
     instruction: str = ""  # appended to every user prompt
+    hint_format: str = "{prompt}\nHint: {hint}"  # how a hint (Guide) joins the prompt in the generation context
     chat_template: bool = True
     rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
     on_reward_failure: RewardFailure = RewardFailure.zero  # a reward that raises, hangs, or returns NaN/wrong length
@@ -157,6 +174,20 @@ class RolloutConfig:
 
 
 @dataclass
+class GuideConfig:
+    """Guide (algorithms.md section 1): hinted regeneration of failed groups and the shaped loss on hinted tokens."""
+
+    mode: GuideMode = GuideMode.replace
+    reroll_threshold: float = 0.001  # a group whose success rate is at most this is regenerated with hints
+    hint_column: str = "hints"  # a row's hint: a string, or a list of strings from weakest to strongest
+    escalate: bool = True  # a prompt whose hinted group still fails gets its next-stronger hint next time
+    gamma: GammaKind = GammaKind.percentile
+    gamma_value: float = 0.1  # with gamma=constant
+    quantile: float = 0.9
+    scope: GammaScope = GammaScope.sequence
+
+
+@dataclass
 class AlgorithmConfig:
     name: str = "grpo"
     advantage_scale: AdvantageScale = AdvantageScale.group
@@ -168,6 +199,7 @@ class AlgorithmConfig:
     aggregation: Aggregation = Aggregation.token_mean
     filter_constant_groups: bool = False
     max_refill_rounds: int = 0  # extra generation rounds to replace filtered groups
+    guide: GuideConfig = field(default_factory=GuideConfig)  # read when name=guide
 
 
 @dataclass
@@ -285,8 +317,13 @@ def check(config: Config) -> None:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
     if r.backend != "hf":
         raise ConfigError(f"rollout.backend={r.backend!r} is not available; choose 'hf'")
-    if config.algorithm.name != "grpo":
-        raise ConfigError(f"algorithm.name={config.algorithm.name!r} is not available; choose 'grpo'")
+    if config.algorithm.name not in ("grpo", "guide"):
+        raise ConfigError(f"algorithm.name={config.algorithm.name!r} is not available; choose 'grpo' or 'guide'")
+    g = config.algorithm.guide
+    if not 0 <= g.reroll_threshold < 1 or not 0 < g.quantile <= 1 or not g.gamma_value > 0:
+        raise ConfigError("algorithm.guide: reroll_threshold must be in [0, 1), quantile in (0, 1], gamma_value > 0")
+    if config.algorithm.name == "guide" and g.mode == GuideMode.balanced and t.rollouts_per_prompt < 2:
+        raise ConfigError("algorithm.guide.mode=balanced needs trainer.rollouts_per_prompt >= 2 (half are hinted)")
     if config.distributed.kind != "none":
         raise ConfigError(f"distributed.kind={config.distributed.kind!r} is not available; choose 'none'")
     if config.model.source == ModelSource.hf and not config.model.path:
@@ -338,5 +375,6 @@ def to_config(cfg: DictConfig) -> Config:
 _SCHEMAS = {
     cls.__name__: cls
     for cls in (Config, ModelConfig, TinyModelConfig, TaskConfig, BuiltinTaskConfig, DatasetConfig, RolloutConfig,
-                AlgorithmConfig, AdapterConfig, TrainerConfig, LoggerConfig, WandbConfig, DistributedConfig, EvalConfig)
+                AlgorithmConfig, GuideConfig, AdapterConfig, TrainerConfig, LoggerConfig, WandbConfig,
+                DistributedConfig, EvalConfig)
 }

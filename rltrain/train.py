@@ -33,6 +33,7 @@ from rltrain.policy import OptimSettings, PolicyWorker
 from rltrain.rollout.base import SamplingParams
 from rltrain.rollout.collect import PromptIds, collect
 from rltrain.rewards import RewardError, RewardScorer
+from rltrain.rollout.guidance import HintGuidance
 from rltrain.rollout.hf import HFEngine
 from rltrain.sft import warm_start
 from rltrain.tasks.prompts import DatasetError, PromptFormatter, load_prompt_sets, validate_rows
@@ -58,6 +59,8 @@ class Components:
     eval_ids: PromptIds
     sampler: PromptSampler
     sampling: SamplingParams
+    rollouts_per_prompt: int
+    guidance: HintGuidance | None = None  # Guide's hinted regeneration (algorithm.name=guide)
     adapter_base: torch.nn.Module | None = None  # a base that exists only in this run (tiny + LoRA), saved once
 
 
@@ -105,16 +108,19 @@ def build(config: Config) -> Components:
         policy=policy, engine=engine, loss=loss, rewards=RewardScorer.from_config(config.task), tokenizer=tokenizer,
         train_ids=train_ids, eval_ids=eval_ids, sampler=PromptSampler(len(train_set), t.seed), adapter_base=adapter_base,
         sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens),
+        rollouts_per_prompt=t.rollouts_per_prompt,
+        guidance=HintGuidance(a.guide, train_set.rows, t.rollouts_per_prompt) if a.name == "guide" else None,
     )
 
 
 def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatch | None, dict]:
-    """Rollouts for one step, scored; constant-reward groups dropped and refilled when the config asks.
-    None when nothing is left to learn from (every sample dropped by failing rewards, or every group filtered)."""
+    """Rollouts for one step, scored (with Guide's hinted regeneration when configured); constant-reward groups
+    dropped and refilled when the config asks. None when nothing is left to learn from (every sample dropped by
+    failing rewards, or every group filtered)."""
     t, a = config.trainer, config.algorithm
     wanted = t.prompts_per_step
     stats = {"rollouts": 0, "tokens_generated": 0, "time_reward_s": 0.0, "refill_rounds": 0}
-    batch = _scored_rollouts(c, c.sampler.next(wanted), t.rollouts_per_prompt, stats, first_group_id=step * 1_000_000)
+    batch = _rollouts(c, c.sampler.next(wanted), stats, first_group_id=step * 1_000_000)
     if len(batch) == 0:
         return None, {**stats, "frac_zero_std_groups": float("nan")}
     flat_N = constant_groups(batch.rewards_N, batch.group_ids_N)
@@ -125,8 +131,7 @@ def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatc
     for round_ in range(1, a.max_refill_rounds + 1):
         if kept is not None and len(kept.groups()) >= wanted:
             break
-        extra = _scored_rollouts(c, c.sampler.next(wanted), t.rollouts_per_prompt, stats,
-                                 first_group_id=step * 1_000_000 + round_ * 1_000)
+        extra = _rollouts(c, c.sampler.next(wanted), stats, first_group_id=step * 1_000_000 + round_ * 1_000)
         stats["refill_rounds"] = round_
         extra_flat = constant_groups(extra.rewards_N, extra.group_ids_N)
         if (~extra_flat).any():
@@ -138,11 +143,29 @@ def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatc
     return kept, stats
 
 
-def _scored_rollouts(c: Components, indices: list[int], per_prompt: int, stats: dict, *,
-                     first_group_id: int) -> RolloutBatch:
-    """Generate and score; ``stats`` accumulates rollouts, tokens, reward time and reward failures over refills."""
-    batch = collect(c.engine, c.train_ids, indices, [per_prompt] * len(indices), c.sampling,
-                    first_group_id=first_group_id)
+def _rollouts(c: Components, indices: list[int], stats: dict, *, first_group_id: int) -> RolloutBatch:
+    """Generate and score a group per prompt; Guide then regenerates failed groups with hints."""
+    per_prompt = c.guidance.unguided_count() if c.guidance else c.rollouts_per_prompt
+    batch = _scored(c, collect(c.engine, c.train_ids, indices, [per_prompt] * len(indices), c.sampling,
+                               first_group_id=first_group_id), stats)
+    if c.guidance is None:
+        return batch
+    correct_N = batch.rewards_N >= c.rewards.full_reward - 1e-6
+    rerolls = c.guidance.plan(batch, correct_N)
+    stats["guide_rerolled"] = stats.get("guide_rerolled", 0) + len(rerolls)
+    if not rerolls:
+        return batch
+    hinted = _scored(c, collect(c.engine, c.train_ids, [r.row for r in rerolls], [r.count for r in rerolls],
+                                c.sampling, hints=[r.hint for r in rerolls], group_ids=[r.group_id for r in rerolls]),
+                     stats)
+    hinted_correct_N = hinted.rewards_N >= c.rewards.full_reward - 1e-6
+    stats["guide_hinted_correct"] = stats.get("guide_hinted_correct", 0) + int(hinted_correct_N.sum())
+    stats["guide_hinted_rollouts"] = stats.get("guide_hinted_rollouts", 0) + len(hinted)
+    return c.guidance.merge(batch, correct_N, rerolls, hinted, hinted_correct_N)
+
+
+def _scored(c: Components, batch: RolloutBatch, stats: dict) -> RolloutBatch:
+    """Score; ``stats`` accumulates rollouts, tokens, reward time and reward failures over the step."""
     stats["rollouts"] += len(batch)
     stats["tokens_generated"] += sum(len(x) for x in batch.completion_ids)
     start = time.perf_counter()
@@ -192,6 +215,8 @@ def train_step(c: Components, config: Config, step: int) -> tuple[dict, RolloutB
     batch, stats = generate_step(c, config, step)
     generated = time.perf_counter()
     record = {"step": step, **stats, "time_generate_s": generated - start - stats["time_reward_s"]}
+    if stats.get("guide_hinted_rollouts"):
+        record["guide_hinted_success"] = stats["guide_hinted_correct"] / stats["guide_hinted_rollouts"]
     if batch is None:  # nothing to learn from (see generate_step)
         record.update(reward_mean=float("nan"), accuracy=float("nan"), empty_batch=1.0)
     else:
@@ -227,8 +252,9 @@ def _train(config: Config, ctx: RunContext, c: Components, source: Path | None) 
     t = config.trainer
     loop = LoopState()
     checkpoints = Checkpointer(ctx.run_dir / "checkpoints", keep=t.keep_checkpoints)
-    for name, component in (("policy", c.policy), ("sampler", c.sampler), ("loop", loop)):
-        checkpoints.register(name, component)
+    for name, component in (("policy", c.policy), ("sampler", c.sampler), ("loop", loop), ("guidance", c.guidance)):
+        if component is not None:
+            checkpoints.register(name, component)
     config_dict = json.loads(json.dumps(dataclasses.asdict(config), default=str))
     first_step = resume(config, ctx, checkpoints, c, config_dict, source) + 1
     if c.adapter_base is not None and not (ctx.run_dir / "base_model").exists():

@@ -19,6 +19,10 @@ class PromptIds:
             self._cache[index] = self.formatter.ids(self.prompts.rows[index]["prompt"])
         return self._cache[index]
 
+    def hinted(self, index: int, hint: str) -> list[int]:
+        """The generation context of row ``index`` with ``hint`` (not cached: hints change as they escalate)."""
+        return self.formatter.ids(self.prompts.rows[index]["prompt"], hint)
+
 
 def collect(
     engine: RolloutEngine,
@@ -28,22 +32,30 @@ def collect(
     params: SamplingParams,
     *,
     first_group_id: int = 0,
+    hints: list[str] | None = None,
+    group_ids: list[int] | None = None,
 ) -> RolloutBatch:
-    """``counts[k]`` on-policy completions of prompt ``indices[k]``, one group per prompt (sizes may differ)."""
-    contexts, groups, rows = [], [], []
-    for k, (index, count) in enumerate(zip(indices, counts)):
-        ids = prompt_ids[index]
-        contexts += [ids] * count
-        groups += [first_group_id + k] * count
+    """``counts[k]`` completions of prompt ``indices[k]``, one group per prompt (sizes may differ), numbered from
+    ``first_group_id`` unless ``group_ids`` says. With ``hints[k]``, prompt k is generated from its hinted context
+    (Guide) and trained for the plain one; those samples are ``Source.HINTED``."""
+    hints = hints or [""] * len(indices)
+    groups_k = group_ids if group_ids is not None else [first_group_id + k for k in range(len(indices))]
+    gen_k = [prompt_ids.hinted(i, h) if h else prompt_ids[i] for i, h in zip(indices, hints)]
+    contexts, gen_contexts, groups, rows, sources = [], [], [], [], []
+    for index, count, gen, group, hint in zip(indices, counts, gen_k, groups_k, hints):
+        contexts += [prompt_ids[index]] * count
+        gen_contexts += [gen] * count
+        groups += [group] * count
         rows += [index] * count
-    completions = engine.generate([prompt_ids[i] for i in indices], params, counts)
+        sources += [Source.HINTED if hint else Source.ON_POLICY] * count
+    completions = engine.generate(gen_k, params, counts)
     return RolloutBatch(
         train_prompt_ids=contexts,
-        gen_prompt_ids=contexts,
+        gen_prompt_ids=gen_contexts,
         completion_ids=[c.token_ids for c in completions],
         behaviour_logp=[c.logprobs for c in completions],
         group_ids_N=groups,
-        sources=[Source.ON_POLICY] * len(contexts),
+        sources=sources,
         prompt_index=rows,
         truncated_N=[not c.finished for c in completions],
     )

@@ -27,6 +27,7 @@ class Item:
     capabilities: list[str] = field(default_factory=list)
     kind: str = ""
     compact: str = ""  # the same question in symbols ("47+38"), for small character-level models
+    hints: list[str] = field(default_factory=list)  # weakest to strongest: the first 1, 2, ... steps, never the last
 
     def as_row(self) -> dict:
         return {
@@ -37,6 +38,7 @@ class Item:
             "capabilities": list(self.capabilities),
             "kind": self.kind,
             "compact": self.compact,
+            "hints": list(self.hints),
         }
 
 
@@ -71,7 +73,8 @@ def _column_steps(a: int, b: int, subtract: bool) -> tuple[list[str], bool]:
 def _item(question: str, compact: str, answer: int, steps: list[str], capabilities: list[str], kind: str) -> Item:
     solution = "; ".join(steps + [f"answer {answer}"])
     hint = "; ".join(steps[: max(1, len(steps) // 2)])
-    return Item(question, str(answer), hint, solution, capabilities, kind, compact)
+    hints = ["; ".join(steps[:k]) for k in range(1, len(steps))]
+    return Item(question, str(answer), hint, solution, capabilities, kind, compact, hints)
 
 
 def addition(rng: random.Random, digits: int) -> Item:

@@ -55,7 +55,7 @@ class PromptFormatter:
     def text(self, prompt: str, hint: str | None = None) -> str:
         content = prompt + self.task.instruction
         if hint:
-            content += f"\nHint: {hint}"
+            content = self.task.hint_format.format(prompt=content, hint=hint)
         if not self.task.chat_template:
             return content
         messages = [{"role": "user", "content": content}]
@@ -144,6 +144,8 @@ def _compact_rows(items: list[arithmetic.Item]) -> list[dict]:
     for item in items:
         row = item.as_row()
         row["prompt"] = item.compact
+        # Hints a character-level model can read: the first digits of the answer, never all of them.
+        row["hints"] = [item.answer[:k] for k in range(1, len(item.answer))]
         rows.append(row)
     return rows
 
