@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -35,6 +35,7 @@ class LossInputs:
     mask_BT: Tensor
     sources: list[Source]
     entropy_BT: Tensor | None  # only when the loss asks for it
+    step: dict[str, Tensor] = field(default_factory=dict)  # loss_fn.step_statistics of this optimizer step
 
 
 class PolicyLoss(Protocol):
@@ -43,9 +44,14 @@ class PolicyLoss(Protocol):
     needs_entropy: bool
     needs_reference: bool
     zero_without_advantage: bool  # loss and gradient vanish for samples with advantage 0 (no KL, no entropy)
+    step_sources: frozenset[Source]  # samples whose step-wide statistics the loss needs (usually none)
 
     def __call__(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-token loss [B, T] (before masking) and per-token metrics, each [B, T]."""
+
+    def step_statistics(self, inputs: LossInputs) -> dict[str, Tensor]:
+        """Detached statistics over a whole optimizer step (e.g. Guide's batch-scope gamma), from no-grad inputs of
+        the step's ``step_sources`` samples; every micro-batch then sees them as ``LossInputs.step``."""
 
 
 @dataclass(frozen=True)
@@ -239,6 +245,7 @@ class PolicyWorker:
         if not indices:  # no sample carries signal: no update (AdamW would still move on stale momentum)
             return {"loss": 0.0, "grad_norm": 0.0, "lr": self.scheduler.get_last_lr()[0], "skipped_update": 1.0,
                     "nonfinite_update": 0.0}
+        step = self._step_statistics(batch, indices, loss_fn, old_logp) if loss_fn.step_sources else {}
         for mb in self._micro_batches(indices, prompts, batch.completion_ids):
             logp_BT, entropy_BT = self._forward(
                 self.model, [prompts[i] for i in mb], [batch.completion_ids[i] for i in mb], loss_fn.needs_entropy
@@ -254,6 +261,7 @@ class PolicyWorker:
                 mask_BT=mask_BT,
                 sources=[batch.sources[i] for i in mb],
                 entropy_BT=entropy_BT,
+                step=step,
             )
             loss_BT, token_metrics = loss_fn(inputs)
             share = aggregation.weight(mask_BT, mode=loss_fn.aggregation) / step_weight
@@ -275,6 +283,30 @@ class PolicyWorker:
         metrics.update(loss=loss_total, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0],
                        skipped_update=float(not finite), nonfinite_update=float(not finite))
         return metrics
+
+    def _step_statistics(
+        self, batch: RolloutBatch, indices: list[int], loss_fn: PolicyLoss, old_logp: dict[int, list[float]]
+    ) -> dict[str, Tensor]:
+        """A loss's statistics over the whole optimizer step rather than one micro-batch, so that the loss is the same
+        for every micro-batch size: no-grad log-probs (training context) of the step's ``step_sources`` samples, at the
+        weights this step differentiates, handed to ``loss_fn.step_statistics`` as one LossInputs."""
+        rows = [i for i in indices if batch.sources[i] in loss_fn.step_sources]
+        if not rows:
+            return {}
+        completions = [batch.completion_ids[i] for i in rows]
+        width = max(len(c) for c in completions)
+        logp_BT = _pad(self.logprobs([batch.train_prompt_ids[i] for i in rows], completions), width).to(self.device)
+        inputs = LossInputs(
+            logp_BT=logp_BT,
+            old_logp_BT=_stack_old(rows, old_logp, logp_BT),
+            ref_logp_BT=None,
+            behaviour_logp_BT=_pad([batch.behaviour_logp[i] for i in rows], width).to(self.device),
+            adv_B=batch.advantages_N[rows].to(self.device),
+            mask_BT=_mask(batch, rows).to(self.device),
+            sources=[batch.sources[i] for i in rows],
+            entropy_BT=None,
+        )
+        return loss_fn.step_statistics(inputs)
 
     # ---- state -------------------------------------------------------------------------------------------------
 

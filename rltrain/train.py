@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from rltrain.algorithms.grpo import GRPOLoss, constant_groups, group_advantages
+from rltrain.algorithms.guide import GuideLoss
 from rltrain.batch import RolloutBatch
 from rltrain.checkpoint import Checkpointer, CheckpointError, config_changes, resume_source, truncate_jsonl
-from rltrain.config import AdapterKind, Config, ModelSource
+from rltrain.config import AdapterKind, Config, GammaKind, ModelSource
 from rltrain.data import PromptSampler
 from rltrain.evaluation import evaluate
 from rltrain.metrics import MetricsLogger
@@ -102,8 +103,14 @@ def build(config: Config) -> Components:
     policy = PolicyWorker(model, settings, pad_token_id=tokenizer.pad_token_id, reference=reference)
     eos = [tokenizer.eos_token_id]
     engine = HFEngine(model, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, batch_size=r.batch_size)
-    loss = GRPOLoss(eps_low=a.eps_low, eps_high=a.eps_high, beta=a.beta, entropy_coef=a.entropy_coef,
-                    aggregation=a.aggregation.value, max_len=r.max_tokens)
+    common = dict(eps_low=a.eps_low, eps_high=a.eps_high, beta=a.beta, entropy_coef=a.entropy_coef,
+                  aggregation=a.aggregation.value, max_len=r.max_tokens)
+    if a.name == "guide":
+        g = a.guide
+        loss = GuideLoss(gamma="percentile" if g.gamma == GammaKind.percentile else g.gamma_value,
+                         quantile=g.quantile, scope=g.scope.value, **common)
+    else:
+        loss = GRPOLoss(**common)
     return Components(
         policy=policy, engine=engine, loss=loss, rewards=RewardScorer.from_config(config.task), tokenizer=tokenizer,
         train_ids=train_ids, eval_ids=eval_ids, sampler=PromptSampler(len(train_set), t.seed), adapter_base=adapter_base,
@@ -231,6 +238,9 @@ def train_step(c: Components, config: Config, step: int) -> tuple[dict, RolloutB
             **{f"reward/{k}": float(v.mean()) for k, v in batch.reward_components.items()},
         )
         record.update(c.policy.update(batch, c.loss))
+        if record.get("guided_token_share"):  # the worker averages over all tokens; these exist on guided ones
+            record["guided_ratio_mean"] = record["guided_ratio"] / record["guided_token_share"]
+            record["gamma_mean"] = record["gamma"] / record["guided_token_share"]
     updated = time.perf_counter()
     record["time_update_s"] = updated - generated
     c.engine.load_weights({})

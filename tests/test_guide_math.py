@@ -116,7 +116,8 @@ def test_gamma_floor_and_empty_rows():
 def test_gradient_treats_gamma_as_a_constant():
     # dl/dlogp = -A * d f / d log r = -A * r * gamma / (r + gamma)^2; at r = 2, gamma = 7.6: -15.2 / 92.16
     logp = log([SPEC_RATIOS]).requires_grad_(True)
-    shaped_surrogate(logp, torch.zeros(1, 5, dtype=torch.float64), torch.tensor([1.0]), torch.ones(1, 5)).sum().backward()
+    zeros = torch.zeros(1, 5, dtype=torch.float64)
+    shaped_surrogate(logp, zeros, torch.tensor([1.0]), torch.ones(1, 5)).sum().backward()
     expected = [-r * 7.6 / (r + 7.6) ** 2 for r in SPEC_RATIOS]
     assert expected[2] == pytest.approx(-0.164931, abs=1e-6)
     assert logp.grad[0].tolist() == pytest.approx(expected, abs=1e-12)
@@ -234,7 +235,8 @@ def test_without_hinted_samples_guide_loss_is_grpo_loss_bit_for_bit(scope, extra
                                           entropy=entropy))
         aggregate(loss_BT, mask).backward()
         results.append((loss_BT.detach(), metrics, logp.grad, entropy.grad))
-    (grpo_loss, grpo_metrics, grpo_grad, grpo_ent_grad), (guide_loss, guide_metrics, guide_grad, guide_ent_grad) = results
+    (grpo_loss, grpo_metrics, grpo_grad, grpo_ent_grad), (guide_loss, guide_metrics, guide_grad, guide_ent_grad) = (
+        results)
     assert torch.equal(grpo_loss, guide_loss)
     assert torch.equal(grpo_grad, guide_grad)
     assert (grpo_ent_grad is guide_ent_grad is None) if not extras else torch.equal(grpo_ent_grad, guide_ent_grad)

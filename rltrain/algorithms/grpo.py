@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rltrain.batch import Source
+
 
 def group_advantages(
     rewards_N: Tensor,
@@ -91,6 +93,8 @@ def constant_groups(rewards_N: Tensor, group_ids_N: Tensor, *, tol: float = 1e-9
 class GRPOLoss:
     """Clipped surrogate + optional k3 KL (beta) - optional entropy bonus, per token, for the policy worker."""
 
+    step_sources: frozenset[Source] = frozenset()  # per-token terms only: no step-wide statistics
+
     def __init__(
         self,
         *,
@@ -125,3 +129,6 @@ class GRPOLoss:
             loss_BT = loss_BT - self.entropy_coef * inputs.entropy_BT
             metrics["entropy"] = inputs.entropy_BT.detach()
         return loss_BT, metrics
+
+    def step_statistics(self, inputs) -> dict[str, Tensor]:
+        return {}

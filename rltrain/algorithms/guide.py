@@ -104,9 +104,9 @@ class GuideLoss(GRPOLoss):
     worker scores ``old_logp`` under the generation context (with the hint), ``logp`` under the training context.
 
     Per-token metrics (the worker averages each over all trained tokens): ``ratio_mean`` (r, or r~ on guided tokens),
-    ``clip_frac`` (unguided tokens outside the clip range), ``guided_token_share`` (1 on guided tokens); ``guided_ratio``
-    and ``gamma`` are r~ and gamma on guided tokens and 0 elsewhere, so divide them by ``guided_token_share`` for their
-    mean over guided tokens.
+    ``clip_frac`` (unguided tokens outside the clip range), ``guided_token_share`` (1 on guided tokens);
+    ``guided_ratio`` and ``gamma`` are r~ and gamma on guided tokens and 0 elsewhere, so divide them by
+    ``guided_token_share`` for their mean over guided tokens.
     """
 
     def __init__(
