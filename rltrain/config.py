@@ -75,6 +75,11 @@ class GammaScope(str, enum.Enum):
     batch = "batch"
 
 
+class MisUniform(str, enum.Enum):
+    one = "one"  # U = 1 (RL-PLUS's released code: r = pi / (0.75 pi_old + 0.25))
+    vocab = "vocab"  # U = 1/|V| (the paper)
+
+
 class RewardFailure(str, enum.Enum):
     zero = "zero"  # a sample whose reward function failed scores 0 for that function and stays in its group
     drop = "drop"  # the sample leaves the batch (its group trains on the rest)
@@ -188,6 +193,19 @@ class GuideConfig:
 
 
 @dataclass
+class RLPlusConfig:
+    """RL-PLUS (algorithms.md section 2): external demonstrations in each group, weighted by multiple importance
+    sampling, with the exploration-based advantage."""
+
+    n_external: int = 1  # demonstrations per group; the group keeps trainer.rollouts_per_prompt samples in all
+    demo_column: str = "solution"  # the row column holding the demonstration text
+    demo_path: str = ""  # or a JSONL of {"prompt", "completion"} traces (e.g. from a stronger model), by prompt
+    mis_uniform: MisUniform = MisUniform.one
+    exploration_gamma: float = 0.5
+    clip_on_policy: bool = True  # the released code removes clipping on the on-policy term (rl_plus_code)
+
+
+@dataclass
 class AlgorithmConfig:
     name: str = "grpo"
     advantage_scale: AdvantageScale = AdvantageScale.group
@@ -200,6 +218,7 @@ class AlgorithmConfig:
     filter_constant_groups: bool = False
     max_refill_rounds: int = 0  # extra generation rounds to replace filtered groups
     guide: GuideConfig = field(default_factory=GuideConfig)  # read when name=guide
+    rl_plus: RLPlusConfig = field(default_factory=RLPlusConfig)  # read when name=rl_plus
 
 
 @dataclass
@@ -317,8 +336,12 @@ def check(config: Config) -> None:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
     if r.backend != "hf":
         raise ConfigError(f"rollout.backend={r.backend!r} is not available; choose 'hf'")
-    if config.algorithm.name not in ("grpo", "guide"):
-        raise ConfigError(f"algorithm.name={config.algorithm.name!r} is not available; choose 'grpo' or 'guide'")
+    if config.algorithm.name not in ("grpo", "guide", "rl_plus"):
+        raise ConfigError(f"algorithm.name={config.algorithm.name!r} is not available; choose grpo, guide or rl_plus")
+    p = config.algorithm.rl_plus
+    if config.algorithm.name == "rl_plus" and not 1 <= p.n_external < t.rollouts_per_prompt:
+        raise ConfigError(f"algorithm.rl_plus.n_external={p.n_external} must be >= 1 and leave on-policy samples in "
+                          f"each group of trainer.rollouts_per_prompt={t.rollouts_per_prompt}")
     g = config.algorithm.guide
     if not 0 <= g.reroll_threshold < 1 or not 0 < g.quantile <= 1 or not g.gamma_value > 0:
         raise ConfigError("algorithm.guide: reroll_threshold must be in [0, 1), quantile in (0, 1], gamma_value > 0")
@@ -375,6 +398,6 @@ def to_config(cfg: DictConfig) -> Config:
 _SCHEMAS = {
     cls.__name__: cls
     for cls in (Config, ModelConfig, TinyModelConfig, TaskConfig, BuiltinTaskConfig, DatasetConfig, RolloutConfig,
-                AlgorithmConfig, GuideConfig, AdapterConfig, TrainerConfig, LoggerConfig, WandbConfig,
+                AlgorithmConfig, GuideConfig, RLPlusConfig, AdapterConfig, TrainerConfig, LoggerConfig, WandbConfig,
                 DistributedConfig, EvalConfig)
 }

@@ -23,6 +23,7 @@ import torch
 
 from rltrain.algorithms.grpo import GRPOLoss, constant_groups, group_advantages
 from rltrain.algorithms.guide import GuideLoss
+from rltrain.algorithms.rl_plus import RLPlusLoss
 from rltrain.batch import RolloutBatch
 from rltrain.checkpoint import Checkpointer, CheckpointError, config_changes, resume_source, truncate_jsonl
 from rltrain.config import AdapterKind, Config, GammaKind, ModelSource
@@ -34,6 +35,7 @@ from rltrain.policy import OptimSettings, PolicyWorker
 from rltrain.rollout.base import SamplingParams
 from rltrain.rollout.collect import PromptIds, collect
 from rltrain.rewards import RewardError, RewardScorer
+from rltrain.rollout.demonstrations import Demonstrations
 from rltrain.rollout.guidance import HintGuidance
 from rltrain.rollout.hf import HFEngine
 from rltrain.sft import warm_start
@@ -62,6 +64,7 @@ class Components:
     sampling: SamplingParams
     rollouts_per_prompt: int
     guidance: HintGuidance | None = None  # Guide's hinted regeneration (algorithm.name=guide)
+    demos: Demonstrations | None = None  # RL-PLUS's external demonstrations (algorithm.name=rl_plus)
     adapter_base: torch.nn.Module | None = None  # a base that exists only in this run (tiny + LoRA), saved once
 
 
@@ -109,6 +112,10 @@ def build(config: Config) -> Components:
         g = a.guide
         loss = GuideLoss(gamma="percentile" if g.gamma == GammaKind.percentile else g.gamma_value,
                          quantile=g.quantile, scope=g.scope.value, **common)
+    elif a.name == "rl_plus":
+        p = a.rl_plus
+        loss = RLPlusLoss(mis_uniform=p.mis_uniform.value, vocab_size=model.config.vocab_size,
+                          exploration_gamma=p.exploration_gamma, clip_on_policy=p.clip_on_policy, **common)
     else:
         loss = GRPOLoss(**common)
     return Components(
@@ -117,6 +124,7 @@ def build(config: Config) -> Components:
         sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens),
         rollouts_per_prompt=t.rollouts_per_prompt,
         guidance=HintGuidance(a.guide, train_set.rows, t.rollouts_per_prompt) if a.name == "guide" else None,
+        demos=Demonstrations(a.rl_plus, train_ids, tokenizer) if a.name == "rl_plus" else None,
     )
 
 
@@ -153,8 +161,14 @@ def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatc
 def _rollouts(c: Components, indices: list[int], stats: dict, *, first_group_id: int) -> RolloutBatch:
     """Generate and score a group per prompt; Guide then regenerates failed groups with hints."""
     per_prompt = c.guidance.unguided_count() if c.guidance else c.rollouts_per_prompt
+    if c.demos is not None:
+        per_prompt -= c.demos.count
     batch = _scored(c, collect(c.engine, c.train_ids, indices, [per_prompt] * len(indices), c.sampling,
                                first_group_id=first_group_id), stats)
+    if c.demos is not None:  # RL-PLUS: the demonstrations join their prompt's group
+        demos = _scored(c, c.demos.batch(indices, [first_group_id + k for k in range(len(indices))]), stats,
+                        generated=False)
+        batch = RolloutBatch.concat([batch, demos])
     if c.guidance is None:
         return batch
     correct_N = batch.rewards_N >= c.rewards.full_reward - 1e-6
@@ -171,10 +185,13 @@ def _rollouts(c: Components, indices: list[int], stats: dict, *, first_group_id:
     return c.guidance.merge(batch, correct_N, rerolls, hinted, hinted_correct_N)
 
 
-def _scored(c: Components, batch: RolloutBatch, stats: dict) -> RolloutBatch:
-    """Score; ``stats`` accumulates rollouts, tokens, reward time and reward failures over the step."""
-    stats["rollouts"] += len(batch)
-    stats["tokens_generated"] += sum(len(x) for x in batch.completion_ids)
+def _scored(c: Components, batch: RolloutBatch, stats: dict, *, generated: bool = True) -> RolloutBatch:
+    """Score; ``stats`` accumulates rollouts (generated) or external samples, tokens, reward time and failures."""
+    if generated:
+        stats["rollouts"] += len(batch)
+        stats["tokens_generated"] += sum(len(x) for x in batch.completion_ids)
+    else:
+        stats["external_samples"] = stats.get("external_samples", 0) + len(batch)
     start = time.perf_counter()
     batch, _, reward_stats = c.rewards.score_batch(batch, c.tokenizer, c.train_ids.prompts)
     stats["time_reward_s"] += time.perf_counter() - start
@@ -241,6 +258,8 @@ def train_step(c: Components, config: Config, step: int) -> tuple[dict, RolloutB
         if record.get("guided_token_share"):  # the worker averages over all tokens; these exist on guided ones
             record["guided_ratio_mean"] = record["guided_ratio"] / record["guided_token_share"]
             record["gamma_mean"] = record["gamma"] / record["guided_token_share"]
+        if record.get("external_token_share"):
+            record["mis_ratio_mean"] = record["mis_ratio"] / record["external_token_share"]
     updated = time.perf_counter()
     record["time_update_s"] = updated - generated
     c.engine.load_weights({})

@@ -144,6 +144,7 @@ def _compact_rows(items: list[arithmetic.Item]) -> list[dict]:
     for item in items:
         row = item.as_row()
         row["prompt"] = item.compact
+        row["solution"] = item.answer  # the whole reply a compact prompt expects (RL-PLUS's demonstration)
         # Hints a character-level model can read: the first digits of the answer, never all of them.
         row["hints"] = [item.answer[:k] for k in range(1, len(item.answer))]
         rows.append(row)
