@@ -9,11 +9,12 @@ from __future__ import annotations
 import itertools
 import sys
 
-USAGE = ("usage: rltrain {train,eval,report,bench} [args...]\n"
+USAGE = ("usage: rltrain {train,eval,report,bench,tasks} [args...]\n"
          "  train [overrides]    GRPO run (rltrain train --help for Hydra's options; -m for sweeps)\n"
          "  eval [overrides]     accuracy and pass@k of eval.checkpoint=PATH on a split\n"
          "  report DIR           report.png/report.html of a run dir, or the summary table of a multirun dir\n"
-         "  bench trl            rollout+update speed against TRL, written to docs/benchmarks.md")
+         "  bench trl            rollout+update speed against TRL, written to docs/benchmarks.md\n"
+         "  tasks hard-split [overrides]  screen a hard split for an experiment's model (--help for options)")
 # Hydra options that take a value; their value is not an override.
 _VALUE_FLAGS = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c",
                 "--package", "-p", "--info", "-i", "--experimental-rerun"}
@@ -114,6 +115,10 @@ def main() -> None:
         from rltrain.bench import main as bench_main
 
         bench_main(args)
+    elif command == "tasks" and args[:1] == ["hard-split"]:
+        from rltrain.tasks.hard import main as hard_split_main
+
+        hard_split_main(args[1:])
     else:
-        print(f"rltrain: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+        print(f"rltrain: unknown command {' '.join([command, *args[:1]])!r}\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)

@@ -115,6 +115,10 @@ class TinyModelConfig:
     sft_steps: int = 200
     sft_lr: float = 3e-3
     sft_batch_size: int = 64
+    # The task whose train rows the warm start learns from; None: the run's own task. A run on a screened split (e.g.
+    # the hard split) warm-starts on the task the split was screened against, so the split's answers stay unseen.
+    sft_task: Optional[TaskConfig] = None
+    sft_hints: bool = False  # also learn each row's prompt with each of its `hints`, so that the model can read one
 
 
 @dataclass

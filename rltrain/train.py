@@ -87,8 +87,16 @@ def build(config: Config) -> Components:
     train_ids, eval_ids = PromptIds(formatter, train_set), PromptIds(formatter, eval_set)
     if config.model.source == ModelSource.tiny:
         tiny = config.model.tiny
-        rows = range(len(train_set))
-        warm_start(model, tokenizer, [train_ids[i] for i in rows], [train_set.rows[i]["answer"] for i in rows],
+        sft_set, sft_ids = train_set, train_ids
+        if tiny.sft_task is not None:
+            sft_set, _ = load_prompt_sets(tiny.sft_task)
+            sft_ids = PromptIds(PromptFormatter(tokenizer, tiny.sft_task), sft_set)
+        contexts, answers = [], []
+        for i, row in enumerate(sft_set.rows):
+            for hint in [""] + (list(row["hints"]) if tiny.sft_hints else []):
+                contexts.append(sft_ids.hinted(i, hint) if hint else sft_ids[i])
+                answers.append(row["answer"])
+        warm_start(model, tokenizer, contexts, answers,
                    steps=tiny.sft_steps, lr=tiny.sft_lr, batch_size=tiny.sft_batch_size, seed=config.trainer.seed)
     reference = adapter_base = None
     if config.adapter.kind == AdapterKind.lora:

@@ -84,12 +84,31 @@ def load_prompt_sets(task: TaskConfig) -> tuple[PromptSet, PromptSet]:
         to_rows = _compact_rows if b.style == PromptStyle.compact else (lambda items: [i.as_row() for i in items])
         return PromptSet(to_rows(train), "builtin/train"), PromptSet(to_rows(held_out), "builtin/eval")
     d, columns = task.dataset, dict(task.dataset.columns)
-    train_rows = _dataset_rows(d.path, d.name, d.train_split, columns)
-    eval_rows = _dataset_rows(d.path, d.name, d.eval_split, columns)
+    path = resolve_dataset_path(d.path)
+    train_rows = _dataset_rows(path, d.name, d.train_split, columns)
+    eval_rows = _dataset_rows(path, d.name, d.eval_split, columns)
     if task.eval_size:
         eval_rows = eval_rows[: task.eval_size]
     return (PromptSet(train_rows, f"{d.path}:{d.train_split}", columns),
             PromptSet(eval_rows, f"{d.path}:{d.eval_split}", columns))
+
+
+def resolve_dataset_path(path: str) -> str:
+    """``package:REL`` is a path inside the rltrain package (data shipped with it), ``cache:REL`` one under rltrain's
+    cache directory (what ``rltrain tasks hard-split`` writes); any other path is used as written."""
+    scheme, colon, rest = path.partition(":")
+    if not colon or scheme not in ("package", "cache"):
+        return path
+    if scheme == "package":
+        resolved = Path(__file__).resolve().parent.parent / rest
+    else:
+        from rltrain.models import cache_dir
+
+        resolved = cache_dir() / rest
+    if not resolved.exists():
+        raise DatasetError(f"task.dataset.path={path}: no such file or directory {resolved}"
+                           + (" (rltrain tasks hard-split writes hard splits there)" if scheme == "cache" else ""))
+    return str(resolved)
 
 
 def validate_rows(prompts: PromptSet, formatter: PromptFormatter, *, max_prompt_tokens: int, policy: InvalidRows
