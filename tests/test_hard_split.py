@@ -1,7 +1,7 @@
 """The hard split shipped for experiment=tiny_hard (conf/task/arithmetic_compact_hard.yaml): it loads through the task
 config, every row has hints that never state the answer, train and test share no prompt, it was screened with the
-experiment's current settings and model, and sampled rows screen again as recorded: no success in 2 x 8 unguided
-samples, at least one in 8 with a hint. Plus the hint and screening rules on hand-made rows."""
+experiment's current settings and model, and sampled rows screen again as recorded: no success in the recorded
+number of 8-sample unguided groups, at least one in 8 with a hint. Plus the hint and screening rules on hand-made rows."""
 
 from __future__ import annotations
 
@@ -34,13 +34,13 @@ def split(config):
 
 def test_split_loads_with_hints_on_every_row_and_disjoint_prompts(split):
     train, test = split
-    assert len(train) >= 200 and len(test) >= 50
+    assert len(train) >= 150 and len(test) >= 50
     for row in train + test:
         assert row["hints"] and all(isinstance(h, str) and h for h in row["hints"])
         assert not any(states_answer(h, row["answer"]) for h in row["hints"])
         assert all(row["answer"].startswith(h) for h in row["hints"])  # answer prefixes, weakest first
         assert [len(h) for h in row["hints"]] == list(range(1, len(row["answer"])))
-        assert row["unguided_successes"] == [0, 0]
+        assert len(row["unguided_successes"]) >= 2 and not any(row["unguided_successes"])
         level = row["solved_at_level"]
         assert row["hinted_successes"][level] >= 1 and not any(row["hinted_successes"][:level])
         assert row["hint"] == row["hints"][level]
@@ -66,8 +66,9 @@ def test_the_screening_model_is_the_one_the_experiment_trains():
 
 def test_sampled_rows_screen_again_as_recorded(config, split):
     train, test = split
-    rows = (train + test)[::75]
-    screener, seen, rewards = build_screener(config, unguided_groups=2)
+    rows = (train + test)[::60]
+    meta = json.loads((Path(resolve_dataset_path(config.task.dataset.path)) / "screen.json").read_text())
+    screener, seen, rewards = build_screener(config, unguided_groups=meta["unguided_groups"])
     try:
         screens = screener.screen(rows)
     finally:
@@ -75,7 +76,7 @@ def test_sampled_rows_screen_again_as_recorded(config, split):
     assert len(seen) == config.model.tiny.sft_task.builtin.train_size
     assert not seen & {r["prompt"] for r in train + test}  # the warm start never saw a split prompt
     for row, screen in zip(rows, screens):
-        assert screen.unguided == [0, 0], row["prompt"]
+        assert screen.unguided == [0] * meta["unguided_groups"], row["prompt"]
         assert any(screen.hinted), row["prompt"]
 
 
