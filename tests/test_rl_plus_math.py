@@ -15,7 +15,8 @@ from rltrain.algorithms.aggregation import aggregate
 from rltrain.algorithms.grpo import clipped_surrogate, group_advantages
 from rltrain.algorithms.rl_plus import RLPlusLoss, exploration_advantage, mis_ratio
 from rltrain.batch import RolloutBatch, Source
-from tests.test_policy_gradients import TOL, build_model, max_diff, sequence_logp, worker_step
+from tests.test_guide_math import model  # noqa: F401 - the tiny model fixture, shared
+from tests.test_policy_gradients import TOL, max_diff, sequence_logp, worker_step
 
 pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 
@@ -208,14 +209,6 @@ def test_gradient_wrt_logits_matches_finite_differences(uniform):
 # ---- through the policy worker, on a tiny model ---------------------------------------------------------------
 
 MAX_LEN = 7
-
-
-@pytest.fixture(scope="module")
-def model():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield build_model(0)[0]
-    torch.set_num_threads(threads)
 
 
 def make_rl_plus_batch() -> RolloutBatch:

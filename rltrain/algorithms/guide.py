@@ -115,17 +115,10 @@ class GuideLoss(GRPOLoss):
         gamma: str | float = "percentile",
         quantile: float = 0.9,
         scope: str = "sequence",
-        eps_low: float = 0.2,
-        eps_high: float = 0.2,
-        beta: float = 0.0,
-        entropy_coef: float = 0.0,
-        aggregation: str = "token_mean",
-        max_len: int | None = None,
+        **grpo,
     ) -> None:
-        super().__init__(
-            eps_low=eps_low, eps_high=eps_high, beta=beta, entropy_coef=entropy_coef, aggregation=aggregation,
-            max_len=max_len,
-        )
+        """``grpo``: GRPOLoss's settings (eps_low, eps_high, beta, entropy_coef, aggregation, max_len)."""
+        super().__init__(**grpo)
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
         if isinstance(gamma, str) and gamma != "percentile":

@@ -74,19 +74,12 @@ class RLPlusLoss(GRPOLoss):
         vocab_size: int | None = None,
         exploration_gamma: float = 0.5,
         clip_on_policy: bool = True,
-        eps_low: float = 0.2,
-        eps_high: float = 0.2,
-        beta: float = 0.0,
-        entropy_coef: float = 0.0,
-        aggregation: str = "token_mean",
-        max_len: int | None = None,
+        **grpo,
     ) -> None:
+        """``grpo``: GRPOLoss's settings (eps_low, eps_high, beta, entropy_coef, aggregation, max_len)."""
         if not clip_on_policy:  # an infinite clip range is no clipping: min(rA, rA)
-            eps_low = eps_high = math.inf
-        super().__init__(
-            eps_low=eps_low, eps_high=eps_high, beta=beta, entropy_coef=entropy_coef, aggregation=aggregation,
-            max_len=max_len,
-        )
+            grpo.update(eps_low=math.inf, eps_high=math.inf)
+        super().__init__(**grpo)
         if mis_uniform not in UNIFORMS:
             raise ValueError(f"mis_uniform must be one of {UNIFORMS}, got {mis_uniform!r}")
         if mis_uniform == "vocab" and not vocab_size:
