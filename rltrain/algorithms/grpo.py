@@ -121,8 +121,16 @@ class GRPOLoss:
             "ratio_mean": ratio_BT,
             "clip_frac": ((ratio_BT < 1 - self.eps_low) | (ratio_BT > 1 + self.eps_high)).float(),
         }
+        return self.regularized(loss_BT, inputs, metrics)
+
+    def regularized(self, loss_BT: Tensor, inputs, metrics: dict[str, Tensor], *,
+                    kl_mask_BT: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The per-token loss with the k3 KL term (on tokens where ``kl_mask_BT``, default all) and the entropy bonus
+        added, as configured; shared by every loss built on this one."""
         if self.needs_reference:
             kl_BT = k3_kl(inputs.logp_BT, inputs.ref_logp_BT)
+            if kl_mask_BT is not None:
+                kl_BT = torch.where(kl_mask_BT, kl_BT, 0.0)
             loss_BT = loss_BT + self.beta * kl_BT
             metrics["kl"] = kl_BT.detach()
         if self.needs_entropy:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rltrain.algorithms.grpo import GRPOLoss, clipped_surrogate, k3_kl
+from rltrain.algorithms.grpo import GRPOLoss, clipped_surrogate
 from rltrain.batch import Source
 
 GAMMA_FLOOR = 1e-4
@@ -173,14 +173,7 @@ class GuideLoss(GRPOLoss):
             "guided_ratio": ratio_BT * guided_BT,
             "gamma": gamma_BT,
         }
-        if self.needs_reference:
-            kl_BT = k3_kl(logp_BT, inputs.ref_logp_BT)
-            loss_BT = loss_BT + self.beta * kl_BT
-            metrics["kl"] = kl_BT.detach()
-        if self.needs_entropy:
-            loss_BT = loss_BT - self.entropy_coef * inputs.entropy_BT
-            metrics["entropy"] = inputs.entropy_BT.detach()
-        return loss_BT, metrics
+        return self.regularized(loss_BT, inputs, metrics)
 
 
 def _guided(sources, device) -> Tensor:

@@ -29,7 +29,7 @@ import math
 import torch
 from torch import Tensor
 
-from rltrain.algorithms.grpo import GRPOLoss, clipped_surrogate, k3_kl
+from rltrain.algorithms.grpo import GRPOLoss, clipped_surrogate
 from rltrain.batch import Source
 
 UNIFORMS = ("one", "vocab")
@@ -113,11 +113,4 @@ class RLPlusLoss(GRPOLoss):
             "mis_ratio": mis_BT,
             "exploration_weight": weight_BT,
         }
-        if self.needs_reference:
-            kl_BT = torch.where(external_BT.bool(), 0.0, k3_kl(logp_BT, inputs.ref_logp_BT))
-            loss_BT = loss_BT + self.beta * kl_BT
-            metrics["kl"] = kl_BT.detach()
-        if self.needs_entropy:
-            loss_BT = loss_BT - self.entropy_coef * inputs.entropy_BT
-            metrics["entropy"] = inputs.entropy_BT.detach()
-        return loss_BT, metrics
+        return self.regularized(loss_BT, inputs, metrics, kl_mask_BT=~external_BT.bool())
