@@ -119,6 +119,9 @@ class TinyModelConfig:
     # the hard split) warm-starts on the task the split was screened against, so the split's answers stay unseen.
     sft_task: Optional[TaskConfig] = None
     sft_hints: bool = False  # also learn each row's prompt with each of its `hints`, so that the model can read one
+    # Seed of the initial weights and the warm start; None: trainer.seed. Fix it to train one base model with several
+    # RL seeds (a screened split fits the base it was screened against).
+    seed: Optional[int] = None
 
 
 @dataclass

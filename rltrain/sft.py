@@ -32,4 +32,5 @@ def warm_start(model: nn.Module, tokenizer, prompt_ids: list[list[int]], answers
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # no stale gradients left on weights that a LoRA run then freezes
     return float(loss.detach())
