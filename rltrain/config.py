@@ -75,6 +75,11 @@ class GammaScope(str, enum.Enum):
     batch = "batch"
 
 
+class ExternalTerm(str, enum.Enum):
+    mis = "mis"  # RL-PLUS: -r^m A^c (Multiple Importance Sampling ratio, exploration advantage)
+    shaped = "shaped"  # LUFFY: -f(pi_theta) A, f(x) = x / (x + gamma), the demonstrator's probability taken as 1
+
+
 class MisUniform(str, enum.Enum):
     one = "one"  # U = 1 (RL-PLUS's released code: r = pi / (0.75 pi_old + 0.25))
     vocab = "vocab"  # U = 1/|V| (the paper)
@@ -210,6 +215,8 @@ class RLPlusConfig:
     mis_uniform: MisUniform = MisUniform.one
     exploration_gamma: float = 0.5
     clip_on_policy: bool = True  # the released code removes clipping on the on-policy term (rl_plus_code)
+    external_term: ExternalTerm = ExternalTerm.mis  # `shaped`: LUFFY's policy shaping instead (algorithm=luffy)
+    shaping_gamma: float = 0.1  # LUFFY's gamma, with external_term=shaped
 
 
 @dataclass
@@ -251,6 +258,9 @@ class TrainerConfig:
     save_final: bool = True
     checkpoint_every: int = 0  # steps; 0 = no intermediate checkpoints
     keep_checkpoints: int = 2  # newest K complete checkpoints are kept
+    # Rollout budget: the run ends after the step at which the rollouts generated so far (hinted ones included)
+    # reach this many, or at `steps`, whichever comes first; 0 = no budget. Compares methods at equal sampling cost.
+    max_rollouts: int = 0
     max_nonfinite_updates: int = 5  # consecutive skipped updates (NaN/inf loss or gradient) before the run stops
     seed: int = 0
 
@@ -316,8 +326,9 @@ class ConfigError(ValueError):
 def check(config: Config) -> None:
     """Cross-field checks that types cannot express. Raises ConfigError naming the key."""
     t, r = config.trainer, config.rollout
+    if t.steps < 0:  # 0: evaluate the starting model (e.g. a warm start) and save it, without training
+        raise ConfigError(f"trainer.steps must be >= 0, got {t.steps}")
     positive = {
-        "trainer.steps": t.steps,
         "trainer.prompts_per_step": t.prompts_per_step,
         "trainer.rollouts_per_prompt": t.rollouts_per_prompt,
         "trainer.updates_per_step": t.updates_per_step,

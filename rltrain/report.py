@@ -334,6 +334,7 @@ class JobSummary:
     overrides: list[str]
     status: str  # "ok", "incomplete (k/n steps)", "no metrics"
     steps: int | None
+    rollouts: int | None  # generated, hinted ones included (trainer.max_rollouts budgets them)
     final_reward: float  # mean reward_mean of the last 5 steps
     final_eval_accuracy: float  # last eval record
     wall_time_s: float
@@ -362,7 +363,9 @@ def summarize_job(job_dir: Path) -> JobSummary:
         status = f"incomplete ({n_steps or 0}/{expected} steps)"
     else:
         status = "ok"
-    return JobSummary(int(job_dir.name), overrides, status, n_steps, final_reward, final_eval, wall, (steps, evals))
+    rollouts = sum(int(r.get("rollouts", 0)) for r in steps) if steps else None
+    return JobSummary(int(job_dir.name), overrides, status, n_steps, rollouts, final_reward, final_eval, wall,
+                      (steps, evals))
 
 
 def summarize_sweep(sweep_dir: Path) -> list[JobSummary]:
@@ -376,12 +379,12 @@ def split_overrides(jobs: list[JobSummary]) -> tuple[list[str], dict[int, str]]:
     return common, {j.job: " ".join(o for o in j.overrides if o not in common) for j in jobs}
 
 
-COLUMNS = ("job", "overrides", "status", "steps", "final reward", "final eval accuracy", "wall time")
+COLUMNS = ("job", "overrides", "status", "steps", "rollouts", "final reward", "final eval accuracy", "wall time")
 SHORT = {"final reward": "reward", "final eval accuracy": "eval acc", "wall time": "time"}  # console headers
 
 
 def _cells(job: JobSummary, label: str) -> list[str]:
-    return [str(job.job), label or "-", job.status, fmt(job.steps), fixed(job.final_reward),
+    return [str(job.job), label or "-", job.status, fmt(job.steps), fmt(job.rollouts), fixed(job.final_reward),
             fixed(job.final_eval_accuracy), duration(job.wall_time_s)]
 
 
@@ -427,9 +430,11 @@ def write_sweep_report(sweep_dir: Path, console: Console) -> tuple[Path, Path, P
     md.write_text("\n".join(lines) + "\n")
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["job", "overrides", "status", "steps", "final_reward", "final_eval_accuracy", "wall_time_s"])
+        writer.writerow(["job", "overrides", "status", "steps", "rollouts", "final_reward", "final_eval_accuracy",
+                         "wall_time_s"])
         for job in jobs:
-            writer.writerow([job.job, " ".join(job.overrides), job.status, "" if job.steps is None else job.steps,
+            writer.writerow([job.job, " ".join(job.overrides), job.status, *("" if v is None else v
+                                                                            for v in (job.steps, job.rollouts)),
                              *("" if not finite(v) else repr(v)
                                for v in (job.final_reward, job.final_eval_accuracy, job.wall_time_s))])
     plot_sweep(jobs, labels, png, f"{sweep_dir.resolve().name}: {len(jobs)} jobs"

@@ -26,7 +26,7 @@ from rltrain.algorithms.guide import GuideLoss
 from rltrain.algorithms.rl_plus import RLPlusLoss
 from rltrain.batch import RolloutBatch
 from rltrain.checkpoint import Checkpointer, CheckpointError, config_changes, resume_source, truncate_jsonl
-from rltrain.config import AdapterKind, Config, GammaKind, ModelSource
+from rltrain.config import AdapterKind, Config, GammaKind, ModelSource, TrainerConfig
 from rltrain.data import PromptSampler
 from rltrain.evaluation import evaluate
 from rltrain.metrics import MetricsLogger
@@ -129,7 +129,8 @@ def build(config: Config) -> Components:
     elif a.name == "rl_plus":
         p = a.rl_plus
         loss = RLPlusLoss(mis_uniform=p.mis_uniform.value, vocab_size=model.config.vocab_size,
-                          exploration_gamma=p.exploration_gamma, clip_on_policy=p.clip_on_policy, **common)
+                          exploration_gamma=p.exploration_gamma, clip_on_policy=p.clip_on_policy,
+                          external_term=p.external_term.value, shaping_gamma=p.shaping_gamma, **common)
     else:
         loss = GRPOLoss(**common)
     return Components(
@@ -234,12 +235,17 @@ class LoopState:
 
     nonfinite_in_row: int = 0
     wall_time_s: float = 0.0  # over every session of a resumed run
+    rollouts: int = 0  # generated so far (trainer.max_rollouts)
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
         self.nonfinite_in_row, self.wall_time_s = state["nonfinite_in_row"], state["wall_time_s"]
+        self.rollouts = state.get("rollouts", 0)
+
+    def budget_spent(self, t: TrainerConfig) -> bool:
+        return bool(t.max_rollouts) and self.rollouts >= t.max_rollouts
 
 
 class TrainingDiverged(RuntimeError):
@@ -307,20 +313,31 @@ def _train(config: Config, ctx: RunContext, c: Components, source: Path | None) 
     with MetricsLogger(ctx.run_dir, t.steps, config.logger, run_config=config_dict, start_step=first_step - 1) as log:
         if first_step == 1:
             run_eval(c, config, 0, log)
+        last = None  # the step the run ends at: trainer.steps, or the step that spends the rollout budget
         for step in range(first_step, t.steps + 1):
+            if loop.budget_spent(t):  # a resumed run whose budget was already spent
+                break
             record, batch = train_step(c, config, step)
+            loop.rollouts += record["rollouts"]
+            record["rollouts_total"] = loop.rollouts
             log.log(record)
             if batch is not None and config.logger.samples_per_step:
                 log.log_samples(step, _samples(c, batch, config.logger.samples_per_step))
             _check_finite(record, loop, t.max_nonfinite_updates, log)
-            if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+            if step == t.steps or loop.budget_spent(t):
+                last = step
+                break
+            if t.eval_every and step % t.eval_every == 0:
                 run_eval(c, config, step, log)
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps:
+            if t.checkpoint_every and step % t.checkpoint_every == 0:
                 session_start = _checkpoint(checkpoints, step, c, loop, session_start, config_dict)
-        if first_step <= t.steps:
-            run_eval(c, config, t.steps, log)
+        if last is not None:
+            if last < t.steps:
+                log.console.print(f"rollout budget spent: {loop.rollouts} rollouts of trainer.max_rollouts="
+                                  f"{t.max_rollouts} after step {last}")
+            run_eval(c, config, last, log)
             if t.checkpoint_every:  # after the final eval, so that a finished run can be extended exactly
-                session_start = _checkpoint(checkpoints, t.steps, c, loop, session_start, config_dict)
+                session_start = _checkpoint(checkpoints, last, c, loop, session_start, config_dict)
     loop.wall_time_s += time.perf_counter() - session_start
     if t.save_final:
         c.policy.save(ctx.run_dir / "final")
@@ -417,6 +434,7 @@ def summarize(metrics_path: Path, *, wall_time_s: float) -> dict:
         "eval_accuracy_end": evals[-1]["eval_accuracy"] if evals else float("nan"),
         "reward_mean_first5": _mean([r.get("reward_mean") for r in steps[:5]]),
         "reward_mean_last5": _mean([r.get("reward_mean") for r in steps[-5:]]),
+        "rollouts": sum(r.get("rollouts", 0) for r in steps),
         "wall_time_s": wall_time_s,
     }
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)
 SETUP = ["experiment=tiny_hard", "trainer.prompts_per_step=16",
          "trainer.rollouts_per_prompt=4", "trainer.lr=1e-3", "logger.progress=false"]
 LORA = ["adapter=lora", "adapter.lora.r=4", "adapter.lora.target_modules=[q_proj,v_proj]"]
-SHARE = {"guide": "guided_token_share", "rl_plus": "external_token_share"}
+SHARE = {"guide": "guided_token_share", "rl_plus": "external_token_share", "luffy": "external_token_share"}
 
 
 def one_step(method: str, micro_batch: int, lora: bool):
@@ -46,7 +46,7 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("method", ["guide", "rl_plus"])
+@pytest.mark.parametrize("method", ["guide", "rl_plus", "luffy"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_accumulated_step_equals_the_whole_batch_step(method, lora):
     whole = one_step(method, 64, lora)

@@ -125,7 +125,8 @@ def make_job(sweep_dir, job: int, lr: str, *, rewards=None, evals=None, summary=
     (job_dir / ".hydra" / "config.yaml").write_text(f"trainer:\n  steps: {steps_configured}\n")
     if rewards is not None:
         records = [{"time": 100.0, "eval_step": 0, "eval_accuracy": evals[0]}]
-        records += [{"time": 100.0 + 3 * s, "step": s, "reward_mean": r} for s, r in enumerate(rewards, 1)]
+        records += [{"time": 100.0 + 3 * s, "step": s, "reward_mean": r, "rollouts": 16 + s % 2}
+                    for s, r in enumerate(rewards, 1)]
         records += [{"time": 100.0 + 3 * len(rewards) + 1.5, "eval_step": len(rewards), "eval_accuracy": evals[1]}]
         write_jsonl(job_dir / "metrics.jsonl", records)
     if summary is not None:
@@ -149,7 +150,7 @@ def test_sweep_report_table_csv_md_and_plot(tmp_path):
     assert list(rows) == [0, 1, 2, 10]
     assert float(rows[0]["final_reward"]) == pytest.approx(0.4)  # mean of steps 6..10 = (6+...+10)/5/20
     assert float(rows[0]["final_eval_accuracy"]) == 0.35 and float(rows[0]["wall_time_s"]) == 31.5
-    assert (rows[0]["steps"], rows[0]["status"]) == ("10", "ok")
+    assert (rows[0]["steps"], rows[0]["rollouts"], rows[0]["status"]) == ("10", "165", "ok")
     assert rows[0]["overrides"] == "experiment=tiny trainer.lr=1e-5"
     assert (float(rows[1]["final_reward"]), float(rows[1]["final_eval_accuracy"])) == (0.625, 0.75)  # summary.json
     assert float(rows[1]["wall_time_s"]) == 42.0
@@ -160,10 +161,10 @@ def test_sweep_report_table_csv_md_and_plot(tmp_path):
 
     text = md.read_text()
     assert "Common overrides: `experiment=tiny`" in text
-    assert "| 0 | trainer.lr=1e-5 | ok | 10 | 0.400 | 0.350 | 31.5s |" in text
-    assert "| 1 | trainer.lr=1e-4 | ok | 10 | 0.625 | 0.750 | 42.0s |" in text
-    assert "| 2 | trainer.lr=1e-3 | no metrics | - | - | - | - |" in text
-    assert "| 10 | trainer.lr=3e-3 | incomplete (4/10 steps) | 4 | 0.583 | 0.250 | 13.5s |" in text
+    assert "| 0 | trainer.lr=1e-5 | ok | 10 | 165 | 0.400 | 0.350 | 31.5s |" in text
+    assert "| 1 | trainer.lr=1e-4 | ok | 10 | 165 | 0.625 | 0.750 | 42.0s |" in text
+    assert "| 2 | trainer.lr=1e-3 | no metrics | - | - | - | - | - |" in text
+    assert "| 10 | trainer.lr=3e-3 | incomplete (4/10 steps) | 4 | 66 | 0.583 | 0.250 | 13.5s |" in text
     console = out.getvalue()
     assert "no metrics" in console and "trainer.lr=1e-4" in console and "0.625" in console
     assert_png(png, 1000, 400)

@@ -286,3 +286,20 @@ def test_presets_are_different_losses(model):
     _, code = reference_rl_plus_step(model, batch, "code")
     _, paper = reference_rl_plus_step(model, batch, "paper")
     assert max_diff(code, paper) > 1e-3
+
+
+def test_luffy_external_term_is_the_shaped_policy_probability_by_hand():
+    """external_term="shaped" (algorithm=luffy): -pi / (pi + 0.1) * A on demonstration tokens, their gradient
+    0.1 / (pi + 0.1)^2 * pi * A per unit log-prob; on-policy rows keep the clipped surrogate."""
+    pi = torch.tensor([[0.5, 0.02], [0.3, 0.3]], dtype=torch.float64)
+    logp = pi.log().requires_grad_(True)
+    old = torch.stack([torch.zeros(2, dtype=torch.float64), pi[1].log()])  # old of the demo row is never read
+    x = inputs(logp, old, torch.tensor([2.0, -1.0], dtype=torch.float64), sources=[EXT, ON])
+    loss_BT, metrics = RLPlusLoss(external_term="shaped", shaping_gamma=0.1)(x)
+    assert loss_BT[0].tolist() == pytest.approx([-2 * 0.5 / 0.6, -2 * 0.02 / 0.12], abs=1e-12)
+    assert loss_BT[1].tolist() == pytest.approx([1.0, 1.0], abs=1e-12)  # ratio 1, A = -1
+    loss_BT.sum().backward()
+    assert logp.grad[0].tolist() == pytest.approx([-2 * 0.1 * 0.5 / 0.6 ** 2, -2 * 0.1 * 0.02 / 0.12 ** 2], abs=1e-12)
+    assert metrics["external_token_share"].tolist() == [[1.0, 1.0], [0.0, 0.0]]
+    with pytest.raises(ValueError, match="external_term"):
+        RLPlusLoss(external_term="luffy")

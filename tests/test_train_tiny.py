@@ -124,3 +124,23 @@ def test_non_finite_updates_are_skipped_and_the_run_stops_after_the_limit(tmp_pa
     steps = [r for r in records if "step" in r]
     assert [(r["step"], r["nonfinite_update"], r["skipped_update"]) for r in steps] == [(s, 1.0, 1.0) for s in (1, 2, 3)]
     assert all(r["loss"] != r["loss"] or abs(r["loss"]) == float("inf") for r in steps)  # NaN or inf
+
+
+def test_rollout_budget_ends_the_run_and_a_resumed_run_spends_a_larger_one(tmp_path):
+    common = ["trainer.steps=10", "trainer.eval_every=0", "trainer.checkpoint_every=1", "resume=auto"]
+    summary, records = run(tmp_path, *common, "trainer.max_rollouts=40")  # 16 rollouts a step
+    steps = [r for r in records if "step" in r]
+    assert [r["rollouts_total"] for r in steps] == [16, 32, 48]
+    assert [r["eval_step"] for r in records if "eval_step" in r] == [0, 3]
+    assert summary["steps"] == 3 and summary["rollouts"] == 48
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1] == "step_000003"
+    summary, records = run(tmp_path, *common, "trainer.max_rollouts=80")
+    assert [r["rollouts_total"] for r in records if "step" in r] == [16, 32, 48, 64, 80]
+    assert summary["steps"] == 5 and summary["rollouts"] == 80
+
+
+def test_zero_steps_evaluates_and_saves_the_starting_model(tmp_path):
+    summary, records = run(tmp_path, "trainer.steps=0", "logger.report=true")
+    assert [r.get("eval_step") for r in records] == [0] and summary["steps"] == 0 and summary["rollouts"] == 0
+    assert summary["eval_accuracy_end"] == summary["eval_accuracy_start"] == records[0]["eval_accuracy"]
+    assert (tmp_path / "final" / "model.safetensors").exists() and (tmp_path / "report.html").exists()

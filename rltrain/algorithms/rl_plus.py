@@ -17,6 +17,10 @@ Paper and code presets configure this one loss: the code removes clipping on the
 (``clip_on_policy=False``), aggregates as sum / L_max (``aggregation="seq_mean_token_sum_norm"``, ``max_len``) with
 entropy coefficient 0.001, and uses A = R - mean (advantages are the caller's, not this module's).
 
+LUFFY (Yan et al., 2025, arXiv 2504.14945) falls out of the same pieces: ``external_term="shaped"`` replaces the
+external term by Guide's shaped surrogate with a constant gamma and the demonstrator's probability taken as 1,
+-f(pi_theta) A with f(x) = x / (x + gamma), gamma = 0.1 (``algorithm=luffy``).
+
 Deliberate choices where the paper is silent: a KL term (beta, off in both presets) applies to on-policy tokens
 only; the entropy bonus applies to every token, demonstration tokens included; (1 - pi) is floored at 0 so that a
 log-prob rounding a hair above 0 cannot give NaN.
@@ -30,9 +34,11 @@ import torch
 from torch import Tensor
 
 from rltrain.algorithms.grpo import GRPOLoss, clipped_surrogate
+from rltrain.algorithms.guide import shaped_surrogate
 from rltrain.batch import Source
 
 UNIFORMS = ("one", "vocab")
+EXTERNAL_TERMS = ("mis", "shaped")
 
 
 def mis_ratio(logp_BT: Tensor, old_logp_BT: Tensor, *, uniform: str = "one", vocab_size: int | None = None) -> Tensor:
@@ -74,9 +80,12 @@ class RLPlusLoss(GRPOLoss):
         vocab_size: int | None = None,
         exploration_gamma: float = 0.5,
         clip_on_policy: bool = True,
+        external_term: str = "mis",
+        shaping_gamma: float = 0.1,
         **grpo,
     ) -> None:
-        """``grpo``: GRPOLoss's settings (eps_low, eps_high, beta, entropy_coef, aggregation, max_len)."""
+        """``grpo``: GRPOLoss's settings (eps_low, eps_high, beta, entropy_coef, aggregation, max_len).
+        ``external_term="shaped"``: LUFFY's -f(pi_theta) A on external tokens (``shaping_gamma``) instead of RL-PLUS's."""
         if not clip_on_policy:  # an infinite clip range is no clipping: min(rA, rA)
             grpo.update(eps_low=math.inf, eps_high=math.inf)
         super().__init__(**grpo)
@@ -85,7 +94,10 @@ class RLPlusLoss(GRPOLoss):
         if mis_uniform == "vocab" and not vocab_size:
             raise ValueError("mis_uniform='vocab' needs vocab_size")
         self.mis_uniform, self.vocab_size = mis_uniform, vocab_size
+        if external_term not in EXTERNAL_TERMS:
+            raise ValueError(f"external_term must be one of {EXTERNAL_TERMS}, got {external_term!r}")
         self.exploration_gamma, self.clip_on_policy = exploration_gamma, clip_on_policy
+        self.external_term, self.shaping_gamma = external_term, shaping_gamma
 
     def __call__(self, inputs) -> tuple[Tensor, dict[str, Tensor]]:
         logp_BT, old_BT = inputs.logp_BT, inputs.old_logp_BT
@@ -96,7 +108,12 @@ class RLPlusLoss(GRPOLoss):
         external_BT = external_B.unsqueeze(-1).expand_as(ratio_BT).to(ratio_BT.dtype)
         mis_BT = torch.zeros_like(ratio_BT)
         weight_BT = torch.zeros_like(ratio_BT)
-        if external_B.any():
+        if external_B.any() and self.external_term == "shaped":
+            logp_ET = logp_BT[external_B]
+            loss_BT = loss_BT.clone()
+            loss_BT[external_B] = shaped_surrogate(logp_ET, torch.zeros_like(logp_ET), inputs.adv_B[external_B],
+                                                   inputs.mask_BT[external_B], gamma=self.shaping_gamma)
+        elif external_B.any():
             logp_ET = logp_BT[external_B]
             mis_ET = mis_ratio(logp_ET, old_BT[external_B], uniform=self.mis_uniform, vocab_size=self.vocab_size)
             adv_c_ET = exploration_advantage(inputs.adv_B[external_B], logp_ET, gamma=self.exploration_gamma)
