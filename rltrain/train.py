@@ -79,9 +79,11 @@ def build(config: Config) -> Components:
     if config.trainer.num_threads:
         torch.set_num_threads(config.trainer.num_threads)
     train_set, eval_set = load_prompt_sets(config.task)
+    # A tiny model's initial weights and warm start come from model.tiny.seed when set (one base for every RL seed)
     own_base_seed = config.model.source == ModelSource.tiny and config.model.tiny.seed is not None
+    base_seed = config.model.tiny.seed if own_base_seed else config.trainer.seed
     if own_base_seed:
-        torch.manual_seed(config.model.tiny.seed)
+        torch.manual_seed(base_seed)
     model, tokenizer = load_model(config.model)
     formatter = PromptFormatter(tokenizer, config.task)
     max_prompt = config.model.max_context - config.rollout.max_tokens
@@ -100,8 +102,7 @@ def build(config: Config) -> Components:
                 contexts.append(sft_ids.hinted(i, hint) if hint else sft_ids[i])
                 answers.append(row["answer"])
         warm_start(model, tokenizer, contexts, answers,
-                   steps=tiny.sft_steps, lr=tiny.sft_lr, batch_size=tiny.sft_batch_size,
-                   seed=config.trainer.seed if tiny.seed is None else tiny.seed)
+                   steps=tiny.sft_steps, lr=tiny.sft_lr, batch_size=tiny.sft_batch_size, seed=base_seed)
         if own_base_seed:
             torch.manual_seed(config.trainer.seed)  # the RL run's own randomness from here
     reference = adapter_base = None

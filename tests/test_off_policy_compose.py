@@ -12,7 +12,7 @@ import torch
 
 from rltrain.cli import compose
 from rltrain.train import RunContext, build, train_step
-from tests.test_policy_gradients import TOL
+from tests.test_policy_gradients import TOL, max_diff
 
 pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 
@@ -39,11 +39,6 @@ def one_step(method: str, micro_batch: int, lora: bool):
     record, batch = train_step(c, config, 1)
     assert len(grads) == 1
     return c, record, batch, before, grads[0]
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 @pytest.mark.parametrize("method", ["guide", "rl_plus", "luffy"])

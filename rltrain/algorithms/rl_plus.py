@@ -108,20 +108,18 @@ class RLPlusLoss(GRPOLoss):
         external_BT = external_B.unsqueeze(-1).expand_as(ratio_BT).to(ratio_BT.dtype)
         mis_BT = torch.zeros_like(ratio_BT)
         weight_BT = torch.zeros_like(ratio_BT)
-        if external_B.any() and self.external_term == "shaped":
-            logp_ET = logp_BT[external_B]
+        if external_B.any():
+            logp_ET, adv_E = logp_BT[external_B], inputs.adv_B[external_B]
             loss_BT = loss_BT.clone()
-            loss_BT[external_B] = shaped_surrogate(logp_ET, torch.zeros_like(logp_ET), inputs.adv_B[external_B],
-                                                   inputs.mask_BT[external_B], gamma=self.shaping_gamma)
-        elif external_B.any():
-            logp_ET = logp_BT[external_B]
-            mis_ET = mis_ratio(logp_ET, old_BT[external_B], uniform=self.mis_uniform, vocab_size=self.vocab_size)
-            adv_c_ET = exploration_advantage(inputs.adv_B[external_B], logp_ET, gamma=self.exploration_gamma)
-            loss_BT = loss_BT.clone()
-            loss_BT[external_B] = -mis_ET * adv_c_ET
-            mis_BT[external_B] = mis_ET.detach()
-            weight_BT[external_B] = exploration_advantage(torch.ones_like(inputs.adv_B[external_B]), logp_ET,
-                                                          gamma=self.exploration_gamma)
+            if self.external_term == "shaped":  # LUFFY: pi_old of a demonstration taken as 1
+                loss_BT[external_B] = shaped_surrogate(logp_ET, torch.zeros_like(logp_ET), adv_E,
+                                                       inputs.mask_BT[external_B], gamma=self.shaping_gamma)
+            else:
+                mis_ET = mis_ratio(logp_ET, old_BT[external_B], uniform=self.mis_uniform, vocab_size=self.vocab_size)
+                loss_BT[external_B] = -mis_ET * exploration_advantage(adv_E, logp_ET, gamma=self.exploration_gamma)
+                mis_BT[external_B] = mis_ET.detach()
+                weight_BT[external_B] = exploration_advantage(torch.ones_like(adv_E), logp_ET,
+                                                              gamma=self.exploration_gamma)
         clipped_BT = ((ratio_BT < 1 - self.eps_low) | (ratio_BT > 1 + self.eps_high)).to(ratio_BT.dtype)
         metrics = {
             "ratio_mean": ratio_BT,
