@@ -9,11 +9,12 @@ from __future__ import annotations
 import itertools
 import sys
 
-USAGE = ("usage: rltrain {train,eval,report,bench,tasks} [args...]\n"
+USAGE = ("usage: rltrain {train,eval,route,report,bench,tasks} [args...]\n"
          "  train [overrides]    GRPO run (rltrain train --help for Hydra's options; -m for sweeps)\n"
          "  eval [overrides]     accuracy and pass@k of eval.checkpoint=PATH on a split\n"
          "  report DIR           report.png/report.html of a run dir, or the summary table of a multirun dir\n"
          "  bench trl            rollout+update speed against TRL, written to docs/benchmarks.md\n"
+         "  route [overrides]    route prompts among models/adapters by predicted success and cost (--help)\n"
          "  tasks hard-split [overrides]  screen a hard split for an experiment's model (--help for options)")
 # Hydra options that take a value; their value is not an override.
 _VALUE_FLAGS = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c",
@@ -107,6 +108,10 @@ def main() -> None:
         from rltrain.evaluation import main as eval_main
 
         eval_main(args)
+    elif command == "route":
+        from rltrain.budget.router import main as route_main
+
+        route_main(args)
     elif command == "report":
         from rltrain.report import main as report_main
 

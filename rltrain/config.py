@@ -235,6 +235,67 @@ class AlgorithmConfig:
     rl_plus: RLPlusConfig = field(default_factory=RLPlusConfig)  # read when name=rl_plus
 
 
+class PredictorKind(str, enum.Enum):
+    none = "none"
+    v0 = "v0"
+
+
+class LearnerKind(str, enum.Enum):
+    logistic = "logistic"
+    knn = "knn"
+
+
+class AllocatorKind(str, enum.Enum):
+    uniform = "uniform"
+    variance = "variance"
+    utility = "utility"
+
+
+@dataclass
+class BudgetConfig:
+    """Rollouts per prompt from predicted success (algorithms.md section 3). predictor=none: every prompt gets
+    trainer.rollouts_per_prompt. The step's total stays trainer.prompts_per_step x trainer.rollouts_per_prompt."""
+
+    predictor: PredictorKind = PredictorKind.none
+    learner: LearnerKind = LearnerKind.logistic  # the in-context learner refit on the history every step
+    context_size: int = 512  # most recent (prompt, success rate) pairs the learner sees
+    min_context: int = 64  # below this many pairs, every prompt is predicted at the context's mean
+    feature_dim: int = 32  # features are the base model's pooled hidden states, PCA-projected to this many
+    l2: float = 1.0  # logistic: prior precision of the weights
+    knn_k: int = 16
+    prior_strength: float = 4.0  # a seen prompt's Beta prior: the learner's prediction worth this many rollouts
+    history_decay: float = 0.5  # a seen prompt's earlier counts are multiplied by this at each new visit
+    allocator: AllocatorKind = AllocatorKind.variance
+    min_per_prompt: int = 2
+    max_per_prompt: int = 0  # 0: 4 x trainer.rollouts_per_prompt
+    oversample: float = 2.0  # candidates drawn per step = this x trainer.prompts_per_step; the most useful are kept
+    skip_low: float = 0.02  # candidates predicted below skip_low or above skip_high are skipped ...
+    skip_high: float = 0.98
+    explore: float = 0.1  # ... except with this probability each (so the predictor keeps seeing outcomes there)
+    auc_window: int = 256  # predictions in the running AUC / Brier metrics
+
+
+@dataclass
+class RouteCandidate:
+    name: str = ""
+    history: str = ""  # an rltrain eval result (eval.json) with sampled outcomes per prompt: the candidate's context
+    outcomes: str = ""  # optional: an rltrain eval result on the routed prompts, for the realised accuracy
+    cost: float = 1.0  # per prompt, relative
+
+
+@dataclass
+class RouteConfig:
+    """``rltrain route``: route the task's eval prompts among candidates by predicted success and cost."""
+
+    candidates: list[RouteCandidate] = field(default_factory=list)
+    encoder: str = ""  # a model dir / run dir whose pooled hidden states are the features; empty: the config's model
+    beta: float = 1.0  # the weight of predicted success against cost in the router written out
+    betas: list[float] = field(default_factory=lambda: [i / 10 for i in range(11)])  # the frontier's sweep
+    learner: LearnerKind = LearnerKind.logistic
+    feature_dim: int = 32
+    output: str = "route"  # directory for route.json, router.json and frontier.png
+
+
 @dataclass
 class AdapterConfig:
     kind: AdapterKind = AdapterKind.none
@@ -312,6 +373,8 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    route: RouteConfig = field(default_factory=RouteConfig)
     resume: str = "none"  # none | auto (newest complete checkpoint in the run dir, if any) | a checkpoint or run dir
 
 
@@ -383,6 +446,23 @@ def check(config: Config) -> None:
     for i, reward in enumerate(config.task.rewards):
         if not reward.timeout_s > 0:
             raise ConfigError(f"task.rewards.{i}.timeout_s must be > 0, got {reward.timeout_s}")
+    b = config.budget
+    if b.predictor != PredictorKind.none:
+        most = b.max_per_prompt or 4 * t.rollouts_per_prompt
+        if not 1 <= b.min_per_prompt <= most or b.oversample < 1 or not 0 <= b.skip_low <= b.skip_high <= 1:
+            raise ConfigError("budget: need 1 <= min_per_prompt <= max_per_prompt, oversample >= 1 and "
+                              "0 <= skip_low <= skip_high <= 1")
+        if b.min_per_prompt < 2:
+            raise ConfigError(f"budget.min_per_prompt={b.min_per_prompt}: a group needs 2 samples to have an advantage")
+        if not 1 <= b.min_context <= b.context_size or b.feature_dim < 1 or b.knn_k < 1:
+            raise ConfigError("budget: need 1 <= min_context <= context_size, feature_dim >= 1 and knn_k >= 1")
+        if not 0 <= b.history_decay <= 1 or b.prior_strength <= 0 or b.l2 <= 0 or not 0 <= b.explore <= 1:
+            raise ConfigError("budget: history_decay and explore must be in [0, 1], prior_strength and l2 > 0")
+        if config.algorithm.name != "grpo":
+            raise ConfigError(f"budget.predictor={b.predictor.value} works with algorithm=grpo for now, "
+                              f"not {config.algorithm.name}")
+        if t.updates_per_step != 1:
+            raise ConfigError("budget.predictor needs trainer.updates_per_step=1 (group sizes vary)")
     e = config.eval
     if e.samples < 1 or any(k < 1 or k > e.samples for k in e.ks) or any(k < 1 for k in e.extrapolate_ks):
         raise ConfigError(f"eval.ks must lie in [1, eval.samples={e.samples}] and eval.extrapolate_ks be >= 1")
@@ -417,5 +497,5 @@ _SCHEMAS = {
     cls.__name__: cls
     for cls in (Config, ModelConfig, TinyModelConfig, TaskConfig, BuiltinTaskConfig, DatasetConfig, RolloutConfig,
                 AlgorithmConfig, GuideConfig, RLPlusConfig, AdapterConfig, TrainerConfig, LoggerConfig, WandbConfig,
-                DistributedConfig, EvalConfig)
+                DistributedConfig, EvalConfig, BudgetConfig, RouteConfig)
 }

@@ -25,8 +25,11 @@ from rltrain.algorithms.grpo import GRPOLoss, constant_groups, group_advantages
 from rltrain.algorithms.guide import GuideLoss
 from rltrain.algorithms.rl_plus import RLPlusLoss
 from rltrain.batch import RolloutBatch
+from rltrain.budget.features import Projection, pooled_hidden_states
+from rltrain.budget.plan import RolloutPlanner
+from rltrain.budget.predictor import ValuePredictor
 from rltrain.checkpoint import Checkpointer, CheckpointError, config_changes, resume_source, truncate_jsonl
-from rltrain.config import AdapterKind, Config, GammaKind, ModelSource, TrainerConfig
+from rltrain.config import AdapterKind, Config, GammaKind, ModelSource, PredictorKind, TrainerConfig
 from rltrain.data import PromptSampler
 from rltrain.evaluation import evaluate
 from rltrain.metrics import MetricsLogger
@@ -66,6 +69,7 @@ class Components:
     guidance: HintGuidance | None = None  # Guide's hinted regeneration (algorithm.name=guide)
     demos: Demonstrations | None = None  # RL-PLUS's external demonstrations (algorithm.name=rl_plus)
     adapter_base: torch.nn.Module | None = None  # a base that exists only in this run (tiny + LoRA), saved once
+    planner: RolloutPlanner | None = None  # rollouts per prompt from predicted success (budget.predictor=v0)
 
 
 def seed_everything(seed: int) -> None:
@@ -105,6 +109,7 @@ def build(config: Config) -> Components:
                    steps=tiny.sft_steps, lr=tiny.sft_lr, batch_size=tiny.sft_batch_size, seed=base_seed)
         if own_base_seed:
             torch.manual_seed(config.trainer.seed)  # the RL run's own randomness from here
+    planner = build_planner(config, model, tokenizer, train_ids) if config.budget.predictor != PredictorKind.none else None
     reference = adapter_base = None
     if config.adapter.kind == AdapterKind.lora:
         if config.model.source == ModelSource.tiny:  # the base is this run's own SFT: adapters need it saved
@@ -140,8 +145,24 @@ def build(config: Config) -> Components:
         sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens),
         rollouts_per_prompt=t.rollouts_per_prompt,
         guidance=HintGuidance(a.guide, train_set.rows, t.rollouts_per_prompt) if a.name == "guide" else None,
-        demos=Demonstrations(a.rl_plus, train_ids, tokenizer) if a.name == "rl_plus" else None,
+        demos=Demonstrations(a.rl_plus, train_ids, tokenizer) if a.name == "rl_plus" else None, planner=planner,
     )
+
+
+def build_planner(config: Config, model: torch.nn.Module, tokenizer, train_ids: PromptIds) -> RolloutPlanner:
+    """The value predictor over features of the base model (before any update), and the planner around it."""
+    b, t = config.budget, config.trainer
+    start = time.perf_counter()
+    raw = pooled_hidden_states(model, [train_ids[i] for i in range(len(train_ids.prompts))],
+                               pad_token_id=tokenizer.pad_token_id, batch_size=config.rollout.batch_size)
+    features = Projection(raw, b.feature_dim)(raw)
+    logger.info("value predictor: %d prompt features (%d -> %d dims) in %.1f s", len(raw), raw.shape[1],
+                features.shape[1], time.perf_counter() - start)
+    predictor = ValuePredictor(features, learner=b.learner.value, context_size=b.context_size,
+                               min_context=b.min_context, l2=b.l2, knn_k=b.knn_k, prior_strength=b.prior_strength,
+                               history_decay=b.history_decay)
+    return RolloutPlanner(predictor, b, prompts_per_step=t.prompts_per_step, rollouts_per_prompt=t.rollouts_per_prompt,
+                          seed=t.seed)
 
 
 def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatch | None, dict]:
@@ -151,7 +172,8 @@ def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatc
     t, a = config.trainer, config.algorithm
     wanted = t.prompts_per_step
     stats = {"rollouts": 0, "tokens_generated": 0, "time_reward_s": 0.0, "refill_rounds": 0}
-    batch = _rollouts(c, c.sampler.next(wanted), stats, first_group_id=step * 1_000_000)
+    draw = c.planner.candidates(wanted) if c.planner else wanted
+    batch = _rollouts(c, c.sampler.next(draw), stats, first_group_id=step * 1_000_000, step=step)
     if len(batch) == 0:
         return None, {**stats, "frac_zero_std_groups": float("nan")}
     flat_N = constant_groups(batch.rewards_N, batch.group_ids_N)
@@ -162,7 +184,8 @@ def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatc
     for round_ in range(1, a.max_refill_rounds + 1):
         if kept is not None and len(kept.groups()) >= wanted:
             break
-        extra = _rollouts(c, c.sampler.next(wanted), stats, first_group_id=step * 1_000_000 + round_ * 1_000)
+        extra = _rollouts(c, c.sampler.next(draw), stats, first_group_id=step * 1_000_000 + round_ * 1_000,
+                          step=step, round_=round_)
         stats["refill_rounds"] = round_
         extra_flat = constant_groups(extra.rewards_N, extra.group_ids_N)
         if (~extra_flat).any():
@@ -174,8 +197,12 @@ def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatc
     return kept, stats
 
 
-def _rollouts(c: Components, indices: list[int], stats: dict, *, first_group_id: int) -> RolloutBatch:
-    """Generate and score a group per prompt; Guide then regenerates failed groups with hints."""
+def _rollouts(c: Components, indices: list[int], stats: dict, *, first_group_id: int, step: int = 0,
+              round_: int = 0) -> RolloutBatch:
+    """Generate and score a group per prompt (as many per prompt as the budget planner says, when there is one);
+    Guide then regenerates failed groups with hints."""
+    if c.planner is not None:
+        return _planned_rollouts(c, indices, stats, first_group_id=first_group_id, step=step, round_=round_)
     per_prompt = c.guidance.unguided_count() if c.guidance else c.rollouts_per_prompt
     if c.demos is not None:
         per_prompt -= c.demos.count
@@ -199,6 +226,26 @@ def _rollouts(c: Components, indices: list[int], stats: dict, *, first_group_id:
     stats["guide_hinted_correct"] = stats.get("guide_hinted_correct", 0) + int(hinted_correct_N.sum())
     stats["guide_hinted_rollouts"] = stats.get("guide_hinted_rollouts", 0) + len(hinted)
     return c.guidance.merge(batch, correct_N, rerolls, hinted, hinted_correct_N)
+
+
+def _planned_rollouts(c: Components, candidates: list[int], stats: dict, *, first_group_id: int, step: int,
+                      round_: int) -> RolloutBatch:
+    plan = c.planner.plan(candidates, step, round_)
+    batch = _scored(c, collect(c.engine, c.train_ids, plan.rows, plan.counts, c.sampling,
+                               first_group_id=first_group_id), stats)
+    correct_N = (batch.rewards_N >= c.rewards.full_reward - 1e-6).tolist()
+    successes, attempts = {}, {}
+    for row, ok in zip(batch.prompt_index, correct_N):  # samples whose reward failed are gone from the batch
+        successes[row] = successes.get(row, 0) + ok
+        attempts[row] = attempts.get(row, 0) + 1
+    wins, tries = [successes.get(r, 0) for r in plan.rows], [attempts.get(r, 0) for r in plan.rows]
+    record = c.planner.record(plan, wins, tries)
+    stats.setdefault("value_log", []).extend(
+        {"row": r, "rollouts": n, "predicted": p, "learner": q, "held_out": h, "successes": s, "attempts": a}
+        for r, n, p, q, h, s, a in zip(plan.rows, plan.counts, plan.predicted, plan.learner, plan.held_out, wins, tries))
+    stats.setdefault("budget_counts", []).extend(record.pop("budget_counts"))
+    stats.update(record)  # a refill round's plan overwrites the first's figures; counts accumulate
+    return batch
 
 
 def _scored(c: Components, batch: RolloutBatch, stats: dict, *, generated: bool = True) -> RolloutBatch:
@@ -302,7 +349,9 @@ def _train(config: Config, ctx: RunContext, c: Components, source: Path | None) 
     t = config.trainer
     loop = LoopState()
     checkpoints = Checkpointer(ctx.run_dir / "checkpoints", keep=t.keep_checkpoints)
-    for name, component in (("policy", c.policy), ("sampler", c.sampler), ("loop", loop), ("guidance", c.guidance)):
+    components = (("policy", c.policy), ("sampler", c.sampler), ("loop", loop), ("guidance", c.guidance),
+                  ("budget", c.planner))
+    for name, component in components:
         if component is not None:
             checkpoints.register(name, component)
     config_dict = json.loads(json.dumps(dataclasses.asdict(config), default=str))
@@ -319,6 +368,9 @@ def _train(config: Config, ctx: RunContext, c: Components, source: Path | None) 
             if loop.budget_spent(t):  # a resumed run whose budget was already spent
                 break
             record, batch = train_step(c, config, step)
+            value_log = record.pop("value_log", None)
+            if value_log:  # per prompt: predicted and realised success, rollouts given (value.jsonl)
+                _append_jsonl(ctx.run_dir / "value.jsonl", {"step": step, "prompts": value_log})
             loop.rollouts += record["rollouts"]
             record["rollouts_total"] = loop.rollouts
             log.log(record)
@@ -376,14 +428,14 @@ def resume(config: Config, ctx: RunContext, checkpoints: Checkpointer, c: Compon
         if config.resume == "auto":
             logger.warning("resume=auto: no checkpoint in %s, starting at step 1 (to resume a run, give it a fixed "
                            "directory: hydra.run.dir=PATH resume=auto)", source)
-        for name in ("metrics.jsonl", "samples.jsonl"):
+        for name in ("metrics.jsonl", "samples.jsonl", "value.jsonl"):
             truncate_jsonl(ctx.run_dir / name, -1)  # a run killed before its first checkpoint
         return 0
     step, path = restored
     checkpoints.drop_after(step)
     c.engine.load_weights({})
     origin = path.parent.parent
-    for name in ("metrics.jsonl", "samples.jsonl"):
+    for name in ("metrics.jsonl", "samples.jsonl", "value.jsonl"):
         if origin.resolve() != ctx.run_dir.resolve() and (origin / name).exists():
             ctx.run_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(origin / name, ctx.run_dir / name)
@@ -438,6 +490,11 @@ def summarize(metrics_path: Path, *, wall_time_s: float) -> dict:
         "rollouts": sum(r.get("rollouts", 0) for r in steps),
         "wall_time_s": wall_time_s,
     }
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _write_json(path: Path, value: dict) -> None:
