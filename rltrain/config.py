@@ -258,19 +258,19 @@ class BudgetConfig:
 
     predictor: PredictorKind = PredictorKind.none
     learner: LearnerKind = LearnerKind.logistic  # the in-context learner refit on the history every step
-    context_size: int = 512  # most recent (prompt, success rate) pairs the learner sees
+    context_size: int = 1024  # most recent (prompt, success rate) pairs the learner sees
     min_context: int = 64  # below this many pairs, every prompt is predicted at the context's mean
-    feature_dim: int = 32  # features are the base model's pooled hidden states, PCA-projected to this many
-    l2: float = 1.0  # logistic: prior precision of the weights
+    feature_dim: int = 64  # features are the base model's pooled hidden states, PCA-projected to this many
+    l2: float = 10.0  # logistic: prior precision of the weights
     knn_k: int = 16
     prior_strength: float = 4.0  # a seen prompt's Beta prior: the learner's prediction worth this many rollouts
     history_decay: float = 0.5  # a seen prompt's earlier counts are multiplied by this at each new visit
-    allocator: AllocatorKind = AllocatorKind.variance
+    allocator: AllocatorKind = AllocatorKind.uniform  # measured best on experiment=tiny_mix (docs/v0.md)
     min_per_prompt: int = 2
     max_per_prompt: int = 0  # 0: 4 x trainer.rollouts_per_prompt
-    oversample: float = 2.0  # candidates drawn per step = this x trainer.prompts_per_step; the most useful are kept
-    skip_low: float = 0.02  # candidates predicted below skip_low or above skip_high are skipped ...
-    skip_high: float = 0.98
+    oversample: float = 4.0  # candidates drawn per step = this x trainer.prompts_per_step; the most useful are kept
+    skip_low: float = 0.1  # candidates predicted below skip_low or above skip_high are skipped ...
+    skip_high: float = 0.9
     explore: float = 0.1  # ... except with this probability each (so the predictor keeps seeing outcomes there)
     auc_window: int = 256  # predictions in the running AUC / Brier metrics
 

@@ -162,9 +162,10 @@ def _group_summary(outcomes: PromptOutcomes, prompts: list[int], ks: list[int]) 
 
 
 def evaluate(engine, prompt_ids: PromptIds, rewards: RewardScorer, tokenizer, *, max_tokens: int, samples: int,
-             temperature: float, top_p: float) -> dict:
+             temperature: float, top_p: float, predicted: list[float] | None = None) -> dict:
     """Greedy accuracy on every prompt of the set; with ``samples > 1`` also pass@k for k = 1, 2, 4, ... samples.
-    Rows with a ``capabilities`` column also get the greedy accuracy per capability tag."""
+    Rows with a ``capabilities`` column also get the greedy accuracy per capability tag. With ``predicted`` (a value
+    predictor's success probability per prompt), its AUC and Brier score against greedy correctness."""
     outcomes = run_prompts(engine, prompt_ids, rewards, tokenizer, max_tokens=max_tokens, samples=samples,
                            temperature=temperature, top_p=top_p)
     rows = prompt_ids.prompts.rows
@@ -172,6 +173,11 @@ def evaluate(engine, prompt_ids: PromptIds, rewards: RewardScorer, tokenizer, *,
     out = {"eval_accuracy": sum(outcomes.correct_P) / n, "eval_reward_mean": sum(outcomes.rewards_P) / n}
     if samples > 1:
         out["eval_pass_at_k"] = mean_pass_at_k(outcomes.successes_P, outcomes.attempts_P, default_ks(samples))
+    if predicted is not None:
+        from rltrain.budget.predictor import auc
+
+        out["eval_value_auc"] = auc(predicted, outcomes.correct_P)
+        out["eval_value_brier"] = sum((p - c) ** 2 for p, c in zip(predicted, outcomes.correct_P)) / n
     by_capability = breakdown(rows, outcomes, []).get("capabilities")
     if by_capability:
         out["eval_accuracy_by_capability"] = {tag: s["accuracy"] for tag, s in by_capability.items()}

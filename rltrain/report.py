@@ -200,6 +200,23 @@ def _run_panels(steps: list[dict], evals: list[dict]) -> list:
         panels.append(("reward function failures", draw_failures))
     if any(finite(r.get("loss")) for r in steps):
         panels.append(curve("loss", "loss", "tab:olive"))
+    if any(finite(r.get("value_auc")) for r in steps):
+        def draw_value(ax):
+            for key, color in (("value_auc", "tab:blue"), ("value_auc_unseen", "tab:cyan")):
+                ax.plot(*series(steps, key), "-", color=color, linewidth=1, label=f"{key} (running)")
+            x, y = series(evals, "eval_value_auc", x="eval_step")
+            if len(x):
+                ax.plot(x, y, "o", color="tab:purple", markersize=4, label="eval_value_auc (held-out prompts)")
+            ax.axhline(0.5, color="0.6", linewidth=0.8, linestyle=":")
+            ax.set_ylim(0.3, 1.02)
+            ax.legend(fontsize=7, loc="lower right")
+        panels.append(("value predictor AUC", draw_value))
+    counts = [c for r in steps for c in r.get("budget_counts") or []]
+    if counts:
+        def draw_budget(ax):
+            ax.hist(counts, bins=range(min(counts), max(counts) + 2), color="tab:gray", align="left")
+            ax.set_ylabel("groups", fontsize=8)
+        panels.append(("rollouts per prompt (all steps)", draw_budget, "rollouts in the group"))
     last_pass = last_eval_with(evals, "eval_pass_at_k")
     if last_pass is not None:
         def draw_pass(ax):

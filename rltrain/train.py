@@ -109,7 +109,9 @@ def build(config: Config) -> Components:
                    steps=tiny.sft_steps, lr=tiny.sft_lr, batch_size=tiny.sft_batch_size, seed=base_seed)
         if own_base_seed:
             torch.manual_seed(config.trainer.seed)  # the RL run's own randomness from here
-    planner = build_planner(config, model, tokenizer, train_ids) if config.budget.predictor != PredictorKind.none else None
+    planner = None
+    if config.budget.predictor != PredictorKind.none:  # features of the base model, before LoRA and any update
+        planner = build_planner(config, model, tokenizer, train_ids, eval_ids)
     reference = adapter_base = None
     if config.adapter.kind == AdapterKind.lora:
         if config.model.source == ModelSource.tiny:  # the base is this run's own SFT: adapters need it saved
@@ -149,20 +151,23 @@ def build(config: Config) -> Components:
     )
 
 
-def build_planner(config: Config, model: torch.nn.Module, tokenizer, train_ids: PromptIds) -> RolloutPlanner:
+def build_planner(config: Config, model: torch.nn.Module, tokenizer, train_ids: PromptIds,
+                  eval_ids: PromptIds) -> RolloutPlanner:
     """The value predictor over features of the base model (before any update), and the planner around it."""
     b, t = config.budget, config.trainer
     start = time.perf_counter()
-    raw = pooled_hidden_states(model, [train_ids[i] for i in range(len(train_ids.prompts))],
-                               pad_token_id=tokenizer.pad_token_id, batch_size=config.rollout.batch_size)
-    features = Projection(raw, b.feature_dim)(raw)
+    raw, raw_eval = (pooled_hidden_states(model, [ids[i] for i in range(len(ids.prompts))],
+                                          pad_token_id=tokenizer.pad_token_id, batch_size=config.rollout.batch_size)
+                     for ids in (train_ids, eval_ids))
+    project = Projection(raw, b.feature_dim)
+    features = project(raw)
     logger.info("value predictor: %d prompt features (%d -> %d dims) in %.1f s", len(raw), raw.shape[1],
                 features.shape[1], time.perf_counter() - start)
     predictor = ValuePredictor(features, learner=b.learner.value, context_size=b.context_size,
                                min_context=b.min_context, l2=b.l2, knn_k=b.knn_k, prior_strength=b.prior_strength,
                                history_decay=b.history_decay)
     return RolloutPlanner(predictor, b, prompts_per_step=t.prompts_per_step, rollouts_per_prompt=t.rollouts_per_prompt,
-                          seed=t.seed)
+                          seed=t.seed, eval_features=project(raw_eval))
 
 
 def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatch | None, dict]:
@@ -241,8 +246,8 @@ def _planned_rollouts(c: Components, candidates: list[int], stats: dict, *, firs
     wins, tries = [successes.get(r, 0) for r in plan.rows], [attempts.get(r, 0) for r in plan.rows]
     record = c.planner.record(plan, wins, tries)
     stats.setdefault("value_log", []).extend(
-        {"row": r, "rollouts": n, "predicted": p, "learner": q, "held_out": h, "successes": s, "attempts": a}
-        for r, n, p, q, h, s, a in zip(plan.rows, plan.counts, plan.predicted, plan.learner, plan.held_out, wins, tries))
+        {"row": r, "rollouts": n, "predicted": p, "learner": q, "unseen": u, "successes": s, "attempts": a}
+        for r, n, p, q, u, s, a in zip(plan.rows, plan.counts, plan.predicted, plan.learner, plan.unseen, wins, tries))
     stats.setdefault("budget_counts", []).extend(record.pop("budget_counts"))
     stats.update(record)  # a refill round's plan overwrites the first's figures; counts accumulate
     return batch
@@ -272,7 +277,8 @@ def run_eval(c: Components, config: Config, step: int, log: MetricsLogger) -> di
     start = time.perf_counter()
     result = evaluate(c.engine, c.eval_ids, c.rewards, c.tokenizer, max_tokens=config.rollout.max_tokens,
                       samples=config.rollout.eval_samples, temperature=config.rollout.temperature,
-                      top_p=config.rollout.top_p)
+                      top_p=config.rollout.top_p,
+                      predicted=c.planner.predict_eval() if c.planner is not None else None)
     log.log({"eval_step": step, **result, "time_eval_s": time.perf_counter() - start})
     return result
 

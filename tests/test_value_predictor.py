@@ -138,7 +138,7 @@ def test_planner_skips_sure_prompts_keeps_the_most_useful_and_spends_the_whole_b
     assert sum(plan.counts) == 32 and all(2 <= c <= 32 for c in plan.counts)
     by_p = sorted(zip(plan.predicted, plan.counts))
     assert [c for _, c in by_p] == sorted([c for _, c in by_p], reverse=True)  # harder never fewer (variance)
-    assert plan.held_out == [True] * 4  # nothing in the context yet
+    assert plan.unseen == [True] * 4  # nothing observed yet
     # every candidate sure: the planner takes skipped ones back rather than leave the budget unspent
     sure = _planner({0: 0.99, 1: 0.01, 2: 0.98, 3: 0.999}, max_per_prompt=16).plan([0, 1, 2, 3], step=1)
     assert len(sure.rows) == 2 and sum(sure.counts) == 32
@@ -161,7 +161,7 @@ def test_planner_exploration_is_seeded_by_step_and_record_feeds_the_predictor():
     assert [r for r, _ in planner.predictor.context] == [0, 1, 2, 3]
 
 
-BUDGET = ["budget.predictor=v0", "budget.min_context=4", "budget.feature_dim=8", "trainer.prompts_per_step=4",
+BUDGET = ["budget.predictor=v0", "budget.min_context=4", "budget.feature_dim=8", "budget.allocator=variance", "budget.l2=0.01", "trainer.prompts_per_step=4",
           "trainer.rollouts_per_prompt=6", "trainer.eval_every=0"]
 
 
@@ -179,6 +179,9 @@ def test_v0_budget_through_the_trainer_varies_group_sizes_keeps_the_total_and_re
     assert any(len(set(r["budget_counts"])) > 1 for r in whole)  # ... its split is not
     assert whole[0]["value_context"] == whole[0]["budget_prompts"] and whole[-1]["value_context"] > 12
     assert all(0 <= r["value_brier"] <= 1 for r in whole)
+    evals = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines() if "eval_step" in x]
+    assert [e["eval_step"] for e in evals] == [0, 6] and all(0 <= e["eval_value_brier"] <= 1 for e in evals)
+    assert math.isnan(evals[0]["eval_value_auc"]) or evals[0]["eval_value_auc"] == 0.5  # no history: one prediction
     train(compose(base + ["trainer.steps=3"]), RunContext(run_dir=tmp_path / "cut"))
     train(compose(base + ["trainer.steps=6", "resume=auto"]), RunContext(run_dir=tmp_path / "cut"))
     resumed = records(tmp_path / "cut")

@@ -8,9 +8,10 @@
    useful (by the utility of an average-size group); split the step's total rollouts among them with the allocator, within [min, max] each;
 3. ``record(...)``: the realised success of every planned prompt goes into the predictor's history, and into the
    running quality metrics over the last ``auc_window`` predictions: AUC of predicted vs realised success
-   (binarised at 0.5, as V0) and Brier score — of the predictions the allocator used (``value_auc``), and of the
-   in-context learner alone on prompts not in its context (``value_auc_held_out``: V0's own setting, where the
-   query is never part of the history); budget spread.
+   (binarised at 0.5, as V0) and Brier score — of every planned prompt (``value_auc``), and of prompts never observed
+   before (``value_auc_unseen``: V0's own setting, the learner predicting from other prompts' outcomes alone);
+   budget spread. Both are over the prompts the planner chose, so they are measured on a selected sample; the
+   trainer also scores the learner on the held-out eval prompts at every evaluation (``eval_value_auc``).
 
 The skip draws come from a generator seeded by (trainer seed, step), so a resumed run draws the same.
 """
@@ -33,19 +34,20 @@ class Plan:
     counts: list[int]  # rollouts each
     predicted: list[float]  # predicted success of each (what the allocator used)
     learner: list[float]  # the in-context learner's own prediction (no blend with the prompt's own history)
-    held_out: list[bool]  # not in the learner's context when predicted: the learner's generalisation is measured here
+    unseen: list[bool]  # never observed before: the prediction is the learner's alone, from other prompts' outcomes
     skipped: int  # candidates left out
 
 
 class RolloutPlanner:
     def __init__(self, predictor: ValuePredictor, config: BudgetConfig, *, prompts_per_step: int,
-                 rollouts_per_prompt: int, seed: int) -> None:
+                 rollouts_per_prompt: int, seed: int, eval_features=None) -> None:
         self.predictor, self.config, self.seed = predictor, config, seed
+        self.eval_features = eval_features  # of the held-out eval prompts, never in the context
         self.prompts_per_step = prompts_per_step
         self.total = prompts_per_step * rollouts_per_prompt
         self.max_per_prompt = config.max_per_prompt or 4 * rollouts_per_prompt
         self.window: deque[tuple[float, float]] = deque(maxlen=config.auc_window)  # (predicted, realised rate)
-        self.window_held_out: deque[tuple[float, float]] = deque(maxlen=config.auc_window)  # (learner's, rate)
+        self.window_unseen: deque[tuple[float, float]] = deque(maxlen=config.auc_window)  # prompts never seen before
 
     def candidates(self, prompts_per_step: int) -> int:
         return math.ceil(prompts_per_step * self.config.oversample)
@@ -70,10 +72,15 @@ class RolloutPlanner:
         counts = allocate([predicted[i] for i in chosen], self.total, method=b.allocator.value,
                           min_per_prompt=b.min_per_prompt, max_per_prompt=self.max_per_prompt)
         picked = [rows[i] for i in chosen]
-        in_context = {r for r, _ in self.predictor.context}
         learner = self.predictor.predict_features(self.predictor.features[picked]).tolist() if picked else []
         return Plan(rows=picked, counts=counts, predicted=[predicted[i] for i in chosen], learner=learner,
-                    held_out=[r not in in_context for r in picked], skipped=len(rows) - len(chosen))
+                    unseen=[not self.predictor.seen(r) for r in picked], skipped=len(rows) - len(chosen))
+
+    def predict_eval(self) -> list[float] | None:
+        """The learner's prediction for each eval prompt (scored against greedy correctness at evaluation)."""
+        if self.eval_features is None:
+            return None
+        return self.predictor.predict_features(self.eval_features).tolist()
 
     def record(self, plan: Plan, successes: list[float], attempts: list[int]) -> dict:
         """Outcomes of ``plan``'s prompts (successes of attempts each) -> the predictor's history; the step's
@@ -81,20 +88,20 @@ class RolloutPlanner:
         rates = [s / n if n else float("nan") for s, n in zip(successes, attempts)]
         step_pairs = [(p, r) for p, r in zip(plan.predicted, rates) if r == r]
         self.window.extend(step_pairs)
-        held = [(p, r) for p, r, h in zip(plan.learner, rates, plan.held_out) if h and r == r]
-        self.window_held_out.extend(held)
+        unseen = [(p, r) for p, r, u in zip(plan.predicted, rates, plan.unseen) if u and r == r]
+        self.window_unseen.extend(unseen)
         self.predictor.observe(plan.rows, successes, attempts)
         return {
             "value_auc": _auc(self.window),
-            "value_auc_held_out": _auc(self.window_held_out),
-            "value_auc_held_out_step": _auc(held),
-            "value_brier": sum((p - r) ** 2 for p, r in self.window) / max(len(self.window), 1),
-            "value_brier_held_out": sum((p - r) ** 2 for p, r in self.window_held_out) / max(len(self.window_held_out), 1),
+            "value_auc_unseen": _auc(self.window_unseen),
+            "value_auc_unseen_step": _auc(unseen),
+            "value_brier": _brier(self.window),
+            "value_brier_unseen": _brier(self.window_unseen),
             "value_predicted_mean": sum(plan.predicted) / max(len(plan.predicted), 1),
             "value_context": len(self.predictor.context),
             "budget_prompts": len(plan.rows),
             "budget_skipped": plan.skipped,
-            "budget_held_out": sum(plan.held_out),
+            "budget_unseen": sum(plan.unseen),
             "budget_min": min(plan.counts, default=0),
             "budget_max": max(plan.counts, default=0),
             "budget_counts": list(plan.counts),
@@ -102,13 +109,17 @@ class RolloutPlanner:
 
     def state_dict(self) -> dict:
         return {"predictor": self.predictor.state_dict(),
-                "window": [list(x) for x in self.window], "window_held_out": [list(x) for x in self.window_held_out]}
+                "window": [list(x) for x in self.window], "window_unseen": [list(x) for x in self.window_unseen]}
 
     def load_state_dict(self, state: dict) -> None:
         self.predictor.load_state_dict(state["predictor"])
-        for name in ("window", "window_held_out"):
+        for name in ("window", "window_unseen"):
             getattr(self, name).clear()
             getattr(self, name).extend((p, r) for p, r in state[name])
+
+
+def _brier(pairs) -> float:
+    return sum((p - r) ** 2 for p, r in pairs) / len(pairs) if pairs else float("nan")
 
 
 def _auc(pairs) -> float:

@@ -3,7 +3,8 @@
 V0 (algorithms.md section 3) gives a fixed in-context learner the policy's recent history C = {(x_j, success_j)} and
 reads off p(x) for any prompt x; no critic is trained to chase the policy. Here:
 
-- features: the base model's pooled hidden states, projected (``rltrain.budget.features``), computed once;
+- features: the base model's pooled hidden states, projected (``rltrain.budget.features``), computed once; the
+  learner uses the leading min(d, max(4, |C| / 16)) of them, so that a young context fits few weights;
 - history: the last ``context_size`` (prompt, success rate) pairs the policy produced, one per prompt visit;
 - learner, refit on the history every step:
   ``logistic`` — Bayesian logistic regression on the soft labels (MAP by Newton's method, Gaussian prior of precision
@@ -23,6 +24,7 @@ from collections import deque
 import torch
 
 LEARNERS = ("logistic", "knn")
+MIN_DIMS, DIM_PER_PAIRS = 4, 16
 
 
 class ValuePredictor:
@@ -67,9 +69,14 @@ class ValuePredictor:
             out.append((self.prior_strength * p + s) / (self.prior_strength + n))
         return out
 
+    def _dims(self) -> int:
+        """Feature dimensions the learner uses: the leading ones (the projection orders them by variance), one per
+        ``DIM_PER_PAIRS`` context pairs, at least ``MIN_DIMS``: a small context cannot support many weights."""
+        return min(self.features.shape[1], max(MIN_DIMS, len(self.context) // DIM_PER_PAIRS))
+
     def predict_features(self, x: torch.Tensor) -> torch.Tensor:
         """The in-context learner's prediction for prompts with features ``x`` (no Beta blend)."""
-        x = x.double()
+        x = x.double()[:, : self._dims()]
         if len(self.context) < self.min_context:
             mean = sum(y for _, y in self.context) / len(self.context) if self.context else 0.5
             return torch.full((len(x),), _clamp(mean), dtype=torch.float64)
@@ -90,7 +97,7 @@ class ValuePredictor:
 
     def _refit(self) -> tuple:
         rows = [r for r, _ in self.context]
-        x = self.features[rows]
+        x = self.features[rows][:, : self._dims()]
         y = torch.tensor([v for _, v in self.context], dtype=torch.float64)
         if self.learner == "knn":
             return _normalize(x), y, float(y.mean())
