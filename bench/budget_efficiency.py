@@ -119,6 +119,7 @@ def plot(args: argparse.Namespace, results: dict[str, list[dict]]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     has_auc = any("auc" in m for ms in results.values() for m in ms)
     fig, axes = plt.subplots(1, 2 if has_auc else 1, figsize=(11 if has_auc else 6, 4), squeeze=False)
@@ -131,6 +132,7 @@ def plot(args: argparse.Namespace, results: dict[str, list[dict]]) -> None:
     for target in args.target:
         ax.axhline(target, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("rollouts generated")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:.0f}k"))
     ax.set_ylabel("held-out greedy accuracy")
     ax.set_title("accuracy at equal rollouts (one line per seed)")
     ax.legend()

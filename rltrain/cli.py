@@ -9,12 +9,13 @@ from __future__ import annotations
 import itertools
 import sys
 
-USAGE = ("usage: rltrain {train,eval,route,report,bench,tasks} [args...]\n"
+USAGE = ("usage: rltrain {train,eval,route,capabilities,report,bench,tasks} [args...]\n"
          "  train [overrides]    GRPO run (rltrain train --help for Hydra's options; -m for sweeps)\n"
          "  eval [overrides]     accuracy and pass@k of eval.checkpoint=PATH on a split\n"
          "  report DIR           report.png/report.html of a run dir, or the summary table of a multirun dir\n"
          "  bench trl            rollout+update speed against TRL, written to docs/benchmarks.md\n"
          "  route [overrides]    route prompts among models/adapters by predicted success and cost (--help)\n"
+         "  capabilities analyze [overrides]  what a model lacks, by contrasting its failures with its successes\n"
          "  tasks hard-split [overrides]  screen a hard split for an experiment's model (--help for options)")
 # Hydra options that take a value; their value is not an override.
 _VALUE_FLAGS = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c",
@@ -120,6 +121,10 @@ def main() -> None:
         from rltrain.bench import main as bench_main
 
         bench_main(args)
+    elif command == "capabilities" and args[:1] == ["analyze"]:
+        from rltrain.capabilities.analyze import main as analyze_main
+
+        analyze_main(args[1:])
     elif command == "tasks" and args[:1] == ["hard-split"]:
         from rltrain.tasks.hard import main as hard_split_main
 

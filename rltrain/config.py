@@ -258,7 +258,7 @@ class BudgetConfig:
 
     predictor: PredictorKind = PredictorKind.none
     learner: LearnerKind = LearnerKind.logistic  # the in-context learner refit on the history every step
-    context_size: int = 1024  # most recent (prompt, success rate) pairs the learner sees
+    context_size: int = 512  # most recent (prompt, success rate) pairs the learner sees (16 steps of 32 prompts)
     min_context: int = 64  # below this many pairs, every prompt is predicted at the context's mean
     feature_dim: int = 64  # features are the base model's pooled hidden states, PCA-projected to this many
     l2: float = 10.0  # logistic: prior precision of the weights
@@ -294,6 +294,23 @@ class RouteConfig:
     learner: LearnerKind = LearnerKind.logistic
     feature_dim: int = 32
     output: str = "route"  # directory for route.json, router.json and frontier.png
+
+
+@dataclass
+class CapabilitiesConfig:
+    """``rltrain capabilities analyze``: what the model lacks (TRACE, algorithms.md section 4)."""
+
+    checkpoint: str = ""  # the model to analyse (as eval.checkpoint); empty: the config's model
+    names: list[str] = field(default_factory=list)  # candidate capabilities; empty: every tag of the prompts
+    labeler: str = "tags"  # tags: the built-in generators' tags + a programmatic check
+    split: str = "train"  # train | eval: which prompts of the task are rolled out
+    prompts: int = 200
+    samples: int = 4  # completions per prompt
+    rho: float = 0.10  # coverage threshold
+    delta: float = 0.20  # Delta threshold
+    runs: int = 10  # labelling runs (a deterministic labeler needs one)
+    k: int = 8  # runs that must pass
+    output: str = "capabilities"
 
 
 @dataclass
@@ -375,6 +392,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     route: RouteConfig = field(default_factory=RouteConfig)
+    capabilities: CapabilitiesConfig = field(default_factory=CapabilitiesConfig)
     resume: str = "none"  # none | auto (newest complete checkpoint in the run dir, if any) | a checkpoint or run dir
 
 
@@ -463,6 +481,11 @@ def check(config: Config) -> None:
                               f"not {config.algorithm.name}")
         if t.updates_per_step != 1:
             raise ConfigError("budget.predictor needs trainer.updates_per_step=1 (group sizes vary)")
+    cap = config.capabilities
+    if cap.labeler != "tags":
+        raise ConfigError(f"capabilities.labeler={cap.labeler!r} is not available; choose 'tags'")
+    if cap.split not in ("train", "eval") or cap.prompts < 1 or cap.samples < 1 or not 1 <= cap.k <= cap.runs:
+        raise ConfigError("capabilities: split must be train or eval, prompts and samples >= 1, 1 <= k <= runs")
     e = config.eval
     if e.samples < 1 or any(k < 1 or k > e.samples for k in e.ks) or any(k < 1 for k in e.extrapolate_ks):
         raise ConfigError(f"eval.ks must lie in [1, eval.samples={e.samples}] and eval.extrapolate_ks be >= 1")
@@ -497,5 +520,6 @@ _SCHEMAS = {
     cls.__name__: cls
     for cls in (Config, ModelConfig, TinyModelConfig, TaskConfig, BuiltinTaskConfig, DatasetConfig, RolloutConfig,
                 AlgorithmConfig, GuideConfig, RLPlusConfig, AdapterConfig, TrainerConfig, LoggerConfig, WandbConfig,
-                DistributedConfig, EvalConfig, BudgetConfig, RouteConfig)
+                DistributedConfig, EvalConfig, BudgetConfig, RouteConfig,
+                CapabilitiesConfig)
 }

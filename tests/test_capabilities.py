@@ -64,3 +64,73 @@ def test_bad_input_is_named():
         contrast([[["NA"], ["NA"]]], [True], k=1)
     with pytest.raises(ValueError, match=r"k=8 must lie in \[1, runs=1\]"):
         contrast([[["NA"]]], [True])
+
+
+from rltrain.capabilities.labelers import TagLabeler, label_item  # noqa: E402
+
+CAPS = ["addition", "carry", "subtraction", "borrow", "comparison", "multi_step"]
+
+
+def _row(kind: str, compact: str, answer: int, tags: list[str]) -> dict:
+    return {"kind": kind, "compact": compact, "answer": str(answer), "capabilities": tags}
+
+
+def test_tag_labeler_attributes_a_wrong_digit_to_carry_or_to_the_column_sum():
+    row = _row("addition", "47+38", 85, ["addition", "carry"])
+    assert label_item(row, "85", CAPS) == ["PRESENT", "PRESENT", "NA", "NA", "NA", "NA"]
+    assert label_item(row, "75", CAPS)[:2] == ["PRESENT", "LACKING"]  # the tens digit receives the carry
+    assert label_item(row, "84", CAPS)[:2] == ["LACKING", "PRESENT"]  # the ones digit receives none
+    assert label_item(row, "no idea", CAPS)[:2] == ["LACKING", "LACKING"]
+    sub = _row("subtraction", "52-17", 35, ["subtraction", "borrow"])
+    assert label_item(sub, "45", CAPS)[2:4] == ["PRESENT", "LACKING"]
+    assert label_item(sub, "36", CAPS)[2:4] == ["LACKING", "PRESENT"]
+
+
+def test_tag_labeler_word_problems_and_single_capability_kinds():
+    word = _row("word_problem", "5+3-2", 6, ["multi_step", "addition", "subtraction"])
+    assert label_item(word, "8", CAPS) == ["PRESENT", "NA", "PRESENT", "NA", "NA", "LACKING"]  # stopped after step 1
+    assert label_item(word, "7", CAPS) == ["LACKING", "NA", "LACKING", "NA", "NA", "PRESENT"]  # an arithmetic slip
+    cmp_row = _row("comparison", "max(47,38)", 47, ["comparison"])
+    assert label_item(cmp_row, "38", CAPS) == ["NA"] * 4 + ["LACKING", "NA"]
+    assert TagLabeler(CAPS).label([cmp_row, row := _row("addition", "4+3", 7, ["addition"])], ["47", "7"]) == \
+        [["NA"] * 4 + ["PRESENT", "NA"], ["PRESENT"] + ["NA"] * 5]
+    assert row["answer"] == "7"
+    with pytest.raises(ValueError, match="no programmatic check for capabilities \\['tool_use'\\]"):
+        TagLabeler(["tool_use"])
+
+
+def test_analysis_of_a_planted_gap_selects_what_the_model_lacks_and_not_what_it_has(tmp_path):
+    """experiment=tiny_trace: the warm start learned 1-digit max(a,b) only; the target mix adds sums and counts."""
+    import json as _json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    run = [sys.executable, "-m", "rltrain"]
+    common = ["experiment=tiny_trace", "trainer.num_threads=1"]
+    subprocess.run(run + ["train", *common, "trainer.steps=0", f"hydra.run.dir={tmp_path / 'run'}",
+                          "logger.progress=false", "logger.report=false"], cwd=repo, check=True, capture_output=True)
+    out = tmp_path / "cap"
+    done = subprocess.run(run + ["capabilities", "analyze", *common, f"capabilities.checkpoint={tmp_path / 'run'}",
+                                 f"capabilities.output={out}"], cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = yaml.safe_load((out / "capabilities.yaml").read_text())
+    by_name = {c["name"]: c for c in result["capabilities"]}
+    assert set(by_name) == {"addition", "carry", "comparison", "counting"}
+    # the plant, as measured: strong where it trained, weak elsewhere ...
+    assert by_name["comparison"]["accuracy"] > 0.9
+    assert all(by_name[n]["accuracy"] < 0.5 for n in ("addition", "carry", "counting"))
+    # ... and the analysis selects exactly the weak ones, ranked first
+    assert {n for n, c in by_name.items() if c["selected"]} == {"addition", "carry", "counting"}
+    assert [c["selected"] for c in result["capabilities"]] == [True, True, True, False]
+    trajectories = [_json.loads(x) for x in (out / "trajectories.jsonl").read_text().splitlines()]
+    assert len(trajectories) == result["trajectories"] == 800
+    failed_cmp = [t for t in trajectories if not t["passed"] and t["labels"]["comparison"] != "NA"]
+    assert all(t["labels"]["comparison"] == "LACKING" for t in failed_cmp if t["completion"].strip().isdigit())
+    assert (out / "capabilities.png").stat().st_size > 10_000 and "| carry | yes |" in (out / "report.md").read_text()
+    bad = subprocess.run(run + ["capabilities", "analyze", *common, "capabilities.names=[tool_use]"], cwd=repo,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "capabilities.names" in bad.stderr and len(bad.stderr.splitlines()) == 1
