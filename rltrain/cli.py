@@ -9,12 +9,14 @@ from __future__ import annotations
 import itertools
 import sys
 
-USAGE = ("usage: rltrain {train,eval,route,capabilities,report,bench,tasks} [args...]\n"
+USAGE = ("usage: rltrain {train,eval,route,capabilities,export,push,report,bench,tasks} [args...]\n"
          "  train [overrides]    GRPO run (rltrain train --help for Hydra's options; -m for sweeps)\n"
          "  eval [overrides]     accuracy and pass@k of eval.checkpoint=PATH on a split\n"
          "  report DIR           report.png/report.html of a run dir, or the summary table of a multirun dir\n"
          "  bench trl            rollout+update speed against TRL, written to docs/benchmarks.md\n"
          "  route [overrides]    route prompts among models/adapters by predicted success and cost (--help)\n"
+         "  export [overrides]    adapters (+ router.json) as a hub-ready folder: export.adapters=[{name, path}]\n"
+         "  push [overrides]     upload it: push.folder=DIR push.repo_id=owner/name (or local:PATH)\n"
          "  capabilities analyze [overrides]  what a model lacks, by contrasting its failures with its successes\n"
          "  tasks hard-split [overrides]  screen a hard split for an experiment's model (--help for options)")
 # Hydra options that take a value; their value is not an override.
@@ -121,6 +123,10 @@ def main() -> None:
         from rltrain.bench import main as bench_main
 
         bench_main(args)
+    elif command in ("export", "push"):
+        from rltrain.export import main as export_main
+
+        export_main(command, args)
     elif command == "capabilities" and args[:1] == ["analyze"]:
         from rltrain.capabilities.analyze import main as analyze_main
 

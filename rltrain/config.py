@@ -314,6 +314,29 @@ class CapabilitiesConfig:
 
 
 @dataclass
+class ExportAdapter:
+    name: str = ""
+    path: str = ""  # a PEFT adapter dir, a checkpoint dir, or a run dir (its final/)
+    capability: str = ""
+    definition: str = ""
+
+
+@dataclass
+class ExportConfig:
+    adapters: list[ExportAdapter] = field(default_factory=list)
+    router: str = ""  # router.json from rltrain route, copied into the folder
+    output: str = "exported"
+
+
+@dataclass
+class PushConfig:
+    folder: str = ""
+    repo_id: str = ""  # owner/name on the hub, or local:PATH for a directory
+    private: bool = True
+    endpoint: str = ""  # default: HF_ENDPOINT or huggingface.co
+
+
+@dataclass
 class AdapterConfig:
     kind: AdapterKind = AdapterKind.none
     lora: dict[str, Any] = field(default_factory=dict)  # passed to peft.LoraConfig unchanged
@@ -393,6 +416,8 @@ class Config:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     route: RouteConfig = field(default_factory=RouteConfig)
     capabilities: CapabilitiesConfig = field(default_factory=CapabilitiesConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    push: PushConfig = field(default_factory=PushConfig)
     resume: str = "none"  # none | auto (newest complete checkpoint in the run dir, if any) | a checkpoint or run dir
 
 
@@ -521,5 +546,5 @@ _SCHEMAS = {
     for cls in (Config, ModelConfig, TinyModelConfig, TaskConfig, BuiltinTaskConfig, DatasetConfig, RolloutConfig,
                 AlgorithmConfig, GuideConfig, RLPlusConfig, AdapterConfig, TrainerConfig, LoggerConfig, WandbConfig,
                 DistributedConfig, EvalConfig, BudgetConfig, RouteConfig,
-                CapabilitiesConfig)
+                CapabilitiesConfig, ExportConfig, PushConfig)
 }

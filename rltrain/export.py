@@ -1,0 +1,149 @@
+"""``rltrain export`` and ``rltrain push``: adapters (+ router config) as a hub-ready folder, and its upload.
+
+    rltrain export 'export.adapters=[{name: carry, path: RUN_A}, {name: counting, path: RUN_B}]' \\
+        export.router=route/router.json export.output=exported
+    rltrain push push.folder=exported push.repo_id=you/rltrain-adapters        # token: HF_TOKEN in the environment
+    rltrain push push.folder=exported push.repo_id=local:/shared/hub/adapters   # a directory instead of the hub
+
+The folder holds one PEFT adapter directory per name (adapter_config.json, adapter_model.safetensors and a model
+card README.md: capability, definition, base model, training config and metrics when the path is a run dir),
+router.json when given, and a README.md for the collection. Each adapter loads with
+``PeftModel.from_pretrained(base, "exported/NAME")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class ExportError(ValueError):
+    pass
+
+
+def _run_dir_of(location) -> Path | None:
+    """The run directory an adapter came from (RUN/final or RUN/checkpoints/step_N/model), if it looks like one."""
+    for parent in (location.weights.parent, location.weights.parent.parent.parent):
+        if (parent / "summary.json").exists() or (parent / ".hydra").is_dir():
+            return parent
+    return None
+
+
+def model_card(name: str, adapter_config: dict, *, capability: str, definition: str, run_dir: Path | None) -> str:
+    lines = ["---", "library_name: peft", f"base_model: {adapter_config.get('base_model_name_or_path') or 'unknown'}",
+             "tags: [rltrain, lora, grpo]", "---", "", f"# {name}", ""]
+    if capability:
+        lines += [f"Capability: **{capability}**" + (f" — {definition}" if definition else ""), ""]
+    lines += ["A LoRA adapter trained with [rltrain](https://github.com/) (GRPO).", "",
+              "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+              f"base = AutoModelForCausalLM.from_pretrained({adapter_config.get('base_model_name_or_path')!r})",
+              f"model = PeftModel.from_pretrained(base, {name!r})", "```", "",
+              f"LoRA: r={adapter_config.get('r')}, alpha={adapter_config.get('lora_alpha')}, "
+              f"target modules {sorted(adapter_config.get('target_modules') or [])}", ""]
+    if run_dir is not None:
+        summary = run_dir / "summary.json"
+        if summary.exists():
+            s = json.loads(summary.read_text())
+            lines += ["## Metrics", "", f"- held-out accuracy {s.get('eval_accuracy_start', float('nan')):.3f} -> "
+                      f"{s.get('eval_accuracy_end', float('nan')):.3f} over {s.get('steps')} steps, "
+                      f"{s.get('rollouts')} rollouts", ""]
+        config = run_dir / ".hydra" / "config.yaml"
+        if config.exists():
+            lines += ["## Training config", "", "```yaml", config.read_text().strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def export(adapters: list[dict], output: Path, *, router: str = "") -> Path:
+    """Write the folder; returns it. ``adapters``: dicts with name, path and optionally capability, definition."""
+    from rltrain.evaluation import CheckpointPathError, locate
+
+    if not adapters:
+        raise ExportError("export.adapters is empty: give each adapter a name and a path")
+    names = [a.get("name", "") for a in adapters]
+    if any(not n or "/" in n or n.startswith(".") for n in names) or len(set(names)) != len(names):
+        raise ExportError(f"export.adapters: names must be distinct plain directory names, got {names}")
+    located = []
+    for k, a in enumerate(adapters):
+        try:
+            location = locate(a.get("path", ""))
+        except CheckpointPathError as err:
+            raise ExportError(f"export.adapters.{k}.path: {err}") from None
+        if not location.adapter:
+            raise ExportError(f"export.adapters.{k}.path: {location.weights} is a full model, not a PEFT adapter")
+        located.append(location)
+    if router and not Path(router).is_file():
+        raise ExportError(f"export.router: no such file {router}")
+    tmp = output.with_name(output.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    bases = set()
+    for a, location in zip(adapters, located):
+        target = tmp / a["name"]
+        target.mkdir()
+        for file in ADAPTER_FILES:
+            shutil.copyfile(location.weights / file, target / file)
+        config = json.loads((target / "adapter_config.json").read_text())
+        bases.add(config.get("base_model_name_or_path"))
+        (target / "README.md").write_text(model_card(a["name"], config, capability=a.get("capability", ""),
+                                                     definition=a.get("definition", ""),
+                                                     run_dir=_run_dir_of(location)))
+    if router:
+        shutil.copyfile(router, tmp / "router.json")
+    listing = "\n".join(f"- `{a['name']}/`" + (f": {a['capability']}" if a.get("capability") else "") for a in adapters)
+    (tmp / "README.md").write_text(
+        f"# rltrain adapters\n\nBase model(s): {', '.join(sorted(map(str, bases)))}\n\n{listing}\n\n"
+        + ("`router.json`: the router's candidates, costs and beta (`rltrain route`).\n" if router else ""))
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(tmp, output)
+    return output
+
+
+def push(folder: Path, repo_id: str, *, private: bool = True, endpoint: str = "") -> str:
+    """Upload ``folder``: to the hub (token from HF_TOKEN / the huggingface_hub login; never logged), or, for
+    ``local:PATH``, to a directory (replaced atomically). Returns where it went."""
+    if not (folder / "README.md").is_file():
+        raise ExportError(f"push.folder: {folder} is not an exported folder (run rltrain export first)")
+    if repo_id.startswith("local:"):
+        target = Path(repo_id.removeprefix("local:"))
+        tmp = target.with_name(target.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(folder, tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        return str(target)
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint or None)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="rltrain export")
+    return str(getattr(info, "commit_url", repo_id))
+
+
+def main(command: str, args: list[str]) -> None:
+    from rltrain.cli import check_overrides_or_exit, compose
+
+    check_overrides_or_exit(args)
+    config = compose(args)
+    try:
+        if command == "export":
+            e = config.export
+            out = export([dataclasses.asdict(a) for a in e.adapters], Path(e.output), router=e.router)
+            print(f"wrote {out}: {', '.join(a.name for a in e.adapters)}")
+        else:
+            p = config.push
+            if not p.repo_id or not p.folder:
+                raise ExportError("push.folder and push.repo_id must be set (repo_id local:PATH for a directory)")
+            print(f"pushed {p.folder} to {push(Path(p.folder), p.repo_id, private=p.private, endpoint=p.endpoint)}")
+    except ExportError as err:
+        print(f"rltrain: config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,99 @@
+"""``rltrain export`` / ``push``: two LoRA adapters of real tiny runs -> a folder with model cards and the router
+config -> pushed to a local directory target -> a fresh process loads each with PeftModel.from_pretrained and
+reproduces the run's own evaluation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_checkpoint import SMALL
+
+REPO = Path(__file__).resolve().parent.parent
+RLTRAIN = [sys.executable, "-m", "rltrain"]
+LORA = ["adapter=lora", "adapter.lora.r=4", "adapter.lora.target_modules=[q_proj,v_proj]"]
+
+
+def _rltrain(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*RLTRAIN, *args], cwd=REPO, capture_output=True, text=True)
+
+
+LOAD = """
+import json, sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+from rltrain.cli import compose
+from rltrain.evaluation import evaluate
+from rltrain.rewards import RewardScorer
+from rltrain.rollout.collect import PromptIds
+from rltrain.rollout.hf import HFEngine
+from rltrain.tasks.prompts import PromptFormatter
+from rltrain.evaluation import eval_prompt_set
+from transformers import AutoTokenizer
+base_dir, adapter_dir, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+torch.set_num_threads(1)
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+tokenizer = AutoTokenizer.from_pretrained(base_dir)
+config = compose(overrides)
+engine = HFEngine(model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, batch_size=64)
+scorer = RewardScorer.from_config(config.task)
+ids = PromptIds(PromptFormatter(tokenizer, config.task), eval_prompt_set(config))
+out = evaluate(engine, ids, scorer, tokenizer, max_tokens=config.rollout.max_tokens, samples=1, temperature=1.0,
+               top_p=1.0)
+scorer.close()
+print(json.dumps({"eval_accuracy": out["eval_accuracy"]}))
+"""
+
+
+def test_export_push_and_load_each_adapter_in_a_fresh_process(tmp_path):
+    common = SMALL + LORA + ["model.tiny.sft_steps=40", "trainer.steps=4", "trainer.num_threads=1",
+                             "task.eval_size=32"]
+    runs = {}
+    for name, lr in (("carry", "1e-3"), ("counting", "3e-3")):
+        run = tmp_path / name
+        done = _rltrain("train", *common, f"trainer.lr={lr}", f"hydra.run.dir={run}")
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[name] = run
+    router = tmp_path / "router.json"
+    router.write_text(json.dumps({"beta": 1.0, "candidates": [{"name": "carry"}, {"name": "counting"}]}))
+    out = tmp_path / "exported"
+    adapters = ("export.adapters=[" + ", ".join(
+        f"{{name: {n}, path: {r}, capability: {n}, definition: the {n} skill}}" for n, r in runs.items()) + "]")
+    done = _rltrain("export", adapters, f"export.router={router}", f"export.output={out}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "carry", "counting", "router.json"]
+    card = (out / "carry" / "README.md").read_text()
+    assert "library_name: peft" in card and "Capability: **carry** — the carry skill" in card
+    assert "## Metrics" in card and "## Training config" in card and "lr: 0.001" in card
+    assert not list(out.parent.glob("*.tmp"))
+    hub = tmp_path / "hub" / "adapters"
+    done = _rltrain("push", f"push.folder={out}", f"push.repo_id=local:{hub}")
+    assert done.returncode == 0 and f"pushed {out} to {hub}" in done.stdout
+    assert (hub / "counting" / "adapter_model.safetensors").read_bytes() == \
+        (runs["counting"] / "final" / "adapter_model.safetensors").read_bytes()
+    for name, run in runs.items():
+        loaded = subprocess.run([sys.executable, "-c", LOAD, str(run / "base_model"), str(hub / name), *common],
+                                cwd=REPO, capture_output=True, text=True)
+        assert loaded.returncode == 0, loaded.stderr[-2000:]
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        final_eval = [r for r in records if "eval_step" in r][-1]
+        assert json.loads(loaded.stdout.splitlines()[-1])["eval_accuracy"] == final_eval["eval_accuracy"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export.adapters=[]"], "export.adapters is empty"),
+    (["export.adapters=[{name: a, path: /nonexistent}]"], "export.adapters.0.path"),
+    (["export.adapters=[{name: a/b, path: x}]"], "names must be distinct plain directory names"),
+])
+def test_export_errors_name_the_key(args, message):
+    done = _rltrain("export", *args)
+    assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_push_refuses_a_folder_that_was_not_exported(tmp_path):
+    done = _rltrain("push", f"push.folder={tmp_path}", f"push.repo_id=local:{tmp_path / 'x'}")
+    assert done.returncode == 2 and "is not an exported folder" in done.stderr
