@@ -18,6 +18,7 @@ USAGE = ("usage: rltrain {train,eval,route,capabilities,export,push,report,bench
          "  export [overrides]    adapters (+ router.json) as a hub-ready folder: export.adapters=[{name, path}]\n"
          "  push [overrides]     upload it: push.folder=DIR push.repo_id=owner/name (or local:PATH)\n"
          "  capabilities analyze [overrides]  what a model lacks, by contrasting its failures with its successes\n"
+         "  capabilities train [overrides]    one LoRA adapter per selected capability on its calibrated task\n"
          "  tasks hard-split [overrides]  screen a hard split for an experiment's model (--help for options)")
 # Hydra options that take a value; their value is not an override.
 _VALUE_FLAGS = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c",
@@ -131,6 +132,10 @@ def main() -> None:
         from rltrain.capabilities.analyze import main as analyze_main
 
         analyze_main(args[1:])
+    elif command == "capabilities" and args[:1] == ["train"]:
+        from rltrain.capabilities.train import main as capabilities_train_main
+
+        capabilities_train_main(args[1:])
     elif command == "tasks" and args[:1] == ["hard-split"]:
         from rltrain.tasks.hard import main as hard_split_main
 

@@ -144,6 +144,7 @@ class BuiltinTaskConfig:
     mix: dict[str, float] = field(default_factory=dict)  # kind -> weight; a task config names every kind it uses
     digits: dict[str, int] = field(default_factory=dict)  # per kind: most digits per operand (default 2)
     min_digits: dict[str, int] = field(default_factory=dict)  # per kind: fewest (default: the same as digits)
+    require: list[str] = field(default_factory=list)  # only items tagged with all of these capabilities (e.g. carry)
     style: PromptStyle = PromptStyle.sentence
     train_size: int = 2000
     seed: int = 0
@@ -311,6 +312,8 @@ class CapabilitiesConfig:
     runs: int = 10  # labelling runs (a deterministic labeler needs one)
     k: int = 8  # runs that must pass
     output: str = "capabilities"
+    selected: str = ""  # capabilities train: an analysis' capabilities.yaml (its selected ones are trained)
+    rollouts: int = 0  # capabilities train: total rollout budget over all adapters (0: trainer.steps each)
 
 
 @dataclass

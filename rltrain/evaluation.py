@@ -165,7 +165,8 @@ def evaluate(engine, prompt_ids: PromptIds, rewards: RewardScorer, tokenizer, *,
              temperature: float, top_p: float, predicted: list[float] | None = None) -> dict:
     """Greedy accuracy on every prompt of the set; with ``samples > 1`` also pass@k for k = 1, 2, 4, ... samples.
     Rows with a ``capabilities`` column also get the greedy accuracy per capability tag. With ``predicted`` (a value
-    predictor's success probability per prompt), its AUC and Brier score against greedy correctness."""
+    predictor's success probability per prompt), its AUC (success binarised at 0.5, as V0) and Brier score against
+    the sampled success rate (``samples > 1``) or greedy correctness."""
     outcomes = run_prompts(engine, prompt_ids, rewards, tokenizer, max_tokens=max_tokens, samples=samples,
                            temperature=temperature, top_p=top_p)
     rows = prompt_ids.prompts.rows
@@ -173,11 +174,13 @@ def evaluate(engine, prompt_ids: PromptIds, rewards: RewardScorer, tokenizer, *,
     out = {"eval_accuracy": sum(outcomes.correct_P) / n, "eval_reward_mean": sum(outcomes.rewards_P) / n}
     if samples > 1:
         out["eval_pass_at_k"] = mean_pass_at_k(outcomes.successes_P, outcomes.attempts_P, default_ks(samples))
-    if predicted is not None:
+    if predicted is not None:  # against the sampled success rate when sampled (what it predicts), else greedy
         from rltrain.budget.predictor import auc
 
-        out["eval_value_auc"] = auc(predicted, outcomes.correct_P)
-        out["eval_value_brier"] = sum((p - c) ** 2 for p, c in zip(predicted, outcomes.correct_P)) / n
+        realised = ([s / a for s, a in zip(outcomes.successes_P, outcomes.attempts_P)] if samples > 1
+                    else [float(c) for c in outcomes.correct_P])
+        out["eval_value_auc"] = auc(predicted, [r >= 0.5 for r in realised])
+        out["eval_value_brier"] = sum((p - r) ** 2 for p, r in zip(predicted, realised)) / n
     by_capability = breakdown(rows, outcomes, []).get("capabilities")
     if by_capability:
         out["eval_accuracy_by_capability"] = {tag: s["accuracy"] for tag, s in by_capability.items()}

@@ -38,3 +38,23 @@ def final_number(prompts: list[str], completions: list[str], answer: list[str], 
         except ValueError:
             scores.append(0.0)
     return scores
+
+
+def digit_credit(prompts: list[str], completions: list[str], answer: list[str], **_: object) -> list[float]:
+    """A multi-level reward for integer answers (TRACE's targeted environments): 1.0 for the exact answer alone;
+    otherwise half the share of the answer's digits that the reply's last integer gets right, aligned from the
+    ones place (a wrong length counts the missing or extra digits as wrong); 0.0 without an integer."""
+    scores = []
+    for completion, gold in zip(completions, answer):
+        gold = str(gold).strip()
+        if completion.strip().rstrip(".").strip() == gold:
+            scores.append(1.0)
+            continue
+        numbers = re.findall(r"-?\d+", completion)
+        if not numbers:
+            scores.append(0.0)
+            continue
+        got, want = numbers[-1].lstrip("-")[::-1], gold.lstrip("-")[::-1]
+        right = sum(a == b for a, b in zip(got, want))
+        scores.append(0.5 * right / max(len(got), len(want)))
+    return scores

@@ -136,8 +136,10 @@ GENERATORS = {
 
 
 def make_items(mix: dict[str, float], digits: dict[str, int], count: int, seed: int, *,
-               min_digits: dict[str, int] | None = None, exclude: set[str] = frozenset()) -> list[Item]:
-    """``count`` distinct items drawn from ``mix`` (generator name -> weight), none whose prompt is in ``exclude``.
+               min_digits: dict[str, int] | None = None, exclude: set[str] = frozenset(),
+               require: set[str] = frozenset()) -> list[Item]:
+    """``count`` distinct items drawn from ``mix`` (generator name -> weight), none whose prompt is in ``exclude``,
+    each tagged with every capability in ``require`` (e.g. only sums with a carry).
 
     Each item of a kind has between ``min_digits[kind]`` (default: ``digits[kind]``) and ``digits[kind]``
     (default 2) digits, drawn uniformly.
@@ -151,15 +153,16 @@ def make_items(mix: dict[str, float], digits: dict[str, int], count: int, seed: 
     weights = [mix[k] for k in names]
     items: list[Item] = []
     seen = set(exclude)
-    for _ in range(count * 50):
+    for _ in range(count * (500 if require else 50)):
         if len(items) == count:
             break
         kind = rng.choices(names, weights)[0]
         high = digits.get(kind, 2)
         item = GENERATORS[kind](rng, rng.randint(min_digits.get(kind, high), high))
-        if item.prompt not in seen:
+        if item.prompt not in seen and require <= set(item.capabilities):
             seen.add(item.prompt)
             items.append(item)
     if len(items) < count:
-        raise ValueError(f"only {len(items)} distinct items exist for mix {mix} and digits {digits}; asked for {count}")
+        raise ValueError(f"only {len(items)} distinct items exist for mix {mix} and digits {digits}"
+                         + (f" with tags {sorted(require)}" if require else "") + f"; asked for {count}")
     return items

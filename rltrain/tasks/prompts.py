@@ -78,9 +78,11 @@ def load_prompt_sets(task: TaskConfig) -> tuple[PromptSet, PromptSet]:
     """(train, eval). Built-in eval items never share a prompt with train items."""
     if task.source == TaskSource.builtin:
         b = task.builtin
-        train = arithmetic.make_items(dict(b.mix), dict(b.digits), b.train_size, b.seed, min_digits=dict(b.min_digits))
+        train = arithmetic.make_items(dict(b.mix), dict(b.digits), b.train_size, b.seed, min_digits=dict(b.min_digits),
+                                      require=set(b.require))
         held_out = arithmetic.make_items(dict(b.mix), dict(b.digits), task.eval_size or 200, b.seed + EVAL_SEED_OFFSET,
-                                         min_digits=dict(b.min_digits), exclude={i.prompt for i in train})
+                                         min_digits=dict(b.min_digits), exclude={i.prompt for i in train},
+                                         require=set(b.require))
         to_rows = _compact_rows if b.style == PromptStyle.compact else (lambda items: [i.as_row() for i in items])
         return PromptSet(to_rows(train), "builtin/train"), PromptSet(to_rows(held_out), "builtin/eval")
     d, columns = task.dataset, dict(task.dataset.columns)

@@ -1,0 +1,90 @@
+"""``rltrain capabilities train``: one LoRA adapter per selected capability, GRPO on its calibrated environment.
+
+    rltrain capabilities train experiment=... adapter=lora capabilities.selected=ANALYSIS/capabilities.yaml \\
+        capabilities.output=trace
+
+For each capability (those ``selected`` in the analysis' capabilities.yaml, or ``capabilities.names``):
+
+1. calibrate its environment's difficulty against the base model (rltrain/capabilities/environments.py);
+2. train a LoRA adapter with the experiment's trainer settings on that environment (``trainer.max_rollouts`` each =
+   ``capabilities.rollouts`` / number of capabilities when set, so that the whole set costs a fixed budget), every
+   adapter on the same frozen base;
+3. write OUTPUT/NAME (the run: final/ is a standard PEFT adapter directory, with a model card README.md) and
+   OUTPUT/adapters.yaml (capability, definition, level, calibration, accuracy, run dir).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from rltrain.capabilities.environments import calibrate, environment
+from rltrain.capabilities.labelers import DEFINITIONS
+from rltrain.config import AdapterKind
+
+
+def selected_names(path: str) -> list[str]:
+    entries = yaml.safe_load(Path(path).read_text())["capabilities"]
+    return [e["name"] for e in entries if e.get("selected")]
+
+
+def main(args: list[str]) -> None:
+    from rltrain.cli import check_overrides_or_exit, compose
+    from rltrain.export import model_card
+    from rltrain.rollout.base import SamplingParams
+    from rltrain.train import RunContext, build, quiet_transformers, train
+
+    check_overrides_or_exit(args)
+    quiet_transformers()
+    config = compose(args)
+    cap = config.capabilities
+
+    def fail(message: str) -> None:
+        print(f"rltrain: config error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+    if config.adapter.kind != AdapterKind.lora:
+        fail("capabilities train trains LoRA adapters: add adapter=lora")
+    try:
+        names = selected_names(cap.selected) if cap.selected else list(cap.names)
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as err:
+        fail(f"capabilities.selected: {cap.selected}: {err}")
+    if not names:
+        fail("no capability to train: capabilities.selected (an analysis' capabilities.yaml) or capabilities.names")
+    base = build(dataclasses.replace(config, adapter=dataclasses.replace(config.adapter, kind=AdapterKind.none)))
+    r = config.rollout
+    sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens)
+    out = Path(cap.output)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for name in names:
+        try:
+            level, table = calibrate(name, config.task, base.engine, base.tokenizer, sampling=sampling,
+                                     group=max(config.trainer.rollouts_per_prompt, 2))
+        except ValueError as err:
+            fail(str(err))
+        print(f"{name}: level {level} ({', '.join(f'{c.level}: {c.reward_mean:.2f}' for c in table)})")
+        trainer = config.trainer
+        if cap.rollouts:
+            trainer = dataclasses.replace(trainer, max_rollouts=cap.rollouts // len(names), steps=10**6)
+        run_config = dataclasses.replace(config, task=environment(name, config.task, level), trainer=trainer,
+                                         experiment_name=f"{config.experiment_name}-{name}")
+        summary = train(run_config, RunContext(run_dir=out / name))
+        adapter_config = json.loads((out / name / "final" / "adapter_config.json").read_text())
+        (out / name / "final" / "README.md").write_text(
+            model_card(name, adapter_config, capability=name, definition=DEFINITIONS.get(name, ""),
+                       run_dir=out / name))
+        records.append({"name": name, "definition": DEFINITIONS.get(name, ""), "level": level,
+                        "calibration": [dataclasses.asdict(c) for c in table],
+                        "eval_accuracy_start": summary["eval_accuracy_start"],
+                        "eval_accuracy_end": summary["eval_accuracy_end"], "rollouts": summary["rollouts"],
+                        "adapter": str(out / name / "final")})
+    (out / "adapters.yaml").write_text(yaml.safe_dump({"adapters": records}, sort_keys=False))
+    for rec in records:
+        print(f"{rec['name']}: level {rec['level']}, accuracy {rec['eval_accuracy_start']:.3f} -> "
+              f"{rec['eval_accuracy_end']:.3f} on its environment, {rec['rollouts']} rollouts; {rec['adapter']}")
+    print(f"wrote {out / 'adapters.yaml'}")
