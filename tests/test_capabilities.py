@@ -134,3 +134,60 @@ def test_analysis_of_a_planted_gap_selects_what_the_model_lacks_and_not_what_it_
     bad = subprocess.run(run + ["capabilities", "analyze", *common, "capabilities.names=[tool_use]"], cwd=repo,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "capabilities.names" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+def test_digit_credit_rewards_exact_answers_fully_and_correct_digits_partly():
+    from rltrain.rewards.answers import digit_credit
+
+    got = digit_credit([""] * 6, ["85", " 85.", "75", "185", "none", "-85"], ["85"] * 6)
+    assert got == [1.0, 1.0, 0.25, pytest.approx(0.5 * 2 / 3), 0.0, 0.5]
+
+
+def test_environment_items_carry_the_capability_and_calibration_picks_a_level_in_range():
+    import random
+
+    from rltrain.capabilities.environments import Calibration, calibrate, environment
+    from rltrain.cli import compose
+    from rltrain.tasks.prompts import load_prompt_sets
+
+    base = compose(["experiment=tiny_trace"]).task
+    train, held_out = load_prompt_sets(environment("carry", base, 2))
+    assert len(train) == 200 and all("carry" in r["capabilities"] for r in train.rows + held_out.rows)
+    assert all(r["kind"] == "addition" and len(r["compact"]) == 5 for r in train.rows)
+    with pytest.raises(ValueError, match="no environment for capability 'tool_use'"):
+        environment("tool_use", base, 1)
+
+
+
+def test_capabilities_train_calibrates_each_environment_and_writes_peft_adapters_with_model_cards(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "trace"
+    done = subprocess.run([sys.executable, "-m", "rltrain", "capabilities", "train", "experiment=tiny_trace",
+                           "adapter=lora", "adapter.lora.r=4", "capabilities.names=[carry,counting]",
+                           f"capabilities.output={out}", "capabilities.rollouts=1024", "trainer.eval_every=0",
+                           "logger.progress=false", "logger.report=false"], cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    adapters = yaml.safe_load((out / "adapters.yaml").read_text())["adapters"]
+    assert [a["name"] for a in adapters] == ["carry", "counting"]
+    for a in adapters:
+        levels = [c["level"] for c in a["calibration"]]
+        assert levels == sorted(levels) and a["level"] in levels
+        chosen = next(c for c in a["calibration"] if c["level"] == a["level"])
+        # the first level in range, or (none in range) the one nearest a mean reward of 0.4
+        in_range = [c for c in a["calibration"] if c["in_range"]]
+        if in_range:
+            assert chosen is in_range[0] or chosen == in_range[0]
+            assert 0.2 <= chosen["reward_mean"] <= 0.6 and chosen["all_zero"] <= 0.2 and chosen["all_one"] <= 0.2
+        else:
+            assert abs(chosen["reward_mean"] - 0.4) == min(abs(c["reward_mean"] - 0.4) for c in a["calibration"])
+        assert a["rollouts"] >= 512 and a["rollouts"] < 512 + 256  # half the budget each, ending within a step
+        final = Path(a["adapter"])
+        assert (final / "adapter_model.safetensors").exists()
+        assert f"Capability: **{a['name']}**" in (final / "README.md").read_text()
+    assert "carry" not in [a["name"] for a in adapters if 1 in [c["level"] for c in a["calibration"]]]
