@@ -143,10 +143,8 @@ def test_digit_credit_rewards_exact_answers_fully_and_correct_digits_partly():
     assert got == [1.0, 1.0, 0.25, pytest.approx(0.5 * 2 / 3), 0.0, 0.5]
 
 
-def test_environment_items_carry_the_capability_and_calibration_picks_a_level_in_range():
-    import random
-
-    from rltrain.capabilities.environments import Calibration, calibrate, environment
+def test_environment_items_carry_the_capability():
+    from rltrain.capabilities.environments import environment
     from rltrain.cli import compose
     from rltrain.tasks.prompts import load_prompt_sets
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import minimize
-from scipy.stats import norm
 
 from rltrain.budget.features import Projection
 from rltrain.budget.plan import RolloutPlanner
