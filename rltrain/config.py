@@ -397,6 +397,10 @@ class EvalConfig:
     ks: list[int] = field(default_factory=list)  # empty: 1, 2, 4, ... up to samples
     extrapolate_ks: list[int] = field(default_factory=lambda: [64, 256, 1024])  # beta-binomial fit
     output: str = ""  # JSON path; default: eval.json next to the checkpoint
+    router: str = ""  # zero_shot | v0 | merge: route each prompt to one of eval.adapters (TRACE)
+    adapters: str = ""  # with eval.router: the adapters.yaml of rltrain capabilities train
+    top_p: float = 0.9  # eval.router=merge: merge the adapters holding this share of the predicted success
+    router_history: int = 128  # eval.router=v0|merge: train prompts each candidate is sampled on (4 each)
 
 
 @dataclass
@@ -517,6 +521,9 @@ def check(config: Config) -> None:
     e = config.eval
     if e.samples < 1 or any(k < 1 or k > e.samples for k in e.ks) or any(k < 1 for k in e.extrapolate_ks):
         raise ConfigError(f"eval.ks must lie in [1, eval.samples={e.samples}] and eval.extrapolate_ks be >= 1")
+    if e.router and (e.router not in ("zero_shot", "v0", "merge") or not e.adapters):
+        raise ConfigError(f"eval.router={e.router!r}: choose zero_shot, v0 or merge, and set eval.adapters to a "
+                          "capabilities train adapters.yaml")
     if config.adapter.kind == AdapterKind.lora and not config.adapter.lora:
         raise ConfigError("adapter.lora must hold peft.LoraConfig settings when adapter.kind=lora")
 

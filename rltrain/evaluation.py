@@ -334,6 +334,18 @@ def main(args: list[str]) -> None:
     quiet_transformers()
     config = compose(args)
     e = config.eval
+    if e.router:  # TRACE: adapters routed per prompt
+        from rltrain.capabilities.routing import evaluate_with_router
+
+        if config.trainer.num_threads:
+            torch.set_num_threads(config.trainer.num_threads)
+        torch.manual_seed(config.trainer.seed)
+        result = evaluate_with_router(config)
+        output = Path(e.output) if e.output else Path(e.adapters).parent / f"eval_router_{e.router}.json"
+        output.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"router {e.router}: accuracy {result['accuracy']:.3f}; alone: "
+              + ", ".join(f"{n} {s['accuracy']:.3f}" for n, s in result["single"].items()) + f"; wrote {output}")
+        return
     try:
         location = locate(e.checkpoint) if e.checkpoint else None
     except CheckpointPathError as err:

@@ -158,6 +158,7 @@ def test_environment_items_carry_the_capability():
 
 
 def test_capabilities_train_calibrates_each_environment_and_writes_peft_adapters_with_model_cards(tmp_path):
+    import json
     import subprocess
     import sys
     from pathlib import Path
@@ -189,3 +190,16 @@ def test_capabilities_train_calibrates_each_environment_and_writes_peft_adapters
         assert (final / "adapter_model.safetensors").exists()
         assert f"Capability: **{a['name']}**" in (final / "README.md").read_text()
     assert "carry" not in [a["name"] for a in adapters if 1 in [c["level"] for c in a["calibration"]]]
+    # routed evaluation on the target mix: each prompt is answered with its own route active
+    for router in ("v0", "zero_shot"):
+        done = subprocess.run([sys.executable, "-m", "rltrain", "eval", "experiment=tiny_trace", f"eval.router={router}",
+                               f"eval.adapters={out / 'adapters.yaml'}", "eval.router_history=32",
+                               "trainer.num_threads=1"], cwd=repo, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = json.loads((out / f"eval_router_{router}.json").read_text())
+        single = result["single"]
+        assert set(single) == {"none", "carry", "counting"} and result["prompts"] == 50
+        for i, p in enumerate(result["per_prompt"]):
+            assert p["correct"] == single[p["route"]]["correct"][i], (router, p)
+        assert result["accuracy"] == pytest.approx(sum(p["correct"] for p in result["per_prompt"]) / 50)
+        assert sum(result["route_share"].values()) == pytest.approx(1.0)
