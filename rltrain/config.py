@@ -263,6 +263,7 @@ class BudgetConfig:
     min_context: int = 64  # below this many pairs, every prompt is predicted at the context's mean
     feature_dim: int = 64  # features are the base model's pooled hidden states, PCA-projected to this many
     l2: float = 10.0  # logistic: prior precision of the weights
+    half_life: float = 0.0  # logistic: a pair observed this many steps ago weighs half (0: all weigh the same)
     knn_k: int = 16
     prior_strength: float = 4.0  # a seen prompt's Beta prior: the learner's prediction worth this many rollouts
     history_decay: float = 0.5  # a seen prompt's earlier counts are multiplied by this at each new visit
@@ -506,8 +507,10 @@ def check(config: Config) -> None:
             raise ConfigError(f"budget.min_per_prompt={b.min_per_prompt}: a group needs 2 samples to have an advantage")
         if not 1 <= b.min_context <= b.context_size or b.feature_dim < 1 or b.knn_k < 1:
             raise ConfigError("budget: need 1 <= min_context <= context_size, feature_dim >= 1 and knn_k >= 1")
-        if not 0 <= b.history_decay <= 1 or b.prior_strength <= 0 or b.l2 <= 0 or not 0 <= b.explore <= 1:
-            raise ConfigError("budget: history_decay and explore must be in [0, 1], prior_strength and l2 > 0")
+        if (not 0 <= b.history_decay <= 1 or b.prior_strength <= 0 or b.l2 <= 0 or not 0 <= b.explore <= 1
+                or b.half_life < 0):
+            raise ConfigError("budget: history_decay and explore must be in [0, 1], prior_strength and l2 > 0, "
+                              "half_life >= 0")
         if config.algorithm.name != "grpo":
             raise ConfigError(f"budget.predictor={b.predictor.value} works with algorithm=grpo for now, "
                               f"not {config.algorithm.name}")

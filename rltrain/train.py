@@ -165,7 +165,7 @@ def build_planner(config: Config, model: torch.nn.Module, tokenizer, train_ids: 
                 features.shape[1], time.perf_counter() - start)
     predictor = ValuePredictor(features, learner=b.learner.value, context_size=b.context_size,
                                min_context=b.min_context, l2=b.l2, knn_k=b.knn_k, prior_strength=b.prior_strength,
-                               history_decay=b.history_decay)
+                               history_decay=b.history_decay, half_life=b.half_life)
     return RolloutPlanner(predictor, b, prompts_per_step=t.prompts_per_step, rollouts_per_prompt=t.rollouts_per_prompt,
                           seed=t.seed, eval_features=project(raw_eval))
 

@@ -47,6 +47,29 @@ def test_map_weights_match_scipy_and_the_laplace_covariance_is_the_inverse_hessi
     np.testing.assert_allclose(cov.numpy(), np.linalg.inv(hessian), rtol=1e-4, atol=1e-8)
 
 
+def test_weighted_fit_matches_scipy_and_recent_pairs_weigh_more_with_a_half_life():
+    x, p = _synthetic(120)
+    c = torch.linspace(0.2, 2.0, 120, dtype=torch.float64)
+    w, _ = _bayesian_logistic(x, p, l2=1.0, weights=c)
+    xb = np.hstack([x.numpy(), np.ones((len(x), 1))])
+    prior = np.array([1.0, 1.0, 1.0, 1e-4])
+
+    def objective(v):
+        z = xb @ v
+        return float(np.sum(c.numpy() * (np.logaddexp(0, z) - p.numpy() * z)) + 0.5 * np.sum(prior * v * v))
+
+    np.testing.assert_allclose(w.numpy(), minimize(objective, np.zeros(4), method="BFGS", options={"gtol": 1e-10}).x,
+                               atol=1e-5)
+    # the policy got better at everything after the first 5 steps: with a half-life, the prediction follows faster
+    stale, fresh = (ValuePredictor(x, min_context=10, half_life=h) for h in (0.0, 1.0))
+    for predictor in (stale, fresh):
+        for step in range(10):
+            rows = list(range(step * 12, step * 12 + 12))
+            predictor.observe(rows, [0 if step < 5 else 8] * 12, [8] * 12)
+    assert fresh.visits == 10 and list(fresh.context_visits)[:3] == [1, 1, 1]
+    assert sum(fresh.predict_features(x).tolist()) / 120 > sum(stale.predict_features(x).tolist()) / 120 + 0.2
+
+
 def test_logistic_prediction_is_the_probit_moderated_posterior_and_ranks_unseen_prompts():
     x, p = _synthetic(400)
     predictor = ValuePredictor(x, context_size=300, min_context=10, l2=1.0)

@@ -10,6 +10,8 @@ reads off p(x) for any prompt x; no critic is trained to chase the policy. Here:
   ``logistic`` — Bayesian logistic regression on the soft labels (MAP by Newton's method, Gaussian prior of precision
   ``l2`` on the weights), predictions moderated by the Laplace posterior (MacKay's probit approximation);
   ``knn`` — the mean success of the ``k`` nearest history prompts (cosine), shrunk to the history mean;
+- with ``half_life`` > 0, a pair observed ``a`` steps ago weighs 0.5^(a / half_life) in the logistic fit (weights
+  rescaled to sum to the context size), since the policy has moved since;
 - prompts seen before: a Beta posterior whose prior mean is the learner's prediction, worth ``prior_strength``
   rollouts, updated with the prompt's own (decayed) successes and attempts.
 
@@ -30,13 +32,15 @@ MIN_DIMS, DIM_PER_PAIRS = 4, 16
 class ValuePredictor:
     def __init__(self, features: torch.Tensor, *, learner: str = "logistic", context_size: int = 512,
                  min_context: int = 64, l2: float = 1.0, knn_k: int = 16, prior_strength: float = 4.0,
-                 history_decay: float = 0.5) -> None:
+                 history_decay: float = 0.5, half_life: float = 0.0) -> None:
         if learner not in LEARNERS:
             raise ValueError(f"learner must be one of {LEARNERS}, got {learner!r}")
         self.features = features.double()  # [rows, d], one per train prompt
         self.learner, self.min_context, self.l2, self.knn_k = learner, min_context, l2, knn_k
-        self.prior_strength, self.history_decay = prior_strength, history_decay
+        self.prior_strength, self.history_decay, self.half_life = prior_strength, history_decay, half_life
         self.context: deque[tuple[int, float]] = deque(maxlen=context_size)  # (row, success rate)
+        self.context_visits: deque[int] = deque(maxlen=context_size)  # the observe() call each pair came from
+        self.visits = 0
         self.counts: dict[int, tuple[float, float]] = {}  # row -> (decayed successes, decayed attempts)
         self._fit: tuple | None = None
 
@@ -44,10 +48,12 @@ class ValuePredictor:
 
     def observe(self, rows: list[int], successes: list[float], attempts: list[int]) -> None:
         """Add one step's outcomes (a prompt's successes out of attempts) and refit the learner."""
+        self.visits += 1
         for row, s, n in zip(rows, successes, attempts):
             if n <= 0:
                 continue
             self.context.append((int(row), float(s) / n))
+            self.context_visits.append(self.visits)
             old_s, old_n = self.counts.get(int(row), (0.0, 0.0))
             d = self.history_decay
             self.counts[int(row)] = (d * old_s + float(s), d * old_n + float(n))
@@ -101,7 +107,12 @@ class ValuePredictor:
         y = torch.tensor([v for _, v in self.context], dtype=torch.float64)
         if self.learner == "knn":
             return _normalize(x), y, float(y.mean())
-        return _bayesian_logistic(x, y, self.l2)
+        weights = None
+        if self.half_life > 0:  # recent outcomes count more: the policy has moved since the older ones
+            age = torch.tensor([self.visits - v for v in self.context_visits], dtype=torch.float64)
+            weights = 0.5 ** (age / self.half_life)
+            weights = weights * len(weights) / weights.sum()
+        return _bayesian_logistic(x, y, self.l2, weights)
 
     # -- checkpoint ---------------------------------------------------------------------------------------------
 
@@ -109,6 +120,8 @@ class ValuePredictor:
         return {
             "context_rows": [r for r, _ in self.context],
             "context_rates": [v for _, v in self.context],
+            "context_visits": list(self.context_visits),
+            "visits": self.visits,
             "count_rows": list(self.counts),
             "count_values": [list(v) for v in self.counts.values()],
             "rows": len(self.features),
@@ -120,12 +133,18 @@ class ValuePredictor:
                              f"{len(self.features)}")
         self.context.clear()
         self.context.extend(zip(state["context_rows"], state["context_rates"]))
+        self.context_visits.clear()
+        self.context_visits.extend(state.get("context_visits", [0] * len(self.context)))
+        self.visits = state.get("visits", 0)
         self.counts = {r: (v[0], v[1]) for r, v in zip(state["count_rows"], state["count_values"])}
         self._fit = None
 
 
-def _bayesian_logistic(x: torch.Tensor, y: torch.Tensor, l2: float, iterations: int = 25) -> tuple:
-    """MAP weights (bias last, not penalised) of logistic regression on soft labels y, and the Laplace covariance."""
+def _bayesian_logistic(x: torch.Tensor, y: torch.Tensor, l2: float, weights: torch.Tensor | None = None,
+                       iterations: int = 25) -> tuple:
+    """MAP weights (bias last, not penalised) of logistic regression on soft labels y (each pair's likelihood
+    raised to its ``weights``, default 1), and the Laplace covariance."""
+    c = torch.ones(len(x), dtype=x.dtype) if weights is None else weights
     xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
     prior = torch.full((xb.shape[1],), l2, dtype=x.dtype)
     prior[-1] = 1e-4
@@ -134,14 +153,14 @@ def _bayesian_logistic(x: torch.Tensor, y: torch.Tensor, l2: float, iterations: 
     w[-1] = math.log(mean / (1 - mean))
     for _ in range(iterations):
         p = torch.sigmoid(xb @ w)
-        grad = xb.T @ (p - y) + prior * w
-        hessian = (xb.T * (p * (1 - p))) @ xb + torch.diag(prior)
+        grad = xb.T @ (c * (p - y)) + prior * w
+        hessian = (xb.T * (c * p * (1 - p))) @ xb + torch.diag(prior)
         step = torch.linalg.solve(hessian, grad)
         w = w - step
         if float(step.abs().max()) < 1e-8:
             break
     p = torch.sigmoid(xb @ w)
-    hessian = (xb.T * (p * (1 - p))) @ xb + torch.diag(prior)
+    hessian = (xb.T * (c * p * (1 - p))) @ xb + torch.diag(prior)
     return w, torch.linalg.inv(hessian)
 
 
