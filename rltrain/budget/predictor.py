@@ -4,7 +4,8 @@ V0 (algorithms.md section 3) gives a fixed in-context learner the policy's recen
 reads off p(x) for any prompt x; no critic is trained to chase the policy. Here:
 
 - features: the base model's pooled hidden states, projected (``rltrain.budget.features``), computed once; the
-  learner uses the leading min(d, max(4, |C| / 16)) of them, so that a young context fits few weights;
+  learner uses the leading min(d, max(4, |C| / 16)) of them, so that a young context fits few weights (a router,
+  whose histories are fixed, sets the dimension itself: ``adaptive_dims=False``);
 - history: the last ``context_size`` (prompt, success rate) pairs the policy produced, one per prompt visit;
 - learner, refit on the history every step:
   ``logistic`` — Bayesian logistic regression on the soft labels (MAP by Newton's method, Gaussian prior of precision
@@ -32,12 +33,13 @@ MIN_DIMS, DIM_PER_PAIRS = 4, 16
 class ValuePredictor:
     def __init__(self, features: torch.Tensor, *, learner: str = "logistic", context_size: int = 512,
                  min_context: int = 64, l2: float = 1.0, knn_k: int = 16, prior_strength: float = 4.0,
-                 history_decay: float = 0.5, half_life: float = 0.0) -> None:
+                 history_decay: float = 0.5, half_life: float = 0.0, adaptive_dims: bool = True) -> None:
         if learner not in LEARNERS:
             raise ValueError(f"learner must be one of {LEARNERS}, got {learner!r}")
         self.features = features.double()  # [rows, d], one per train prompt
         self.learner, self.min_context, self.l2, self.knn_k = learner, min_context, l2, knn_k
         self.prior_strength, self.history_decay, self.half_life = prior_strength, history_decay, half_life
+        self.adaptive_dims = adaptive_dims
         self.context: deque[tuple[int, float]] = deque(maxlen=context_size)  # (row, success rate)
         self.context_visits: deque[int] = deque(maxlen=context_size)  # the observe() call each pair came from
         self.visits = 0
@@ -78,6 +80,8 @@ class ValuePredictor:
     def _dims(self) -> int:
         """Feature dimensions the learner uses: the leading ones (the projection orders them by variance), one per
         ``DIM_PER_PAIRS`` context pairs, at least ``MIN_DIMS``: a small context cannot support many weights."""
+        if not self.adaptive_dims:
+            return self.features.shape[1]
         return min(self.features.shape[1], max(MIN_DIMS, len(self.context) // DIM_PER_PAIRS))
 
     def predict_features(self, x: torch.Tensor) -> torch.Tensor:

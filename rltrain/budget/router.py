@@ -71,7 +71,7 @@ class Router:
         self.predictors = []
         for c in candidates:
             predictor = ValuePredictor(features, learner=learner, context_size=max(len(c.prompts), 1),
-                                       min_context=1, l2=l2, knn_k=knn_k)
+                                       min_context=1, l2=l2, knn_k=knn_k, adaptive_dims=False)
             predictor.observe([index[p] for p in c.prompts], c.successes, c.attempts)
             self.predictors.append(predictor)
 
