@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+from typing import NoReturn
 
 USAGE = ("usage: rltrain {train,eval,route,capabilities,export,push,report,bench,tasks} [args...]\n"
          "  train [overrides]    GRPO run (rltrain train --help for Hydra's options; -m for sweeps)\n"
@@ -85,6 +86,24 @@ def compose(overrides: list[str], config_name: str = "config"):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = hydra_compose(config_name=config_name, overrides=overrides)
     return to_config(cfg)
+
+
+def command_config(args: list[str], usage: str = ""):
+    """A subcommand's validated ``Config`` (a one-line error and exit 2 on a mistake); None after printing
+    ``usage`` for -h / --help."""
+    if usage and any(a in ("-h", "--help") for a in args):
+        print(usage)
+        return None
+    check_overrides_or_exit(args)
+    from rltrain.train import quiet_transformers
+
+    quiet_transformers()
+    return compose(args)
+
+
+def exit_config_error(message: str) -> NoReturn:
+    print(f"rltrain: config error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def check_overrides_or_exit(argv: list[str]) -> None:

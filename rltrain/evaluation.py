@@ -324,15 +324,11 @@ def eval_prompt_set(config):
 
 def main(args: list[str]) -> None:
     """``rltrain eval [overrides]``: exit 2 with one line on a config mistake or an unloadable eval.checkpoint."""
-    from rltrain.cli import check_overrides_or_exit, compose
-    from rltrain.train import quiet_transformers
+    from rltrain.cli import command_config
 
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
+    config = command_config(args, USAGE)
+    if config is None:
         return
-    check_overrides_or_exit(args)
-    quiet_transformers()
-    config = compose(args)
     e = config.eval
     if e.router:  # TRACE: adapters routed per prompt
         from rltrain.capabilities.routing import evaluate_with_router

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -130,10 +129,9 @@ def push(folder: Path, repo_id: str, *, private: bool = True, endpoint: str = ""
 
 
 def main(command: str, args: list[str]) -> None:
-    from rltrain.cli import check_overrides_or_exit, compose
+    from rltrain.cli import command_config
 
-    check_overrides_or_exit(args)
-    config = compose(args)
+    config = command_config(args)
     try:
         if command == "export":
             e = config.export
@@ -145,5 +143,6 @@ def main(command: str, args: list[str]) -> None:
                 raise ExportError("push.folder and push.repo_id must be set (repo_id local:PATH for a directory)")
             print(f"pushed {p.folder} to {push(Path(p.folder), p.repo_id, private=p.private, endpoint=p.endpoint)}")
     except ExportError as err:
-        print(f"rltrain: config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        from rltrain.cli import exit_config_error
+
+        exit_config_error(str(err))

@@ -146,22 +146,15 @@ def encoder(model, tokenizer, formatter, *, batch_size: int = 64) -> Callable[[l
 
 
 def main(args: list[str]) -> None:
-    from rltrain.cli import check_overrides_or_exit, compose
+    from rltrain.cli import command_config
+    from rltrain.cli import exit_config_error as fail
     from rltrain.evaluation import CheckpointPathError, eval_prompt_set, load_for_eval, locate
     from rltrain.tasks.prompts import PromptFormatter
-    from rltrain.train import quiet_transformers
 
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
+    config = command_config(args, USAGE)
+    if config is None:
         return
-    check_overrides_or_exit(args)
-    quiet_transformers()
-    config = compose(args)
     r = config.route
-
-    def fail(message: str) -> None:
-        print(f"rltrain: config error: {message}", file=__import__("sys").stderr)
-        raise SystemExit(2)
 
     if not r.candidates:
         fail("route.candidates is empty; give each candidate a name, a history (eval.json) and a cost")

@@ -92,26 +92,19 @@ def plot(path: Path, scores: list[CapabilityScore], *, rho: float, delta: float)
 
 
 def main(args: list[str]) -> None:
-    from rltrain.cli import check_overrides_or_exit, compose
+    from rltrain.cli import command_config
+    from rltrain.cli import exit_config_error as fail
     from rltrain.evaluation import CheckpointPathError, _scored, load_for_eval, locate
     from rltrain.rewards import RewardError, RewardScorer
     from rltrain.rollout.base import SamplingParams
     from rltrain.rollout.collect import PromptIds, collect
     from rltrain.rollout.hf import HFEngine
     from rltrain.tasks.prompts import DatasetError, PromptFormatter, load_prompt_sets, validate_rows
-    from rltrain.train import quiet_transformers
 
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE)
+    config = command_config(args, USAGE)
+    if config is None:
         return
-    check_overrides_or_exit(args)
-    quiet_transformers()
-    config = compose(args)
     cap = config.capabilities
-
-    def fail(message: str) -> None:
-        print(f"rltrain: config error: {message}", file=sys.stderr)
-        raise SystemExit(2)
 
     try:
         location = locate(cap.checkpoint) if cap.checkpoint else None

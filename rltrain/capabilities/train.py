@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import yaml
@@ -33,19 +32,14 @@ def selected_names(path: str) -> list[str]:
 
 
 def main(args: list[str]) -> None:
-    from rltrain.cli import check_overrides_or_exit, compose
+    from rltrain.cli import command_config
+    from rltrain.cli import exit_config_error as fail
     from rltrain.export import model_card
     from rltrain.rollout.base import SamplingParams
-    from rltrain.train import RunContext, build, quiet_transformers, train
+    from rltrain.train import RunContext, build, train
 
-    check_overrides_or_exit(args)
-    quiet_transformers()
-    config = compose(args)
+    config = command_config(args)
     cap = config.capabilities
-
-    def fail(message: str) -> None:
-        print(f"rltrain: config error: {message}", file=sys.stderr)
-        raise SystemExit(2)
 
     if config.adapter.kind != AdapterKind.lora:
         fail("capabilities train trains LoRA adapters: add adapter=lora")
