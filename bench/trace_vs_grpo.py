@@ -69,9 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     caps = sorted(caps)
     lines = ["| seed | arm | overall | " + " | ".join(caps) + " |", "|---|---|---|" + "---|" * len(caps)]
     for result in rows:
-        for arm, (overall, by_cap) in result.items():
+        for arm, value in result.items():
             if arm == "seed":
                 continue
+            overall, by_cap = value
             lines.append(f"| {result['seed']} | {arm} | {overall:.3f} | "
                          + " | ".join(f"{by_cap.get(c, float('nan')):.3f}" for c in caps) + " |")
     command = "python bench/trace_vs_grpo.py " + shlex.join(

@@ -23,7 +23,7 @@ import yaml
 
 from rltrain.capabilities.environments import calibrate, environment
 from rltrain.capabilities.labelers import DEFINITIONS
-from rltrain.config import AdapterKind
+from rltrain.config import AdapterKind, ModelSource
 
 
 def selected_names(path: str) -> list[str]:
@@ -49,6 +49,11 @@ def main(args: list[str]) -> None:
         fail(f"capabilities.selected: {cap.selected}: {err}")
     if not names:
         fail("no capability to train: capabilities.selected (an analysis' capabilities.yaml) or capabilities.names")
+    if config.model.source == ModelSource.tiny and config.model.tiny.sft_task is None:
+        # a tiny model's base is its warm start on the task it trains on: pin it to the target task, so that every
+        # adapter sits on the base that was analysed (and none learns its environment by SFT)
+        tiny = dataclasses.replace(config.model.tiny, sft_task=config.task)
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, tiny=tiny))
     base = build(dataclasses.replace(config, adapter=dataclasses.replace(config.adapter, kind=AdapterKind.none)))
     r = config.rollout
     sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens)
