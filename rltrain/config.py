@@ -315,6 +315,8 @@ class CapabilitiesConfig:
     output: str = "capabilities"
     selected: str = ""  # capabilities train: an analysis' capabilities.yaml (its selected ones are trained)
     rollouts: int = 0  # capabilities train: total rollout budget over all adapters (0: trainer.steps each)
+    levels: list[int] = field(default_factory=list)  # capabilities train: difficulty levels to calibrate over
+    # (empty: the target's digits for the capability's kind and one either side; 1-4 for kinds the target lacks)
 
 
 @dataclass

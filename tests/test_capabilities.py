@@ -203,3 +203,14 @@ def test_capabilities_train_calibrates_each_environment_and_writes_peft_adapters
             assert p["correct"] == single[p["route"]]["correct"][i], (router, p)
         assert result["accuracy"] == pytest.approx(sum(p["correct"] for p in result["per_prompt"]) / 50)
         assert sum(result["route_share"].values()) == pytest.approx(1.0)
+
+
+def test_calibration_levels_stay_near_the_targets_difficulty():
+    from rltrain.capabilities.environments import candidate_levels
+    from rltrain.cli import compose
+
+    target = compose(["experiment=tiny_trace_mix"]).task  # comparison and subtraction at 2 digits, counting at 1
+    assert candidate_levels("comparison", target) == (1, 2, 3)
+    assert candidate_levels("borrow", target) == (1, 2, 3)  # borrow is practised on subtraction
+    assert candidate_levels("counting", target) == (1, 2)
+    assert candidate_levels("carry", target) == (1, 2, 3, 4)  # no sums in the target: the whole range

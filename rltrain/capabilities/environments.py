@@ -101,6 +101,17 @@ def measure(engine, tokenizer, task: TaskConfig, *, prompts: int, group: int, sa
                        all_one=float((rewards >= full - 1e-6).all(1).float().mean()), in_range=False)
 
 
+def candidate_levels(capability: str, base: TaskConfig) -> tuple[int, ...]:
+    """The levels calibration tries: for a built-in capability whose kind the target task holds, the target's digit
+    count and one either side (an environment far harder than the target teaches it little); otherwise 1 to 4."""
+    if capability in BUILTIN and capability not in _REGISTRY:
+        kind = BUILTIN[capability][0]
+        if base.source == TaskSource.builtin and kind in base.builtin.mix:
+            d = base.builtin.digits.get(kind, 2)
+            return tuple(range(max(1, d - 1), d + 2))
+    return (1, 2, 3, 4)
+
+
 def calibrate(capability: str, base: TaskConfig, engine, tokenizer, *, levels=(1, 2, 3, 4), prompts: int = 32,
               group: int = 16, sampling) -> tuple[int, list[Calibration]]:
     """The easiest level (of those with enough distinct prompts for the base task's train and eval sizes) whose mean

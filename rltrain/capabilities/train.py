@@ -5,7 +5,8 @@
 
 For each capability (those ``selected`` in the analysis' capabilities.yaml, or ``capabilities.names``):
 
-1. calibrate its environment's difficulty against the base model (rltrain/capabilities/environments.py);
+1. calibrate its environment's difficulty against the base model (rltrain/capabilities/environments.py), over
+   ``capabilities.levels`` (default: the target's digit count for that kind and one either side);
 2. train a LoRA adapter with the experiment's trainer settings on that environment (``trainer.max_rollouts`` each =
    ``capabilities.rollouts`` / number of capabilities when set, so that the whole set costs a fixed budget), every
    adapter on the same frozen base;
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from rltrain.capabilities.environments import calibrate, environment
+from rltrain.capabilities.environments import calibrate, candidate_levels, environment
 from rltrain.capabilities.labelers import DEFINITIONS
 from rltrain.config import AdapterKind, ModelSource
 
@@ -62,8 +63,9 @@ def main(args: list[str]) -> None:
     records = []
     for name in names:
         try:
+            levels = tuple(cap.levels) or candidate_levels(name, config.task)
             level, table = calibrate(name, config.task, base.engine, base.tokenizer, sampling=sampling,
-                                     group=max(config.trainer.rollouts_per_prompt, 2))
+                                     group=max(config.trainer.rollouts_per_prompt, 2), levels=levels)
         except ValueError as err:
             fail(str(err))
         print(f"{name}: level {level} ({', '.join(f'{c.level}: {c.reward_mean:.2f}' for c in table)})")
