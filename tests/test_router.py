@@ -26,6 +26,7 @@ def test_route_by_hand_beta_trades_predicted_success_against_normalised_cost():
     assert route(predicted, costs, 0.5) == [0, 0]  # row 1: 0.1 + 0.375 = 0.475 > 0.4
     assert route(predicted, costs, 0.9) == [0, 1]  # row 0: 0.885 > 0.855; row 1: 0.255 < 0.72
     assert route(torch.tensor([[0.5, 0.5]]), [2.0, 1.0], 1.0) == [1]  # a tie goes to the cheaper
+    assert route(torch.tensor([[float("nan"), 0.1]]), [1.0, 1.0], 1.0) == [1]  # an undefined prediction never wins
     with pytest.raises(ValueError, match="beta must be in"):
         route(predicted, costs, 1.5)
 

@@ -34,11 +34,13 @@ def test_map_weights_match_scipy_and_the_laplace_covariance_is_the_inverse_hessi
     y = p  # soft labels: the success rates
     w, cov = _bayesian_logistic(x, y, l2=2.0)
     xb = np.hstack([x.numpy(), np.ones((len(x), 1))])
-    prior = np.array([2.0, 2.0, 2.0, 1e-4])
+    prior = np.array([2.0, 2.0, 2.0, 1.0])
+    m = float(y.mean())
+    centre = np.array([0, 0, 0, np.log(m / (1 - m))])
 
     def objective(v):  # negative log posterior of soft-label logistic regression
         z = xb @ v
-        return float(np.sum(np.logaddexp(0, z) - y.numpy() * z) + 0.5 * np.sum(prior * v * v))
+        return float(np.sum(np.logaddexp(0, z) - y.numpy() * z) + 0.5 * np.sum(prior * (v - centre) ** 2))
 
     ref = minimize(objective, np.zeros(4), method="BFGS", options={"gtol": 1e-10}).x
     np.testing.assert_allclose(w.numpy(), ref, atol=1e-5)
@@ -52,11 +54,13 @@ def test_weighted_fit_matches_scipy_and_recent_pairs_weigh_more_with_a_half_life
     c = torch.linspace(0.2, 2.0, 120, dtype=torch.float64)
     w, _ = _bayesian_logistic(x, p, l2=1.0, weights=c)
     xb = np.hstack([x.numpy(), np.ones((len(x), 1))])
-    prior = np.array([1.0, 1.0, 1.0, 1e-4])
+    prior = np.array([1.0, 1.0, 1.0, 1.0])
+    m = float(p.mean())
+    centre = np.array([0, 0, 0, np.log(m / (1 - m))])
 
     def objective(v):
         z = xb @ v
-        return float(np.sum(c.numpy() * (np.logaddexp(0, z) - p.numpy() * z)) + 0.5 * np.sum(prior * v * v))
+        return float(np.sum(c.numpy() * (np.logaddexp(0, z) - p.numpy() * z)) + 0.5 * np.sum(prior * (v - centre) ** 2))
 
     np.testing.assert_allclose(w.numpy(), minimize(objective, np.zeros(4), method="BFGS", options={"gtol": 1e-10}).x,
                                atol=1e-5)
@@ -82,6 +86,16 @@ def test_logistic_prediction_is_the_probit_moderated_posterior_and_ranks_unseen_
     # held out: predictions rank the true probabilities almost perfectly, and are calibrated to ~0.05
     assert auc(got.tolist(), (p[300:] >= 0.5).tolist()) > 0.95
     assert float((got - p[300:]).abs().mean()) < 0.05
+
+
+def test_a_history_of_only_failures_gives_small_finite_predictions():
+    x, _ = _synthetic(200)
+    for labels in (0, 8):
+        predictor = ValuePredictor(x, min_context=1)
+        predictor.observe(list(range(128)), [labels] * 128, [8] * 128)
+        got = predictor.predict_features(x[128:])
+        assert torch.isfinite(got).all()
+        assert float(got.max()) < 0.1 if labels == 0 else float(got.min()) > 0.9  # a flat bias prior gave ~0.34
 
 
 def test_knn_is_the_shrunk_mean_of_the_nearest_history_prompts():

@@ -146,20 +146,25 @@ class ValuePredictor:
 
 def _bayesian_logistic(x: torch.Tensor, y: torch.Tensor, l2: float, weights: torch.Tensor | None = None,
                        iterations: int = 25) -> tuple:
-    """MAP weights (bias last, not penalised) of logistic regression on soft labels y (each pair's likelihood
-    raised to its ``weights``, default 1), and the Laplace covariance."""
+    """MAP weights (bias last) of logistic regression on soft labels y (each pair's likelihood raised to its
+    ``weights``, default 1), and the Laplace covariance."""
     c = torch.ones(len(x), dtype=x.dtype) if weights is None else weights
     xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    # Prior: weights ~ N(0, 1/l2); bias ~ N(logit of the labels' mean, 1), the mean kept half a pseudo-count away
+    # from 0 and 1 (empirical Bayes) so that a history of only failures predicts near 0, not a moderated ~0.4
     prior = torch.full((xb.shape[1],), l2, dtype=x.dtype)
-    prior[-1] = 1e-4
-    w = torch.zeros(xb.shape[1], dtype=x.dtype)
-    mean = float(y.mean().clamp(1e-3, 1 - 1e-3))
-    w[-1] = math.log(mean / (1 - mean))
+    prior[-1] = 1.0
+    half = 0.5 / len(y)
+    mean = float(y.mean().clamp(half, 1 - half))
+    centre = torch.zeros(xb.shape[1], dtype=x.dtype)
+    centre[-1] = math.log(mean / (1 - mean))
+    w = centre.clone()
     for _ in range(iterations):
         p = torch.sigmoid(xb @ w)
-        grad = xb.T @ (c * (p - y)) + prior * w
+        grad = xb.T @ (c * (p - y)) + prior * (w - centre)
         hessian = (xb.T * (c * p * (1 - p))) @ xb + torch.diag(prior)
         step = torch.linalg.solve(hessian, grad)
+        step = step * min(1.0, 5.0 / float(step.abs().max().clamp_min(1e-30)))  # damped: no overshoot to inf
         w = w - step
         if float(step.abs().max()) < 1e-8:
             break

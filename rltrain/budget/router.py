@@ -96,7 +96,7 @@ def route(predicted: torch.Tensor, costs: Sequence[float], beta: float) -> list[
     value = [1 - c / top for c in costs]
     choices = []
     for row in predicted.tolist():
-        scores = [beta * p + (1 - beta) * v for p, v in zip(row, value)]
+        scores = [beta * p + (1 - beta) * v if p == p else float("-inf") for p, v in zip(row, value)]  # NaN: never
         best = max(scores)
         tied = [k for k, s in enumerate(scores) if s >= best - 1e-12]
         choices.append(min(tied, key=lambda k: (costs[k], k)))
