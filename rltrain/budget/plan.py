@@ -61,7 +61,8 @@ class RolloutPlanner:
         explored = [i for i in range(len(rows)) if keep[i] and not b.skip_low <= predicted[i] <= b.skip_high]
         order = sorted(range(len(rows)), key=lambda i: (not keep[i], -utility(mean_group, predicted[i]), i))
         chosen = explored[: self.prompts_per_step]  # the exploration draws first, then the most useful
-        chosen += [i for i in order if keep[i] and i not in explored][: self.prompts_per_step - len(chosen)]
+        explored_set = set(explored)
+        chosen += [i for i in order if keep[i] and i not in explored_set][: self.prompts_per_step - len(chosen)]
         # too few to place the total within max_per_prompt each: take skipped ones back, most useful first
         for i in order:
             if len(chosen) * self.max_per_prompt >= self.total or len(chosen) >= len(rows):

@@ -19,6 +19,7 @@ generated with that adapter active, greedy, no hints.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 
@@ -50,7 +51,7 @@ def zero_shot(model, tokenizer, formatter, prompts: Sequence[str], options: dict
     """Per prompt, the option (name -> description) whose sentence the base model finds most likely after it."""
     names = list(options)
     choices = []
-    context = model.disable_adapter() if hasattr(model, "disable_adapter") else _nullcontext()
+    context = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
     with context:
         for prompt in prompts:
             head = formatter.ids(prompt)
@@ -65,14 +66,6 @@ def zero_shot(model, tokenizer, formatter, prompts: Sequence[str], options: dict
     return choices
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def top_p_weights(predicted: Sequence[float], names: Sequence[str], top_p: float) -> tuple[list[str], list[float]]:
     """The fewest adapters (highest predicted first) whose normalised predictions reach ``top_p``, with weights
     renormalised to sum to 1."""
@@ -85,7 +78,7 @@ def top_p_weights(predicted: Sequence[float], names: Sequence[str], top_p: float
         if mass >= top_p - 1e-12:
             break
     norm = sum(predicted[k] for k in chosen) or 1.0
-    return [names[k] for k in chosen], [predicted[k] / norm if norm else 1 / len(chosen) for k in chosen]
+    return [names[k] for k in chosen], [predicted[k] / norm for k in chosen]
 
 
 def _activate(model, route) -> object:
@@ -97,7 +90,7 @@ def _activate(model, route) -> object:
         model.set_adapter(merge(model, names, weights, "merged"))
     else:
         model.set_adapter(route)
-    return _nullcontext()
+    return nullcontext()
 
 
 def run_routed(model, tokenizer, prompt_ids, rows: Sequence[int], routes: Sequence, rewards, *, max_tokens: int,
