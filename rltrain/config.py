@@ -406,9 +406,24 @@ class EvalConfig:
     router_history: int = 128  # eval.router=v0|merge: train prompts each candidate is sampled on (4 each)
 
 
+class DistributedKind(str, enum.Enum):
+    none = "none"  # one process
+    zero2 = "zero2"  # DeepSpeed ZeRO-2: optimizer state and gradients partitioned over the ranks
+    zero3 = "zero3"  # DeepSpeed ZeRO-3: the weights too
+
+
 @dataclass
 class DistributedConfig:
-    kind: str = "none"
+    """``torchrun --nproc_per_node N -m rltrain.train distributed=zero2 ...``: rollouts split by prompt over the ranks,
+    the update by group, DeepSpeed partitions the optimizer (and with zero3 the weights)."""
+
+    kind: DistributedKind = DistributedKind.none
+    # A DeepSpeed config, passed through (conf/distributed/zero*.yaml). rltrain fills the keys it owns from its own
+    # settings: train_micro_batch_size_per_gpu (trainer.micro_batch_size_per_device), gradient_accumulation_steps (1:
+    # rltrain accumulates), train_batch_size, gradient_clipping (trainer.max_grad_norm) and bf16 (model.precision);
+    # giving one of these a different value here is an error.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU (DeepSpeed's CPU Adam)
 
 
 @dataclass
@@ -481,8 +496,14 @@ def check(config: Config) -> None:
         raise ConfigError("algorithm.guide: reroll_threshold must be in [0, 1), quantile in (0, 1], gamma_value > 0")
     if config.algorithm.name == "guide" and g.mode == GuideMode.balanced and t.rollouts_per_prompt < 2:
         raise ConfigError("algorithm.guide.mode=balanced needs trainer.rollouts_per_prompt >= 2 (half are hinted)")
-    if config.distributed.kind != "none":
-        raise ConfigError(f"distributed.kind={config.distributed.kind!r} is not available; choose 'none'")
+    if config.distributed.kind != DistributedKind.none:
+        stage = config.distributed.deepspeed.get("zero_optimization", {}).get("stage")
+        wanted = 2 if config.distributed.kind == DistributedKind.zero2 else 3
+        if stage is not None and stage != wanted:
+            raise ConfigError(f"distributed.deepspeed.zero_optimization.stage={stage} contradicts "
+                              f"distributed.kind={config.distributed.kind.value}")
+        if config.model.precision == Precision.bf16 and config.distributed.deepspeed.get("fp16", {}).get("enabled"):
+            raise ConfigError("distributed.deepspeed.fp16.enabled contradicts model.precision=bf16")
     if config.model.source == ModelSource.hf and not config.model.path:
         raise ConfigError("model.path must name a local directory or hub id when model.source=hf")
     if config.task.source == TaskSource.builtin and not any(w > 0 for w in config.task.builtin.mix.values()):
