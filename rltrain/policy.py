@@ -66,6 +66,7 @@ class OptimSettings:
     updates_per_step: int
     temperature: float
     precision: str  # "fp32" | "bf16"
+    tis_cap: float = 0.0  # > 0: on-policy token losses weighted by min(pi_old / pi_behaviour, tis_cap)
 
 
 class PolicyWorker:
@@ -139,7 +140,8 @@ class PolicyWorker:
         return contextlib.nullcontext()
 
     def _forward(
-        self, model: nn.Module, prompts: list[list[int]], completions: list[list[int]], want_entropy: bool
+        self, model: nn.Module, prompts: list[list[int]], completions: list[list[int]], want_entropy: bool,
+        temperature: float | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Log-probs [B, T] of each completion token given its prompt (right-padded), and optionally entropies.
 
@@ -189,7 +191,7 @@ class PolicyWorker:
                     use_cache=True,
                 ).logits
                 logits_BTV = torch.cat([logits_BTV, rest_BTV], dim=1)
-        logits_BTV = logits_BTV.float() / self.settings.temperature
+        logits_BTV = logits_BTV.float() / (self.settings.temperature if temperature is None else temperature)
         log_norm_BT = torch.logsumexp(logits_BTV, dim=-1)
         logp_BT = logits_BTV.gather(-1, targets_BT.to(self.device).unsqueeze(-1)).squeeze(-1) - log_norm_BT
         entropy_BT = None
@@ -221,9 +223,11 @@ class PolicyWorker:
 
     @torch.no_grad()
     def logprobs(
-        self, prompts: list[list[int]], completions: list[list[int]], *, model: nn.Module | None = None
+        self, prompts: list[list[int]], completions: list[list[int]], *, model: nn.Module | None = None,
+        temperature: float | None = None,
     ) -> list[list[float]]:
-        """Per-token log-probs of each completion under ``model`` (default: the policy), micro-batched."""
+        """Per-token log-probs of each completion under ``model`` (default: the policy), micro-batched, at the
+        sampling temperature (or ``temperature``)."""
         model = self.model if model is None else model
         out: list[list[float]] = [[] for _ in prompts]
         chunks = self._micro_batches(list(range(len(prompts))), prompts, completions)
@@ -231,7 +235,8 @@ class PolicyWorker:
             if chunk is None:  # another rank has more to score: this rank joins ZeRO-3's gathers with a dummy pass
                 self._forward(model, [self._dummy[0]], [self._dummy[1]], False)
                 continue
-            logp_BT, _ = self._forward(model, [prompts[i] for i in chunk], [completions[i] for i in chunk], False)
+            logp_BT, _ = self._forward(model, [prompts[i] for i in chunk], [completions[i] for i in chunk], False,
+                                       temperature)
             for row, i in enumerate(chunk):
                 out[i] = logp_BT[row, : len(completions[i])].tolist()
         return out
@@ -343,6 +348,7 @@ class PolicyWorker:
                 step=step,
             )
             loss_BT, token_metrics = loss_fn(inputs)
+            loss_BT, token_metrics = self._behaviour_correction(inputs, loss_BT, token_metrics)
             share = aggregation.weight(mask_BT, mode=loss_fn.aggregation) / step_weight
             loss = aggregation.aggregate(loss_BT, mask_BT, mode=loss_fn.aggregation, max_len=max_len) * share
             finite_loss &= math.isfinite(float(loss.detach()))
@@ -359,6 +365,22 @@ class PolicyWorker:
         metrics.update(loss=loss_total, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0],
                        skipped_update=float(not finite), nonfinite_update=float(not finite))
         return metrics
+
+    def _behaviour_correction(self, inputs: LossInputs, loss_BT: Tensor, token_metrics: dict[str, Tensor]
+                              ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The generator-vs-trainer mismatch on on-policy tokens: always measured (|log pi_old - log pi_behaviour|,
+        ~1e-6 for the HF engine, larger for vLLM's kernels or bf16), and with ``tis_cap`` corrected by truncated
+        importance sampling: the token's loss times min(pi_old / pi_behaviour, cap), detached."""
+        on_B = torch.tensor([s == Source.ON_POLICY for s in inputs.sources], device=loss_BT.device)
+        log_ratio_BT = (inputs.old_logp_BT - inputs.behaviour_logp_BT).detach()
+        on_BT = on_B.unsqueeze(-1).expand_as(log_ratio_BT).to(loss_BT.dtype)
+        metrics = dict(token_metrics, behaviour_logp_abs_diff=log_ratio_BT.abs() * on_BT)
+        if self.settings.tis_cap > 0:
+            weight_BT = torch.where(on_BT > 0, log_ratio_BT.exp().clamp(max=self.settings.tis_cap),
+                                    torch.ones_like(log_ratio_BT))
+            loss_BT = loss_BT * weight_BT
+            metrics["tis_weight"] = weight_BT * on_BT
+        return loss_BT, metrics
 
     def _backward(self, loss: Tensor) -> None:
         if self.engine is not None:
@@ -424,6 +446,41 @@ class PolicyWorker:
             if self.world.is_main:
                 self.model.save_pretrained(str(directory), safe_serialization=True)
         self.world.barrier()
+
+    def save_adapter_here(self, directory: str | Path) -> None:
+        """This rank's own copy of the adapter (every rank calls it; ZeRO-3 gathers the adapter weights)."""
+        context = contextlib.nullcontext()
+        if self.zero_stage == 3:
+            import deepspeed as ds
+
+            context = ds.zero.GatheredParameters([p for p in self.model.parameters() if p.requires_grad])
+        with context:
+            self.model.save_pretrained(str(directory), safe_serialization=True)
+
+    def weight_buckets(self, max_bytes: int):
+        """The full weights by Hugging Face name, in lists of at most ``max_bytes`` (one tensor may exceed it); under
+        ZeRO-3 each list is gathered while it is consumed and released after, so no rank holds more than a bucket
+        beyond its shard. Every rank must consume every bucket."""
+        bucket: list[tuple[str, nn.Parameter]] = []
+        size = 0
+        for name, param in self.model.named_parameters():
+            numel = param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+            if bucket and size + numel * param.element_size() > max_bytes:
+                yield from self._gathered_bucket(bucket)
+                bucket, size = [], 0
+            bucket.append((name, param))
+            size += numel * param.element_size()
+        if bucket:
+            yield from self._gathered_bucket(bucket)
+
+    def _gathered_bucket(self, bucket: list[tuple[str, nn.Parameter]]):
+        if self.zero_stage != 3:
+            yield [(name, p.detach()) for name, p in bucket]
+            return
+        import deepspeed as ds
+
+        with ds.zero.GatheredParameters([p for _, p in bucket]):
+            yield [(name, p.detach()) for name, p in bucket]
 
     def save_sharded(self, directory: str | Path) -> None:
         """DeepSpeed's own checkpoint (each rank's optimizer partition, the schedule) under ``directory``; collective.

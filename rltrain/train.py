@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,7 @@ def build(config: Config, world: World = World()) -> Components:
     planner = None
     if config.budget.predictor != PredictorKind.none:  # features of the base model, before LoRA and any update
         planner = build_planner(config, model, tokenizer, train_ids, eval_ids)
+    engine_init = save_engine_init(config, model) if config.rollout.backend == "vllm" else None
     reference = adapter_base = None
     if config.adapter.kind == AdapterKind.lora:
         if config.model.source == ModelSource.tiny:  # the base is this run's own SFT: adapters need it saved
@@ -129,12 +131,16 @@ def build(config: Config, world: World = World()) -> Components:
         lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.adam_betas), max_grad_norm=t.max_grad_norm,
         warmup_steps=t.warmup_steps, micro_batch_size=t.micro_batch_size_per_device,
         updates_per_step=t.updates_per_step, temperature=r.temperature, precision=config.model.precision.value,
+        tis_cap=r.vllm.tis_cap if r.backend == "vllm" else 0.0,
     )
     policy = PolicyWorker(model, settings, pad_token_id=tokenizer.pad_token_id, reference=reference, world=world,
                           deepspeed=deepspeed_config(config, world))
     eos = [tokenizer.eos_token_id]
-    engine = ShardedEngine(HFEngine(model, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
-                                    batch_size=r.batch_size), world, policy.gathered)
+    if r.backend == "vllm":
+        engine = ShardedEngine(build_vllm_engine(config, engine_init, eos), world)
+    else:
+        engine = ShardedEngine(HFEngine(model, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
+                                        batch_size=r.batch_size), world, policy.gathered)
     common = dict(eps_low=a.eps_low, eps_high=a.eps_high, beta=a.beta, entropy_coef=a.entropy_coef,
                   aggregation=a.aggregation.value, max_len=r.max_tokens)
     if a.name == "guide":
@@ -157,6 +163,67 @@ def build(config: Config, world: World = World()) -> Components:
         demos=Demonstrations(a.rl_plus, train_ids, tokenizer) if a.name == "rl_plus" else None, planner=planner,
         world=world,
     )
+
+
+def save_engine_init(config: Config, model: torch.nn.Module) -> Path:
+    """Where vLLM loads its first weights from: the model directory itself when the policy starts from one
+    unchanged, else a copy of the starting weights (a tiny model's warm start, a converted GGUF)."""
+    if config.model.source == ModelSource.hf:
+        return Path(config.model.path)
+    directory = Path(tempfile.mkdtemp(prefix="rltrain-vllm-init-"))
+    model.save_pretrained(str(directory), safe_serialization=True)
+    return directory
+
+
+def build_vllm_engine(config: Config, model_dir: Path, eos: list[int]):
+    from rltrain.rollout.vllm import VLLMEngine
+
+    v = config.rollout.vllm
+    lora_rank = int(config.adapter.lora.get("r", 8)) if config.adapter.kind == AdapterKind.lora else 0
+    return VLLMEngine(model_dir, eos_token_ids=eos, max_model_len=config.model.max_context,
+                      dtype="bfloat16" if config.model.precision == Precision.bf16 else "float32",
+                      seed=config.trainer.seed, gpu_memory_utilization=v.gpu_memory_utilization,
+                      max_num_seqs=v.max_num_seqs, lora_rank=lora_rank, sleep_mode=v.sleep,
+                      cpu_kv_cache_gb=v.cpu_kv_cache_gb,
+                      cleanup=model_dir if config.model.source != ModelSource.hf else None)
+
+
+class EngineOutOfSync(RuntimeError):
+    pass
+
+
+def sync_engine(c: Components, config: Config, step: int) -> dict:
+    """Bring a vLLM engine up to the policy (the adapter alone for LoRA, else the weights in buckets) and check it:
+    a fixed probe's log-probs from the engine against the policy's (``vllm_probe_diff``, every sync) and, every
+    ``rollout.vllm.weight_check_every`` syncs, the largest weight difference. Nothing for the HF engine."""
+    from rltrain.rollout.vllm import VLLMEngine
+
+    inner = c.engine.engine
+    if not isinstance(inner, VLLMEngine):
+        return {}
+    v, stats = config.rollout.vllm, {}
+    if c.policy.is_peft:
+        inner.load_adapter(c.policy.save_adapter_here)
+    else:
+        for bucket in c.policy.weight_buckets(v.sync_bucket_mb << 20):
+            inner.load_weights(bucket)
+        inner.finish_sync()
+        if v.weight_check_every and step % v.weight_check_every == 0 and c.policy.zero_stage != 3:
+            stats["vllm_weight_max_diff"] = c.world.sum({"d": inner.max_weight_diff(
+                c.policy.model.named_parameters())[0]})["d"]
+    prompt = c.train_ids[0]
+    completion = c.tokenizer(str(c.train_ids.prompts.rows[0].get("answer", "0")),
+                             add_special_tokens=False)["input_ids"] + [c.tokenizer.eos_token_id]
+    engine_logp = inner.probe_logprobs(prompt, completion)
+    policy_logp = c.policy.logprobs([prompt], [completion], temperature=1.0)[0]
+    diff = max(abs(a - b) for a, b in zip(engine_logp, policy_logp))
+    stats["vllm_probe_diff"] = c.world.sum({"d": diff})["d"] if c.world.active else diff
+    if not stats["vllm_probe_diff"] <= v.probe_tolerance:
+        raise EngineOutOfSync(
+            f"step {step}: after the weight sync vLLM scores a probe {stats['vllm_probe_diff']:.3g} nats away from "
+            f"the policy (rollout.vllm.probe_tolerance={v.probe_tolerance}): it is not generating with the current "
+            f"{'adapter' if c.policy.is_peft else 'weights'}")
+    return stats
 
 
 def deepspeed_config(config: Config, world: World) -> dict | None:
@@ -349,6 +416,7 @@ def train_step(c: Components, config: Config, step: int) -> tuple[dict, RolloutB
     a = config.algorithm
     start = time.perf_counter()
     batch, stats = generate_step(c, config, step)
+    c.engine.sleep()  # vLLM on a GPU frees its KV cache for the update
     generated = time.perf_counter()
     record = {"step": step, **stats, "time_generate_s": generated - start - stats["time_reward_s"]}
     if stats.get("guide_hinted_rollouts"):
@@ -374,7 +442,7 @@ def train_step(c: Components, config: Config, step: int) -> tuple[dict, RolloutB
             record["mis_ratio_mean"] = record["mis_ratio"] / record["external_token_share"]
     updated = time.perf_counter()
     record["time_update_s"] = updated - generated
-    c.engine.load_weights({})
+    record.update(sync_engine(c, config, step))
     record["time_sync_s"] = time.perf_counter() - updated
     record["time_step_s"] = time.perf_counter() - start
     return record, batch
@@ -387,6 +455,7 @@ def train(config: Config, ctx: RunContext) -> dict:
         return _train(config, ctx, c, source)
     finally:
         c.rewards.close()
+        getattr(c.engine.engine, "close", lambda: None)()
 
 
 def _train(config: Config, ctx: RunContext, c: Components, source: Path | None) -> dict:
@@ -488,7 +557,7 @@ def resume(config: Config, ctx: RunContext, checkpoints: Checkpointer, c: Compon
         return 0
     step, path = restored
     checkpoints.drop_after(step)
-    c.engine.load_weights({})
+    sync_engine(c, config, step)
     origin = path.parent.parent
     for name in ("metrics.jsonl", "samples.jsonl", "value.jsonl") if ctx.world.is_main else ():
         if origin.resolve() != ctx.run_dir.resolve() and (origin / name).exists():
@@ -596,7 +665,7 @@ def _hydra_entry():
         ctx = RunContext(run_dir=run_dir, world=world)
         try:
             return train(config, ctx)["eval_accuracy_end"]
-        except (TrainingDiverged, CheckpointError, DatasetError, RewardError) as err:
+        except (TrainingDiverged, CheckpointError, DatasetError, RewardError, EngineOutOfSync) as err:
             print(f"rltrain: {err}", file=sys.stderr)
             raise SystemExit(1) from None
 
