@@ -50,24 +50,31 @@ class VLLMEngine:
     def __init__(self, model_dir: str | Path, *, eos_token_ids: list[int], max_model_len: int, dtype: str,
                  seed: int, gpu_memory_utilization: float = 0.3, max_num_seqs: int = 256, lora_rank: int = 0,
                  sleep_mode: bool = False, cpu_kv_cache_gb: float = 1.0, cleanup: str | Path | None = None) -> None:
-        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
-                           "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
-            os.environ.setdefault(key, value)  # vLLM's in-process executor reads torchrun's variables
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cpu_kv_cache_gb))))
         from vllm import LLM
 
         if not torch.cuda.is_available():
             _plain_cpu_linears()
         self.eos_token_ids = list(eos_token_ids)
         self.sleep_mode = sleep_mode and torch.cuda.is_available()  # vLLM's sleep mode needs CUDA
-        self.llm = LLM(
-            model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
-            distributed_executor_backend="external_launcher",  # the model lives in this process: weights can be set
-            logprobs_mode="processed_logprobs", skip_tokenizer_init=True, enforce_eager=not torch.cuda.is_available(),
-            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max(4096, max_model_len), enable_sleep_mode=self.sleep_mode,
-            enable_lora=lora_rank > 0, max_lora_rank=max(lora_rank, 8), max_loras=1,
-        )
+        # vLLM's in-process executor reads torchrun's variables; without torchrun they are set for its start only
+        # (left behind, a child process would inherit a port this process holds).
+        defaults = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "LOCAL_RANK": "0",
+                    "WORLD_SIZE": "1", "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(cpu_kv_cache_gb)))}
+        added = [key for key in defaults if key not in os.environ]
+        os.environ.update({key: defaults[key] for key in added})
+        try:
+            self.llm = LLM(
+                model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
+                distributed_executor_backend="external_launcher",  # the model lives in this process: weights can be set
+                logprobs_mode="processed_logprobs", skip_tokenizer_init=True,
+                enforce_eager=not torch.cuda.is_available(), gpu_memory_utilization=gpu_memory_utilization,
+                max_num_seqs=max_num_seqs, max_num_batched_tokens=max(4096, max_model_len),
+                enable_sleep_mode=self.sleep_mode, enable_lora=lora_rank > 0, max_lora_rank=max(lora_rank, 8),
+                max_loras=1,
+            )
+        finally:
+            for key in added:
+                os.environ.pop(key, None)
         self.lora_request = None
         self._adapter_version = 0
         self._adapter_root = Path(tempfile.mkdtemp(prefix="rltrain-vllm-adapters-"))
