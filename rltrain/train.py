@@ -118,7 +118,7 @@ def build(config: Config, world: World = World()) -> Components:
     planner = None
     if config.budget.predictor != PredictorKind.none:  # features of the base model, before LoRA and any update
         planner = build_planner(config, model, tokenizer, train_ids, eval_ids)
-    engine_init = save_engine_init(config, model) if config.rollout.backend == "vllm" else None
+    engine_init = save_engine_init(config, model, world) if config.rollout.backend == "vllm" else None
     reference = adapter_base = None
     if config.adapter.kind == AdapterKind.lora:
         if config.model.source == ModelSource.tiny:  # the base is this run's own SFT: adapters need it saved
@@ -137,7 +137,7 @@ def build(config: Config, world: World = World()) -> Components:
                           deepspeed=deepspeed_config(config, world))
     eos = [tokenizer.eos_token_id]
     if r.backend == "vllm":
-        engine = ShardedEngine(build_vllm_engine(config, engine_init, eos), world)
+        engine = ShardedEngine(build_vllm_engine(config, engine_init, eos, world), world)
     else:
         engine = ShardedEngine(HFEngine(model, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
                                         batch_size=r.batch_size), world, policy.gathered)
@@ -165,17 +165,21 @@ def build(config: Config, world: World = World()) -> Components:
     )
 
 
-def save_engine_init(config: Config, model: torch.nn.Module) -> Path:
+def save_engine_init(config: Config, model: torch.nn.Module, world: World) -> Path:
     """Where vLLM loads its first weights from: the model directory itself when the policy starts from one
-    unchanged, else a copy of the starting weights (a tiny model's warm start, a converted GGUF)."""
+    unchanged, else a copy of the starting weights (a tiny model's warm start, a converted GGUF) that rank 0 writes
+    and every rank's engine reads."""
     if config.model.source == ModelSource.hf:
         return Path(config.model.path)
-    directory = Path(tempfile.mkdtemp(prefix="rltrain-vllm-init-"))
-    model.save_pretrained(str(directory), safe_serialization=True)
+    directory = Path(tempfile.mkdtemp(prefix="rltrain-vllm-init-")) if world.is_main else None
+    if world.is_main:
+        model.save_pretrained(str(directory), safe_serialization=True)
+    directory = world.broadcast(directory)
+    world.barrier()
     return directory
 
 
-def build_vllm_engine(config: Config, model_dir: Path, eos: list[int]):
+def build_vllm_engine(config: Config, model_dir: Path, eos: list[int], world: World):
     from rltrain.rollout.vllm import VLLMEngine
 
     v = config.rollout.vllm
@@ -185,7 +189,7 @@ def build_vllm_engine(config: Config, model_dir: Path, eos: list[int]):
                       seed=config.trainer.seed, gpu_memory_utilization=v.gpu_memory_utilization,
                       max_num_seqs=v.max_num_seqs, lora_rank=lora_rank, sleep_mode=v.sleep,
                       cpu_kv_cache_gb=v.cpu_kv_cache_gb,
-                      cleanup=model_dir if config.model.source != ModelSource.hf else None)
+                      cleanup=model_dir if config.model.source != ModelSource.hf and world.is_main else None)
 
 
 class EngineOutOfSync(RuntimeError):

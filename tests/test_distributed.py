@@ -4,10 +4,11 @@ Unit part (seconds): per-prompt seeds make a sample independent of batching, chu
 generated on another rank gives the same completion; the counter-based uniforms equal their scalar definition and are
 uniform; the prompt split keeps groups whole and balances samples.
 
-Integration part (torchrun, 2 CPU processes, gloo, real DeepSpeed; ~3 minutes): the tiny experiment for 3 steps under
+Integration part (torchrun, 2 CPU processes, gloo, real DeepSpeed; ~4 minutes): the tiny experiment for 3 steps under
 ``distributed=zero2`` and ``zero3`` gives the single-process run's loss and gradient norm at every step (1e-4 and
 1e-3 relative), with full fine-tuning and with LoRA; a checkpoint written under torchrun resumes under torchrun to the
-uninterrupted run's numbers exactly.
+uninterrupted run's numbers exactly; with ``rollout=vllm`` (one engine per rank) the 2-rank run trains on the single
+process's samples.
 """
 
 from __future__ import annotations
@@ -143,3 +144,15 @@ def test_lora_under_zero3_equals_one_process(single, tmp_path):
     got = _run(tmp_path / "run", "distributed=zero3", "adapter=lora", "trainer.lr=1e-3", ranks=2)
     _assert_same(got, single["lora"])
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
+
+
+def test_vllm_rollouts_under_torchrun_equal_one_process(tmp_path):
+    """One colocated vLLM engine per rank, each generating its share of the prompts from per-prompt seeds: the
+    2-rank ZeRO-2 run trains on the single process's samples (same rewards, same losses) and every rank's engine
+    passes the probe and weight checks after every sync."""
+    vllm = ["rollout=vllm", "rollout.vllm.weight_check_every=1"]
+    alone = _run(tmp_path / "alone", *vllm)
+    ranks = _run(tmp_path / "ranks", *vllm, "distributed=zero2", ranks=2)
+    _assert_same(ranks, alone)
+    for r in ranks.values():
+        assert r["vllm_probe_diff"] < 1e-4 and r["vllm_weight_max_diff"] == 0.0
