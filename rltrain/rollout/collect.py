@@ -24,6 +24,19 @@ class PromptIds:
         return self.formatter.ids(self.prompts.rows[index]["prompt"], hint)
 
 
+def prompt_seed(seed: int, group_id: int, hinted: bool) -> int:
+    """A prompt's sampling seed: a 63-bit hash of the run's seed, its group and whether it carries a hint."""
+    return mix64(mix64(mix64(seed) ^ group_id) ^ int(hinted)) & (2**63 - 1)
+
+
+def mix64(x: int) -> int:
+    """SplitMix64's finaliser on Python ints (the scalar twin of ``rltrain.rollout.hf.uniforms``)."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
 def collect(
     engine: RolloutEngine,
     prompt_ids: PromptIds,
@@ -48,7 +61,10 @@ def collect(
         groups += [group] * count
         rows += [index] * count
         sources += [Source.HINTED if hint else Source.ON_POLICY] * count
-    completions = engine.generate(gen_k, params, counts)
+    seeds = None
+    if params.seed is not None:  # a hinted regeneration of a group draws other numbers than its unguided samples
+        seeds = [prompt_seed(params.seed, group, bool(hint)) for group, hint in zip(groups_k, hints)]
+    completions = engine.generate(gen_k, params, counts, seeds)
     return RolloutBatch(
         train_prompt_ids=contexts,
         gen_prompt_ids=gen_contexts,

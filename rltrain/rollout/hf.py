@@ -23,39 +23,45 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, counts: list[int] | None = None
+        self, prompts: list[list[int]], params: SamplingParams, counts: list[int] | None = None,
+        seeds: list[int] | None = None,
     ) -> list[Completion]:
-        """``counts[k]`` completions of ``prompts[k]`` (default one each), prompt by prompt in the caller's order."""
+        """``counts[k]`` completions of ``prompts[k]`` (default one each), prompt by prompt in the caller's order.
+        With ``seeds``, copy j of prompt k draws its random numbers from (seeds[k], j) alone."""
         counts = [1] * len(prompts) if counts is None else counts
         was_training = self.model.training
         self.model.eval()
         try:
             by_prompt: list[list[Completion]] = [[] for _ in prompts]
             for chunk in self._chunks(prompts, counts):
-                completions = iter(self._generate_chunk([prompts[k] for k, _ in chunk], [n for _, n in chunk], params))
-                for k, n in chunk:
+                keys = None if seeds is None else [row_key(seeds[k], first + j) for k, first, n in chunk
+                                                   for j in range(n)]
+                completions = iter(self._generate_chunk([prompts[k] for k, _, _ in chunk], [n for _, _, n in chunk],
+                                                        params, keys))
+                for k, _, n in chunk:
                     by_prompt[k] += [next(completions) for _ in range(n)]
             return [c for group in by_prompt for c in group]
         finally:
             self.model.train(was_training)
 
-    def _chunks(self, prompts: list[list[int]], counts: list[int]) -> list[list[tuple[int, int]]]:
-        """(prompt, copies) pieces, at most ``batch_size`` sequences per chunk; prompts of similar length share a
-        chunk (little left-padding), and a prompt's copies are split only where a chunk fills up."""
-        chunks: list[list[tuple[int, int]]] = [[]]
+    def _chunks(self, prompts: list[list[int]], counts: list[int]) -> list[list[tuple[int, int, int]]]:
+        """(prompt, first copy, copies) pieces, at most ``batch_size`` sequences per chunk; prompts of similar length
+        share a chunk (little left-padding), and a prompt's copies are split only where a chunk fills up."""
+        chunks: list[list[tuple[int, int, int]]] = [[]]
         room = self.batch_size
         for k in sorted(range(len(prompts)), key=lambda k: len(prompts[k])):
-            left = counts[k]
-            while left:
-                take = min(left, room)
-                chunks[-1].append((k, take))
-                left, room = left - take, room - take
+            done = 0
+            while done < counts[k]:
+                take = min(counts[k] - done, room)
+                chunks[-1].append((k, done, take))
+                done, room = done + take, room - take
                 if room == 0:
                     chunks.append([])
                     room = self.batch_size
         return [c for c in chunks if c]
 
-    def _generate_chunk(self, prompts: list[list[int]], counts: list[int], params: SamplingParams) -> list[Completion]:
+    def _generate_chunk(self, prompts: list[list[int]], counts: list[int], params: SamplingParams,
+                        keys: list[int] | None = None) -> list[Completion]:
         """Prefill the prompts (left-padded), repeat each one's cache ``counts`` times, then sample token by token.
 
         Positions count real tokens only and the attention mask hides the left padding, as ``generate`` does, so
@@ -83,9 +89,10 @@ class HFEngine:
         next_position_B = positions[prompt_of_B, -1] + 1
         eos = torch.tensor(self.eos_token_ids, device=device)
         finished_B = torch.zeros(len(prompt_of_B), dtype=torch.bool, device=device)
+        keys_B = None if keys is None else torch.tensor([_signed(k) for k in keys], device=device)
         tokens, logps = [], []
         for step in range(params.max_tokens):
-            token_B, logp_B = sample(logits_BV, params)
+            token_B, logp_B = sample(logits_BV, params, None if keys_B is None else uniforms(keys_B, step))
             tokens.append(token_B)
             logps.append(logp_B)
             finished_B |= torch.isin(token_B, eos)
@@ -119,12 +126,13 @@ class HFEngine:
         """Nothing to reclaim."""
 
 
-def sample(logits_BV: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:
+def sample(logits_BV: Tensor, params: SamplingParams, u_B: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The next token of each row and its log-prob under the distribution it was drawn from.
 
     Sampling divides the logits by the temperature, keeps the nucleus (the most likely tokens, fewest first, until
     their probability reaches ``top_p``: HF's ``TopPLogitsWarper``, no top-k) and draws from that renormalised
-    distribution; the log-prob returned is under that same distribution, as importance ratios need. Greedy takes the
+    distribution with ``u_B`` (uniforms in [0, 1), one per row; default: fresh from the torch RNG); the log-prob
+    returned is under that same distribution, as importance ratios need. Greedy takes the
     argmax and, like ``generate``'s unprocessed scores did, reports its log-prob under the unscaled softmax.
     """
     logits_BV = logits_BV.float()
@@ -142,6 +150,39 @@ def sample(logits_BV: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:
     # entry (10x slower here). ``right=True`` returns the first token whose cumulative mass exceeds u, never one
     # of zero probability, and u < the total, so the index stays in range despite rounding.
     cdf_BV = logp_BV.exp().cumsum(-1)
-    u_B1 = torch.rand_like(cdf_BV[:, -1:]) * cdf_BV[:, -1:]
+    u_B1 = torch.rand_like(cdf_BV[:, -1:]) if u_B is None else u_B.to(cdf_BV).unsqueeze(-1).clamp(max=1 - 2**-24)
+    u_B1 = u_B1 * cdf_BV[:, -1:]
     token_B = torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(-1)
     return token_B, logp_BV.gather(-1, token_B.unsqueeze(-1)).squeeze(-1)
+
+
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # SplitMix64's increment, as a signed 64-bit integer
+_M1, _M2 = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64
+
+
+def row_key(seed: int, copy: int) -> int:
+    """The key of copy ``copy`` of a prompt with sampling seed ``seed`` (an unsigned 64-bit int)."""
+    from rltrain.rollout.collect import mix64
+
+    return mix64((seed + copy) & 0xFFFFFFFFFFFFFFFF)
+
+
+def _signed(x: int) -> int:
+    """An unsigned 64-bit int as the signed int64 with the same bits."""
+    return x - 2**64 if x >= 2**63 else x
+
+
+def _shr(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 tensors (``>>`` is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def uniforms(keys_B: Tensor, step: int) -> Tensor:
+    """A uniform in [0, 1) per row, float64: SplitMix64 of (key + step x increment) -- counter-based, so the number
+    row b draws at token ``step`` depends on its key and the step alone. int64 products wrap modulo 2^64 as the
+    unsigned arithmetic needs (checked against ``rltrain.rollout.collect.mix64``)."""
+    z = keys_B + _signed(((step + 1) * _GOLDEN) % 2**64)
+    z = (z ^ _shr(z, 30)) * _M1
+    z = (z ^ _shr(z, 27)) * _M2
+    z = z ^ _shr(z, 31)
+    return _shr(z, 11).double() * 2.0**-53

