@@ -10,18 +10,23 @@ import itertools
 import sys
 from typing import NoReturn
 
-USAGE = ("usage: rltrain {train,eval,route,capabilities,export,push,report,bench,tasks} [args...]\n"
+USAGE = ("usage: rltrain {train,eval,route,capabilities,export,push,report,bench,serve,tasks} [args...]\n"
          "  train [overrides]    GRPO run (rltrain train --help for Hydra's options; -m for sweeps)\n"
          "  eval [overrides]     accuracy and pass@k of eval.checkpoint=PATH on a split\n"
          "  report DIR           report.png/report.html of a run dir, or the summary table of a multirun dir\n"
          "  bench trl            rollout+update speed against TRL, written to docs/benchmarks.md\n"
          "  bench rollout        rollout time per step, vLLM vs the HF engine, written to docs/benchmarks.md\n"
+         "  serve [overrides]    vLLM behind an HTTP API for rollout.vllm.mode=server (docs/scale.md)\n"
          "  route [overrides]    route prompts among models/adapters by predicted success and cost (--help)\n"
          "  export [overrides]    adapters (+ router.json) as a hub-ready folder: export.adapters=[{name, path}]\n"
          "  push [overrides]     upload it: push.folder=DIR push.repo_id=owner/name (or local:PATH)\n"
          "  capabilities analyze [overrides]  what a model lacks, by contrasting its failures with its successes\n"
          "  capabilities train [overrides]    one LoRA adapter per selected capability on its calibrated task\n"
          "  tasks hard-split [overrides]  screen a hard split for an experiment's model (--help for options)")
+SERVE_USAGE = ("usage: rltrain serve model.source=hf model.path=DIR [rollout.vllm.host=H rollout.vllm.port=P "
+               "adapter=lora ...]\n"
+               "vLLM on this machine's devices behind rltrain's HTTP API; train against it with\n"
+               "rltrain train rollout=vllm rollout.vllm.mode=server rollout.vllm.url=http://H:P ...")
 # Hydra options that take a value; their value is not an override.
 _VALUE_FLAGS = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--cfg", "-c",
                 "--package", "-p", "--info", "-i", "--experimental-rerun"}
@@ -140,6 +145,13 @@ def main() -> None:
         from rltrain.report import main as report_main
 
         report_main(args)
+    elif command == "serve":
+        config = command_config(args, SERVE_USAGE)
+        if config is None:
+            return
+        from rltrain.rollout.server import serve
+
+        serve(config)
     elif command == "bench" and args[:1] == ["rollout"]:
         from rltrain.bench_rollout import main as bench_rollout_main
 

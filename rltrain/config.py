@@ -195,6 +195,14 @@ class VLLMConfig:
     # Truncated importance sampling for the engine-vs-trainer mismatch: each on-policy token's loss is weighted by
     # min(pi_trainer / pi_vllm, tis_cap). 0: off (the mismatch is still logged: behaviour_logp_abs_diff).
     tis_cap: float = 0.0
+    # Server mode: vLLM on its own devices behind `rltrain serve` (same settings there: host, port, model).
+    mode: str = "colocate"  # colocate | server
+    url: str = "http://127.0.0.1:8000"  # server mode: where `rltrain serve` listens
+    connect_timeout_s: float = 300.0  # server mode: wait this long for /health at start-up
+    request_timeout_s: float = 600.0  # server mode: any one request
+    host: str = "127.0.0.1"  # rltrain serve: the interface to bind (0.0.0.0 to accept other machines)
+    port: int = 8000  # rltrain serve
+    server_gpu_memory_utilization: float = 0.9  # rltrain serve: the server's GPUs are its own
 
 
 @dataclass
@@ -503,6 +511,8 @@ def check(config: Config) -> None:
     if r.backend not in ("hf", "vllm"):
         raise ConfigError(f"rollout.backend={r.backend!r} is not available; choose 'hf' or 'vllm'")
     v = r.vllm
+    if r.backend == "vllm" and v.mode not in ("colocate", "server"):
+        raise ConfigError(f"rollout.vllm.mode={v.mode!r}: choose colocate or server")
     if r.backend == "vllm" and (not 0 < v.gpu_memory_utilization < 1 or v.sync_bucket_mb < 1 or v.tis_cap < 0
                                 or v.probe_tolerance <= 0 or v.cpu_kv_cache_gb <= 0):
         raise ConfigError("rollout.vllm: gpu_memory_utilization must be in (0, 1), sync_bucket_mb >= 1, "

@@ -44,6 +44,7 @@ from rltrain.rewards import RewardError, RewardScorer
 from rltrain.rollout.demonstrations import Demonstrations
 from rltrain.rollout.guidance import HintGuidance
 from rltrain.rollout.hf import HFEngine
+from rltrain.rollout.server import ServerError
 from rltrain.sft import warm_start
 from rltrain.tasks.prompts import DatasetError, PromptFormatter, load_prompt_sets, validate_rows
 
@@ -118,7 +119,8 @@ def build(config: Config, world: World = World()) -> Components:
     planner = None
     if config.budget.predictor != PredictorKind.none:  # features of the base model, before LoRA and any update
         planner = build_planner(config, model, tokenizer, train_ids, eval_ids)
-    engine_init = save_engine_init(config, model, world) if config.rollout.backend == "vllm" else None
+    colocated = config.rollout.backend == "vllm" and config.rollout.vllm.mode == "colocate"
+    engine_init = save_engine_init(config, model, world) if colocated else None
     reference = adapter_base = None
     if config.adapter.kind == AdapterKind.lora:
         if config.model.source == ModelSource.tiny:  # the base is this run's own SFT: adapters need it saved
@@ -136,7 +138,12 @@ def build(config: Config, world: World = World()) -> Components:
     policy = PolicyWorker(model, settings, pad_token_id=tokenizer.pad_token_id, reference=reference, world=world,
                           deepspeed=deepspeed_config(config, world))
     eos = [tokenizer.eos_token_id]
-    if r.backend == "vllm":
+    if r.backend == "vllm" and r.vllm.mode == "server":
+        from rltrain.rollout.server import VLLMServerEngine
+
+        engine = ShardedEngine(VLLMServerEngine(r.vllm.url, connect_timeout_s=r.vllm.connect_timeout_s,
+                                                request_timeout_s=r.vllm.request_timeout_s), world)
+    elif r.backend == "vllm":
         engine = ShardedEngine(build_vllm_engine(config, engine_init, eos, world), world)
     else:
         engine = ShardedEngine(HFEngine(model, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
@@ -154,7 +161,7 @@ def build(config: Config, world: World = World()) -> Components:
                           external_term=p.external_term.value, shaping_gamma=p.shaping_gamma, **common)
     else:
         loss = GRPOLoss(**common)
-    return Components(
+    components = Components(
         policy=policy, engine=engine, loss=loss, rewards=RewardScorer.from_config(config.task), tokenizer=tokenizer,
         train_ids=train_ids, eval_ids=eval_ids, sampler=PromptSampler(len(train_set), t.seed), adapter_base=adapter_base,
         sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=t.seed),
@@ -163,6 +170,9 @@ def build(config: Config, world: World = World()) -> Components:
         demos=Demonstrations(a.rl_plus, train_ids, tokenizer) if a.name == "rl_plus" else None, planner=planner,
         world=world,
     )
+    if r.backend == "vllm" and r.vllm.mode == "server":  # the server may hold other weights: send the policy's
+        sync_engine(components, config, 0)
+    return components
 
 
 def save_engine_init(config: Config, model: torch.nn.Module, world: World) -> Path:
@@ -200,21 +210,25 @@ def sync_engine(c: Components, config: Config, step: int) -> dict:
     """Bring a vLLM engine up to the policy (the adapter alone for LoRA, else the weights in buckets) and check it:
     a fixed probe's log-probs from the engine against the policy's (``vllm_probe_diff``, every sync) and, every
     ``rollout.vllm.weight_check_every`` syncs, the largest weight difference. Nothing for the HF engine."""
-    from rltrain.rollout.vllm import VLLMEngine
-
     inner = c.engine.engine
-    if not isinstance(inner, VLLMEngine):
+    if not hasattr(inner, "probe_logprobs"):  # the HF engine generates with the policy's own module
         return {}
     v, stats = config.rollout.vllm, {}
+    send = c.world.is_main or not getattr(inner, "shared", False)  # one server for all ranks: rank 0 sends
     if c.policy.is_peft:
-        inner.load_adapter(c.policy.save_adapter_here)
+        if send:
+            inner.load_adapter(c.policy.save_adapter_here)
     else:
-        for bucket in c.policy.weight_buckets(v.sync_bucket_mb << 20):
-            inner.load_weights(bucket)
-        inner.finish_sync()
-        if v.weight_check_every and step % v.weight_check_every == 0 and c.policy.zero_stage != 3:
+        for bucket in c.policy.weight_buckets(v.sync_bucket_mb << 20):  # every rank: ZeRO-3 gathers collectively
+            if send:
+                inner.load_weights(bucket)
+        if send:
+            inner.finish_sync()
+        if (v.weight_check_every and step % v.weight_check_every == 0 and c.policy.zero_stage != 3
+                and hasattr(inner, "max_weight_diff")):
             stats["vllm_weight_max_diff"] = c.world.sum({"d": inner.max_weight_diff(
                 c.policy.model.named_parameters())[0]})["d"]
+    c.world.barrier()
     prompt = c.train_ids[0]
     completion = c.tokenizer(str(c.train_ids.prompts.rows[0].get("answer", "0")),
                              add_special_tokens=False)["input_ids"] + [c.tokenizer.eos_token_id]
@@ -669,7 +683,7 @@ def _hydra_entry():
         ctx = RunContext(run_dir=run_dir, world=world)
         try:
             return train(config, ctx)["eval_accuracy_end"]
-        except (TrainingDiverged, CheckpointError, DatasetError, RewardError, EngineOutOfSync) as err:
+        except (TrainingDiverged, CheckpointError, DatasetError, RewardError, EngineOutOfSync, ServerError) as err:
             print(f"rltrain: {err}", file=sys.stderr)
             raise SystemExit(1) from None
 

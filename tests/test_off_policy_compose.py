@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rltrain.cli import compose
-from rltrain.train import RunContext, build, train_step
+from rltrain.train import build, train_step
 from tests.test_policy_gradients import TOL, max_diff
 
 pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
