@@ -80,6 +80,9 @@ class MetricsLogger:
     def _start_wandb(self, config: LoggerConfig, run_config: dict, *, resumed: bool):
         import wandb
 
+        # wandb.init advertises its Weave tracing when an LLM client library (openai, which vLLM pulls in) has been
+        # imported, bypassing silent=True; rltrain traces no LLM calls. A user's own setting wins.
+        os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
         id_file = self.run_dir / RUN_ID_FILE
         run_id = id_file.read_text().strip() if resumed and id_file.exists() else None  # None: wandb picks one
         settings = wandb.Settings(silent=True, console="off", disable_git=True, save_code=False)

@@ -254,9 +254,9 @@ def test_skipping_zero_advantage_samples_leaves_gradient_unchanged(models, mode)
         rows = []
         forward = worker._forward
 
-        def counting_forward(m, prompts, completions, want_entropy, forward=forward, rows=rows):
+        def counting_forward(m, prompts, completions, *args, forward=forward, rows=rows):
             rows.append(len(prompts))
-            return forward(m, prompts, completions, want_entropy)
+            return forward(m, prompts, completions, *args)
 
         worker._forward = counting_forward
         recorded = []
