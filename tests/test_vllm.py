@@ -195,9 +195,13 @@ def test_grpo_with_vllm_syncs_and_checks_every_step(adapter, tmp_path):
 def test_grpo_with_vllm_raises_held_out_accuracy_like_hf(tmp_path):
     """experiment=tiny as shipped (600 steps), with rollout=vllm: the same >= 20-point gain the HF engine's learning
     test asks for (tests/test_learning_tiny.py)."""
-    records = _train(tmp_path / "run", "experiment=tiny", "model.tiny.sft_steps=200", "task.eval_size=400",
-                     "trainer.prompts_per_step=32", "trainer.micro_batch_size_per_device=128", "trainer.eval_every=100",
-                     "rollout.vllm.weight_check_every=50")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "rltrain.train", "experiment=tiny", "rollout=vllm",
+                           "rollout.vllm.weight_check_every=50", "logger.progress=false", "logger.report=false",
+                           f"hydra.run.dir={run_dir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval_step" in r]
     gain = evals[-1]["eval_accuracy"] - evals[0]["eval_accuracy"]
     steps = [r for r in records if "step" in r]
