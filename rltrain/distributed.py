@@ -154,6 +154,3 @@ class ShardedEngine:
 
     def wake(self) -> None:
         self.engine.wake()
-
-    def __getattr__(self, name: str):
-        return getattr(self.engine, name)
