@@ -75,6 +75,14 @@ def main(argv: list[str] | None = None) -> None:
             overall, by_cap = value
             lines.append(f"| {result['seed']} | {arm} | {overall:.3f} | "
                          + " | ".join(f"{by_cap.get(c, float('nan')):.3f}" for c in caps) + " |")
+    arms = [arm for arm in rows[0] if arm != "seed"] if rows else []
+    lines += ["", f"Mean over seeds {args.seeds}:", "", "| arm | overall | " + " | ".join(caps) + " |",
+              "|---|---|" + "---|" * len(caps)]
+    for arm in arms:
+        values = [result[arm] for result in rows]
+        overall = sum(v[0] for v in values) / len(values)
+        per_cap = [sum(v[1].get(c, float("nan")) for v in values) / len(values) for c in caps]
+        lines.append(f"| {arm} | {overall:.3f} | " + " | ".join(f"{x:.3f}" for x in per_cap) + " |")
     command = "python bench/trace_vs_grpo.py " + shlex.join(
         ["--out", str(args.out), "--work", str(args.work), "--seeds", *map(str, args.seeds), "--budget",
          str(args.budget), "--routers", *args.routers, "--common", *args.common])

@@ -429,6 +429,7 @@ class EvalConfig:
     adapters: str = ""  # with eval.router: the adapters.yaml of rltrain capabilities train
     top_p: float = 0.9  # eval.router=merge: merge the adapters holding this share of the predicted success
     router_history: int = 128  # eval.router=v0|merge: train prompts each candidate is sampled on (4 each)
+    router_margin: float = 0.05  # eval.router=v0: an adapter serves a prompt only if predicted more than this above the base
 
 
 class DistributedKind(str, enum.Enum):
@@ -579,6 +580,8 @@ def check(config: Config) -> None:
     e = config.eval
     if e.samples < 1 or any(k < 1 or k > e.samples for k in e.ks) or any(k < 1 for k in e.extrapolate_ks):
         raise ConfigError(f"eval.ks must lie in [1, eval.samples={e.samples}] and eval.extrapolate_ks be >= 1")
+    if not 0.0 <= e.router_margin < 1.0:
+        raise ConfigError(f"eval.router_margin must be in [0, 1), got {e.router_margin}")
     if e.router and (e.router not in ("zero_shot", "v0", "merge") or not e.adapters):
         raise ConfigError(f"eval.router={e.router!r}: choose zero_shot, v0 or merge, and set eval.adapters to a "
                           "capabilities train adapters.yaml")

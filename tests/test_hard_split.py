@@ -1,4 +1,4 @@
-"""The hard split shipped for experiment=tiny_hard (conf/task/arithmetic_compact_hard.yaml): it loads through the task
+"""The hard splits shipped for experiment=tiny_hard and tiny_hard_min (conf/task/arithmetic_compact_hard*.yaml): each loads through the task
 config, every row has hints that never state the answer, train and test share no prompt, it was screened with the
 experiment's current settings and model, and sampled rows screen again as recorded: no success in the recorded
 number of 8-sample unguided groups, at least one in 8 with a hint. Plus the hint and screening rules on hand-made rows."""
@@ -14,16 +14,16 @@ import torch
 from rltrain.cli import compose
 from rltrain.config import PromptStyle
 from rltrain.tasks.hard import (Kind, Screen, build_screener, candidate_rows, decomposition_hints, model_config,
-                                screened_with, states_answer)
+                                parse_kind, screened_with, states_answer)
 from rltrain.tasks.prompts import load_prompt_sets, resolve_dataset_path
 from rltrain.train import build
 
 EXPERIMENT = ["experiment=tiny_hard", "logger.progress=false"]
 
 
-@pytest.fixture(scope="module")
-def config():
-    return compose(EXPERIMENT)
+@pytest.fixture(scope="module", params=["tiny_hard", "tiny_hard_min"])
+def config(request):
+    return compose([f"experiment={request.param}", "logger.progress=false"])
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_split_loads_with_hints_on_every_row_and_disjoint_prompts(split):
 
 def test_split_was_screened_with_the_experiments_current_settings(config, split):
     meta = json.loads((Path(resolve_dataset_path(config.task.dataset.path)) / "screen.json").read_text())
-    assert meta["screened_with"] == screened_with(config), "tiny_hard changed since the split was built: rebuild it"
+    assert meta["screened_with"] == screened_with(config), f"{config.experiment_name} changed since the split was built: rebuild it"
     assert (meta["train"], meta["test"]) == tuple(map(len, split))
     assert meta["qualified"] == sum(k["qualified"] for k in meta["kinds"].values())
 
@@ -66,7 +66,7 @@ def test_the_screening_model_is_the_one_the_experiment_trains():
 
 def test_sampled_rows_screen_again_as_recorded(config, split):
     train, test = split
-    rows = (train + test)[::60]
+    rows = (train + test)[:: max(1, len(train + test) // 20)]
     meta = json.loads((Path(resolve_dataset_path(config.task.dataset.path)) / "screen.json").read_text())
     screener, seen, rewards = build_screener(config, unguided_groups=meta["unguided_groups"])
     try:
@@ -97,3 +97,11 @@ def test_a_row_qualifies_only_with_no_unguided_success_and_some_hinted_one():
     assert Screen([0, 0], [0, 2]).qualifies and Screen([0, 0], [0, 2]).solved_at_level == 1
     assert not Screen([1]).qualifies and not Screen([0, 0], [0, 0]).qualifies
     assert Screen([0, 0], [0, 0]).solved_at_level is None
+
+
+def test_candidate_kinds_parse_from_the_command_line_or_say_what_is_wrong():
+    assert parse_kind("minimum/3:0.5") == Kind("minimum", 3, 0.5) and parse_kind("comparison/2") == Kind("comparison", 2)
+    with pytest.raises(ValueError, match="unknown kind 'minimun'"):
+        parse_kind("minimun/3")
+    with pytest.raises(ValueError, match="expected KIND/DIGITS"):
+        parse_kind("minimum:3")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from rltrain.capabilities.routing import NO_ADAPTER, merge, top_p_weights
+from rltrain.capabilities.routing import NO_ADAPTER, merge, prefer_base, top_p_weights
 from rltrain.models import tiny_model, tiny_tokenizer
 from rltrain.config import ModelConfig
 
@@ -49,3 +49,12 @@ def test_top_p_keeps_the_fewest_adapters_reaching_the_mass_and_renormalises():
     assert names == ["x", "y"] and weights == [pytest.approx(2 / 3), pytest.approx(1 / 3)]
     assert top_p_weights([0.2, 0.2], ["x", "y"], 1.0) == (["x", "y"], [0.5, 0.5])
     assert NO_ADAPTER == "none"
+
+
+def test_v0_routing_keeps_the_base_unless_an_adapter_is_predicted_better_by_the_margin():
+    predicted = torch.tensor([[0.50, 0.58, 0.52],   # best adapter 0.08 above the base
+                              [0.50, 0.53, 0.40],   # 0.03 above: not enough at margin 0.05
+                              [0.70, 0.20, 0.70],   # a tie goes to the base
+                              [float("nan"), 0.10, 0.30]])  # no base prediction: the best adapter
+    assert prefer_base(predicted, 0.05) == [1, 0, 0, 2]
+    assert prefer_base(predicted, 0.0) == [1, 1, 0, 2]

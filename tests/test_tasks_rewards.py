@@ -25,8 +25,8 @@ def test_items_are_seeded_and_correct():
         if item.kind == "counting":
             letter, word = re.match(r"count\((\w),(\w+)\)", item.compact).groups()
             truth = word.count(letter)
-        elif item.kind == "comparison":
-            truth = max(map(int, re.findall(r"\d+", item.compact)))
+        elif item.kind in ("comparison", "minimum"):
+            truth = (max if item.kind == "comparison" else min)(map(int, re.findall(r"\d+", item.compact)))
         else:
             truth = eval(item.compact)  # the compact form is a plain arithmetic expression
         assert int(item.answer) == truth, item

@@ -31,6 +31,7 @@ BUILTIN = {
     "borrow": ("subtraction", ["borrow"]),
     "multiplication": ("multiplication", []),
     "comparison": ("comparison", []),
+    "minimum": ("minimum", []),
     "counting": ("counting", []),
     "multi_step": ("word_problem", []),
 }

@@ -9,7 +9,7 @@ checks read the item from its symbolic form (``compact`` column) and the integer
   answer has the wrong number of digits; in a word problem, LACKING when the answer is wrong but not one of the
   one-step answers (those count against ``multi_step``);
 - ``multi_step``: LACKING when the answer is what stopping after one step (or skipping one) gives;
-- ``comparison``, ``counting``, ``multiplication``: LACKING when the answer is wrong;
+- ``comparison``, ``minimum``, ``counting``, ``multiplication``: LACKING when the answer is wrong;
 - every applicable capability is PRESENT in a correct answer.
 
 It is deterministic, so one run suffices (``contrast(..., k=1)``); a judge model's labels are repeated N times.
@@ -29,6 +29,7 @@ DEFINITIONS = {
     "borrow": "borrows from the next column when a column's digit is too small",
     "multiplication": "multiplies a number by a single digit",
     "comparison": "tells which of two numbers is larger",
+    "minimum": "tells which of two numbers is smaller",
     "counting": "counts the occurrences of a letter in a word",
     "multi_step": "carries out every step of a problem that needs more than one operation",
 }

@@ -81,6 +81,17 @@ def top_p_weights(predicted: Sequence[float], names: Sequence[str], top_p: float
     return [names[k] for k in chosen], [predicted[k] / norm for k in chosen]
 
 
+def prefer_base(predicted: torch.Tensor, margin: float) -> list[int]:
+    """Per prompt, the candidate (column 0 the base) with the highest predicted success, except that an adapter must
+    beat the base's prediction by more than ``margin`` (a new adapter has to earn its prompts); ties go to the base."""
+    out = []
+    for row in predicted.tolist():
+        base = row[0] if row[0] == row[0] else float("-inf")  # NaN: no prediction
+        best = max(range(1, len(row)), key=lambda k: row[k] if row[k] == row[k] else float("-inf"), default=0)
+        out.append(best if best and row[best] == row[best] and row[best] > base + margin else 0)
+    return out
+
+
 def _activate(model, route) -> object:
     """A context manager with ``route`` active: NO_ADAPTER (base only), an adapter name, or (names, weights)."""
     if route == NO_ADAPTER:
@@ -172,7 +183,7 @@ def evaluate_with_router(config) -> dict:
                 router = Router(encoder(model, tokenizer, formatter), candidates)
                 predicted = router.predict([r["prompt"] for r in prompt_set.rows])
             if e.router == "v0":
-                routes = [names[k] for k in router.route(predicted, 1.0)]
+                routes = [names[k] for k in prefer_base(predicted, e.router_margin)]
             else:
                 adapter_p = predicted[:, 1:].tolist()
                 routes = [top_p_weights(p, list(adapters), e.top_p) for p in adapter_p]
@@ -181,7 +192,7 @@ def evaluate_with_router(config) -> dict:
         result["by_capability"] = _by_tag(prompt_set.rows, {r: routed[r][0] for r in rows})
         result["route_share"] = {}
         for route in routes:
-            key = route if isinstance(route, str) else "merge:" + "+".join(route[0])
+            key = route if isinstance(route, str) else "merge:" + "+".join(sorted(route[0]))
             result["route_share"][key] = result["route_share"].get(key, 0) + 1 / len(rows)
         result["single"] = {}
         for name in names:

@@ -106,6 +106,16 @@ def comparison(rng: random.Random, digits: int) -> Item:
     return _item(f"Which number is larger, {a} or {b}?", f"max({a},{b})", big, steps, ["comparison"], "comparison")
 
 
+def minimum(rng: random.Random, digits: int) -> Item:
+    a = _number(rng, digits)
+    b = a
+    while b == a:
+        b = _number(rng, digits)
+    small = min(a, b)
+    steps = [f"compare {a} and {b}", f"{small} is smaller"]
+    return _item(f"Which number is smaller, {a} or {b}?", f"min({a},{b})", small, steps, ["minimum"], "minimum")
+
+
 def counting(rng: random.Random, digits: int) -> Item:
     letter = rng.choice(LETTERS[:6])
     word = "".join(rng.choice(LETTERS[:6]) for _ in range(3 + 2 * digits))
@@ -130,6 +140,7 @@ GENERATORS = {
     "subtraction": subtraction,
     "multiplication": multiplication,
     "comparison": comparison,
+    "minimum": minimum,
     "counting": counting,
     "word_problem": word_problem,
 }

@@ -64,12 +64,24 @@ class Kind:
 # compact: the tiny model of experiment=tiny_hard warm-starts on 2-3 digit max(a,b), and most of the 3-digit ones
 # qualify (9% of candidates, 2-digit 3%). Kinds it never saw are left out: 4-digit max qualify never; 2-digit sums and
 # differences qualify (9%, 19%) only by guessing the one digit the answer-prefix hint leaves, nothing to learn from.
+# min(a,b) it never saw either, but there the hint's first digit picks the number to copy: 2-digit 17%, 3-digit 15%
+# qualify (--kinds minimum/3 minimum/2; experiment=tiny_hard_min).
 # sentence: SmolLM2-135M-Instruct fails most 2-digit sums and differences at temperature 0.7 and reads the
 # decomposition hints; 3-digit sums it fails with any hint tried.
 PRESETS = {
     PromptStyle.compact: [Kind("comparison", 3, 0.8), Kind("comparison", 2, 0.2)],
     PromptStyle.sentence: [Kind("addition", 2), Kind("subtraction", 2)],
 }
+
+
+def parse_kind(text: str) -> Kind:
+    """``KIND/DIGITS[:WEIGHT]`` (e.g. ``minimum/3:0.5``) -> Kind; a one-line error naming the bad part."""
+    match = re.fullmatch(r"([a-z_]+)/(\d+)(?::([0-9.]+))?", text)
+    if match is None:
+        raise ValueError(f"--kinds {text!r}: expected KIND/DIGITS[:WEIGHT], e.g. comparison/3:0.8")
+    if match[1] not in arithmetic.GENERATORS:
+        raise ValueError(f"--kinds {text!r}: unknown kind {match[1]!r}; choose from {sorted(arithmetic.GENERATORS)}")
+    return Kind(match[1], int(match[2]), float(match[3]) if match[3] else 1.0)
 
 
 def decomposition_hints(prompt: str) -> list[str] | None:
@@ -244,22 +256,29 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--eval-fraction", type=float, default=0.25, help="share of the split held out (test)")
     parser.add_argument("--unguided-groups", type=int, default=2,
                         help="groups of B unguided samples that must all fail (default 2)")
+    parser.add_argument("--kinds", nargs="+", default=None, metavar="KIND/DIGITS[:WEIGHT]",
+                        help="candidate kinds, e.g. comparison/3:0.8 minimum/3 (default: the preset of the prompt style)")
     parser.add_argument("--out", type=Path, default=None,
                         help="directory to write (default: <cache>/hard_splits/<name of task.dataset.path>)")
     args = parser.parse_args(argv)
+    try:
+        kinds = [parse_kind(k) for k in args.kinds] if args.kinds else None
+    except ValueError as e:
+        parser.error(str(e))
     from rltrain.cli import check_overrides_or_exit, compose
     from rltrain.models import cache_dir
 
     check_overrides_or_exit(args.overrides)
     config = compose(args.overrides)
     style = PromptStyle.compact if config.model.source == ModelSource.tiny else PromptStyle.sentence
+    kinds = kinds or PRESETS[style]
     name = Path(config.task.dataset.path.partition(":")[2] or config.task.dataset.path).name or "hard"
     out = args.out or cache_dir() / "hard_splits" / name
     start = time.perf_counter()
     screener, seen, rewards = build_screener(config, unguided_groups=args.unguided_groups)
     try:
         built = time.perf_counter()
-        candidates = candidate_rows(style, PRESETS[style], args.candidates,
+        candidates = candidate_rows(style, kinds, args.candidates,
                                     config.trainer.seed + CANDIDATE_SEED_OFFSET)
         rows = [r for r in candidates if r["prompt"] not in seen]
         screens = []
@@ -278,7 +297,7 @@ def main(argv: list[str]) -> None:
     train, test = split_rows(kept, args.eval_fraction, config.trainer.seed)
     meta = {
         "screened_with": screened_with(config), "overrides": args.overrides, "style": style.value,
-        "candidate_kinds": [dataclasses.asdict(k) for k in PRESETS[style]], "unguided_groups": args.unguided_groups,
+        "candidate_kinds": [dataclasses.asdict(k) for k in kinds], "unguided_groups": args.unguided_groups,
         "candidates": len(candidates), "seen_in_warm_start": len(candidates) - len(rows), "qualified": len(kept),
         "train": len(train), "test": len(test), "seconds_model": round(built - start, 1),
         "seconds_screen": round(time.perf_counter() - built, 1), "torch": torch.__version__,
