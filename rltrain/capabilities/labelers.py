@@ -13,12 +13,21 @@ checks read the item from its symbolic form (``compact`` column) and the integer
 - every applicable capability is PRESENT in a correct answer.
 
 It is deterministic, so one run suffices (``contrast(..., k=1)``); a judge model's labels are repeated N times.
+
+``JudgeLabeler`` is for any task: a local causal LM (``capabilities.judge``; default the analysed model) reads, per
+(trajectory, capability), the problem, the answer, whether it passed and the capability's definition, and the three
+replies NA / PRESENT / LACKING are scored by their mean token log-probability. Pass r samples each label from the
+softmax of those scores at ``capabilities.judge_temperature`` with its own seed (temperature 0: the likeliest reply,
+every pass alike), so N passes give the independent labellings K-of-N selection expects. How good the labels are is
+the judge's: a 135M model is not a reliable one; give it a larger local model.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+
+import torch
 
 NA, PRESENT, LACKING = "NA", "PRESENT", "LACKING"
 
@@ -114,5 +123,93 @@ class TagLabeler:
             raise ValueError(f"no programmatic check for capabilities {unknown}; known: {sorted(DEFINITIONS)}")
         self.capabilities = list(capabilities)
 
-    def label(self, rows: Sequence[dict], completions: Sequence[str], run: int = 0) -> list[list[str]]:
+    def label(self, rows: Sequence[dict], completions: Sequence[str], run: int = 0,
+              passed: Sequence[bool] | None = None) -> list[list[str]]:
         return [label_item(row, text, self.capabilities) for row, text in zip(rows, completions)]
+
+
+JUDGE_REPLIES = (NA, PRESENT, LACKING)
+
+
+def judge_text(name: str, definition: str, problem: str, completion: str, passed: bool) -> str:
+    return (f"A model was given this problem: {problem}\nIts answer: {completion.strip()}\n"
+            f"The answer is {'right' if passed else 'wrong'}.\n"
+            f"Capability {name}: the solver {definition}.\n"
+            "Does the problem need this capability? If it does not, reply NA. If it does, reply PRESENT when the "
+            "answer shows the capability used correctly and LACKING when it is missing or misused.\nReply:")
+
+
+def mean_logprobs(model, heads: Sequence[Sequence[int]], tails: Sequence[Sequence[int]], *, pad_token_id: int,
+                  batch_size: int = 16) -> torch.Tensor:
+    """Mean log-probability of each ``tails[i]`` following ``heads[i]``, batched with right padding."""
+    out = []
+    device = next(model.parameters()).device
+    for start in range(0, len(heads), batch_size):
+        pairs = list(zip(heads[start:start + batch_size], tails[start:start + batch_size]))
+        width = max(len(h) + len(t) for h, t in pairs)
+        ids = torch.full((len(pairs), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (h, t) in enumerate(pairs):
+            ids[i, : len(h) + len(t)] = torch.tensor([*h, *t])
+            mask[i, : len(h) + len(t)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+        out += [logp[i, len(h) - 1 : len(h) - 1 + len(t)].mean() for i, (h, t) in enumerate(pairs)]
+    return torch.stack(out) if out else torch.zeros(0)
+
+
+class JudgeLabeler:
+    """A local model as the judge (module docstring). ``definitions``: capability -> what the solver does."""
+
+    def __init__(self, model, tokenizer, capabilities: Sequence[str], definitions: dict[str, str], *,
+                 temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> None:
+        missing = [c for c in capabilities if not definitions.get(c)]
+        if missing:
+            raise ValueError(f"no definition for capabilities {missing}: add them to capabilities.definitions")
+        if temperature < 0:
+            raise ValueError(f"capabilities.judge_temperature must be >= 0, got {temperature}")
+        self.model, self.tokenizer = model, tokenizer
+        self.capabilities, self.definitions = list(capabilities), dict(definitions)
+        self.temperature, self.seed, self.batch_size = temperature, seed, batch_size
+        self._cache: tuple[int, torch.Tensor] | None = None
+
+    def _head(self, text: str) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                     tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def scores(self, rows: Sequence[dict], completions: Sequence[str], passed: Sequence[bool]) -> torch.Tensor:
+        """[trajectories, capabilities, 3]: the judge's mean log-probability of NA, PRESENT, LACKING."""
+        key = hash((tuple(r["prompt"] for r in rows), tuple(completions), tuple(passed)))
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        space = "" if getattr(self.tokenizer, "chat_template", None) else " "
+        replies = [self.tokenizer(space + r, add_special_tokens=False)["input_ids"] for r in JUDGE_REPLIES]
+        heads, tails = [], []
+        for row, text, ok in zip(rows, completions, passed):
+            for name in self.capabilities:
+                head = self._head(judge_text(name, self.definitions[name], row["prompt"], text, bool(ok)))
+                for reply in replies:
+                    heads.append(head)
+                    tails.append(reply)
+        flat = mean_logprobs(self.model, heads, tails, pad_token_id=self.tokenizer.pad_token_id,
+                             batch_size=self.batch_size)
+        result = flat.view(len(rows), len(self.capabilities), len(JUDGE_REPLIES))
+        self._cache = (key, result)
+        return result
+
+    def label(self, rows: Sequence[dict], completions: Sequence[str], run: int = 0,
+              passed: Sequence[bool] | None = None) -> list[list[str]]:
+        if passed is None:
+            raise ValueError("the judge labeler needs each trajectory's outcome (passed)")
+        scores = self.scores(rows, completions, passed)
+        if self.temperature == 0:
+            choice = scores.argmax(-1)
+        else:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + run)
+            probs = torch.softmax(scores / self.temperature, -1).reshape(-1, len(JUDGE_REPLIES))
+            choice = torch.multinomial(probs, 1, generator=generator).view(scores.shape[:2])
+        return [[JUDGE_REPLIES[k] for k in row] for row in choice.tolist()]
