@@ -305,7 +305,10 @@ def test_absolute_positions_logprobs_and_gradient(absolute_position_model):
     assert (shifted - plain).abs().max() > 1e-2  # positions matter in this model: one off changes the log-probs
     ref_loss, ref_grads = reference_step(model, None, batch, "token_mean")
     metrics, grads = worker_step(model, None, batch, GRPOLoss(eps_low=0.2, eps_high=0.28, max_len=MAX_LEN), 3)
-    assert max_diff(grads, ref_grads) < TOL
+    # this model's gradients reach ~4 (weights drawn at 0.3), so the fp32 tolerance is relative to their scale: a
+    # position error moves them by ~1e-2, summation order by ~1e-5
+    scale = max(1.0, max(float(g.abs().max()) for g in ref_grads.values()))
+    assert max_diff(grads, ref_grads) < TOL * scale
     assert metrics["loss"] == pytest.approx(ref_loss, abs=TOL)
 
 
