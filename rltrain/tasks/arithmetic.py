@@ -96,21 +96,23 @@ def multiplication(rng: random.Random, digits: int) -> Item:
     return _item(f"What is {a} * {b}?", f"{a}*{b}", a * b, steps, ["multiplication"], "multiplication")
 
 
-def comparison(rng: random.Random, digits: int) -> Item:
+def _distinct_pair(rng: random.Random, digits: int) -> tuple[int, int]:
     a = _number(rng, digits)
     b = a
     while b == a:
         b = _number(rng, digits)
+    return a, b
+
+
+def comparison(rng: random.Random, digits: int) -> Item:
+    a, b = _distinct_pair(rng, digits)
     big = max(a, b)
     steps = [f"compare {a} and {b}", f"{big} is larger"]
     return _item(f"Which number is larger, {a} or {b}?", f"max({a},{b})", big, steps, ["comparison"], "comparison")
 
 
 def minimum(rng: random.Random, digits: int) -> Item:
-    a = _number(rng, digits)
-    b = a
-    while b == a:
-        b = _number(rng, digits)
+    a, b = _distinct_pair(rng, digits)
     small = min(a, b)
     steps = [f"compare {a} and {b}", f"{small} is smaller"]
     return _item(f"Which number is smaller, {a} or {b}?", f"min({a},{b})", small, steps, ["minimum"], "minimum")
