@@ -32,8 +32,17 @@ def judge():
     return model, tokenizer
 
 
-def test_batched_reply_scores_equal_one_sequence_at_a_time(judge):
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
+def test_batched_reply_scores_equal_one_sequence_at_a_time(judge, kind):
+    """Left-padded batches with explicit positions: GPT-2's learned absolute positions catch an offset that
+    Qwen2's rotary ones would not."""
     model, tokenizer = judge
+    if kind == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(1)
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4)
+        model = GPT2LMHeadModel(config).eval()
     heads = [tokenizer(t)["input_ids"] for t in ("max(1,2)=", "a longer head of text here", "x")]
     tails = [tokenizer(t)["input_ids"] for t in ("NA", "PRESENT", "LACKING")]
     got = mean_logprobs(model, heads, tails, pad_token_id=tokenizer.pad_token_id, batch_size=2)

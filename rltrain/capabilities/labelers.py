@@ -141,21 +141,31 @@ def judge_text(name: str, definition: str, problem: str, completion: str, passed
 
 def mean_logprobs(model, heads: Sequence[Sequence[int]], tails: Sequence[Sequence[int]], *, pad_token_id: int,
                   batch_size: int = 16) -> torch.Tensor:
-    """Mean log-probability of each ``tails[i]`` following ``heads[i]``, batched with right padding."""
+    """Mean log-probability of each ``tails[i]`` following ``heads[i]``, batched: left padding with explicit
+    positions, and logits only for the last positions, where the tails are (the vocabulary projection and softmax
+    over every head position would cost more than the model)."""
     out = []
     device = next(model.parameters()).device
     for start in range(0, len(heads), batch_size):
         pairs = list(zip(heads[start:start + batch_size], tails[start:start + batch_size]))
         width = max(len(h) + len(t) for h, t in pairs)
+        keep = max(len(t) for _, t in pairs) + 1
         ids = torch.full((len(pairs), width), pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, (h, t) in enumerate(pairs):
-            ids[i, : len(h) + len(t)] = torch.tensor([*h, *t])
-            mask[i, : len(h) + len(t)] = 1
+            ids[i, width - len(h) - len(t):] = torch.tensor([*h, *t])
+            mask[i, width - len(h) - len(t):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-        out += [logp[i, len(h) - 1 : len(h) - 1 + len(t)].mean() for i, (h, t) in enumerate(pairs)]
+            try:
+                logits = model(**inputs, logits_to_keep=keep).logits
+            except TypeError:  # a model without logits_to_keep
+                logits = model(**inputs).logits
+        logp = torch.log_softmax(logits[:, -keep:-1].float().cpu(), -1)  # predicts the last keep - 1 tokens
+        targets = ids[:, width - keep + 1:]
+        picked = logp.gather(-1, targets[..., None])[..., 0]
+        out += [picked[i, keep - 1 - len(t):].mean() for i, (_, t) in enumerate(pairs)]
     return torch.stack(out) if out else torch.zeros(0)
 
 
