@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -155,7 +156,7 @@ class PolicyWorker:
         """
         distinct: dict[tuple[int, ...], int] = {}
         prompt_of_B = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts])
-        prompt_ids, prompt_mask = _left_pad(list(distinct), self.pad_token_id)
+        prompt_ids, prompt_mask = left_pad(list(distinct), self.pad_token_id)
         prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         width = max(len(c) for c in completions)
         # Under ZeRO-3 every pass must call the model as often on every rank: always prefill + completion forward.
@@ -557,7 +558,7 @@ def _without_zero3_hooks(engine):
             offload._register_deepspeed_module(offload.module)
 
 
-def _left_pad(rows: list[tuple[int, ...]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
     """Token ids [len(rows), longest] left-padded with ``pad_token_id``, and the attention mask (1 = real token)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)

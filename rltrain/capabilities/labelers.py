@@ -144,17 +144,14 @@ def mean_logprobs(model, heads: Sequence[Sequence[int]], tails: Sequence[Sequenc
     """Mean log-probability of each ``tails[i]`` following ``heads[i]``, batched: left padding with explicit
     positions, and logits only for the last positions, where the tails are (the vocabulary projection and softmax
     over every head position would cost more than the model)."""
+    from rltrain.policy import left_pad
+
     out = []
     device = next(model.parameters()).device
     for start in range(0, len(heads), batch_size):
         pairs = list(zip(heads[start:start + batch_size], tails[start:start + batch_size]))
-        width = max(len(h) + len(t) for h, t in pairs)
         keep = max(len(t) for _, t in pairs) + 1
-        ids = torch.full((len(pairs), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (h, t) in enumerate(pairs):
-            ids[i, width - len(h) - len(t):] = torch.tensor([*h, *t])
-            mask[i, width - len(h) - len(t):] = 1
+        ids, mask = left_pad([[*h, *t] for h, t in pairs], pad_token_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
         with torch.no_grad():
@@ -163,7 +160,7 @@ def mean_logprobs(model, heads: Sequence[Sequence[int]], tails: Sequence[Sequenc
             except TypeError:  # a model without logits_to_keep
                 logits = model(**inputs).logits
         logp = torch.log_softmax(logits[:, -keep:-1].float().cpu(), -1)  # predicts the last keep - 1 tokens
-        targets = ids[:, width - keep + 1:]
+        targets = ids[:, 1 - keep:]
         picked = logp.gather(-1, targets[..., None])[..., 0]
         out += [picked[i, keep - 1 - len(t):].mean() for i, (_, t) in enumerate(pairs)]
     return torch.stack(out) if out else torch.zeros(0)
@@ -188,7 +185,7 @@ class JudgeLabeler:
         if getattr(self.tokenizer, "chat_template", None):
             ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                      tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def scores(self, rows: Sequence[dict], completions: Sequence[str], passed: Sequence[bool]) -> torch.Tensor:

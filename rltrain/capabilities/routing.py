@@ -49,21 +49,16 @@ def merge(model, names: Sequence[str], weights: Sequence[float], adapter_name: s
 @torch.no_grad()
 def zero_shot(model, tokenizer, formatter, prompts: Sequence[str], options: dict[str, str]) -> list[str]:
     """Per prompt, the option (name -> description) whose sentence the base model finds most likely after it."""
+    from rltrain.capabilities.labelers import mean_logprobs
+
     names = list(options)
-    choices = []
+    tails = [tokenizer(f" This needs: {options[n]}.", add_special_tokens=False)["input_ids"] for n in names]
+    heads = [formatter.ids(p) for p in prompts]
     context = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
     with context:
-        for prompt in prompts:
-            head = formatter.ids(prompt)
-            scores = []
-            for name in names:
-                tail = tokenizer(f" This needs: {options[name]}.", add_special_tokens=False)["input_ids"]
-                ids = torch.tensor([head + tail])
-                logits = model(input_ids=ids).logits[0, len(head) - 1 : -1].float()
-                logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(tail).unsqueeze(-1)).mean()
-                scores.append(float(logp))
-            choices.append(names[max(range(len(names)), key=lambda k: (scores[k], -k))])
-    return choices
+        scores = mean_logprobs(model, [h for h in heads for _ in names], tails * len(heads),
+                               pad_token_id=tokenizer.pad_token_id).view(len(heads), len(names))
+    return [names[max(range(len(names)), key=lambda k: (row[k], -k))] for row in scores.tolist()]
 
 
 def top_p_weights(predicted: Sequence[float], names: Sequence[str], top_p: float) -> tuple[list[str], list[float]]:
@@ -83,13 +78,11 @@ def top_p_weights(predicted: Sequence[float], names: Sequence[str], top_p: float
 
 def prefer_base(predicted: torch.Tensor, margin: float) -> list[int]:
     """Per prompt, the candidate (column 0 the base) with the highest predicted success, except that an adapter must
-    beat the base's prediction by more than ``margin`` (a new adapter has to earn its prompts); ties go to the base."""
-    out = []
-    for row in predicted.tolist():
-        base = row[0] if row[0] == row[0] else float("-inf")  # NaN: no prediction
-        best = max(range(1, len(row)), key=lambda k: row[k] if row[k] == row[k] else float("-inf"), default=0)
-        out.append(best if best and row[best] == row[best] and row[best] > base + margin else 0)
-    return out
+    beat the base's prediction by more than ``margin`` (a new adapter has to earn its prompts); ties go to the base.
+    A NaN prediction never wins."""
+    p = predicted.nan_to_num(nan=float("-inf"))
+    best_p, best = p[:, 1:].max(-1)
+    return torch.where(best_p > p[:, 0] + margin, best + 1, 0).tolist()
 
 
 def _activate(model, route) -> object:
