@@ -65,6 +65,12 @@ class GuideMode(str, enum.Enum):
     balanced = "balanced"  # every prompt: half its group unguided, half hinted
 
 
+class LrSchedule(str, enum.Enum):
+    constant = "constant"
+    linear = "linear"  # to trainer.min_lr_ratio x lr at the end of the run
+    cosine = "cosine"
+
+
 class GammaKind(str, enum.Enum):
     percentile = "percentile"  # Guide: the detached quantile of the guided ratios in the scope
     constant = "constant"  # LUFFY: a fixed gamma
@@ -388,6 +394,10 @@ class TrainerConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
+    # Decay after warm-up, by progress through the run: steps / trainer.steps, or rollouts / trainer.max_rollouts
+    # when the budget is the nearer end (so methods that spend rollouts differently decay on the same scale).
+    lr_schedule: LrSchedule = LrSchedule.constant
+    min_lr_ratio: float = 0.0  # the decayed learning rate's floor, as a fraction of lr
     eval_every: int = 10  # steps; 0 = only at start and end
     num_threads: int = 0  # torch CPU threads; 0 = torch's default (one per core)
     save_final: bool = True
@@ -506,6 +516,8 @@ def check(config: Config) -> None:
         )
     if not t.lr > 0:
         raise ConfigError(f"trainer.lr must be > 0, got {t.lr}")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"trainer.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if len(t.adam_betas) != 2:
         raise ConfigError(f"trainer.adam_betas must have two values, got {list(t.adam_betas)}")
     if r.temperature <= 0:

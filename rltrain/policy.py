@@ -68,6 +68,17 @@ class OptimSettings:
     temperature: float
     precision: str  # "fp32" | "bf16"
     tis_cap: float = 0.0  # > 0: on-policy token losses weighted by min(pi_old / pi_behaviour, tis_cap)
+    lr_schedule: str = "constant"  # | "linear" | "cosine": decay by the run's progress (PolicyWorker.progress)
+    min_lr_ratio: float = 0.0
+
+
+def lr_multiplier(schedule: str, optimizer_step: int, progress: float, *, warmup: int, floor: float) -> float:
+    """The learning rate as a multiple of its peak: linear warm-up over the first ``warmup`` optimizer steps, times
+    the schedule's decay at ``progress`` (0 at the start of the run, 1 at its end) down to ``floor``."""
+    warm = min(1.0, (optimizer_step + 1) / warmup) if warmup else 1.0
+    p = min(max(progress, 0.0), 1.0)
+    decay = {"constant": 1.0, "linear": 1.0 - p, "cosine": 0.5 * (1.0 + math.cos(math.pi * p))}[schedule]
+    return warm * (floor + (1.0 - floor) * decay)
 
 
 class PolicyWorker:
@@ -88,10 +99,11 @@ class PolicyWorker:
                              "gradient checkpointing")
         params = [p for p in model.parameters() if p.requires_grad]
         warmup = max(settings.warmup_steps, 0)
+        self.progress = 0.0  # through the run, 0..1; the trainer sets it before each update (lr decay)
 
         def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-            return torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
+                settings.lr_schedule, step, self.progress, warmup=warmup, floor=settings.min_lr_ratio))
 
         self.engine = None  # the DeepSpeed engine
         self.zero_stage = 0

@@ -133,6 +133,7 @@ def build(config: Config, world: World = World()) -> Components:
         warmup_steps=t.warmup_steps, micro_batch_size=t.micro_batch_size_per_device,
         updates_per_step=t.updates_per_step, temperature=r.temperature, precision=config.model.precision.value,
         tis_cap=r.vllm.tis_cap if r.backend == "vllm" else 0.0,
+        lr_schedule=t.lr_schedule.value, min_lr_ratio=t.min_lr_ratio,
     )
     policy = PolicyWorker(model, settings, pad_token_id=tokenizer.pad_token_id, reference=reference, world=world,
                           deepspeed=deepspeed_config(config, world))
@@ -330,8 +331,18 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def train_step(c: Components, config: Config, step: int) -> tuple[dict, RolloutBatch | None]:
-    """Generate, score and learn from one batch; the record holds the step's metrics and per-phase timings."""
+def run_progress(t: TrainerConfig, steps: int, rollouts: int) -> float:
+    """How far through the run (0..1) it is after ``steps`` steps that generated ``rollouts`` rollouts: the nearer of
+    its two ends, trainer.steps and trainer.max_rollouts."""
+    progress = steps / t.steps if t.steps else 1.0
+    if t.max_rollouts:
+        progress = max(progress, rollouts / t.max_rollouts)
+    return min(progress, 1.0)
+
+
+def train_step(c: Components, config: Config, step: int, rollouts_before: int = 0) -> tuple[dict, RolloutBatch | None]:
+    """Generate, score and learn from one batch; the record holds the step's metrics and per-phase timings.
+    ``rollouts_before``: generated in earlier steps (the learning-rate decay's progress on a rollout budget)."""
     a = config.algorithm
     start = time.perf_counter()
     batch, stats = generate_step(c, config, step)
@@ -353,6 +364,8 @@ def train_step(c: Components, config: Config, step: int) -> tuple[dict, RolloutB
             truncated_frac=float(batch.truncated_N.float().mean()),
             **{f"reward/{k}": float(v.mean()) for k, v in batch.reward_components.items()},
         )
+        # the scheduler steps after this update: the next update's rate follows the progress this step makes
+        c.policy.progress = run_progress(config.trainer, step, rollouts_before + stats["rollouts"])
         record.update(c.policy.update(batch, c.loss))
         if record.get("guided_token_share"):  # the worker averages over all tokens; these exist on guided ones
             record["guided_ratio_mean"] = record["guided_ratio"] / record["guided_token_share"]
@@ -402,7 +415,7 @@ def _train(config: Config, ctx: RunContext, c: Components, source: Path | None) 
         for step in range(first_step, t.steps + 1):
             if loop.budget_spent(t):  # a resumed run whose budget was already spent
                 break
-            record, batch = train_step(c, config, step)
+            record, batch = train_step(c, config, step, loop.rollouts)
             value_log = record.pop("value_log", None)
             if value_log and world.is_main:  # per prompt: predicted and realised success, rollouts given (value.jsonl)
                 _append_jsonl(ctx.run_dir / "value.jsonl", {"step": step, "prompts": value_log})

@@ -164,9 +164,10 @@ def test_truncate_jsonl_drops_records_after_the_step_and_a_cut_line(tmp_path):
 
 def _launch(run_dir: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    # The tiny experiment's own reward after its full SFT warm start: most groups mix successes and failures.
+    # The tiny experiment's own reward after its full SFT warm start: most groups mix successes and failures. The
+    # cosine decay makes every step's learning rate differ: the resumed session must pick it up where it was.
     args = SMALL + ["model.tiny.sft_steps=40", "trainer.steps=40", "trainer.checkpoint_every=5",
-                    "trainer.eval_every=10", "trainer.num_threads=1",
+                    "trainer.eval_every=10", "trainer.num_threads=1", "trainer.lr_schedule=cosine",
                     f"hydra.run.dir={run_dir}", *extra]
     return subprocess.Popen([sys.executable, "-m", "rltrain.train", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -213,6 +214,8 @@ def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(tmp_p
     for step in range(1, 41):
         assert steps[step]["reward_mean"] == ref_steps[step]["reward_mean"], step  # bitwise
         assert steps[step]["loss"] == ref_steps[step]["loss"], step  # bitwise too (the promise is 1e-6)
+        assert steps[step]["lr"] == ref_steps[step]["lr"], step
+    assert steps[40]["lr"] == 0.0 < steps[20]["lr"] < steps[1]["lr"]
     for step in evals:
         assert evals[step]["eval_accuracy"] == ref_evals[step]["eval_accuracy"]
     assert [(s["step"], s["completion"], s["reward"]) for s in samples] == \
