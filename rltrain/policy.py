@@ -240,18 +240,23 @@ class PolicyWorker:
         temperature: float | None = None,
     ) -> list[list[float]]:
         """Per-token log-probs of each completion under ``model`` (default: the policy), micro-batched, at the
-        sampling temperature (or ``temperature``)."""
+        sampling temperature (or ``temperature``); in eval mode, so dropout (e.g. LoRA's) never makes them noisy."""
         model = self.model if model is None else model
         out: list[list[float]] = [[] for _ in prompts]
         chunks = self._micro_batches(list(range(len(prompts))), prompts, completions)
-        for chunk in self._equalised(chunks, model):
-            if chunk is None:  # another rank has more to score: this rank joins ZeRO-3's gathers with a dummy pass
-                self._forward(model, [self._dummy[0]], [self._dummy[1]], False)
-                continue
-            logp_BT, _ = self._forward(model, [prompts[i] for i in chunk], [completions[i] for i in chunk], False,
-                                       temperature)
-            for row, i in enumerate(chunk):
-                out[i] = logp_BT[row, : len(completions[i])].tolist()
+        was_training = model.training
+        model.eval()
+        try:
+            for chunk in self._equalised(chunks, model):
+                if chunk is None:  # another rank has more to score: it joins ZeRO-3's gathers with a dummy pass
+                    self._forward(model, [self._dummy[0]], [self._dummy[1]], False)
+                    continue
+                logp_BT, _ = self._forward(model, [prompts[i] for i in chunk], [completions[i] for i in chunk], False,
+                                           temperature)
+                for row, i in enumerate(chunk):
+                    out[i] = logp_BT[row, : len(completions[i])].tolist()
+        finally:
+            model.train(was_training)
         return out
 
     _dummy = ([0], [0, 0])  # prompt and completion of a padding pass
@@ -276,7 +281,10 @@ class PolicyWorker:
         # forward). Samples generated from another context (hints) always need theirs scored under that context.
         skipped = [loss_fn.zero_without_advantage and float(a) == 0.0 for a in batch.advantages_N]
         mine = [rank == self.world.rank for rank in self.owner(batch)]
-        need_old = [(n_updates > 1 or h) and not skip and m for h, skip, m in zip(hinted, skipped, mine)]
+        # A step-wide statistic (Guide's batch-scope gamma) reads the old log-probs of every rank's samples of its kind.
+        step_wide = [source in loss_fn.step_sources for source in batch.sources]
+        need_old = [(n_updates > 1 or h) and not skip and (m or w)
+                    for h, skip, m, w in zip(hinted, skipped, mine, step_wide)]
         scored = [i for i, need in enumerate(need_old) if need]
         old_logp: dict[int, list[float]] = {}
         if scored or self._collective():

@@ -45,7 +45,7 @@ from rltrain.rollout.hf import HFEngine
 from rltrain.rollout.server import ServerError
 from rltrain.scaleout import EngineOutOfSync, build_vllm_engine, deepspeed_config, save_engine_init, sync_engine
 from rltrain.sft import warm_start
-from rltrain.tasks.prompts import DatasetError, PromptFormatter, load_prompt_sets, validate_rows
+from rltrain.tasks.prompts import DatasetError, PromptFormatter, load_prompt_sets, unfit_hints, validate_rows
 
 logger = logging.getLogger("rltrain")
 
@@ -166,7 +166,9 @@ def build(config: Config, world: World = World()) -> Components:
         train_ids=train_ids, eval_ids=eval_ids, sampler=PromptSampler(len(train_set), t.seed), adapter_base=adapter_base,
         sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=t.seed),
         rollouts_per_prompt=t.rollouts_per_prompt,
-        guidance=HintGuidance(a.guide, train_set.rows, t.rollouts_per_prompt) if a.name == "guide" else None,
+        guidance=HintGuidance(a.guide, train_set.rows, t.rollouts_per_prompt, unfit=unfit_hints(
+            train_set, formatter, a.guide.hint_column, max_prompt_tokens=max_prompt, policy=config.task.invalid_rows)
+        ) if a.name == "guide" else None,
         demos=Demonstrations(a.rl_plus, train_ids, tokenizer) if a.name == "rl_plus" else None, planner=planner,
         world=world,
     )
@@ -202,7 +204,8 @@ def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatc
     wanted = t.prompts_per_step
     stats = {"rollouts": 0, "tokens_generated": 0, "time_reward_s": 0.0, "refill_rounds": 0}
     draw = c.planner.candidates(wanted) if c.planner else wanted
-    batch = _rollouts(c, c.sampler.next(draw), stats, first_group_id=step * 1_000_000, step=step)
+    batch = _rollouts(c, c.sampler.next(draw), stats, first_group_id=group_id_base(step, 0, draw, a.max_refill_rounds),
+                      step=step)
     if len(batch) == 0:
         return None, {**stats, "frac_zero_std_groups": float("nan")}
     flat_N = constant_groups(batch.rewards_N, batch.group_ids_N)
@@ -213,8 +216,9 @@ def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatc
     for round_ in range(1, a.max_refill_rounds + 1):
         if kept is not None and len(kept.groups()) >= wanted:
             break
-        extra = _rollouts(c, c.sampler.next(draw), stats, first_group_id=step * 1_000_000 + round_ * 1_000,
-                          step=step, round_=round_)
+        extra = _rollouts(c, c.sampler.next(draw), stats,
+                          first_group_id=group_id_base(step, round_, draw, a.max_refill_rounds), step=step,
+                          round_=round_)
         stats["refill_rounds"] = round_
         extra_flat = constant_groups(extra.rewards_N, extra.group_ids_N)
         if (~extra_flat).any():
@@ -224,6 +228,15 @@ def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatc
         keep_groups = list(kept.groups().values())[:wanted]
         kept = kept.select(sorted(i for g in keep_groups for i in g))
     return kept, stats
+
+
+def group_id_base(step: int, round_: int, prompts: int, rounds: int) -> int:
+    """The id of the first group of a generation round: ``step * 10**6 + round * 1000`` while the step's rounds of
+    ``prompts`` groups fit in those strides (ids also seed each prompt's sampling, so runs keep their numbers), wider
+    strides (powers of ten) where they do not, so that no two groups of a run share an id."""
+    round_stride = 1_000 if prompts <= 1_000 else 10 ** len(str(prompts))
+    step_stride = max(1_000_000, 10 ** len(str((rounds + 1) * round_stride)))
+    return step * step_stride + round_ * round_stride
 
 
 def _rollouts(c: Components, indices: list[int], stats: dict, *, first_group_id: int, step: int = 0,

@@ -7,8 +7,8 @@ uniform; the prompt split keeps groups whole and balances samples.
 Integration part (torchrun, 2 CPU processes, gloo, real DeepSpeed; ~4 minutes): the tiny experiment for 3 steps under
 ``distributed=zero2`` and ``zero3`` gives the single-process run's loss and gradient norm at every step (1e-4 and
 1e-3 relative), with full fine-tuning and with LoRA; a checkpoint written under torchrun resumes under torchrun to the
-uninterrupted run's numbers exactly; with ``rollout=vllm`` (one engine per rank) the 2-rank run trains on the single
-process's samples.
+uninterrupted run's numbers exactly; Guide's batch-scope gamma (a quantile over every rank's hinted tokens) is the
+single process's; with ``rollout=vllm`` (one engine per rank) the 2-rank run trains on the single process's samples.
 """
 
 from __future__ import annotations
@@ -145,6 +145,21 @@ def test_lora_under_zero3_equals_one_process(single, tmp_path):
     got = _run(tmp_path / "run", "distributed=zero3", "adapter=lora", "trainer.lr=1e-3", ranks=2)
     _assert_same(got, single["lora"])
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
+
+
+def test_guide_batch_gamma_under_torchrun_equals_one_process(tmp_path):
+    """Guide's batch-scope gamma is a quantile over every hinted token of the step, whichever rank owns the sample:
+    each rank scores the old log-probs (hinted context) of all of them. Once a rank scored only its own and read
+    ratio 1 for the rest, which moved the quantile (and the loss) on each rank differently."""
+    guide = ["algorithm=guide", "algorithm.guide.gamma=percentile", "algorithm.guide.scope=batch"]
+    alone = _run(tmp_path / "alone", *guide)
+    ranks = _run(tmp_path / "ranks", *guide, "distributed=zero2", ranks=2)
+    _assert_same(ranks, alone)
+    guided = [step for step, r in alone.items() if r.get("guided_token_share", 0) > 0]
+    assert len(guided) >= 2  # hinted samples trained on (the gamma is not vacuous)
+    for step in guided:
+        assert ranks[step]["gamma_mean"] == pytest.approx(alone[step]["gamma_mean"], rel=1e-4)
+        assert alone[step]["gamma_mean"] != pytest.approx(1.0, abs=1e-3)
 
 
 def test_vllm_rollouts_under_torchrun_equal_one_process(tmp_path):

@@ -34,6 +34,12 @@ def test_plan_rerolls_failed_groups_that_have_hints_with_their_current_hint():
     balanced = HintGuidance(GuideConfig(mode=GuideMode.balanced), ROWS, rollouts_per_prompt=4)
     assert balanced.unguided_count() == 2
     assert balanced.plan(b, correct) == [Reroll(10, 0, "h1", 2), Reroll(12, 2, "only", 2)]
+    # an empty or blank hint is no hint, as a string or in a list: the failed group is not regenerated
+    blank = HintGuidance(GuideConfig(), [{"hints": ""}, {"hints": ["", " ", "h"]}, {"hints": " "}],
+                         rollouts_per_prompt=2)
+    assert blank.hints_of(0) == [] and blank.hints_of(1) == ["h"] and blank.hints_of(2) == []
+    failed = torch.zeros(6, dtype=torch.bool)
+    assert blank.plan(batch([0, 0, 1, 1, 2, 2], [1, 1, 2, 2, 3, 3]), failed) == [Reroll(2, 1, "h", 2)]
 
 
 def test_merge_per_mode_and_escalation_with_its_state():

@@ -1,5 +1,6 @@
 """Start-up row checks: a row with a mapped column missing, an empty prompt, or a prompt too long for the context
-stops the run with one line naming the split, row and column, or (task.invalid_rows=skip) is left out and counted.
+stops the run with one line naming the split, row and column, or (task.invalid_rows=skip) is left out and counted;
+the same for Guide's hints too long for the context (left unused rather than the row left out).
 
 Tiny JSONL datasets and the character-level tiny tokenizer, whose chat template adds one token ("="): a prompt of
 k characters is k + 1 tokens. Milliseconds.
@@ -15,7 +16,8 @@ import pytest
 
 from rltrain.config import InvalidRows, TaskConfig, TaskSource
 from rltrain.models import tiny_tokenizer
-from rltrain.tasks.prompts import DatasetRowError, PromptFormatter, PromptSet, load_prompt_sets, validate_rows
+from rltrain.tasks.prompts import (DatasetRowError, PromptFormatter, PromptSet, load_prompt_sets, unfit_hints,
+                                   validate_rows)
 
 TOKENIZER = tiny_tokenizer()
 COLUMNS = {"prompt": "question", "answer": "solution"}
@@ -96,6 +98,38 @@ def test_a_prompt_that_is_not_text_is_named():
     prompts = PromptSet([{"prompt": "what is 1+1?"}, {"prompt": [{"role": "user", "content": "hi"}]}], "chat")
     with pytest.raises(DatasetRowError, match=r"^chat row 1: column 'prompt' holds list, not text \(task"):
         check(prompts, PromptFormatter(TOKENIZER, TaskConfig()))
+
+
+def test_hints_too_long_for_the_context_are_named_or_left_unused(caplog):
+    """Guide's hinted prompt is longer than the plain one: a hint that leaves no room for the completion stops the run
+    naming its row, or (skip) is never used — a row left with no usable hint is never regenerated."""
+    from rltrain.config import GuideConfig
+    from rltrain.rollout.guidance import HintGuidance
+
+    long = "x" * 30
+    prompts = PromptSet([{"prompt": "what is 1+1?", "hints": ["1", long]}, {"prompt": "what is 2+2?", "hints": long},
+                         {"prompt": "what is 3+3?", "hints": ["", "3"]}, {"prompt": "what is 4+4?"}], "d")
+    formatter = PromptFormatter(TOKENIZER, TaskConfig())
+    pairs = [("what is 1+1?", "1"), ("what is 1+1?", long), ("what is 3+3?", "3")]
+    lengths = formatter.lengths([p for p, _ in pairs], [h for _, h in pairs])
+    assert lengths == [len(formatter.ids(p, h)) for p, h in pairs]
+    limit = lengths[0]  # the short hints fit exactly, the long ones do not
+    assert lengths[2] <= limit < lengths[1]
+    with pytest.raises(DatasetRowError) as caught:
+        unfit_hints(prompts, formatter, "hints", max_prompt_tokens=limit, policy=InvalidRows.error)
+    assert str(caught.value) == (f"d row 0: a hint in column 'hints' makes the prompt {lengths[1]} tokens once "
+                                 f"formatted, more than the {limit} that model.max_context - rollout.max_tokens leaves "
+                                 "(task.invalid_rows=skip leaves such hints unused)")
+    with caplog.at_level(logging.WARNING):
+        unfit = unfit_hints(prompts, formatter, "hints", max_prompt_tokens=limit, policy=InvalidRows.skip)
+    assert unfit == {0: {long}, 1: {long}}
+    assert [r.message for r in caplog.records if "too long" in r.message] == [
+        f"d: 2 hints of 2 rows are too long to use (task.invalid_rows=skip); row 0: a hint in column 'hints' makes "
+        f"the prompt {lengths[1]} tokens once formatted, more than the {limit} that model.max_context - "
+        "rollout.max_tokens leaves"]
+    guidance = HintGuidance(GuideConfig(), prompts.rows, rollouts_per_prompt=2, unfit=unfit)
+    assert [guidance.hints_of(i) for i in range(4)] == [["1"], [], ["3"], []]
+    assert unfit_hints(prompts, formatter, "hints", max_prompt_tokens=lengths[1], policy=InvalidRows.error) == {}
 
 
 def test_builtin_rows_pass_and_lengths_match_the_ids_generation_uses():

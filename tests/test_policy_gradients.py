@@ -322,3 +322,27 @@ def test_all_zero_advantages_skip_the_step(models):
     metrics = worker.update(batch, GRPOLoss())
     assert calls == []
     assert metrics["skipped_update"] == 1.0 and metrics["loss"] == 0.0 and metrics["grad_norm"] == 0.0
+
+
+def test_logprobs_are_scored_without_dropout_and_keep_the_training_mode():
+    """Old and reference log-probs are no-grad scores: in eval mode, or LoRA's dropout would make the same sample
+    score differently twice at the same weights (and Guide's ratios and gamma noisy)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = build_model(1)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"],
+                                             init_lora_weights=False))
+    model.train()
+    worker = PolicyWorker(model, settings(3), pad_token_id=0)
+    batch = make_batch()
+    first = worker.logprobs(batch.gen_prompt_ids, batch.completion_ids)
+    assert model.training  # handed back in the mode it came in
+    assert worker.logprobs(batch.gen_prompt_ids, batch.completion_ids) == first
+    with torch.no_grad():  # the dropout is live in training mode: the same sample scores differently there
+        noisy = [sequence_logp(model, p, c) for p, c in zip(batch.gen_prompt_ids, batch.completion_ids)]
+    assert max((n - torch.tensor(f)).abs().max() for n, f in zip(noisy, first)) > 1e-3
+    model.eval()
+    with torch.no_grad():
+        clean = [sequence_logp(model, p, c).tolist() for p, c in zip(batch.gen_prompt_ids, batch.completion_ids)]
+    for got, want in zip(first, clean):
+        assert got == pytest.approx(want, abs=TOL)

@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from rltrain.cli import compose
-from rltrain.train import RunContext, build, generate_step, train
+from rltrain.train import RunContext, build, generate_step, group_id_base, train
 
 FAST = ["experiment=tiny", "model.tiny.sft_steps=30", "task.builtin.train_size=200", "task.eval_size=16",
         "trainer.prompts_per_step=4", "trainer.rollouts_per_prompt=4", "trainer.micro_batch_size_per_device=8",
@@ -144,3 +145,14 @@ def test_zero_steps_evaluates_and_saves_the_starting_model(tmp_path):
     assert [r.get("eval_step") for r in records] == [0] and summary["steps"] == 0 and summary["rollouts"] == 0
     assert summary["eval_accuracy_end"] == summary["eval_accuracy_start"] == records[0]["eval_accuracy"]
     assert (tmp_path / "final" / "model.safetensors").exists() and (tmp_path / "report.html").exists()
+
+
+@pytest.mark.parametrize("prompts, rounds", [(32, 2), (1000, 3), (1024, 3), (5000, 250), (64, 1200)])
+def test_group_ids_of_every_step_and_refill_round_are_distinct(prompts, rounds):
+    """Group ids key advantages and seed sampling: two groups of a run must never share one. Up to 1,000 prompts per
+    round they are the step * 10**6 + round * 1000 ids runs always had (so their numbers stay), wider beyond."""
+    spans = sorted((group_id_base(step, r, prompts, rounds), step, r) for step in range(3) for r in range(rounds + 1))
+    assert all(a[0] + prompts <= b[0] for a, b in zip(spans, spans[1:]))  # disjoint ranges of `prompts` ids
+    assert [(s, r) for _, s, r in spans] == [(s, r) for s in range(3) for r in range(rounds + 1)]  # in run order
+    if prompts <= 1000 and (rounds + 1) * 1000 <= 1_000_000:
+        assert all(base == step * 1_000_000 + r * 1000 for base, step, r in spans)

@@ -10,8 +10,8 @@ keeps both contexts, the loss corrects by importance sampling: ``rltrain.algorit
 
 A row's hint is the ``hint_column`` value: a string, or a list from weakest to strongest. With ``escalate``, a prompt
 whose hinted group still fails gets its next-stronger hint the next time it comes up (rltrain's extension; the
-paper uses one hint per prompt). The per-prompt levels are checkpointed state. A prompt without a hint is never
-regenerated, so with no hints at all the step is plain GRPO.
+paper uses one hint per prompt). The per-prompt levels are checkpointed state. A prompt without a hint (none, an
+empty one, or only hints too long for the context) is never regenerated, so with no hints at all the step is GRPO.
 """
 
 from __future__ import annotations
@@ -35,9 +35,11 @@ class Reroll:
 
 
 class HintGuidance:
-    def __init__(self, config: GuideConfig, rows: list[dict], rollouts_per_prompt: int) -> None:
+    def __init__(self, config: GuideConfig, rows: list[dict], rollouts_per_prompt: int, *,
+                 unfit: dict[int, set[str]] | None = None) -> None:
         self.config = config
         self.rows = rows
+        self.unfit = unfit or {}  # row -> hints too long for the context (``rltrain.tasks.prompts.unfit_hints``)
         self.per_prompt = rollouts_per_prompt
         self.level: dict[int, int] = {}  # prompt row -> index of the hint it gets next (escalation)
 
@@ -49,7 +51,9 @@ class HintGuidance:
         value = self.rows[row].get(self.config.hint_column)
         if value is None:
             return []
-        return [value] if isinstance(value, str) else [h for h in value if h]
+        unfit = self.unfit.get(row, ())
+        return [h for h in ([value] if isinstance(value, str) else value)
+                if isinstance(h, str) and h.strip() and h not in unfit]
 
     def plan(self, batch: RolloutBatch, correct_N: torch.Tensor) -> list[Reroll]:
         """The groups to regenerate with hints, and with which hint."""

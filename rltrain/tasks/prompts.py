@@ -66,11 +66,11 @@ class PromptFormatter:
     def ids(self, prompt: str, hint: str | None = None) -> list[int]:
         return self.tokenizer(self.text(prompt, hint), add_special_tokens=False)["input_ids"]
 
-    def lengths(self, prompts: list[str]) -> list[int]:
-        """``len(ids(p))`` for each prompt, tokenized in one call: start-up measures every row of a dataset."""
+    def lengths(self, prompts: list[str], hints: list[str] | None = None) -> list[int]:
+        """``len(ids(p, hint))`` for each prompt, tokenized in one call: start-up measures every row of a dataset."""
         if not prompts:
             return []
-        texts = [self.text(p) for p in prompts]
+        texts = [self.text(p, h) for p, h in zip(prompts, hints or [None] * len(prompts))]
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
@@ -141,6 +141,33 @@ def validate_rows(prompts: PromptSet, formatter: PromptFormatter, *, max_prompt_
         logger.warning("%s: left out %d of %d rows (task.invalid_rows=skip): rows %s; %s", prompts.name, len(skipped),
                        len(prompts), shown, first)
     return PromptSet(kept, prompts.name, prompts.renamed), skipped
+
+
+def unfit_hints(prompts: PromptSet, formatter: PromptFormatter, column: str, *, max_prompt_tokens: int,
+                policy: InvalidRows) -> dict[int, set[str]]:
+    """Row -> the hints of ``column`` (a string or a list of them) that make its formatted prompt longer than
+    ``max_prompt_tokens``, so a hinted group would have no room for its completion. ``policy=error`` raises
+    DatasetRowError for the first; ``skip`` returns them (Guide never uses them) and logs one warning."""
+    def hints(value) -> list:
+        return [value] if isinstance(value, str) else list(value or [])
+
+    pairs = [(i, h) for i, row in enumerate(prompts.rows) for h in hints(row.get(column))
+             if isinstance(h, str) and h.strip()]
+    lengths = formatter.lengths([prompts.rows[i]["prompt"] for i, _ in pairs], [h for _, h in pairs])
+    unfit: dict[int, set[str]] = {}
+    for (i, hint), length in zip(pairs, lengths):
+        if length <= max_prompt_tokens:
+            continue
+        if not unfit:
+            first = (f"row {i}: a hint in column {column!r} makes the prompt {length} tokens once formatted, more than "
+                     f"the {max_prompt_tokens} that model.max_context - rollout.max_tokens leaves")
+            if policy == InvalidRows.error:
+                raise DatasetRowError(f"{prompts.name} {first} (task.invalid_rows=skip leaves such hints unused)")
+        unfit.setdefault(i, set()).add(hint)
+    if unfit:
+        logger.warning("%s: %d hints of %d rows are too long to use (task.invalid_rows=skip); %s", prompts.name,
+                       sum(map(len, unfit.values())), len(unfit), first)
+    return unfit
 
 
 def _text_problem(prompts: PromptSet, row: dict) -> str | None:
