@@ -24,7 +24,7 @@ import torch
 from rltrain.algorithms.grpo import GRPOLoss, constant_groups, group_advantages
 from rltrain.algorithms.guide import GuideLoss
 from rltrain.algorithms.rl_plus import RLPlusLoss
-from rltrain.batch import RolloutBatch
+from rltrain.batch import RolloutBatch, Source
 from rltrain.budget.features import Projection, pooled_hidden_states
 from rltrain.budget.plan import RolloutPlanner
 from rltrain.budget.predictor import ValuePredictor
@@ -169,7 +169,8 @@ def build(config: Config, world: World = World()) -> Components:
         guidance=HintGuidance(a.guide, train_set.rows, t.rollouts_per_prompt, unfit=unfit_hints(
             train_set, formatter, a.guide.hint_column, max_prompt_tokens=max_prompt, policy=config.task.invalid_rows)
         ) if a.name == "guide" else None,
-        demos=Demonstrations(a.rl_plus, train_ids, tokenizer) if a.name == "rl_plus" else None, planner=planner,
+        demos=Demonstrations(a.rl_plus, train_ids, tokenizer, max_tokens=r.max_tokens, policy=config.task.invalid_rows
+                             ) if a.name == "rl_plus" else None, planner=planner,
         world=world,
     )
     if r.backend == "vllm" and r.vllm.mode == "server":  # the server may hold other weights: send the policy's
@@ -246,10 +247,9 @@ def _rollouts(c: Components, indices: list[int], stats: dict, *, first_group_id:
     if c.planner is not None:
         return _planned_rollouts(c, indices, stats, first_group_id=first_group_id, step=step, round_=round_)
     per_prompt = c.guidance.unguided_count() if c.guidance else c.rollouts_per_prompt
-    if c.demos is not None:
-        per_prompt -= c.demos.count
-    batch = _scored(c, collect(c.engine, c.train_ids, indices, [per_prompt] * len(indices), c.sampling,
-                               first_group_id=first_group_id), stats)
+    counts = [per_prompt - (c.demos.count_for(i) if c.demos is not None else 0) for i in indices]
+    batch = _scored(c, collect(c.engine, c.train_ids, indices, counts, c.sampling, first_group_id=first_group_id),
+                    stats)
     if c.demos is not None:  # RL-PLUS: the demonstrations join their prompt's group
         demos = _scored(c, c.demos.batch(indices, [first_group_id + k for k in range(len(indices))]), stats,
                         generated=False)
@@ -370,11 +370,12 @@ def train_step(c: Components, config: Config, step: int, rollouts_before: int = 
         batch.advantages_N = group_advantages(batch.rewards_N, batch.group_ids_N,
                                               scale=a.advantage_scale.value, std=a.advantage_std.value)
         target = c.rewards.full_reward
+        sampled = [i for i, source in enumerate(batch.sources) if source != Source.EXTERNAL]  # not demonstrations
         record.update(
             reward_mean=float(batch.rewards_N.mean()),
             accuracy=float((batch.rewards_N >= target - 1e-6).float().mean()),
-            completion_len_mean=sum(len(x) for x in batch.completion_ids) / len(batch),
-            truncated_frac=float(batch.truncated_N.float().mean()),
+            completion_len_mean=sum(len(batch.completion_ids[i]) for i in sampled) / max(len(sampled), 1),
+            truncated_frac=float(batch.truncated_N[sampled].float().mean()) if sampled else 0.0,
             **{f"reward/{k}": float(v.mean()) for k, v in batch.reward_components.items()},
         )
         # the scheduler steps after this update: the next update's rate follows the progress this step makes
