@@ -55,8 +55,9 @@ def test_traces_from_a_file_by_prompt_and_a_missing_one_is_named(tmp_path):
 def test_several_traces_fill_a_group_with_different_demonstrations(tmp_path, caplog):
     rows = build(compose(SMALL)).train_ids.prompts.rows
     traces = tmp_path / "traces.jsonl"
-    records = [{"prompt": r["prompt"], "completion": c} for r in rows for c in ("7", "8", "7")]  # a duplicate, kept once
-    records[0:3] = [{"prompt": rows[0]["prompt"], "completion": "9"}]  # row 0: one trace only
+    # two different traces per prompt (and a duplicate, kept once); row 0 has one trace only
+    records = [{"prompt": r["prompt"], "completion": c} for r in rows for c in ("7", "8", "7")]
+    records[0:3] = [{"prompt": rows[0]["prompt"], "completion": "9"}]
     traces.write_text("\n".join(json.dumps(r) for r in records))
     config = compose(SMALL + [f"algorithm.rl_plus.demo_path={traces}", "algorithm.rl_plus.n_external=2"])
     with caplog.at_level("WARNING"):
@@ -64,9 +65,9 @@ def test_several_traces_fill_a_group_with_different_demonstrations(tmp_path, cap
     assert [m for m in caplog.messages if "fewer than algorithm.rl_plus.n_external=2" in m] == [
         f"algorithm.rl_plus.demo_path={traces}: 1 rows have fewer than algorithm.rl_plus.n_external=2 different "
         "demonstrations; theirs repeat in a group"]
-    encode = lambda text: c.tokenizer(text, add_special_tokens=False)["input_ids"] + [c.tokenizer.eos_token_id]  # noqa: E731
+    eos = [c.tokenizer.eos_token_id]
     batch = c.demos.batch([0, 1], [10, 11])
-    assert batch.completion_ids == [encode("9"), encode("9"), encode("7"), encode("8")]
+    assert batch.completion_ids == [c.tokenizer(t, add_special_tokens=False)["input_ids"] + eos for t in "9978"]
     assert batch.group_ids_N.tolist() == [10, 10, 11, 11]
 
 
