@@ -280,6 +280,8 @@ class LearnerKind(str, enum.Enum):
 class AllocatorKind(str, enum.Enum):
     uniform = "uniform"
     variance = "variance"
+    informative = "informative"
+    success_chance = "success_chance"
     utility = "utility"
 
 
@@ -294,7 +296,8 @@ class BudgetConfig:
     min_context: int = 64  # below this many pairs, every prompt is predicted at the context's mean
     feature_dim: int = 64  # features are the base model's pooled hidden states, PCA-projected to this many
     l2: float = 10.0  # logistic: prior precision of the weights
-    half_life: float = 0.0  # logistic: a pair observed this many steps ago weighs half (0: all weigh the same)
+    half_life: float = 0.0  # logistic: a pair observed this many rounds ago weighs half (a round: one step's
+    # generation, or a refill round; 0: all weigh the same)
     knn_k: int = 16
     prior_strength: float = 4.0  # a seen prompt's Beta prior: the learner's prediction worth this many rollouts
     history_decay: float = 0.5  # a seen prompt's earlier counts are multiplied by this at each new visit
@@ -576,6 +579,10 @@ def check(config: Config) -> None:
                               "0 <= skip_low <= skip_high <= 1")
         if b.min_per_prompt < 2:
             raise ConfigError(f"budget.min_per_prompt={b.min_per_prompt}: a group needs 2 samples to have an advantage")
+        if b.min_per_prompt > t.rollouts_per_prompt:
+            raise ConfigError(f"budget.min_per_prompt={b.min_per_prompt} is more than trainer.rollouts_per_prompt="
+                              f"{t.rollouts_per_prompt}: the step's total (prompts_per_step x rollouts_per_prompt) "
+                              "could not give every kept prompt its minimum")
         if not 1 <= b.min_context <= b.context_size or b.feature_dim < 1 or b.knn_k < 1:
             raise ConfigError("budget: need 1 <= min_context <= context_size, feature_dim >= 1 and knn_k >= 1")
         if (not 0 <= b.history_decay <= 1 or b.prior_strength <= 0 or b.l2 <= 0 or not 0 <= b.explore <= 1

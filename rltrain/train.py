@@ -276,11 +276,12 @@ def _planned_rollouts(c: Components, candidates: list[int], stats: dict, *, firs
     batch = _scored(c, collect(c.engine, c.train_ids, plan.rows, plan.counts, c.sampling,
                                first_group_id=first_group_id), stats)
     correct_N = (batch.rewards_N >= c.rewards.full_reward - 1e-6).tolist()
-    successes, attempts = {}, {}
-    for row, ok in zip(batch.prompt_index, correct_N):  # samples whose reward failed are gone from the batch
-        successes[row] = successes.get(row, 0) + ok
-        attempts[row] = attempts.get(row, 0) + 1
-    wins, tries = [successes.get(r, 0) for r in plan.rows], [attempts.get(r, 0) for r in plan.rows]
+    successes, attempts = {}, {}  # by group: a row drawn twice in a step (across epochs) has two groups
+    for group, ok in zip(batch.group_ids_N.tolist(), correct_N):  # samples whose reward failed are gone
+        successes[group] = successes.get(group, 0) + ok
+        attempts[group] = attempts.get(group, 0) + 1
+    groups = [first_group_id + k for k in range(len(plan.rows))]
+    wins, tries = [successes.get(g, 0) for g in groups], [attempts.get(g, 0) for g in groups]
     record = c.planner.record(plan, wins, tries)
     stats.setdefault("value_log", []).extend(
         {"row": r, "rollouts": n, "predicted": p, "learner": q, "unseen": u, "successes": s, "attempts": a}

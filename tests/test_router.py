@@ -108,3 +108,12 @@ def test_rltrain_route_on_the_tiny_encoder_sends_each_kind_to_the_candidate_that
                           f"route.candidates=[{{name: x, history: {tmp_path / 'missing.json'}}}]"],
                          cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "route.candidates.0.history" in bad.stderr and len(bad.stderr.splitlines()) == 1
+    (tmp_path / "junk.json").write_text("not json")
+    for outcomes, named in [(f", outcomes: {tmp_path / 'junk.json'}", "route.candidates.1.outcomes="),
+                            ("", "route.candidates.1.outcomes is not set while others are")]:
+        half = ("route.candidates=["
+                f"{{name: short, history: {tmp_path / 'short_hist.json'}, outcomes: {tmp_path / 'short_test.json'}}}, "
+                f"{{name: long, history: {tmp_path / 'long_hist.json'}{outcomes}}}]")
+        bad = subprocess.run([sys.executable, "-m", "rltrain", "route", *task, half, f"route.output={out}",
+                              "trainer.num_threads=1"], cwd=REPO, capture_output=True, text=True)
+        assert bad.returncode == 2 and named in bad.stderr and len(bad.stderr.splitlines()) == 1, bad.stderr[-800:]

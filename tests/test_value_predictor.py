@@ -173,7 +173,7 @@ def test_planner_skips_sure_prompts_keeps_the_most_useful_and_spends_the_whole_b
     assert plan.rows == [1, 3, 5, 6] and plan.skipped == 4
     assert sum(plan.counts) == 32 and all(2 <= c <= 32 for c in plan.counts)
     by_p = sorted(zip(plan.predicted, plan.counts))
-    assert [c for _, c in by_p] == sorted([c for _, c in by_p], reverse=True)  # harder never fewer (variance)
+    assert [c for _, c in by_p] == sorted([c for _, c in by_p], reverse=True)  # harder never fewer
     assert plan.unseen == [True] * 4  # nothing observed yet
     # every candidate sure: the planner takes skipped ones back rather than leave the budget unspent
     sure = _planner({0: 0.99, 1: 0.01, 2: 0.98, 3: 0.999}, max_per_prompt=16).plan([0, 1, 2, 3], step=1)
@@ -197,8 +197,8 @@ def test_planner_exploration_is_seeded_by_step_and_record_feeds_the_predictor():
     assert [r for r, _ in planner.predictor.context] == [0, 1, 2, 3]
 
 
-BUDGET = ["budget.predictor=v0", "budget.min_context=4", "budget.feature_dim=8", "budget.allocator=variance", "budget.l2=0.01", "trainer.prompts_per_step=4",
-          "trainer.rollouts_per_prompt=6", "trainer.eval_every=0"]
+BUDGET = ["budget.predictor=v0", "budget.min_context=4", "budget.feature_dim=8", "budget.allocator=success_chance",
+          "budget.l2=0.01", "trainer.prompts_per_step=4", "trainer.rollouts_per_prompt=6", "trainer.eval_every=0"]
 
 
 def test_v0_budget_through_the_trainer_varies_group_sizes_keeps_the_total_and_resumes_exactly(tmp_path):
@@ -230,3 +230,27 @@ def test_v0_budget_through_the_trainer_varies_group_sizes_keeps_the_total_and_re
     state = torch.load(tmp_path / "cut" / "checkpoints" / "step_000006" / "state.pt", weights_only=True)
     reference = torch.load(tmp_path / "whole" / "checkpoints" / "step_000006" / "state.pt", weights_only=True)
     assert state["components"]["budget"] == reference["components"]["budget"]
+
+
+def test_a_row_drawn_twice_in_a_step_keeps_its_groups_outcomes_apart():
+    """The sampler can start a new epoch mid-draw, so a step's candidates may hold a row twice: each of its groups is
+    recorded with its own outcomes (attempts == its rollouts), not both with the sum."""
+    from rltrain.train import _planned_rollouts, build
+
+    config = compose(SMALL + ["model.tiny.sft_steps=5", *BUDGET])
+    c = build(config)
+    stats = {"rollouts": 0, "tokens_generated": 0, "time_reward_s": 0.0}
+    batch = _planned_rollouts(c, [3, 3, 5, 7], stats, first_group_id=100, step=1, round_=0)
+    log = stats["value_log"]
+    assert [e["row"] for e in log] == [3, 3, 5, 7]
+    assert [e["attempts"] for e in log] == [e["rollouts"] for e in log] and sum(e["rollouts"] for e in log) == 24
+    correct = (batch.rewards_N >= c.rewards.full_reward - 1e-6).tolist()
+    for k, e in enumerate(log):
+        assert e["successes"] == sum(ok for g, ok in zip(batch.group_ids_N.tolist(), correct) if g == 100 + k)
+
+
+def test_a_minimum_above_the_mean_group_is_a_config_error():
+    from rltrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^budget.min_per_prompt=7 is more than trainer.rollouts_per_prompt=6: "):
+        compose(SMALL + [*BUDGET, "budget.min_per_prompt=7"])

@@ -7,10 +7,16 @@
 Methods:
 
 - ``uniform``: total / N each (the remainder one apiece to the first prompts).
-- ``variance``: every prompt's group gets the same chance q of holding a success, the event a hard prompt's group
-  lacks: B_i = the fewest rollouts with 1 - (1 - p_i)^B_i >= q, q as high as the total allows. The count falls as p
-  rises, so a harder prompt never gets fewer rollouts than an easier one; an easy prompt keeps ``min_per_prompt``
-  (its rare failure is still sampled there). Infinite demand at p = 0 is held by ``max_per_prompt``.
+- ``variance``: B_i proportional to the reward's standard deviation sqrt(p_i (1 - p_i)) (algorithms.md's
+  variance-based rule), within the bounds, rounded by largest remainder; prompts predicted at 0 or 1 keep
+  ``min_per_prompt`` (all of them there: ``uniform``).
+- ``informative``: greedy by marginal gain of the expected number of informative groups, 1 - p^B - (1 - p)^B (the
+  chance that a group of B holds both a success and a failure); concave in B, so the greedy is optimal.
+- ``success_chance``: every prompt's group gets the same chance q of holding a success, the event a hard prompt's
+  group lacks: B_i = the fewest rollouts with 1 - (1 - p_i)^B_i >= q, q as high as the total allows. The count falls
+  as p rises, so a harder prompt never gets fewer rollouts than an easier one; an easy prompt keeps
+  ``min_per_prompt`` (its rare failure is still sampled there). Infinite demand at p = 0 is held by
+  ``max_per_prompt``. (Called ``variance`` before 2026-12.)
 - ``utility``: greedy by marginal gain of ``utility``. U is not concave in B and grows like B (1 - p), so without a
   cap the greedy piles the budget onto one prompt (algorithms.md: p = [0.05, 0.3, 0.5, 0.9], 32 rollouts from 2 each
   -> [2, 26, 2, 2]); ``max_per_prompt`` is that cap (the trainer sets it to a multiple of the mean).
@@ -26,7 +32,7 @@ import math
 import random
 from collections.abc import Sequence
 
-METHODS = ("uniform", "variance", "utility")
+METHODS = ("uniform", "variance", "informative", "success_chance", "utility")
 
 
 def utility(B: int, p: float) -> float:
@@ -57,8 +63,49 @@ def allocate(p_N: Sequence[float], total: int, *, method: str = "utility", min_p
         base, extra = divmod(total, n)
         return [base + (i < extra) for i in range(n)]
     if method == "variance":
+        return _proportional([math.sqrt(x * (1 - x)) for x in p], total, min_per_prompt, max_per_prompt)
+    if method == "informative":
+        return _greedy(p, total, min_per_prompt, max_per_prompt, informative)
+    if method == "success_chance":
         return _equal_success_chance(p, total, min_per_prompt, max_per_prompt)
-    return _greedy_utility(p, total, min_per_prompt, max_per_prompt)
+    return _greedy(p, total, min_per_prompt, max_per_prompt, utility)
+
+
+def informative(B: int, p: float) -> float:
+    """1 - p^B - (1 - p)^B: the chance that a group of B rollouts holds a success and a failure."""
+    return 1.0 - p**B - (1.0 - p) ** B
+
+
+def _proportional(weights: list[float], total: int, lo: int, hi: int) -> list[int]:
+    """Counts proportional to ``weights`` within [lo, hi] summing to ``total`` (lo * n < total < hi * n): shares
+    clamped at a bound are fixed there and the rest re-split, then rounded down and the remainder handed out by
+    largest fraction (earlier prompt among equals)."""
+    n = len(weights)
+    if not any(w > 0 for w in weights):
+        base, extra = divmod(total, n)
+        return [base + (i < extra) for i in range(n)]
+    share: list[float | None] = [None] * n
+    while True:
+        free = [i for i in range(n) if share[i] is None]
+        left = total - sum(s for s in share if s is not None)
+        mass = sum(weights[i] for i in free)
+        raw = {i: (left * weights[i] / mass if mass > 0 else left / len(free)) for i in free}
+        low = [i for i in free if raw[i] < lo]
+        high = [i for i in free if raw[i] > hi]
+        if not low and not high:
+            share = [raw[i] if s is None else s for i, s in enumerate(share)]
+            break
+        for i in low or high:  # fix one side at a time: fixing the low ones can only raise the others
+            share[i] = float(lo if i in low else hi)
+    counts = [min(hi, max(lo, math.floor(x + 1e-9))) for x in share]
+    order = sorted(range(n), key=lambda i: (-(share[i] - counts[i]), i))
+    left = total - sum(counts)
+    while left > 0:
+        for i in order:
+            if left > 0 and counts[i] < hi:
+                counts[i] += 1
+                left -= 1
+    return counts
 
 
 def _needed(p: float, q: float, lo: int, hi: int) -> int:
@@ -92,11 +139,11 @@ def _equal_success_chance(p: list[float], total: int, lo: int, hi: int) -> list[
     return counts
 
 
-def _greedy_utility(p: list[float], total: int, lo: int, hi: int) -> list[int]:
+def _greedy(p: list[float], total: int, lo: int, hi: int, gain) -> list[int]:
     counts = [lo] * len(p)
 
     def entry(i: int) -> tuple[float, int]:  # a heap of (-marginal gain, index): the largest gain, earliest first
-        return -(utility(counts[i] + 1, p[i]) - utility(counts[i], p[i])), i
+        return -(gain(counts[i] + 1, p[i]) - gain(counts[i], p[i])), i
 
     heap = [entry(i) for i in range(len(p)) if lo < hi]
     heapq.heapify(heap)

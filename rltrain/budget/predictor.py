@@ -11,7 +11,8 @@ reads off p(x) for any prompt x; no critic is trained to chase the policy. Here:
   ``logistic`` — Bayesian logistic regression on the soft labels (MAP by Newton's method, Gaussian prior of precision
   ``l2`` on the weights), predictions moderated by the Laplace posterior (MacKay's probit approximation);
   ``knn`` — the mean success of the ``k`` nearest history prompts (cosine), shrunk to the history mean;
-- with ``half_life`` > 0, a pair observed ``a`` steps ago weighs 0.5^(a / half_life) in the logistic fit (weights
+- with ``half_life`` > 0, a pair observed ``a`` rounds ago (a round: one call of ``observe``, one step's generation
+  or refill round) weighs 0.5^(a / half_life) in the logistic fit (weights
   rescaled to sum to the context size), since the policy has moved since;
 - prompts seen before: a Beta posterior whose prior mean is the learner's prediction, worth ``prior_strength``
   rollouts, updated with the prompt's own (decayed) successes and attempts.

@@ -179,8 +179,18 @@ def main(args: list[str]) -> None:
     prompts = [row["prompt"] for row in eval_prompt_set(config).rows]
     predicted = router.predict(prompts)
     outcomes = None
-    if all(c.outcomes for c in r.candidates):
-        known = [outcomes_from_eval(c.outcomes) for c in r.candidates]
+    given = [k for k, c in enumerate(r.candidates) if c.outcomes]
+    if given and len(given) < len(r.candidates):
+        fail(f"route.candidates.{min(set(range(len(r.candidates))) - set(given))}.outcomes is not set while others "
+             "are: give every candidate's eval result to score the frontier's realised accuracy, or none")
+    if given:
+        known = []
+        for k, c in enumerate(r.candidates):
+            try:
+                known.append(outcomes_from_eval(c.outcomes))
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                fail(f"route.candidates.{k}.outcomes={c.outcomes}: not an rltrain eval result with per_prompt "
+                     f"entries ({type(err).__name__}: {err})")
         missing = [p for p in prompts if any(p not in k for k in known)]
         if missing:
             fail(f"route.candidates outcomes lack {len(missing)} of the {len(prompts)} routed prompts "
