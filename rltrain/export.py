@@ -20,6 +20,8 @@ import shutil
 from pathlib import Path
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MARKER = "rltrain_export.json"  # names the adapters; marks a folder export and push may replace
+RESERVED = {"README.md", "router.json", MARKER}
 
 
 class ExportError(ValueError):
@@ -65,8 +67,11 @@ def export(adapters: list[dict], output: Path, *, router: str = "") -> Path:
     if not adapters:
         raise ExportError("export.adapters is empty: give each adapter a name and a path")
     names = [a.get("name", "") for a in adapters]
-    if any(not n or "/" in n or n.startswith(".") for n in names) or len(set(names)) != len(names):
-        raise ExportError(f"export.adapters: names must be distinct plain directory names, got {names}")
+    if (any(not n or "/" in n or n.startswith(".") or n in RESERVED for n in names)
+            or len(set(names)) != len(names)):
+        raise ExportError(f"export.adapters: names must be distinct plain directory names other than "
+                          f"{sorted(RESERVED)}, got {names}")
+    output = _replaceable(output, "export.output")
     located = []
     for k, a in enumerate(adapters):
         try:
@@ -76,12 +81,27 @@ def export(adapters: list[dict], output: Path, *, router: str = "") -> Path:
         if not location.adapter:
             raise ExportError(f"export.adapters.{k}.path: {location.weights} is a full model, not a PEFT adapter")
         located.append(location)
-    if router and not Path(router).is_file():
-        raise ExportError(f"export.router: no such file {router}")
+    if router:
+        if not Path(router).is_file():
+            raise ExportError(f"export.router: no such file {router}")
+        try:
+            json.loads(Path(router).read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ExportError(f"export.router: {router} is not JSON ({err})") from None
     tmp = output.with_name(output.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    try:
+        _write(tmp, adapters, located, router)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _swap(tmp, output)
+    return output
+
+
+def _write(tmp: Path, adapters: list[dict], located: list, router: str) -> None:
     bases = set()
     for a, location in zip(adapters, located):
         target = tmp / a["name"]
@@ -99,26 +119,44 @@ def export(adapters: list[dict], output: Path, *, router: str = "") -> Path:
     (tmp / "README.md").write_text(
         f"# rltrain adapters\n\nBase model(s): {', '.join(sorted(map(str, bases)))}\n\n{listing}\n\n"
         + ("`router.json`: the router's candidates, costs and beta (`rltrain route`).\n" if router else ""))
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(tmp, output)
-    return output
+    (tmp / MARKER).write_text(json.dumps({"adapters": [a["name"] for a in adapters], "router": bool(router)}) + "\n")
+
+
+def _replaceable(path: Path, key: str) -> Path:
+    """``path`` made absolute, if it may be (re)written: absent, an empty directory, or an earlier export."""
+    path = Path(os.path.abspath(path))
+    if not path.name:
+        raise ExportError(f"{key}={path}: not a directory to write")
+    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / MARKER).is_file())):
+        raise ExportError(f"{key}={path} exists and is not an rltrain export folder (no {MARKER}); choose another "
+                          "path or remove it")
+    return path
+
+
+def _swap(tmp: Path, target: Path) -> None:
+    """Put ``tmp`` in ``target``'s place; an earlier target is moved aside first and removed last, so a crash leaves
+    either the old folder (possibly as TARGET.old) or the new one, never neither."""
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def push(folder: Path, repo_id: str, *, private: bool = True, endpoint: str = "") -> str:
     """Upload ``folder``: to the hub (token from HF_TOKEN / the huggingface_hub login; never logged), or, for
     ``local:PATH``, to a directory (replaced atomically). Returns where it went."""
-    if not (folder / "README.md").is_file():
-        raise ExportError(f"push.folder: {folder} is not an exported folder (run rltrain export first)")
+    if not (folder / MARKER).is_file():
+        raise ExportError(f"push.folder: {folder} is not an exported folder (no {MARKER}; run rltrain export first)")
     if repo_id.startswith("local:"):
-        target = Path(repo_id.removeprefix("local:"))
+        target = _replaceable(Path(repo_id.removeprefix("local:")), "push.repo_id=local:")
         tmp = target.with_name(target.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
         shutil.copytree(folder, tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        _swap(tmp, target)
         return str(target)
     from huggingface_hub import HfApi
 

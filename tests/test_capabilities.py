@@ -205,6 +205,30 @@ def test_capabilities_train_calibrates_each_environment_and_writes_peft_adapters
         assert sum(result["route_share"].values()) == pytest.approx(1.0)
 
 
+def test_capabilities_train_refuses_before_training_what_would_fail_or_mix_bases(tmp_path):
+    """Checked before the first adapter trains: an unknown capability, a budget below one step per adapter, and an
+    output whose capability directory exists (its base_model/ would not match a new base) — one line each."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "trace"
+    (out / "carry").mkdir(parents=True)
+    (out / "carry" / "summary.json").write_text("{}")
+    base = [sys.executable, "-m", "rltrain", "capabilities", "train", "experiment=tiny_trace", "adapter=lora",
+            f"capabilities.output={out}", "logger.progress=false"]
+    cases = [(["capabilities.names=[counting,tool_use]"], "no environment for capability 'tool_use'"),
+             (["capabilities.names=[counting,carry]", "capabilities.rollouts=100"],
+              "capabilities.rollouts=100 gives each of 2 adapters 50 rollouts, less than one step's"),
+             (["capabilities.names=[counting,carry]"], f"{out / 'carry'} exists from an earlier run")]
+    for extra, message in cases:
+        done = subprocess.run(base + extra, cwd=repo, capture_output=True, text=True)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr[-1500:]
+    assert sorted(p.name for p in out.iterdir()) == ["carry"]  # nothing trained, nothing written
+
+
 def test_calibration_levels_stay_near_the_targets_difficulty():
     from rltrain.capabilities.environments import candidate_levels
     from rltrain.cli import compose

@@ -65,7 +65,8 @@ def test_export_push_and_load_each_adapter_in_a_fresh_process(tmp_path):
         f"{{name: {n}, path: {r}, capability: {n}, definition: the {n} skill}}" for n, r in runs.items()) + "]")
     done = _rltrain("export", adapters, f"export.router={router}", f"export.output={out}")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "carry", "counting", "router.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "carry", "counting", "rltrain_export.json",
+                                                     "router.json"]
     card = (out / "carry" / "README.md").read_text()
     assert "library_name: peft" in card and "Capability: **carry** — the carry skill" in card
     assert "## Metrics" in card and "## Training config" in card and "lr: 0.001" in card
@@ -82,12 +83,25 @@ def test_export_push_and_load_each_adapter_in_a_fresh_process(tmp_path):
         records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         final_eval = [r for r in records if "eval_step" in r][-1]
         assert json.loads(loaded.stdout.splitlines()[-1])["eval_accuracy"] == final_eval["eval_accuracy"]
+    # a folder that is not an earlier export is never replaced: a run dir stays whole
+    one = f"export.adapters=[{{name: carry, path: {runs['carry']}}}]"
+    for done in (_rltrain("export", one, f"export.output={runs['counting']}"),
+                 _rltrain("push", f"push.folder={out}", f"push.repo_id=local:{runs['counting']}")):
+        assert done.returncode == 2 and "exists and is not an rltrain export folder" in done.stderr, done.stderr
+    assert (runs["counting"] / "summary.json").exists() and (runs["counting"] / "final").is_dir()
+    # an earlier export is replaced whole
+    done = _rltrain("export", one, f"export.output={out}")
+    assert done.returncode == 0 and sorted(p.name for p in out.iterdir()) == ["README.md", "carry",
+                                                                             "rltrain_export.json"]
+    assert not list(out.parent.glob("*.old")) and not list(out.parent.glob("*.tmp"))
 
 
 @pytest.mark.parametrize("args, message", [
     (["export.adapters=[]"], "export.adapters is empty"),
     (["export.adapters=[{name: a, path: /nonexistent}]"], "export.adapters.0.path"),
     (["export.adapters=[{name: a/b, path: x}]"], "names must be distinct plain directory names"),
+    (["export.adapters=[{name: README.md, path: x}]"], "names must be distinct plain directory names"),
+    (["export.adapters=[{name: a, path: x}]", "export.output=/"], "export.output=/: not a directory to write"),
 ])
 def test_export_errors_name_the_key(args, message):
     done = _rltrain("export", *args)

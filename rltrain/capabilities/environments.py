@@ -55,6 +55,10 @@ def builtin_task(capability: str, base: TaskConfig, level: int) -> TaskConfig:
     return task
 
 
+def has_environment(capability: str) -> bool:
+    return capability in _REGISTRY or capability in BUILTIN
+
+
 def environment(capability: str, base: TaskConfig, level: int) -> TaskConfig:
     if capability in _REGISTRY:
         return _REGISTRY[capability](base, level)

@@ -11,7 +11,11 @@ For each capability (those ``selected`` in the analysis' capabilities.yaml, or `
    ``capabilities.rollouts`` / number of capabilities when set, so that the whole set costs a fixed budget), every
    adapter on the same frozen base;
 3. write OUTPUT/NAME (the run: final/ is a standard PEFT adapter directory, with a model card README.md) and
-   OUTPUT/adapters.yaml (capability, definition, level, calibration, accuracy, run dir).
+   OUTPUT/adapters.yaml (capability, definition, level, calibration, accuracy, run dir), rewritten after each
+   adapter so that a later failure loses none that finished.
+
+Checked before anything trains: every name has an environment, the budget gives each adapter at least one step, and
+no OUTPUT/NAME exists already (its base_model/ would no longer match a new base).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from rltrain.capabilities.environments import calibrate, candidate_levels, environment
+from rltrain.capabilities.environments import BUILTIN, calibrate, candidate_levels, environment, has_environment
 from rltrain.capabilities.labelers import DEFINITIONS
 from rltrain.config import AdapterKind, ModelSource
 
@@ -50,6 +54,25 @@ def main(args: list[str]) -> None:
         fail(f"capabilities.selected: {cap.selected}: {err}")
     if not names:
         fail("no capability to train: capabilities.selected (an analysis' capabilities.yaml) or capabilities.names")
+    unknown = [n for n in names if not has_environment(n)]
+    if unknown:
+        fail(f"no environment for capability {unknown[0]!r}: register one with "
+             f"rltrain.capabilities.environments.register (built in: {sorted(BUILTIN)})")
+    if cap.checkpoint:
+        fail("capabilities.checkpoint is the model `capabilities analyze` reads; `capabilities train` trains on the "
+             "model the config describes: point model.* at that checkpoint instead")
+    if config.resume != "none":
+        fail("capabilities train starts fresh runs: resume is not supported here (remove resume=...)")
+    step_rollouts = config.trainer.prompts_per_step * config.trainer.rollouts_per_prompt
+    if cap.rollouts and cap.rollouts // len(names) < step_rollouts:
+        fail(f"capabilities.rollouts={cap.rollouts} gives each of {len(names)} adapters {cap.rollouts // len(names)} "
+             f"rollouts, less than one step's {step_rollouts}")
+    out = Path(cap.output)
+    taken = [n for n in names if (out / n).exists() and any((out / n).iterdir())]
+    if taken:
+        fail(f"capabilities.output={cap.output}: {out / taken[0]} exists from an earlier run; choose another "
+             "capabilities.output or remove it")
+    definitions = {**DEFINITIONS, **cap.definitions}
     if config.model.source == ModelSource.tiny and config.model.tiny.sft_task is None:
         # a tiny model's base is its warm start on the task it trains on: pin it to the target task, so that every
         # adapter sits on the base that was analysed (and none learns its environment by SFT)
@@ -58,7 +81,6 @@ def main(args: list[str]) -> None:
     base = build(dataclasses.replace(config, adapter=dataclasses.replace(config.adapter, kind=AdapterKind.none)))
     r = config.rollout
     sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens)
-    out = Path(cap.output)
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for name in names:
@@ -77,14 +99,16 @@ def main(args: list[str]) -> None:
         summary = train(run_config, RunContext(run_dir=out / name))
         adapter_config = json.loads((out / name / "final" / "adapter_config.json").read_text())
         (out / name / "final" / "README.md").write_text(
-            model_card(name, adapter_config, capability=name, definition=DEFINITIONS.get(name, ""),
+            model_card(name, adapter_config, capability=name, definition=definitions.get(name, ""),
                        run_dir=out / name))
-        records.append({"name": name, "definition": DEFINITIONS.get(name, ""), "level": level,
+        records.append({"name": name, "definition": definitions.get(name, ""), "level": level,
                         "calibration": [dataclasses.asdict(c) for c in table],
                         "eval_accuracy_start": summary["eval_accuracy_start"],
                         "eval_accuracy_end": summary["eval_accuracy_end"], "rollouts": summary["rollouts"],
                         "adapter": str(out / name / "final")})
-    (out / "adapters.yaml").write_text(yaml.safe_dump({"adapters": records}, sort_keys=False))
+        listing = out / "adapters.yaml.tmp"
+        listing.write_text(yaml.safe_dump({"adapters": records}, sort_keys=False))
+        listing.replace(out / "adapters.yaml")
     for rec in records:
         print(f"{rec['name']}: level {rec['level']}, accuracy {rec['eval_accuracy_start']:.3f} -> "
               f"{rec['eval_accuracy_end']:.3f} on its environment, {rec['rollouts']} rollouts; {rec['adapter']}")
