@@ -95,10 +95,16 @@ def _proportional(weights: list[float], total: int, lo: int, hi: int) -> list[in
         if not low and not high:
             share = [raw[i] if s is None else s for i, s in enumerate(share)]
             break
-        for i in low or high:  # fix one side at a time: fixing the low ones can only raise the others
+        for i in low or high:  # one side at a time: held at lo the low ones take from the rest, at hi the
+            # high ones give to it
             share[i] = float(lo if i in low else hi)
     counts = [min(hi, max(lo, math.floor(x + 1e-9))) for x in share]
     order = sorted(range(n), key=lambda i: (-(share[i] - counts[i]), i))
+    return _hand_out(counts, order, total, hi)
+
+
+def _hand_out(counts: list[int], order: list[int], total: int, hi: int) -> list[int]:
+    """``counts`` topped up to ``total``, one rollout at a time in ``order`` (round after round), none above ``hi``."""
     left = total - sum(counts)
     while left > 0:
         for i in order:
@@ -130,13 +136,7 @@ def _equal_success_chance(p: list[float], total: int, lo: int, hi: int) -> list[
     # Left over (< one step of q): one more each to the prompts whose next rollout reaches q soonest, the hardest
     # first among equals, so the order of counts still follows p.
     order = sorted(range(len(p)), key=lambda i: (p[i], i))
-    left = total - sum(counts)
-    while left > 0:
-        for i in order:
-            if left > 0 and counts[i] < hi:
-                counts[i] += 1
-                left -= 1
-    return counts
+    return _hand_out(counts, order, total, hi)
 
 
 def _greedy(p: list[float], total: int, lo: int, hi: int, gain) -> list[int]:
