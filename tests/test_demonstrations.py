@@ -110,3 +110,10 @@ def test_text_the_tokenizer_cannot_encode_is_named(tmp_path):
                                 for i, r in enumerate(rows)))
     with pytest.raises(DatasetError, match=r"train row 1: a demonstration has text the tokenizer cannot encode \('1"):
         build(compose(SMALL + [f"algorithm.rl_plus.demo_path={traces}"]))
+
+
+def test_a_rows_demonstrations_are_its_non_blank_values_as_text():
+    from rltrain.rollout.demonstrations import _texts
+
+    assert _texts(85) == ["85"] and _texts(" ") == [] and _texts(None) == []  # a numeric answer column works
+    assert _texts(["a", "", None, 3, "b"]) == ["a", "3", "b"]

@@ -53,10 +53,12 @@ class Demonstrations:
         unk, eos = tokenizer.unk_token_id, tokenizer.eos_token_id
         self.ids: list[list[list[int]]] = []  # row -> its usable demonstrations' token ids (EOS included)
         problems: dict[int, str] = {}
+        flat = [text for row_texts in texts for text in row_texts]
+        encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])  # one call for all
         for i, row_texts in enumerate(texts):
             usable = []
-            for text in row_texts:
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+            for _ in row_texts:
+                ids = list(next(encoded)) + [eos]
                 if len(ids) > max_tokens:
                     problems.setdefault(i, f"a demonstration is {len(ids)} tokens with its EOS, more than "
                                            f"rollout.max_tokens={max_tokens} lets a rollout have")
@@ -101,9 +103,9 @@ class Demonstrations:
 
 
 def _texts(value) -> list[str]:
-    """A row's demonstrations: a string or a list of them; blank ones are none."""
-    values = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else []
-    return [str(v) for v in values if isinstance(v, str) and v.strip()]
+    """A row's demonstrations: a value (text, or a number as text) or a list of them; blank ones are none."""
+    values = list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
+    return [str(v) for v in values if v is not None and str(v).strip()]
 
 
 def _read_traces(path: Path) -> dict[str, list[str]]:
