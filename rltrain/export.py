@@ -148,7 +148,8 @@ def _swap(tmp: Path, target: Path) -> None:
 def push(folder: Path, repo_id: str, *, private: bool = True, endpoint: str = "") -> str:
     """Upload ``folder``: to the hub (token from HF_TOKEN / the huggingface_hub login; never logged), or, for
     ``local:PATH``, to a directory (replaced atomically). Returns where it went."""
-    if not (folder / MARKER).is_file():
+    legacy = (folder / "README.md").is_file() and any((d / ADAPTER_FILES[0]).is_file() for d in folder.glob("*/"))
+    if not (folder / MARKER).is_file() and not legacy:  # legacy: an export written before the marker existed
         raise ExportError(f"push.folder: {folder} is not an exported folder (no {MARKER}; run rltrain export first)")
     if repo_id.startswith("local:"):
         target = _replaceable(Path(repo_id.removeprefix("local:")), "push.repo_id=local:")
