@@ -37,15 +37,19 @@ def _run_dir_of(location) -> Path | None:
 
 
 def model_card(name: str, adapter_config: dict, *, capability: str, definition: str, run_dir: Path | None) -> str:
-    lines = ["---", "library_name: peft", f"base_model: {adapter_config.get('base_model_name_or_path') or 'unknown'}",
-             "tags: [rltrain, lora, grpo]", "---", "", f"# {name}", ""]
+    base = adapter_config.get("base_model_name_or_path")
+    lines = ["---", "library_name: peft", *([f"base_model: {base}"] if base else []), "tags: [rltrain, lora, grpo]",
+             "---", "", f"# {name}", ""]
     if capability:
         lines += [f"Capability: **{capability}**" + (f" — {definition}" if definition else ""), ""]
     lines += ["A LoRA adapter trained with [rltrain](https://github.com/) (GRPO).", "",
               "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
-              f"base = AutoModelForCausalLM.from_pretrained({adapter_config.get('base_model_name_or_path')!r})",
-              f"model = PeftModel.from_pretrained(base, {name!r})", "```", "",
-              f"LoRA: r={adapter_config.get('r')}, alpha={adapter_config.get('lora_alpha')}, "
+              f"base = AutoModelForCausalLM.from_pretrained({base or 'BASE_MODEL_DIR'!r})",
+              f"model = PeftModel.from_pretrained(base, {name!r})", "```", ""]
+    if not base:  # a model built in the run (rltrain's tiny models): its weights are the run's base_model/
+        lines += ["The base is not a hub model: it is the `base_model/` directory the training run saved next to "
+                  "this adapter (BASE_MODEL_DIR above).", ""]
+    lines += [f"LoRA: r={adapter_config.get('r')}, alpha={adapter_config.get('lora_alpha')}, "
               f"target modules {sorted(adapter_config.get('target_modules') or [])}", ""]
     if run_dir is not None:
         summary = run_dir / "summary.json"

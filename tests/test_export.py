@@ -70,6 +70,9 @@ def test_export_push_and_load_each_adapter_in_a_fresh_process(tmp_path):
     card = (out / "carry" / "README.md").read_text()
     assert "library_name: peft" in card and "Capability: **carry** — the carry skill" in card
     assert "## Metrics" in card and "## Training config" in card and "lr: 0.001" in card
+    # the tiny base is built in the run, not a hub model: no base_model field, the run's base_model/ named instead
+    assert "base_model:" not in card and "from_pretrained(None)" not in card
+    assert "from_pretrained('BASE_MODEL_DIR')" in card and "`base_model/` directory the training run saved" in card
     assert not list(out.parent.glob("*.tmp"))
     hub = tmp_path / "hub" / "adapters"
     done = _rltrain("push", f"push.folder={out}", f"push.repo_id=local:{hub}")
