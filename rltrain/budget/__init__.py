@@ -60,8 +60,7 @@ def allocate(p_N: Sequence[float], total: int, *, method: str = "utility", min_p
     if total >= n * max_per_prompt:
         return [max_per_prompt] * n
     if method == "uniform":
-        base, extra = divmod(total, n)
-        return [base + (i < extra) for i in range(n)]
+        return _uniform(total, n)
     if method == "variance":
         return _proportional([math.sqrt(x * (1 - x)) for x in p], total, min_per_prompt, max_per_prompt)
     if method == "informative":
@@ -76,14 +75,18 @@ def informative(B: int, p: float) -> float:
     return 1.0 - p**B - (1.0 - p) ** B
 
 
+def _uniform(total: int, n: int) -> list[int]:
+    base, extra = divmod(total, n)
+    return [base + (i < extra) for i in range(n)]
+
+
 def _proportional(weights: list[float], total: int, lo: int, hi: int) -> list[int]:
     """Counts proportional to ``weights`` within [lo, hi] summing to ``total`` (lo * n < total < hi * n): shares
     clamped at a bound are fixed there and the rest re-split, then rounded down and the remainder handed out by
     largest fraction (earlier prompt among equals)."""
     n = len(weights)
     if not any(w > 0 for w in weights):
-        base, extra = divmod(total, n)
-        return [base + (i < extra) for i in range(n)]
+        return _uniform(total, n)
     share: list[float | None] = [None] * n
     while True:
         free = [i for i in range(n) if share[i] is None]

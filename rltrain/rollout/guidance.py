@@ -22,6 +22,7 @@ import torch
 
 from rltrain.batch import RolloutBatch
 from rltrain.config import GuideConfig, GuideMode
+from rltrain.tasks.prompts import hint_levels
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,8 @@ class HintGuidance:
         return self.per_prompt - self.per_prompt // 2 if self.config.mode == GuideMode.balanced else self.per_prompt
 
     def hints_of(self, row: int) -> list[str]:
-        value = self.rows[row].get(self.config.hint_column)
-        if value is None:
-            return []
         unfit = self.unfit.get(row, ())
-        return [h for h in ([value] if isinstance(value, str) else value)
-                if isinstance(h, str) and h.strip() and h not in unfit]
+        return [h for h in hint_levels(self.rows[row].get(self.config.hint_column)) if h not in unfit]
 
     def plan(self, batch: RolloutBatch, correct_N: torch.Tensor) -> list[Reroll]:
         """The groups to regenerate with hints, and with which hint."""

@@ -143,16 +143,17 @@ def validate_rows(prompts: PromptSet, formatter: PromptFormatter, *, max_prompt_
     return PromptSet(kept, prompts.name, prompts.renamed), skipped
 
 
+def hint_levels(value) -> list[str]:
+    """A hint column's value as its hints, weakest first: a string or a list of them; blank or non-text ones are none."""
+    return [h for h in ([value] if isinstance(value, str) else list(value or [])) if isinstance(h, str) and h.strip()]
+
+
 def unfit_hints(prompts: PromptSet, formatter: PromptFormatter, column: str, *, max_prompt_tokens: int,
                 policy: InvalidRows) -> dict[int, set[str]]:
     """Row -> the hints of ``column`` (a string or a list of them) that make its formatted prompt longer than
     ``max_prompt_tokens``, so a hinted group would have no room for its completion. ``policy=error`` raises
     DatasetRowError for the first; ``skip`` returns them (Guide never uses them) and logs one warning."""
-    def hints(value) -> list:
-        return [value] if isinstance(value, str) else list(value or [])
-
-    pairs = [(i, h) for i, row in enumerate(prompts.rows) for h in hints(row.get(column))
-             if isinstance(h, str) and h.strip()]
+    pairs = [(i, h) for i, row in enumerate(prompts.rows) for h in hint_levels(row.get(column))]
     lengths = formatter.lengths([prompts.rows[i]["prompt"] for i, _ in pairs], [h for _, h in pairs])
     unfit: dict[int, set[str]] = {}
     for (i, hint), length in zip(pairs, lengths):
