@@ -1,0 +1,77 @@
+"""Golden runs: short fixed-seed CPU runs of every method and scale-out path, run through the command line.
+
+Each run's per-step loss, reward, gradient norm and rollouts, and its held-out accuracies, are stored in
+``golden.json`` (written by ``python -m tests.golden.record``) and compared by tests/test_golden.py to 1e-6. A change
+that moves one of them either fixes a bug (record again, and say which number moved and why in the commit) or is a
+regression. Recorded before the trainer's redesign (commit 6c7b156), so the redesign is checked against them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).with_name("golden.json")
+
+BASE = ["experiment=tiny", "model.tiny.sft_steps=80", "task.builtin.train_size=200", "task.eval_size=16",
+        "trainer.steps=3", "trainer.eval_every=0", "trainer.prompts_per_step=8", "trainer.rollouts_per_prompt=4",
+        "trainer.micro_batch_size_per_device=8", "trainer.num_threads=1", "logger.progress=false",
+        "logger.report=false", "logger.samples_per_step=0"]
+DEMOS = ["algorithm.rl_plus.demo_column=answer"]  # the tiny task's worked solutions exceed its 6-token replies
+
+# A weaker start and more prompts, so that whole groups fail and hinted samples are trained on in every step
+GUIDE = ["model.tiny.sft_steps=30", "trainer.prompts_per_step=16", "trainer.rollouts_per_prompt=8",
+         "trainer.micro_batch_size_per_device=16"]
+
+# name -> (overrides, torchrun ranks (0: one plain process))
+RUNS: dict[str, tuple[list[str], int]] = {
+    "grpo": ([], 0),
+    "dr_grpo": (["algorithm=dr_grpo"], 0),
+    "guide_sequence": (["algorithm=guide", *GUIDE], 0),
+    "guide_batch": (["algorithm=guide", "algorithm.guide.scope=batch", *GUIDE], 0),
+    "rl_plus": (["algorithm=rl_plus", *DEMOS], 0),
+    "rl_plus_code": (["algorithm=rl_plus_code", *DEMOS], 0),
+    "luffy": (["algorithm=luffy", *DEMOS], 0),
+    "v0_budget": (["budget.predictor=v0", "budget.min_context=8", "trainer.steps=4"], 0),
+    "lora": (["adapter=lora", "trainer.lr=1e-3"], 0),
+    "zero2_two_ranks": (["distributed=zero2"], 2),
+    "vllm": (["rollout=vllm"], 0),
+}
+# Resume: a 4-step run checkpointed at step 2, then resumed from that checkpoint in a new directory.
+RESUME = ["trainer.steps=4", "trainer.checkpoint_every=2"]
+KEYS = ("loss", "grad_norm", "reward_mean", "rollouts")
+# Compared where a run logs them: they show that each method's own path really acted (hints, demonstrations, budget).
+OPTIONAL = ("accuracy", "frac_zero_std_groups", "guide_rerolled", "gamma_mean", "guided_token_share",
+            "external_samples", "mis_ratio_mean", "external_token_share", "vllm_probe_diff")
+
+
+def run(run_dir: Path, overrides: list[str], ranks: int = 0) -> dict:
+    """One run through the CLI; its step records (KEYS) and eval accuracies."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks
+                else [sys.executable])
+    done = subprocess.run([*launcher, "-m", "rltrain.train", *BASE, *overrides, f"hydra.run.dir={run_dir}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"golden run failed: {overrides}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "steps": {str(r["step"]): {k: r.get(k) for k in KEYS} | {k: r[k] for k in OPTIONAL if k in r}
+                  for r in records if "step" in r},
+        "eval_accuracy": {str(r["eval_step"]): r["eval_accuracy"] for r in records if "eval_step" in r},
+    }
+
+
+def run_resume(root: Path) -> dict:
+    """The resumed run's records (steps 3 and 4); the test also checks they equal the uninterrupted run's."""
+    whole = run(root / "whole", RESUME)
+    resumed = run(root / "resumed", [*RESUME, f"resume={root / 'whole' / 'checkpoints' / 'step_000002'}"])
+    return {"whole": whole, "resumed": resumed}
+
+
+def close(got: float, want: float, tol: float = 1e-6) -> bool:
+    return abs(got - want) <= tol * max(1.0, abs(want))
