@@ -38,6 +38,7 @@ class RolloutBatch:
     truncated_N: Tensor  # bool: generation stopped at max tokens, not at EOS
     rewards_N: Tensor = None  # float32, filled by the reward stage
     reward_components: dict[str, Tensor] = field(default_factory=dict)  # name -> [N]
+    correct_N: Tensor = None  # bool, filled with the rewards: the sample earned the task's full reward
     advantages_N: Tensor = None  # float32, filled by the algorithm
     completion_mask: list[list[int]] = None  # 1 = token trained on; defaults to all ones
 
@@ -64,7 +65,7 @@ class RolloutBatch:
             "group_ids_N": len(self.group_ids_N),
             "truncated_N": len(self.truncated_N),
         }
-        for tensor_name in ("rewards_N", "advantages_N"):
+        for tensor_name in ("rewards_N", "correct_N", "advantages_N"):
             if getattr(self, tensor_name) is not None:
                 per_sample[tensor_name] = len(getattr(self, tensor_name))
         per_sample.update({f"reward_components[{k}]": len(v) for k, v in self.reward_components.items()})
@@ -149,5 +150,10 @@ class RolloutBatch:
                 values[f.name] = [x for p in parts for x in p]
         return RolloutBatch(**values)
 
-    def with_rewards(self, rewards_N: Tensor, components: dict[str, Tensor]) -> "RolloutBatch":
-        return replace(self, rewards_N=rewards_N.to(torch.float32), reward_components=dict(components))
+    def with_rewards(self, rewards_N: Tensor, components: dict[str, Tensor], full_reward: float = 1.0
+                     ) -> "RolloutBatch":
+        """The batch scored: rewards, their components, and ``correct_N`` (the reward reaches ``full_reward``, up to
+        float rounding of the weighted sum) -- the one place that says which samples are correct."""
+        rewards_N = rewards_N.to(torch.float32)
+        return replace(self, rewards_N=rewards_N, reward_components=dict(components),
+                       correct_N=rewards_N >= full_reward - 1e-6)

@@ -15,6 +15,11 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from rltrain.algorithms.guide import GammaKind, GammaScope, GuideConfig, GuideMode  # noqa: F401 (re-exported)
+from rltrain.algorithms.rl_plus import ExternalTerm, MisUniform, RLPlusConfig  # noqa: F401 (re-exported)
+from rltrain.algorithms.registry import algorithm_class
+from rltrain.errors import ConfigError
+
 
 class ModelSource(str, enum.Enum):
     hf = "hf"  # a local directory or a hub id (safetensors weights)
@@ -59,36 +64,10 @@ class AdapterKind(str, enum.Enum):
     lora = "lora"
 
 
-class GuideMode(str, enum.Enum):
-    replace = "replace"  # a group with no success is regenerated with hints and replaced whole (Guide's default)
-    mixin = "mixin"  # the hinted group's successes replace that many of the failed unguided samples
-    balanced = "balanced"  # every prompt: half its group unguided, half hinted
-
-
 class LrSchedule(str, enum.Enum):
     constant = "constant"
     linear = "linear"  # to trainer.min_lr_ratio x lr at the end of the run
     cosine = "cosine"
-
-
-class GammaKind(str, enum.Enum):
-    percentile = "percentile"  # Guide: the detached quantile of the guided ratios in the scope
-    constant = "constant"  # LUFFY: a fixed gamma
-
-
-class GammaScope(str, enum.Enum):
-    sequence = "sequence"
-    batch = "batch"
-
-
-class ExternalTerm(str, enum.Enum):
-    mis = "mis"  # RL-PLUS: -r^m A^c (Multiple Importance Sampling ratio, exploration advantage)
-    shaped = "shaped"  # LUFFY: -f(pi_theta) A, f(x) = x / (x + gamma), the demonstrator's probability taken as 1
-
-
-class MisUniform(str, enum.Enum):
-    one = "one"  # U = 1 (RL-PLUS's released code: r = pi / (0.75 pi_old + 0.25))
-    vocab = "vocab"  # U = 1/|V| (the paper)
 
 
 class RewardFailure(str, enum.Enum):
@@ -223,35 +202,6 @@ class RolloutConfig:
 
 
 @dataclass
-class GuideConfig:
-    """Guide (algorithms.md section 1): hinted regeneration of failed groups and the shaped loss on hinted tokens."""
-
-    mode: GuideMode = GuideMode.replace
-    reroll_threshold: float = 0.001  # a group whose success rate is at most this is regenerated with hints
-    hint_column: str = "hints"  # a row's hint: a string, or a list of strings from weakest to strongest
-    escalate: bool = True  # a prompt whose hinted group still fails gets its next-stronger hint next time
-    gamma: GammaKind = GammaKind.percentile
-    gamma_value: float = 0.1  # with gamma=constant
-    quantile: float = 0.9
-    scope: GammaScope = GammaScope.sequence
-
-
-@dataclass
-class RLPlusConfig:
-    """RL-PLUS (algorithms.md section 2): external demonstrations in each group, weighted by multiple importance
-    sampling, with the exploration-based advantage."""
-
-    n_external: int = 1  # demonstrations per group; the group keeps trainer.rollouts_per_prompt samples in all
-    demo_column: str = "solution"  # the row column holding the demonstration text
-    demo_path: str = ""  # or a JSONL of {"prompt", "completion"} traces (e.g. from a stronger model), by prompt
-    mis_uniform: MisUniform = MisUniform.one
-    exploration_gamma: float = 0.5
-    clip_on_policy: bool = True  # the released code removes clipping on the on-policy term (rl_plus_code)
-    external_term: ExternalTerm = ExternalTerm.mis  # `shaped`: LUFFY's policy shaping instead (algorithm=luffy)
-    shaping_gamma: float = 0.1  # LUFFY's gamma, with external_term=shaped
-
-
-@dataclass
 class AlgorithmConfig:
     name: str = "grpo"
     advantage_scale: AdvantageScale = AdvantageScale.group
@@ -263,8 +213,10 @@ class AlgorithmConfig:
     aggregation: Aggregation = Aggregation.token_mean
     filter_constant_groups: bool = False
     max_refill_rounds: int = 0  # extra generation rounds to replace filtered groups
-    guide: GuideConfig = field(default_factory=GuideConfig)  # read when name=guide
-    rl_plus: RLPlusConfig = field(default_factory=RLPlusConfig)  # read when name=rl_plus
+    # Each algorithm's own options, defined in its module (rltrain.algorithms.NAME), read by that algorithm only
+    guide: GuideConfig = field(default_factory=GuideConfig)
+    rl_plus: RLPlusConfig = field(default_factory=RLPlusConfig)
+    options: dict[str, Any] = field(default_factory=dict)  # a plug-in algorithm's (name=module:Class) own options
 
 
 class PredictorKind(str, enum.Enum):
@@ -492,10 +444,6 @@ def register() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
-class ConfigError(ValueError):
-    """A config value that type-checks but makes no sense; the message names the key."""
-
-
 def check(config: Config) -> None:
     """Cross-field checks that types cannot express. Raises ConfigError naming the key."""
     t, r = config.trainer, config.rollout
@@ -536,17 +484,7 @@ def check(config: Config) -> None:
                                 or v.probe_tolerance <= 0 or v.cpu_kv_cache_gb <= 0):
         raise ConfigError("rollout.vllm: gpu_memory_utilization must be in (0, 1), sync_bucket_mb >= 1, "
                           "tis_cap >= 0, probe_tolerance and cpu_kv_cache_gb > 0")
-    if config.algorithm.name not in ("grpo", "guide", "rl_plus"):
-        raise ConfigError(f"algorithm.name={config.algorithm.name!r} is not available; choose grpo, guide or rl_plus")
-    p = config.algorithm.rl_plus
-    if config.algorithm.name == "rl_plus" and not 1 <= p.n_external < t.rollouts_per_prompt:
-        raise ConfigError(f"algorithm.rl_plus.n_external={p.n_external} must be >= 1 and leave on-policy samples in "
-                          f"each group of trainer.rollouts_per_prompt={t.rollouts_per_prompt}")
-    g = config.algorithm.guide
-    if not 0 <= g.reroll_threshold < 1 or not 0 < g.quantile <= 1 or not g.gamma_value > 0:
-        raise ConfigError("algorithm.guide: reroll_threshold must be in [0, 1), quantile in (0, 1], gamma_value > 0")
-    if config.algorithm.name == "guide" and g.mode == GuideMode.balanced and t.rollouts_per_prompt < 2:
-        raise ConfigError("algorithm.guide.mode=balanced needs trainer.rollouts_per_prompt >= 2 (half are hinted)")
+    algorithm_class(config.algorithm.name).check(config)  # the algorithm's own checks (an unknown name fails here)
     if config.distributed.kind != DistributedKind.none:
         stage = config.distributed.deepspeed.get("zero_optimization", {}).get("stage")
         wanted = 2 if config.distributed.kind == DistributedKind.zero2 else 3
@@ -589,9 +527,6 @@ def check(config: Config) -> None:
                 or b.half_life < 0):
             raise ConfigError("budget: history_decay and explore must be in [0, 1], prior_strength and l2 > 0, "
                               "half_life >= 0")
-        if config.algorithm.name != "grpo":
-            raise ConfigError(f"budget.predictor={b.predictor.value} works with algorithm=grpo for now, "
-                              f"not {config.algorithm.name}")
         if t.updates_per_step != 1:
             raise ConfigError("budget.predictor needs trainer.updates_per_step=1 (group sizes vary)")
     cap = config.capabilities

@@ -49,7 +49,9 @@ class PolicyLoss(Protocol):
     step_sources: frozenset[Source]  # samples whose step-wide statistics the loss needs (usually none)
 
     def __call__(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        """Per-token loss [B, T] (before masking) and per-token metrics, each [B, T]."""
+        """Per-token loss [B, T] (before masking) and per-token metrics: each a [B, T] tensor, logged as its mean over
+        the trained tokens, or a pair (value_BT, weight_BT), logged as its mean over the tokens the weight selects
+        (sum of value * weight / sum of weight over the step; left out where the weight is 0 throughout)."""
 
     def step_statistics(self, inputs: LossInputs) -> dict[str, Tensor]:
         """Detached statistics over a whole optimizer step (e.g. Guide's batch-scope gamma), from no-grad inputs of
@@ -68,7 +70,7 @@ class OptimSettings:
     temperature: float
     precision: str  # "fp32" | "bf16"
     tis_cap: float = 0.0  # > 0: on-policy token losses weighted by min(pi_old / pi_behaviour, tis_cap)
-    lr_schedule: str = "constant"  # | "linear" | "cosine": decay by the run's progress (PolicyWorker.progress)
+    lr_schedule: str = "constant"  # | "linear" | "cosine": decay by the run's progress (``update``'s argument)
     min_lr_ratio: float = 0.0
 
 
@@ -99,11 +101,11 @@ class PolicyWorker:
                              "gradient checkpointing")
         params = [p for p in model.parameters() if p.requires_grad]
         warmup = max(settings.warmup_steps, 0)
-        self.progress = 0.0  # through the run, 0..1; the trainer sets it before each update (lr decay)
+        self._progress = 0.0  # through the run, 0..1, as ``update`` was last told: the scheduler's decay reads it
 
         def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(
-                settings.lr_schedule, step, self.progress, warmup=warmup, floor=settings.min_lr_ratio))
+                settings.lr_schedule, step, self._progress, warmup=warmup, floor=settings.min_lr_ratio))
 
         self.engine = None  # the DeepSpeed engine
         self.zero_stage = 0
@@ -271,8 +273,11 @@ class PolicyWorker:
 
     # ---- update ------------------------------------------------------------------------------------------------
 
-    def update(self, batch: RolloutBatch, loss_fn: PolicyLoss) -> dict[str, float]:
-        """Train on one rollout batch: ``updates_per_step`` optimizer steps over disjoint shuffled mini-batches."""
+    def update(self, batch: RolloutBatch, loss_fn: PolicyLoss, *, progress: float = 0.0) -> dict[str, float]:
+        """Train on one rollout batch: ``updates_per_step`` optimizer steps over disjoint shuffled mini-batches.
+        ``progress``: how far through the run (0..1) it will be after this step; the learning rate of the updates
+        that follow decays by it (``lr_multiplier``; the scheduler steps after each update)."""
+        self._progress = progress
         if batch.advantages_N is None:
             raise ValueError("update needs a batch with advantages")
         n_updates = self.settings.updates_per_step
@@ -331,6 +336,7 @@ class PolicyWorker:
         # Dr.GRPO divides by a fixed length; without one each micro-batch would use its own padded width.
         max_len = loss_fn.max_len or max(len(batch.completion_ids[i]) for i in indices)
         sums: dict[str, float] = {}
+        weights: dict[str, float] = {}  # per metric: the tokens it is a mean over
         tokens = 0.0
         loss_total = 0.0
         if loss_fn.zero_without_advantage:
@@ -377,12 +383,17 @@ class PolicyWorker:
             loss_total += float(loss.detach())
             n_tok = float(mask_BT.sum())
             tokens += n_tok
-            for k_, v_BT in token_metrics.items():
-                sums[k_] = sums.get(k_, 0.0) + float((v_BT.detach() * mask_BT).sum())
-        totals = self.world.sum({"loss": loss_total, "tokens": tokens, "nonfinite": float(not finite_loss), **sums})
+            for k_, value in token_metrics.items():  # a mean over the tokens each metric describes
+                value_BT, weight_BT = value if isinstance(value, tuple) else (value, None)
+                weight_BT = mask_BT if weight_BT is None else weight_BT.detach() * mask_BT
+                sums[k_] = sums.get(k_, 0.0) + float((value_BT.detach() * weight_BT).sum())
+                weights[k_] = weights.get(k_, 0.0) + float(weight_BT.sum())
+        totals = self.world.sum({"loss": loss_total, "tokens": tokens, "nonfinite": float(not finite_loss),
+                                 **sums, **{f"weight/{k}": v for k, v in weights.items()}})
         loss_total, tokens, finite_loss = totals.pop("loss"), totals.pop("tokens"), not totals.pop("nonfinite")
         grad_norm, finite = self._optimizer_step(finite_loss)
-        metrics = {k: v / max(tokens, 1.0) for k, v in totals.items()}
+        # A metric with no token to describe (e.g. Guide's gamma in a step without hinted samples) is left out.
+        metrics = {k: totals[k] / totals[f"weight/{k}"] for k in sums if totals[f"weight/{k}"] > 0}
         metrics.update(loss=loss_total, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0],
                        skipped_update=float(not finite), nonfinite_update=float(not finite))
         return metrics
@@ -395,12 +406,12 @@ class PolicyWorker:
         on_B = torch.tensor([s == Source.ON_POLICY for s in inputs.sources], device=loss_BT.device)
         log_ratio_BT = (inputs.old_logp_BT - inputs.behaviour_logp_BT).detach()
         on_BT = on_B.unsqueeze(-1).expand_as(log_ratio_BT).to(loss_BT.dtype)
-        metrics = dict(token_metrics, behaviour_logp_abs_diff=log_ratio_BT.abs() * on_BT)
+        metrics = dict(token_metrics, behaviour_logp_abs_diff=(log_ratio_BT.abs(), on_BT))
         if self.settings.tis_cap > 0:
             weight_BT = torch.where(on_BT > 0, log_ratio_BT.exp().clamp(max=self.settings.tis_cap),
                                     torch.ones_like(log_ratio_BT))
             loss_BT = loss_BT * weight_BT
-            metrics["tis_weight"] = weight_BT * on_BT
+            metrics["tis_weight"] = (weight_BT, on_BT)
         return loss_BT, metrics
 
     def _backward(self, loss: Tensor) -> None:

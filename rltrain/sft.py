@@ -7,6 +7,9 @@ import random
 import torch
 from torch import nn
 
+from rltrain.rollout.collect import PromptIds
+from rltrain.tasks.prompts import PromptFormatter, load_prompt_sets
+
 
 def warm_start(model: nn.Module, tokenizer, prompt_ids: list[list[int]], answers: list[str], *, steps: int,
                lr: float, batch_size: int, seed: int) -> float:
@@ -34,3 +37,20 @@ def warm_start(model: nn.Module, tokenizer, prompt_ids: list[list[int]], answers
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # no stale gradients left on weights that a LoRA run then freezes
     return float(loss.detach())
+
+
+def tiny_warm_start(model: nn.Module, tokenizer, config, train_set, train_ids, *, seed: int) -> float:
+    """The tiny model's warm start (``model.tiny``): its SFT task's train rows (the run's own task by default), each
+    prompt also with each of its ``hints`` when ``sft_hints``, so that the model can read one."""
+    tiny = config.model.tiny
+    sft_set, sft_ids = train_set, train_ids
+    if tiny.sft_task is not None:
+        sft_set, _ = load_prompt_sets(tiny.sft_task)
+        sft_ids = PromptIds(PromptFormatter(tokenizer, tiny.sft_task), sft_set)
+    contexts, answers = [], []
+    for i, row in enumerate(sft_set.rows):
+        for hint in [""] + (list(row["hints"]) if tiny.sft_hints else []):
+            contexts.append(sft_ids.hinted(i, hint) if hint else sft_ids[i])
+            answers.append(row["answer"])
+    return warm_start(model, tokenizer, contexts, answers, steps=tiny.sft_steps, lr=tiny.sft_lr,
+                      batch_size=tiny.sft_batch_size, seed=seed)

@@ -21,31 +21,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rltrain.algorithms.grpo import GRPOLoss, constant_groups, group_advantages
-from rltrain.algorithms.guide import GuideLoss
-from rltrain.algorithms.rl_plus import RLPlusLoss
+from rltrain.algorithms.base import Algorithm, Setup
+from rltrain.algorithms.grpo import constant_groups
+from rltrain.algorithms.registry import algorithm_class
 from rltrain.batch import RolloutBatch, Source
 from rltrain.budget.features import Projection, pooled_hidden_states
 from rltrain.budget.plan import RolloutPlanner
 from rltrain.budget.predictor import ValuePredictor
 from rltrain.checkpoint import Checkpointer, CheckpointError, config_changes, resume_source, truncate_jsonl
-from rltrain.config import (AdapterKind, Config, DistributedKind, GammaKind, ModelSource, PredictorKind, TrainerConfig)
+from rltrain.config import AdapterKind, Config, DistributedKind, InvalidRows, ModelSource, PredictorKind, TrainerConfig
 from rltrain.data import PromptSampler
 from rltrain.distributed import ShardedEngine, World, init_world
 from rltrain.evaluation import evaluate
 from rltrain.metrics import MetricsLogger, NullLogger
 from rltrain.models import load_model, wrap_lora
 from rltrain.policy import OptimSettings, PolicyWorker
-from rltrain.rollout.base import SamplingParams
-from rltrain.rollout.collect import PromptIds, collect
 from rltrain.rewards import RewardError, RewardScorer
-from rltrain.rollout.demonstrations import Demonstrations
-from rltrain.rollout.guidance import HintGuidance
+from rltrain.rollout.base import SamplingParams
+from rltrain.rollout.collect import PromptIds
 from rltrain.rollout.hf import HFEngine
+from rltrain.rollout.scored import StepRollouts, Tally
 from rltrain.rollout.server import ServerError
 from rltrain.scaleout import EngineOutOfSync, build_vllm_engine, deepspeed_config, save_engine_init, sync_engine
-from rltrain.sft import warm_start
-from rltrain.tasks.prompts import DatasetError, PromptFormatter, load_prompt_sets, unfit_hints, validate_rows
+from rltrain.selection import PlannedSelector, UniformSelector
+from rltrain.sft import tiny_warm_start
+from rltrain.tasks.prompts import DatasetError, PromptFormatter, load_prompt_sets, validate_rows
 
 logger = logging.getLogger("rltrain")
 
@@ -62,18 +62,14 @@ class RunContext:
 class Components:
     policy: PolicyWorker
     engine: ShardedEngine
-    loss: GRPOLoss
+    algorithm: Algorithm  # how a step's samples are produced, their advantages, the loss
+    selector: UniformSelector | PlannedSelector  # which prompts, how many samples each
     rewards: RewardScorer
     tokenizer: object
     train_ids: PromptIds
     eval_ids: PromptIds
-    sampler: PromptSampler
     sampling: SamplingParams
-    rollouts_per_prompt: int
-    guidance: HintGuidance | None = None  # Guide's hinted regeneration (algorithm.name=guide)
-    demos: Demonstrations | None = None  # RL-PLUS's external demonstrations (algorithm.name=rl_plus)
     adapter_base: torch.nn.Module | None = None  # a base that exists only in this run (tiny + LoRA), saved once
-    planner: RolloutPlanner | None = None  # rollouts per prompt from predicted success (budget.predictor=v0)
     world: World = World()
 
 
@@ -100,24 +96,15 @@ def build(config: Config, world: World = World()) -> Components:
     eval_set, _ = validate_rows(eval_set, formatter, max_prompt_tokens=max_prompt, policy=config.task.invalid_rows)
     train_ids, eval_ids = PromptIds(formatter, train_set), PromptIds(formatter, eval_set)
     if config.model.source == ModelSource.tiny:
-        tiny = config.model.tiny
-        sft_set, sft_ids = train_set, train_ids
-        if tiny.sft_task is not None:
-            sft_set, _ = load_prompt_sets(tiny.sft_task)
-            sft_ids = PromptIds(PromptFormatter(tokenizer, tiny.sft_task), sft_set)
-        contexts, answers = [], []
-        for i, row in enumerate(sft_set.rows):
-            for hint in [""] + (list(row["hints"]) if tiny.sft_hints else []):
-                contexts.append(sft_ids.hinted(i, hint) if hint else sft_ids[i])
-                answers.append(row["answer"])
-        warm_start(model, tokenizer, contexts, answers,
-                   steps=tiny.sft_steps, lr=tiny.sft_lr, batch_size=tiny.sft_batch_size, seed=base_seed)
+        tiny_warm_start(model, tokenizer, config, train_set, train_ids, seed=base_seed)
         if own_base_seed:
             torch.manual_seed(config.trainer.seed)  # the RL run's own randomness from here
     model.to(world.device)
-    planner = None
+    sampler = PromptSampler(len(train_set), config.trainer.seed)
     if config.budget.predictor != PredictorKind.none:  # features of the base model, before LoRA and any update
-        planner = build_planner(config, model, tokenizer, train_ids, eval_ids)
+        selector = PlannedSelector(sampler, build_planner(config, model, tokenizer, train_ids, eval_ids))
+    else:
+        selector = UniformSelector(sampler, config.trainer.rollouts_per_prompt)
     colocated = config.rollout.backend == "vllm" and config.rollout.vllm.mode == "colocate"
     engine_init = save_engine_init(config, model, world) if colocated else None
     reference = adapter_base = None
@@ -127,7 +114,7 @@ def build(config: Config, world: World = World()) -> Components:
         model = wrap_lora(model, dict(config.adapter.lora))
     elif config.algorithm.beta != 0.0:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-    t, a, r = config.trainer, config.algorithm, config.rollout
+    t, r = config.trainer, config.rollout
     settings = OptimSettings(
         lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.adam_betas), max_grad_norm=t.max_grad_norm,
         warmup_steps=t.warmup_steps, micro_batch_size=t.micro_batch_size_per_device,
@@ -148,30 +135,14 @@ def build(config: Config, world: World = World()) -> Components:
     else:
         engine = ShardedEngine(HFEngine(model, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
                                         batch_size=r.batch_size), world, policy.gathered)
-    common = dict(eps_low=a.eps_low, eps_high=a.eps_high, beta=a.beta, entropy_coef=a.entropy_coef,
-                  aggregation=a.aggregation.value, max_len=r.max_tokens)
-    if a.name == "guide":
-        g = a.guide
-        loss = GuideLoss(gamma="percentile" if g.gamma == GammaKind.percentile else g.gamma_value,
-                         quantile=g.quantile, scope=g.scope.value, **common)
-    elif a.name == "rl_plus":
-        p = a.rl_plus
-        loss = RLPlusLoss(mis_uniform=p.mis_uniform.value, vocab_size=model.config.vocab_size,
-                          exploration_gamma=p.exploration_gamma, clip_on_policy=p.clip_on_policy,
-                          external_term=p.external_term.value, shaping_gamma=p.shaping_gamma, **common)
-    else:
-        loss = GRPOLoss(**common)
+    setup = Setup(prompts=train_ids, tokenizer=tokenizer, vocab_size=model.config.vocab_size,
+                  rollouts_per_prompt=t.rollouts_per_prompt, max_tokens=r.max_tokens, max_prompt_tokens=max_prompt,
+                  skip_invalid=config.task.invalid_rows == InvalidRows.skip)
     components = Components(
-        policy=policy, engine=engine, loss=loss, rewards=RewardScorer.from_config(config.task), tokenizer=tokenizer,
-        train_ids=train_ids, eval_ids=eval_ids, sampler=PromptSampler(len(train_set), t.seed), adapter_base=adapter_base,
+        policy=policy, engine=engine, algorithm=algorithm_class(config.algorithm.name)(config.algorithm, setup),
+        selector=selector, rewards=RewardScorer.from_config(config.task), tokenizer=tokenizer, train_ids=train_ids,
+        eval_ids=eval_ids, adapter_base=adapter_base, world=world,
         sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=t.seed),
-        rollouts_per_prompt=t.rollouts_per_prompt,
-        guidance=HintGuidance(a.guide, train_set.rows, t.rollouts_per_prompt, unfit=unfit_hints(
-            train_set, formatter, a.guide.hint_column, max_prompt_tokens=max_prompt, policy=config.task.invalid_rows)
-        ) if a.name == "guide" else None,
-        demos=Demonstrations(a.rl_plus, train_ids, tokenizer, max_tokens=r.max_tokens, policy=config.task.invalid_rows
-                             ) if a.name == "rl_plus" else None, planner=planner,
-        world=world,
     )
     if r.backend == "vllm" and r.vllm.mode == "server":  # the server may hold other weights: send the policy's
         sync_engine(components, config, 0)
@@ -197,30 +168,42 @@ def build_planner(config: Config, model: torch.nn.Module, tokenizer, train_ids: 
                           seed=t.seed, eval_features=project(raw_eval))
 
 
-def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatch | None, dict]:
-    """Rollouts for one step, scored (with Guide's hinted regeneration when configured); constant-reward groups
-    dropped and refilled when the config asks. None when nothing is left to learn from (every sample dropped by
-    failing rewards, or every group filtered)."""
-    t, a = config.trainer, config.algorithm
-    wanted = t.prompts_per_step
-    stats = {"rollouts": 0, "tokens_generated": 0, "time_reward_s": 0.0, "refill_rounds": 0}
-    draw = c.planner.candidates(wanted) if c.planner else wanted
-    batch = _rollouts(c, c.sampler.next(draw), stats, first_group_id=group_id_base(step, 0, draw, a.max_refill_rounds),
-                      step=step)
+def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatch | None, dict, list[dict]]:
+    """The step's samples, scored, as the algorithm produces them from the selector's prompts; constant-reward groups
+    dropped and refilled when the config asks. Also the step's metrics and the selector's per-prompt log. The batch
+    is None when nothing is left to learn from (every sample dropped by failing rewards, or every group filtered)."""
+    a = config.algorithm
+    wanted = config.trainer.prompts_per_step
+    tally, counts, stats, log = Tally(), {}, {"refill_rounds": 0}, []
+
+    def round_(number: int) -> RolloutBatch:
+        selection = c.selector.select(wanted, step, number, group_id_base(step, number, wanted, a.max_refill_rounds))
+        rollouts = StepRollouts(c.engine, c.train_ids, c.sampling, c.rewards, c.tokenizer, c.world, tally)
+        batch, produced = c.algorithm.produce(rollouts, selection, step)
+        for key, value in produced.items():  # summed over rounds
+            counts[key] = counts.get(key, 0.0) + value
+        selected, rows = c.selector.record(selection, tally)
+        for key, value in selected.items():  # a later round's figures replace the first's; lists accumulate
+            stats[key] = stats.get(key, []) + value if isinstance(value, list) else value
+        log.extend(rows)
+        return batch
+
+    def metrics() -> dict:
+        return {**tally.metrics(), **counts, **c.algorithm.summarize(counts), **stats}
+
+    batch = round_(0)
     if len(batch) == 0:
-        return None, {**stats, "frac_zero_std_groups": float("nan")}
+        return None, {**metrics(), "frac_zero_std_groups": float("nan")}, log
     flat_N = constant_groups(batch.rewards_N, batch.group_ids_N)
     stats["frac_zero_std_groups"] = _group_fraction(batch, flat_N)
     if not a.filter_constant_groups:
-        return batch, stats
+        return batch, metrics(), log
     kept = batch.select((~flat_N).nonzero().squeeze(-1)) if (~flat_N).any() else None
-    for round_ in range(1, a.max_refill_rounds + 1):
+    for number in range(1, a.max_refill_rounds + 1):
         if kept is not None and len(kept.groups()) >= wanted:
             break
-        extra = _rollouts(c, c.sampler.next(draw), stats,
-                          first_group_id=group_id_base(step, round_, draw, a.max_refill_rounds), step=step,
-                          round_=round_)
-        stats["refill_rounds"] = round_
+        extra = round_(number)
+        stats["refill_rounds"] = number
         extra_flat = constant_groups(extra.rewards_N, extra.group_ids_N)
         if (~extra_flat).any():
             extra = extra.select((~extra_flat).nonzero().squeeze(-1))
@@ -228,7 +211,7 @@ def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatc
     if kept is not None:
         keep_groups = list(kept.groups().values())[:wanted]
         kept = kept.select(sorted(i for g in keep_groups for i in g))
-    return kept, stats
+    return kept, metrics(), log
 
 
 def group_id_base(step: int, round_: int, prompts: int, rounds: int) -> int:
@@ -238,73 +221,6 @@ def group_id_base(step: int, round_: int, prompts: int, rounds: int) -> int:
     round_stride = 1_000 if prompts <= 1_000 else 10 ** len(str(prompts))
     step_stride = max(1_000_000, 10 ** len(str((rounds + 1) * round_stride)))
     return step * step_stride + round_ * round_stride
-
-
-def _rollouts(c: Components, indices: list[int], stats: dict, *, first_group_id: int, step: int = 0,
-              round_: int = 0) -> RolloutBatch:
-    """Generate and score a group per prompt (as many per prompt as the budget planner says, when there is one);
-    Guide then regenerates failed groups with hints."""
-    if c.planner is not None:
-        return _planned_rollouts(c, indices, stats, first_group_id=first_group_id, step=step, round_=round_)
-    per_prompt = c.guidance.unguided_count() if c.guidance else c.rollouts_per_prompt
-    counts = [per_prompt - (c.demos.count_for(i) if c.demos is not None else 0) for i in indices]
-    batch = _scored(c, collect(c.engine, c.train_ids, indices, counts, c.sampling, first_group_id=first_group_id),
-                    stats)
-    if c.demos is not None:  # RL-PLUS: the demonstrations join their prompt's group
-        demos = _scored(c, c.demos.batch(indices, [first_group_id + k for k in range(len(indices))]), stats,
-                        generated=False)
-        batch = RolloutBatch.concat([batch, demos])
-    if c.guidance is None:
-        return batch
-    correct_N = batch.rewards_N >= c.rewards.full_reward - 1e-6
-    rerolls = c.guidance.plan(batch, correct_N)
-    stats["guide_rerolled"] = stats.get("guide_rerolled", 0) + len(rerolls)
-    if not rerolls:
-        return batch
-    hinted = _scored(c, collect(c.engine, c.train_ids, [r.row for r in rerolls], [r.count for r in rerolls],
-                                c.sampling, hints=[r.hint for r in rerolls], group_ids=[r.group_id for r in rerolls]),
-                     stats)
-    hinted_correct_N = hinted.rewards_N >= c.rewards.full_reward - 1e-6
-    stats["guide_hinted_correct"] = stats.get("guide_hinted_correct", 0) + int(hinted_correct_N.sum())
-    stats["guide_hinted_rollouts"] = stats.get("guide_hinted_rollouts", 0) + len(hinted)
-    return c.guidance.merge(batch, correct_N, rerolls, hinted, hinted_correct_N)
-
-
-def _planned_rollouts(c: Components, candidates: list[int], stats: dict, *, first_group_id: int, step: int,
-                      round_: int) -> RolloutBatch:
-    plan = c.planner.plan(candidates, step, round_)
-    batch = _scored(c, collect(c.engine, c.train_ids, plan.rows, plan.counts, c.sampling,
-                               first_group_id=first_group_id), stats)
-    correct_N = (batch.rewards_N >= c.rewards.full_reward - 1e-6).tolist()
-    successes, attempts = {}, {}  # by group: a row drawn twice in a step (across epochs) has two groups
-    for group, ok in zip(batch.group_ids_N.tolist(), correct_N):  # samples whose reward failed are gone
-        successes[group] = successes.get(group, 0) + ok
-        attempts[group] = attempts.get(group, 0) + 1
-    groups = [first_group_id + k for k in range(len(plan.rows))]
-    wins, tries = [successes.get(g, 0) for g in groups], [attempts.get(g, 0) for g in groups]
-    record = c.planner.record(plan, wins, tries)
-    stats.setdefault("value_log", []).extend(
-        {"row": r, "rollouts": n, "predicted": p, "learner": q, "unseen": u, "successes": s, "attempts": a}
-        for r, n, p, q, u, s, a in zip(plan.rows, plan.counts, plan.predicted, plan.learner, plan.unseen, wins, tries))
-    stats.setdefault("budget_counts", []).extend(record.pop("budget_counts"))
-    stats.update(record)  # a refill round's plan overwrites the first's figures; counts accumulate
-    return batch
-
-
-def _scored(c: Components, batch: RolloutBatch, stats: dict, *, generated: bool = True) -> RolloutBatch:
-    """Score; ``stats`` accumulates rollouts (generated) or external samples, tokens, reward time and failures."""
-    if generated:
-        stats["rollouts"] += len(batch)
-        stats["tokens_generated"] += sum(len(x) for x in batch.completion_ids)
-    else:
-        stats["external_samples"] = stats.get("external_samples", 0) + len(batch)
-    start = time.perf_counter()
-    batch, _, reward_stats = c.rewards.score_batch(batch, c.tokenizer, c.train_ids.prompts)
-    batch, reward_stats = c.world.broadcast((batch, reward_stats))  # rank 0's scores: every rank the same batch
-    stats["time_reward_s"] += time.perf_counter() - start
-    for key, value in reward_stats.items():
-        stats[key] = stats.get(key, 0.0) + value
-    return batch
 
 
 def _group_fraction(batch: RolloutBatch, flag_N: torch.Tensor) -> float:
@@ -317,7 +233,7 @@ def run_eval(c: Components, config: Config, step: int, log: MetricsLogger) -> di
     result = evaluate(c.engine, c.eval_ids, c.rewards, c.tokenizer, max_tokens=config.rollout.max_tokens,
                       samples=config.rollout.eval_samples, temperature=config.rollout.temperature,
                       top_p=config.rollout.top_p, seed=config.trainer.seed,
-                      predicted=c.planner.predict_eval() if c.planner is not None else None)
+                      predicted=c.selector.predict_eval())
     log.log({"eval_step": step, **result, "time_eval_s": time.perf_counter() - start})
     return result
 
@@ -354,45 +270,37 @@ def run_progress(t: TrainerConfig, steps: int, rollouts: int) -> float:
     return min(progress, 1.0)
 
 
-def train_step(c: Components, config: Config, step: int, rollouts_before: int = 0) -> tuple[dict, RolloutBatch | None]:
-    """Generate, score and learn from one batch; the record holds the step's metrics and per-phase timings.
-    ``rollouts_before``: generated in earlier steps (the learning-rate decay's progress on a rollout budget)."""
-    a = config.algorithm
+def train_step(c: Components, config: Config, step: int, rollouts_before: int = 0
+               ) -> tuple[dict, RolloutBatch | None, list[dict]]:
+    """Select prompts, produce samples, advantages, update, sync: the step's record (metrics and per-phase timings),
+    its batch, and the prompt selector's per-prompt log. ``rollouts_before``: generated in earlier steps (the
+    learning-rate decay's progress on a rollout budget)."""
     start = time.perf_counter()
-    batch, stats = generate_step(c, config, step)
+    batch, stats, selector_log = generate_step(c, config, step)
     c.engine.sleep()  # vLLM on a GPU frees its KV cache for the update
     generated = time.perf_counter()
     record = {"step": step, **stats, "time_generate_s": generated - start - stats["time_reward_s"]}
-    if stats.get("guide_hinted_rollouts"):
-        record["guide_hinted_success"] = stats["guide_hinted_correct"] / stats["guide_hinted_rollouts"]
     if batch is None:  # nothing to learn from (see generate_step)
         record.update(reward_mean=float("nan"), accuracy=float("nan"), empty_batch=1.0)
     else:
-        batch.advantages_N = group_advantages(batch.rewards_N, batch.group_ids_N,
-                                              scale=a.advantage_scale.value, std=a.advantage_std.value)
-        target = c.rewards.full_reward
-        sampled = [i for i, source in enumerate(batch.sources) if source != Source.EXTERNAL]  # not demonstrations
+        batch.advantages_N = c.algorithm.advantages(batch)
+        sampled = [i for i, source in enumerate(batch.sources) if source != Source.EXTERNAL]  # generated here
         record.update(
             reward_mean=float(batch.rewards_N.mean()),
-            accuracy=float((batch.rewards_N >= target - 1e-6).float().mean()),
+            accuracy=float(batch.correct_N.float().mean()),
             completion_len_mean=sum(len(batch.completion_ids[i]) for i in sampled) / max(len(sampled), 1),
             truncated_frac=float(batch.truncated_N[sampled].float().mean()) if sampled else 0.0,
             **{f"reward/{k}": float(v.mean()) for k, v in batch.reward_components.items()},
         )
         # the scheduler steps after this update: the next update's rate follows the progress this step makes
-        c.policy.progress = run_progress(config.trainer, step, rollouts_before + stats["rollouts"])
-        record.update(c.policy.update(batch, c.loss))
-        if record.get("guided_token_share"):  # the worker averages over all tokens; these exist on guided ones
-            record["guided_ratio_mean"] = record["guided_ratio"] / record["guided_token_share"]
-            record["gamma_mean"] = record["gamma"] / record["guided_token_share"]
-        if record.get("external_token_share"):
-            record["mis_ratio_mean"] = record["mis_ratio"] / record["external_token_share"]
+        progress = run_progress(config.trainer, step, rollouts_before + stats["rollouts"])
+        record.update(c.policy.update(batch, c.algorithm.loss, progress=progress))
     updated = time.perf_counter()
     record["time_update_s"] = updated - generated
     record.update(sync_engine(c, config, step))
     record["time_sync_s"] = time.perf_counter() - updated
     record["time_step_s"] = time.perf_counter() - start
-    return record, batch
+    return record, batch, selector_log
 
 
 def train(config: Config, ctx: RunContext) -> dict:
@@ -410,11 +318,9 @@ def _train(config: Config, ctx: RunContext, c: Components, source: Path | None) 
     loop = LoopState()
     world = ctx.world
     checkpoints = Checkpointer(ctx.run_dir / "checkpoints", keep=t.keep_checkpoints, world=world)
-    components = (("policy", c.policy), ("sampler", c.sampler), ("loop", loop), ("guidance", c.guidance),
-                  ("budget", c.planner))
-    for name, component in components:
-        if component is not None:
-            checkpoints.register(name, component)
+    components = {"policy": c.policy, **c.selector.checkpointed(), "loop": loop, "algorithm": c.algorithm}
+    for name, component in components.items():
+        checkpoints.register(name, component)
     config_dict = json.loads(json.dumps(dataclasses.asdict(config), default=str))
     first_step = resume(config, ctx, checkpoints, c, config_dict, source) + 1
     if world.is_main and c.adapter_base is not None and not (ctx.run_dir / "base_model").exists():
@@ -430,10 +336,9 @@ def _train(config: Config, ctx: RunContext, c: Components, source: Path | None) 
         for step in range(first_step, t.steps + 1):
             if loop.budget_spent(t):  # a resumed run whose budget was already spent
                 break
-            record, batch = train_step(c, config, step, loop.rollouts)
-            value_log = record.pop("value_log", None)
-            if value_log and world.is_main:  # per prompt: predicted and realised success, rollouts given (value.jsonl)
-                _append_jsonl(ctx.run_dir / "value.jsonl", {"step": step, "prompts": value_log})
+            record, batch, selector_log = train_step(c, config, step, loop.rollouts)
+            if selector_log and world.is_main:  # per prompt: predicted and realised success, rollouts (value.jsonl)
+                _append_jsonl(ctx.run_dir / "value.jsonl", {"step": step, "prompts": selector_log})
             loop.rollouts += record["rollouts"]
             record["rollouts_total"] = loop.rollouts
             log.log(record)

@@ -42,16 +42,16 @@ class Counter:
 
 
 def _train_one_step(c, config, step: int) -> None:
-    batch, _ = generate_step(c, config, step)
+    batch, _, _ = generate_step(c, config, step)
     batch.advantages_N = group_advantages(batch.rewards_N, batch.group_ids_N)
-    c.policy.update(batch, c.loss)
+    c.policy.update(batch, c.algorithm.loss)
 
 
 def _snapshot(c) -> dict:
     return {
         "weights": {n: p.detach().clone() for n, p in c.policy.model.named_parameters()},
         "optimizer": [s["exp_avg_sq"].clone() for s in c.policy.optimizer.state.values()],
-        "sampler": c.sampler.state_dict(),
+        "sampler": c.selector.sampler.state_dict(),
         "rng": (random.random(), float(np.random.rand()), float(torch.rand(()))),
     }
 
@@ -66,7 +66,7 @@ def test_round_trip_restores_weights_optimizer_sampler_rng_and_registered_state(
     counter = Counter()
     checkpoints = Checkpointer(tmp_path / "checkpoints", keep=2)
     checkpoints.register("policy", c.policy)
-    checkpoints.register("sampler", c.sampler)
+    checkpoints.register("sampler", c.selector.sampler)
     checkpoints.register("counter", counter)
     _train_one_step(c, config, 1)
     counter.value = 7
@@ -97,7 +97,7 @@ def test_keep_last_k_and_latest_skips_incomplete_and_corrupt(tmp_path, caplog):
     config = compose(SMALL)
     c = build(config)
     checkpoints = Checkpointer(tmp_path / "checkpoints", keep=2)
-    checkpoints.register("sampler", c.sampler)
+    checkpoints.register("sampler", c.selector.sampler)
     for step in (2, 4, 6):
         checkpoints.save(step, policy=c.policy, tokenizer=c.tokenizer, meta={})
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_000004", "step_000006"]
@@ -183,13 +183,24 @@ def _records(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict], list[dict
     return ({r["step"]: r for r in steps}, {r["eval_step"]: r for r in records if "eval_step" in r}, samples)
 
 
-def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(tmp_path):
-    reference = _launch(tmp_path / "reference")
+# The V0 budget composed with Guide and with RL-PLUS: the planner's history, the hint levels and the sampler all resume.
+V0 = ["budget.predictor=v0", "budget.min_context=8", "budget.allocator=variance"]
+METHODS = {
+    "grpo": [],
+    "v0_guide": ["algorithm=guide", *V0],
+    "v0_rl_plus": ["algorithm=rl_plus", "algorithm.rl_plus.demo_column=answer", *V0],
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(method, tmp_path):
+    extra = METHODS[method]
+    reference = _launch(tmp_path / "reference", *extra)
     out, _ = reference.communicate(timeout=600)
     assert reference.returncode == 0, out[-3000:]
 
     killed_dir = tmp_path / "killed"
-    victim = _launch(killed_dir)
+    victim = _launch(killed_dir, *extra)
     deadline = time.monotonic() + 600
     while latest(killed_dir) is None or latest(killed_dir).name < "step_000010":
         assert victim.poll() is None, "the run ended before it could be killed"
@@ -202,7 +213,7 @@ def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(tmp_p
     resumed_from = int(latest(killed_dir).name.removeprefix("step_"))
     assert 10 <= resumed_from < 40
 
-    resumed = _launch(killed_dir, "resume=auto")
+    resumed = _launch(killed_dir, *extra, "resume=auto")
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
     assert f"continuing at step {resumed_from + 1}" in out
@@ -220,6 +231,11 @@ def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(tmp_p
         assert evals[step]["eval_accuracy"] == ref_evals[step]["eval_accuracy"]
     assert [(s["step"], s["completion"], s["reward"]) for s in samples] == \
         [(s["step"], s["completion"], s["reward"]) for s in ref_samples]
+    if extra:  # the budget's per-prompt log, and each method's own path acted
+        assert (killed_dir / "value.jsonl").read_text() == (tmp_path / "reference" / "value.jsonl").read_text()
+        assert sum(steps[s].get("guided_token_share", 0) > 0 for s in steps) >= 5 or method != "v0_guide"
+        assert all(steps[s].get("external_samples", 0) > 0 for s in steps) or method != "v0_rl_plus"
+        assert len({tuple(r["budget_counts"]) for r in steps.values()}) > 1  # the planner's counts vary
     final = "final/model.safetensors"
     assert (killed_dir / final).read_bytes() == (tmp_path / "reference" / final).read_bytes()
     # Steps up to the checkpoint come from the killed session, every later one was recomputed after the kill.

@@ -21,7 +21,7 @@ SMALL = ["experiment=tiny", "model.tiny.sft_steps=5", "task.builtin.train_size=6
 def test_each_group_has_its_demonstration_rewarded_and_counted_apart():
     config = compose(SMALL)
     c = build(config)
-    batch, stats = generate_step(c, config, 1)
+    batch, stats, _ = generate_step(c, config, 1)
     assert stats["rollouts"] == 4 * 3 and stats["external_samples"] == 4
     for members in batch.groups().values():
         external = [i for i in members if batch.sources[i] == Source.EXTERNAL]
@@ -43,7 +43,7 @@ def test_traces_from_a_file_by_prompt_and_a_missing_one_is_named(tmp_path):
     traces.write_text("\n".join(json.dumps({"prompt": r["prompt"], "completion": "7"}) for r in rows))
     config = compose(SMALL + [f"algorithm.rl_plus.demo_path={traces}"])
     c = build(config)
-    batch, _ = generate_step(c, config, 1)
+    batch, _, _ = generate_step(c, config, 1)
     external = [i for i, s in enumerate(batch.sources) if s == Source.EXTERNAL]
     assert all(batch.completion_ids[i] == c.tokenizer("7", add_special_tokens=False)["input_ids"] +
                [c.tokenizer.eos_token_id] for i in external)
@@ -66,7 +66,7 @@ def test_several_traces_fill_a_group_with_different_demonstrations(tmp_path, cap
         f"algorithm.rl_plus.demo_path={traces}: 1 rows have fewer than algorithm.rl_plus.n_external=2 different "
         "demonstrations; theirs repeat in a group"]
     eos = [c.tokenizer.eos_token_id]
-    batch = c.demos.batch([0, 1], [10, 11])
+    batch = c.algorithm.demos.batch([0, 1], [10, 11])
     assert batch.completion_ids == [c.tokenizer(t, add_special_tokens=False)["input_ids"] + eos for t in "9978"]
     assert batch.group_ids_N.tolist() == [10, 10, 11, 11]
 
@@ -90,9 +90,9 @@ def test_a_demonstration_longer_than_a_rollout_is_named_or_left_out(tmp_path, ca
     with caplog.at_level("WARNING"):
         c = build(config)
     assert any("1 rows have such demonstrations, left out" in m and "1 rows have none" in m for m in caplog.messages)
-    assert [c.demos.count_for(i) for i in range(5)] == [1, 1, 1, 0, 1]
-    c.sampler.next = lambda n: [2, 3, 4, 5]
-    record, batch = train_step(c, config, 1)
+    assert [c.algorithm.demos.count_for(i) for i in range(5)] == [1, 1, 1, 0, 1]
+    c.selector.sampler.next = lambda n: [2, 3, 4, 5]
+    record, batch, _ = train_step(c, config, 1)
     sizes = {g: len(m) for g, m in batch.groups().items()}
     external = [i for i, s in enumerate(batch.sources) if s == Source.EXTERNAL]
     assert sorted(batch.prompt_index[i] for i in external) == [2, 4, 5]  # row 3 has no demonstration left
@@ -113,7 +113,7 @@ def test_text_the_tokenizer_cannot_encode_is_named(tmp_path):
 
 
 def test_a_rows_demonstrations_are_its_non_blank_values_as_text():
-    from rltrain.rollout.demonstrations import _texts
+    from rltrain.algorithms.rl_plus import _texts
 
     assert _texts(85) == ["85"] and _texts(" ") == [] and _texts(None) == []  # a numeric answer column works
     assert _texts(["a", "", None, 3, "b"]) == ["a", "3", "b"]

@@ -7,8 +7,8 @@ import torch
 
 from rltrain.batch import RolloutBatch, Source
 from rltrain.cli import compose
-from rltrain.config import GuideConfig, GuideMode
-from rltrain.rollout.guidance import HintGuidance, Reroll
+from rltrain.algorithms.guide import GuideConfig, GuideMode
+from rltrain.algorithms.guide import HintGuidance, Reroll
 from rltrain.train import build, generate_step
 
 ROWS = [{"prompt": "a", "hints": ["h1", "h2"]}, {"prompt": "b", "hints": []}, {"prompt": "c", "hints": "only"}]
@@ -75,7 +75,7 @@ def test_guided_step_on_the_tiny_model_trains_hinted_samples_for_the_plain_promp
                       "trainer.prompts_per_step=8", "trainer.rollouts_per_prompt=4", "algorithm.name=guide",
                       "logger.progress=false"])
     c = build(config)
-    batch, stats = generate_step(c, config, 1)
+    batch, stats, _ = generate_step(c, config, 1)
     hinted = [i for i, s in enumerate(batch.sources) if s == Source.HINTED]
     assert stats["guide_rerolled"] > 0 and len(hinted) == 4 * stats["guide_rerolled"]  # replace: whole groups
     assert stats["rollouts"] == 8 * 4 + len(hinted)

@@ -162,10 +162,11 @@ def test_guide_loss_mixed_batch_sequence_scope_by_hand():
     assert loss_BT[1].tolist() == pytest.approx([-2 * f for f in SPEC_F], abs=2e-6)
     assert loss_BT[2, :3].tolist() == pytest.approx([0.5, 0.5, 0.5], abs=1e-12)
     mask = x.mask_BT
-    mean = {k: float((v * mask).sum() / mask.sum()) for k, v in metrics.items()}
+    mean = {k: float((v[0] * v[1] * mask).sum() / (v[1] * mask).sum()) if isinstance(v, tuple)
+            else float((v * mask).sum() / mask.sum()) for k, v in metrics.items()}
     assert mean["guided_token_share"] == pytest.approx(8 / 13)
-    assert mean["gamma"] / mean["guided_token_share"] == pytest.approx((5 * 7.6 + 3 * 1.0) / 8)
-    assert mean["guided_ratio"] / mean["guided_token_share"] == pytest.approx((sum(SPEC_RATIOS) + 3) / 8)
+    assert mean["gamma_mean"] == pytest.approx((5 * 7.6 + 3 * 1.0) / 8)  # over the 8 guided tokens only
+    assert mean["guided_ratio_mean"] == pytest.approx((sum(SPEC_RATIOS) + 3) / 8)
     assert mean["clip_frac"] == pytest.approx(2 / 13)  # r = 1.5 and 0.5 on row 0; guided tokens never clip
     assert mean["ratio_mean"] == pytest.approx((5 + sum(SPEC_RATIOS) + 3) / 13)
 
@@ -251,7 +252,7 @@ def test_empty_hint_ratio_equals_the_plain_ratio():
     # shaped loss is -A / (1 + gamma) with gamma = 1.
     logp = torch.tensor([[-0.3, -2.0, -1.1]], requires_grad=True)
     loss_BT, metrics = GuideLoss()(inputs(logp, logp.detach(), torch.tensor([1.0])))
-    assert metrics["guided_ratio"][0].tolist() == [1.0, 1.0, 1.0]
+    assert metrics["guided_ratio_mean"][0][0].tolist() == [1.0, 1.0, 1.0]
     assert loss_BT[0].tolist() == [-0.5, -0.5, -0.5]
 
 
@@ -380,4 +381,4 @@ def test_guide_loss_is_the_same_for_every_micro_batch_size(model, scope):
         results[mbs] = metrics, grads
     assert max_diff(results[1][1], results[len(batch)][1]) < 1e-6
     assert results[1][0]["loss"] == pytest.approx(results[len(batch)][0]["loss"], abs=1e-6)
-    assert results[1][0]["gamma"] == pytest.approx(results[len(batch)][0]["gamma"], rel=1e-5)
+    assert results[1][0]["gamma_mean"] == pytest.approx(results[len(batch)][0]["gamma_mean"], rel=1e-5)

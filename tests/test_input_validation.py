@@ -16,7 +16,7 @@ import pytest
 
 from rltrain.config import InvalidRows, TaskConfig, TaskSource
 from rltrain.models import tiny_tokenizer
-from rltrain.tasks.prompts import (DatasetRowError, PromptFormatter, PromptSet, load_prompt_sets, unfit_hints,
+from rltrain.tasks.prompts import (DatasetRowError, PromptFormatter, PromptSet, load_prompt_sets,
                                    validate_rows)
 
 TOKENIZER = tiny_tokenizer()
@@ -103,8 +103,7 @@ def test_a_prompt_that_is_not_text_is_named():
 def test_hints_too_long_for_the_context_are_named_or_left_unused(caplog):
     """Guide's hinted prompt is longer than the plain one: a hint that leaves no room for the completion stops the run
     naming its row, or (skip) is never used — a row left with no usable hint is never regenerated."""
-    from rltrain.config import GuideConfig
-    from rltrain.rollout.guidance import HintGuidance
+    from rltrain.algorithms.guide import GuideConfig, HintGuidance, unfit_hints
 
     long = "x" * 30
     prompts = PromptSet([{"prompt": "what is 1+1?", "hints": ["1", long]}, {"prompt": "what is 2+2?", "hints": long},
@@ -116,12 +115,12 @@ def test_hints_too_long_for_the_context_are_named_or_left_unused(caplog):
     limit = lengths[0]  # the short hints fit exactly, the long ones do not
     assert lengths[2] <= limit < lengths[1]
     with pytest.raises(DatasetRowError) as caught:
-        unfit_hints(prompts, formatter, "hints", max_prompt_tokens=limit, policy=InvalidRows.error)
+        unfit_hints(prompts, formatter, "hints", max_prompt_tokens=limit)
     assert str(caught.value) == (f"d row 0: a hint in column 'hints' makes the prompt {lengths[1]} tokens once "
                                  f"formatted, more than the {limit} that model.max_context - rollout.max_tokens leaves "
                                  "(task.invalid_rows=skip leaves such hints unused)")
     with caplog.at_level(logging.WARNING):
-        unfit = unfit_hints(prompts, formatter, "hints", max_prompt_tokens=limit, policy=InvalidRows.skip)
+        unfit = unfit_hints(prompts, formatter, "hints", max_prompt_tokens=limit, skip=True)
     assert unfit == {0: {long}, 1: {long}}
     assert [r.message for r in caplog.records if "too long" in r.message] == [
         f"d: 2 hints of 2 rows are too long to use (task.invalid_rows=skip); row 0: a hint in column 'hints' makes "
@@ -129,7 +128,7 @@ def test_hints_too_long_for_the_context_are_named_or_left_unused(caplog):
         "rollout.max_tokens leaves"]
     guidance = HintGuidance(GuideConfig(), prompts.rows, rollouts_per_prompt=2, unfit=unfit)
     assert [guidance.hints_of(i) for i in range(4)] == [["1"], [], ["3"], []]
-    assert unfit_hints(prompts, formatter, "hints", max_prompt_tokens=lengths[1], policy=InvalidRows.error) == {}
+    assert unfit_hints(prompts, formatter, "hints", max_prompt_tokens=lengths[1], skip=False) == {}
 
 
 def test_builtin_rows_pass_and_lengths_match_the_ids_generation_uses():

@@ -36,7 +36,7 @@ def one_step(method: str, micro_batch: int, lora: bool):
 
     optimizer.step = recording_step
     before = {n: p.detach().clone() for n, p in c.policy.model.named_parameters()}
-    record, batch = train_step(c, config, 1)
+    record, batch, _ = train_step(c, config, 1)
     assert len(grads) == 1
     return c, record, batch, before, grads[0]
 

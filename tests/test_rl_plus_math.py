@@ -118,9 +118,10 @@ def test_rl_plus_loss_by_hand():
     assert metrics["clip_frac"].tolist() == [[0.0, 0.0], [1.0, 1.0]]
     assert unclipped_metrics["clip_frac"].tolist() == [[0.0, 0.0], [0.0, 0.0]]
     assert metrics["external_token_share"].tolist() == [[1.0, 1.0], [0.0, 0.0]]
-    assert metrics["mis_ratio"][0].tolist() == pytest.approx([0.2 / 0.65, 0.8], abs=1e-12)
-    assert metrics["exploration_weight"][0].tolist() == pytest.approx([math.sqrt(0.9), math.sqrt(0.5)], abs=1e-12)
-    assert metrics["mis_ratio"][1].tolist() == [0.0, 0.0] == metrics["exploration_weight"][1].tolist()
+    (mis, external), (weight, also_external) = metrics["mis_ratio_mean"], metrics["exploration_weight_mean"]
+    assert mis[0].tolist() == pytest.approx([0.2 / 0.65, 0.8], abs=1e-12)
+    assert weight[0].tolist() == pytest.approx([math.sqrt(0.9), math.sqrt(0.5)], abs=1e-12)
+    assert external.tolist() == also_external.tolist() == [[1.0, 1.0], [0.0, 0.0]]  # the means are over row 0 only
     # exploration_gamma = 1 weighs by (1 - pi)
     assert RLPlusLoss(exploration_gamma=1.0)(mixed())[0][0].tolist() == pytest.approx(
         [-0.2 / 0.65 * 2 * 0.9, -0.8 * 2 * 0.5], abs=1e-12)

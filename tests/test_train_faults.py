@@ -31,12 +31,12 @@ def test_failing_samples_pay_alone_and_are_counted(policy):
     seen = {"raise": 0, "hang": 0, "nan": 0, "short": 0, "ok": 0}
     for step in (1, 2, 3):
         state = torch.get_rng_state()
-        batch, stats = generate_step(c, config, step)
+        batch, stats, _ = generate_step(c, config, step)
         # The same rollouts again (same RNG, same sampler position), scored by the fault-free twin.
-        c.sampler.position -= config.trainer.prompts_per_step
+        c.selector.sampler.position -= config.trainer.prompts_per_step
         torch.set_rng_state(state)
         c.rewards, flaky = clean, c.rewards
-        reference, _ = generate_step(c, config, step)
+        reference, _, _ = generate_step(c, config, step)
         c.rewards = flaky
         kinds = [fault_kind(c.train_ids.prompts.rows[i]["prompt"]) for i in reference.prompt_index]
         for k in kinds:

@@ -54,11 +54,11 @@ def test_training_changes_the_weights_and_only_trainable_ones_with_lora(tmp_path
     c = build(config)
     before = {n: p.detach().clone() for n, p in c.policy.model.named_parameters()}
     for step in (1, 2):
-        batch, _ = generate_step(c, config, step)
+        batch, _, _ = generate_step(c, config, step)
         from rltrain.algorithms.grpo import group_advantages
 
         batch.advantages_N = group_advantages(batch.rewards_N, batch.group_ids_N)
-        c.policy.update(batch, c.loss)
+        c.policy.update(batch, c.algorithm.loss)
     changed = {n for n, p in c.policy.model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert changed and all("lora_" in n for n in changed)
     c.policy.save(tmp_path / "adapter")
@@ -77,7 +77,7 @@ def test_bf16_kl_and_several_updates_per_step(tmp_path):
 def test_constant_groups_are_filtered_and_refilled(tmp_path):
     config = compose(FAST + ["algorithm.filter_constant_groups=true", "algorithm.max_refill_rounds=3"])
     c = build(config)
-    batch, stats = generate_step(c, config, 1)
+    batch, stats, _ = generate_step(c, config, 1)
     from rltrain.algorithms.grpo import constant_groups
 
     assert stats["rollouts"] == 16 * (1 + stats["refill_rounds"])

@@ -235,18 +235,22 @@ def test_v0_budget_through_the_trainer_varies_group_sizes_keeps_the_total_and_re
 def test_a_row_drawn_twice_in_a_step_keeps_its_groups_outcomes_apart():
     """The sampler can start a new epoch mid-draw, so a step's candidates may hold a row twice: each of its groups is
     recorded with its own outcomes (attempts == its rollouts), not both with the sum."""
-    from rltrain.train import _planned_rollouts, build
+    from rltrain.rollout.scored import StepRollouts, Tally
+    from rltrain.train import build
 
     config = compose(SMALL + ["model.tiny.sft_steps=5", *BUDGET])
     c = build(config)
-    stats = {"rollouts": 0, "tokens_generated": 0, "time_reward_s": 0.0}
-    batch = _planned_rollouts(c, [3, 3, 5, 7], stats, first_group_id=100, step=1, round_=0)
-    log = stats["value_log"]
+    c.selector.sampler.next = lambda n: [3, 3, 5, 7]  # the candidates: row 3 twice
+    selection = c.selector.select(4, 1, 0, 100)
+    tally = Tally()
+    rollouts = StepRollouts(c.engine, c.train_ids, c.sampling, c.rewards, c.tokenizer, c.world, tally)
+    batch, _ = c.algorithm.produce(rollouts, selection, 1)
+    _, log = c.selector.record(selection, tally)
     assert [e["row"] for e in log] == [3, 3, 5, 7]
     assert [e["attempts"] for e in log] == [e["rollouts"] for e in log] and sum(e["rollouts"] for e in log) == 24
-    correct = (batch.rewards_N >= c.rewards.full_reward - 1e-6).tolist()
     for k, e in enumerate(log):
-        assert e["successes"] == sum(ok for g, ok in zip(batch.group_ids_N.tolist(), correct) if g == 100 + k)
+        assert e["successes"] == sum(ok for g, ok in zip(batch.group_ids_N.tolist(), batch.correct_N.tolist())
+                                     if g == 100 + k)
 
 
 def test_a_minimum_above_the_mean_group_is_a_config_error():

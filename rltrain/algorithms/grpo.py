@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rltrain.batch import Source
+from rltrain.algorithms.base import Algorithm
+from rltrain.batch import RolloutBatch, Source
 
 
 def group_advantages(
@@ -140,3 +141,25 @@ class GRPOLoss:
 
     def step_statistics(self, inputs) -> dict[str, Tensor]:
         return {}
+
+
+class GRPO(Algorithm):
+    """GRPO, and by configuration Dr.GRPO and DAPO's token mean (conf/algorithm/grpo.yaml, dr_grpo.yaml): the
+    selection sampled as it is, group-relative advantages, the clipped surrogate. The base of the other methods."""
+
+    def __init__(self, config, setup) -> None:
+        super().__init__(config, setup)
+        self.loss = self.build_loss()
+
+    def loss_settings(self) -> dict:
+        """GRPOLoss's settings from the common ``algorithm`` keys; every loss built on it takes them."""
+        a = self.config
+        return dict(eps_low=a.eps_low, eps_high=a.eps_high, beta=a.beta, entropy_coef=a.entropy_coef,
+                    aggregation=a.aggregation.value, max_len=self.setup.max_tokens)
+
+    def build_loss(self) -> GRPOLoss:
+        return GRPOLoss(**self.loss_settings())
+
+    def advantages(self, batch: RolloutBatch) -> Tensor:
+        return group_advantages(batch.rewards_N, batch.group_ids_N, scale=self.config.advantage_scale.value,
+                                std=self.config.advantage_std.value)

@@ -32,11 +32,19 @@ Deliberate deviations from the released code:
 
 from __future__ import annotations
 
+import enum
+import logging
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from rltrain.algorithms.grpo import GRPOLoss, clipped_surrogate
-from rltrain.batch import Source
+from rltrain.algorithms.base import Rollouts, Selection
+from rltrain.algorithms.grpo import GRPO, GRPOLoss, clipped_surrogate
+from rltrain.batch import RolloutBatch, Source
+from rltrain.errors import ConfigError, DatasetRowError
+
+logger = logging.getLogger(__name__)
 
 GAMMA_FLOOR = 1e-4
 SCOPES = ("sequence", "batch")
@@ -103,10 +111,9 @@ class GuideLoss(GRPOLoss):
     """GRPOLoss whose guided (``Source.hinted``) samples use the shaped surrogate with r~ = exp(logp - old_logp): the
     worker scores ``old_logp`` under the generation context (with the hint), ``logp`` under the training context.
 
-    Per-token metrics (the worker averages each over all trained tokens): ``ratio_mean`` (r, or r~ on guided tokens),
-    ``clip_frac`` (unguided tokens outside the clip range), ``guided_token_share`` (1 on guided tokens);
-    ``guided_ratio`` and ``gamma`` are r~ and gamma on guided tokens and 0 elsewhere, so divide them by
-    ``guided_token_share`` for their mean over guided tokens.
+    Metrics, over all trained tokens: ``ratio_mean`` (r, or r~ on guided tokens), ``clip_frac`` (share of tokens that
+    are unguided and outside the clip range), ``guided_token_share``; over guided tokens only: ``guided_ratio_mean``
+    (r~) and ``gamma_mean``.
     """
 
     def __init__(
@@ -170,11 +177,223 @@ class GuideLoss(GRPOLoss):
             "ratio_mean": ratio_BT,
             "clip_frac": clipped_BT * (1 - guided_BT),
             "guided_token_share": guided_BT,
-            "guided_ratio": ratio_BT * guided_BT,
-            "gamma": gamma_BT,
+            "guided_ratio_mean": (ratio_BT, guided_BT),
+            "gamma_mean": (gamma_BT, guided_BT),
         }
         return self.regularized(loss_BT, inputs, metrics)
 
 
 def _guided(sources, device) -> Tensor:
     return torch.tensor([s is Source.HINTED for s in sources], dtype=torch.bool, device=device)
+
+
+# ---- options ---------------------------------------------------------------------------------------------------
+
+class GuideMode(str, enum.Enum):
+    replace = "replace"  # a group with no success is regenerated with hints and replaced whole (Guide's default)
+    mixin = "mixin"  # the hinted group's successes replace that many of the failed unguided samples
+    balanced = "balanced"  # every prompt: half its group unguided, half hinted
+
+
+class GammaKind(str, enum.Enum):
+    percentile = "percentile"  # Guide: the detached quantile of the guided ratios in the scope
+    constant = "constant"  # LUFFY: a fixed gamma
+
+
+class GammaScope(str, enum.Enum):
+    sequence = "sequence"
+    batch = "batch"
+
+
+@dataclass
+class GuideConfig:
+    """``algorithm.guide``: hinted regeneration of failed groups and the shaped loss on hinted tokens."""
+
+    mode: GuideMode = GuideMode.replace
+    reroll_threshold: float = 0.001  # a group whose success rate is at most this is regenerated with hints
+    hint_column: str = "hints"  # a row's hint: a string, or a list of strings from weakest to strongest
+    escalate: bool = True  # a prompt whose hinted group still fails gets its next-stronger hint next time
+    gamma: GammaKind = GammaKind.percentile
+    gamma_value: float = 0.1  # with gamma=constant
+    quantile: float = 0.9
+    scope: GammaScope = GammaScope.sequence
+
+
+
+# ---- the rollout half: which groups get hints ------------------------------------------------------------------
+# After the unguided rollouts of a step, a prompt whose group succeeded at most ``reroll_threshold`` of the time gets a
+# fresh group sampled from its context WITH a hint; those samples are trained for the context without it (the batch
+# keeps both contexts, the loss corrects by importance sampling: ``rltrain.algorithms.guide``). Modes:
+#
+# - ``replace`` (Guide's released default): the hinted group replaces the failed one whole;
+# - ``mixin``: the hinted successes replace as many of the failed unguided samples, the rest stay;
+# - ``balanced``: every prompt gets half its group unguided and half hinted, failed or not.
+#
+# A row's hint is the ``hint_column`` value: a string, or a list from weakest to strongest. With ``escalate``, a prompt
+# whose hinted group still fails gets its next-stronger hint the next time it comes up (rltrain's extension; the
+# paper uses one hint per prompt). The per-prompt levels are checkpointed state. A prompt without a hint (none, an
+# empty one, or only hints too long for the context) is never regenerated, so with no hints at all the step is GRPO.
+
+def hint_levels(value) -> list[str]:
+    """A hint column's value as its hints, weakest first: a string or a list of them; blank or non-text ones are none."""
+    return [h for h in ([value] if isinstance(value, str) else list(value or [])) if isinstance(h, str) and h.strip()]
+
+
+def unfit_hints(prompts, formatter, column: str, *, max_prompt_tokens: int, skip: bool = False
+                ) -> dict[int, set[str]]:
+    """Row -> the hints of ``column`` (a string or a list of them) that make its formatted prompt longer than
+    ``max_prompt_tokens``, so a hinted group would have no room for its completion. Raises DatasetRowError for the
+    first; with ``skip`` (task.invalid_rows=skip) returns them (Guide never uses them) and logs one warning."""
+    pairs = [(i, h) for i, row in enumerate(prompts.rows) for h in hint_levels(row.get(column))]
+    lengths = formatter.lengths([prompts.rows[i]["prompt"] for i, _ in pairs], [h for _, h in pairs])
+    unfit: dict[int, set[str]] = {}
+    for (i, hint), length in zip(pairs, lengths):
+        if length <= max_prompt_tokens:
+            continue
+        if not unfit:
+            first = (f"row {i}: a hint in column {column!r} makes the prompt {length} tokens once formatted, more than "
+                     f"the {max_prompt_tokens} that model.max_context - rollout.max_tokens leaves")
+            if not skip:
+                raise DatasetRowError(f"{prompts.name} {first} (task.invalid_rows=skip leaves such hints unused)")
+        unfit.setdefault(i, set()).add(hint)
+    if unfit:
+        logger.warning("%s: %d hints of %d rows are too long to use (task.invalid_rows=skip); %s", prompts.name,
+                       sum(map(len, unfit.values())), len(unfit), first)
+    return unfit
+
+
+@dataclass(frozen=True)
+class Reroll:
+    """One group to regenerate: its id, its prompt row, the hint and how many samples."""
+
+    group_id: int
+    row: int
+    hint: str
+    count: int
+
+
+class HintGuidance:
+    def __init__(self, config: GuideConfig, rows: list[dict], rollouts_per_prompt: int, *,
+                 unfit: dict[int, set[str]] | None = None) -> None:
+        self.config = config
+        self.rows = rows
+        self.unfit = unfit or {}  # row -> hints too long for the context (``unfit_hints``)
+        self.per_prompt = rollouts_per_prompt
+        self.level: dict[int, int] = {}  # prompt row -> index of the hint it gets next (escalation)
+
+    def unguided_count(self, size: int | None = None) -> int:
+        """Unguided samples of a group of ``size`` (default: rollouts_per_prompt) in the first round; ``balanced``
+        leaves room for the hinted half."""
+        size = self.per_prompt if size is None else size
+        return size - size // 2 if self.config.mode == GuideMode.balanced else size
+
+    def hints_of(self, row: int) -> list[str]:
+        unfit = self.unfit.get(row, ())
+        return [h for h in hint_levels(self.rows[row].get(self.config.hint_column)) if h not in unfit]
+
+    def plan(self, batch: RolloutBatch, correct_N: torch.Tensor, sizes: dict[int, int] | None = None
+             ) -> list[Reroll]:
+        """The groups to regenerate with hints, with which hint and how many samples: a group's full size (``sizes``
+        by group id, as the prompt selector gave it; default rollouts_per_prompt), half of it when ``balanced``."""
+        out = []
+        for group_id, members in batch.groups().items():
+            size = (sizes or {}).get(group_id, self.per_prompt)
+            row = batch.prompt_index[members[0]]
+            hints = self.hints_of(row)
+            if not hints:
+                continue
+            failed = float(correct_N[members].float().mean()) <= self.config.reroll_threshold
+            if self.config.mode == GuideMode.balanced:
+                out.append(Reroll(group_id, row, hints[min(self.level.get(row, 0), len(hints) - 1)], size // 2))
+            elif failed:
+                out.append(Reroll(group_id, row, hints[min(self.level.get(row, 0), len(hints) - 1)], size))
+        return out
+
+    def merge(self, batch: RolloutBatch, correct_N: torch.Tensor, rerolls: list[Reroll], hinted: RolloutBatch,
+              hinted_correct_N: torch.Tensor) -> RolloutBatch:
+        """The step's batch: unguided groups, with the rerolled ones combined with their hinted samples per mode.
+        Also escalates the hint of every prompt whose hinted group failed again."""
+        hinted_groups = hinted.groups()
+        if self.config.escalate:
+            for r in rerolls:
+                if not bool(hinted_correct_N[hinted_groups.get(r.group_id, [])].any()):
+                    self.level[r.row] = min(self.level.get(r.row, 0) + 1, len(self.hints_of(r.row)) - 1)
+        mode = self.config.mode
+        if mode == GuideMode.balanced:
+            return RolloutBatch.concat([batch, hinted])
+        unguided_groups = batch.groups()
+        rerolled = {r.group_id for r in rerolls}
+        keep = [i for g, members in unguided_groups.items() if g not in rerolled for i in members]
+        parts = [batch.select(keep)] if keep else []
+        if mode == GuideMode.replace:
+            parts.append(hinted)
+        else:  # mixin: hinted successes first, then as many failed unguided samples as fill the group
+            for r in rerolls:
+                successes = [i for i in hinted_groups.get(r.group_id, []) if bool(hinted_correct_N[i])]
+                fill = unguided_groups[r.group_id][: max(r.count - len(successes), 0)]
+                if successes:
+                    parts.append(hinted.select(successes))
+                if fill:
+                    parts.append(batch.select(fill))
+        return RolloutBatch.concat(parts)
+
+    def state_dict(self) -> dict:
+        return {"level": {str(row): level for row, level in self.level.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.level = {int(row): level for row, level in state["level"].items()}
+
+
+# ---- the algorithm ---------------------------------------------------------------------------------------------
+
+class Guide(GRPO):
+    """GRPO whose failed groups are regenerated with hints (``HintGuidance``) and whose hinted samples are trained
+    with the shaped loss (``GuideLoss``). The hint levels reached by escalation are checkpointed."""
+
+    options = GuideConfig
+    options_key = "guide"
+
+    def __init__(self, config, setup) -> None:
+        super().__init__(config, setup)
+        g = config.guide
+        unfit = unfit_hints(setup.prompts.prompts, setup.prompts.formatter, g.hint_column,
+                            max_prompt_tokens=setup.max_prompt_tokens, skip=setup.skip_invalid)
+        self.guidance = HintGuidance(g, setup.prompts.prompts.rows, setup.rollouts_per_prompt, unfit=unfit)
+
+    def build_loss(self) -> GuideLoss:
+        g = self.config.guide
+        return GuideLoss(gamma="percentile" if g.gamma == GammaKind.percentile else g.gamma_value,
+                         quantile=g.quantile, scope=g.scope.value, **self.loss_settings())
+
+    @classmethod
+    def check(cls, config) -> None:
+        g = config.algorithm.guide
+        if not 0 <= g.reroll_threshold < 1 or not 0 < g.quantile <= 1 or not g.gamma_value > 0:
+            raise ConfigError("algorithm.guide: reroll_threshold must be in [0, 1), quantile in (0, 1], "
+                              "gamma_value > 0")
+        if g.mode == GuideMode.balanced and config.trainer.rollouts_per_prompt < 2:
+            raise ConfigError("algorithm.guide.mode=balanced needs trainer.rollouts_per_prompt >= 2 (half are hinted)")
+
+    def produce(self, rollouts: Rollouts, selection: Selection, step: int) -> tuple[RolloutBatch, dict[str, float]]:
+        sizes = dict(zip(selection.group_ids, selection.counts))
+        unguided = [self.guidance.unguided_count(n) for n in selection.counts]
+        batch = rollouts.sample(selection.rows, unguided, selection.group_ids)
+        rerolls = self.guidance.plan(batch, batch.correct_N, sizes)
+        counts = {"guide_rerolled": float(len(rerolls))}
+        if not rerolls:
+            return batch, counts
+        hinted = rollouts.sample([r.row for r in rerolls], [r.count for r in rerolls], [r.group_id for r in rerolls],
+                                 hints=[r.hint for r in rerolls])
+        counts.update(guide_hinted_correct=float(hinted.correct_N.sum()), guide_hinted_rollouts=float(len(hinted)))
+        return self.guidance.merge(batch, batch.correct_N, rerolls, hinted, hinted.correct_N), counts
+
+    def summarize(self, counts: dict[str, float]) -> dict[str, float]:
+        if not counts.get("guide_hinted_rollouts"):
+            return {}
+        return {"guide_hinted_success": counts["guide_hinted_correct"] / counts["guide_hinted_rollouts"]}
+
+    def state_dict(self) -> dict:
+        return self.guidance.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.guidance.load_state_dict(state)

@@ -28,14 +28,23 @@ log-prob rounding a hair above 0 cannot give NaN.
 
 from __future__ import annotations
 
+import enum
+import json
+import logging
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from rltrain.algorithms.grpo import GRPOLoss, clipped_surrogate
+from rltrain.algorithms.base import Rollouts, Selection
+from rltrain.algorithms.grpo import GRPO, GRPOLoss, clipped_surrogate
 from rltrain.algorithms.guide import shaped_surrogate
-from rltrain.batch import Source
+from rltrain.batch import RolloutBatch, Source
+from rltrain.errors import ConfigError, DatasetError, DatasetRowError
+
+logger = logging.getLogger(__name__)
 
 UNIFORMS = ("one", "vocab")
 EXTERNAL_TERMS = ("mis", "shaped")
@@ -65,10 +74,9 @@ class RLPlusLoss(GRPOLoss):
     """External (``Source.external``) tokens: -r^m A^c, unclipped, no KL. Every other token: GRPOLoss's clipped
     surrogate, or the unclipped -r A with ``clip_on_policy=False`` (the released code).
 
-    Per-token metrics (the worker averages each over all trained tokens): ``ratio_mean`` (the PPO ratio r on every
-    token), ``clip_frac`` (on-policy tokens outside the clip range), ``external_token_share`` (1 on external tokens);
-    ``mis_ratio`` and ``exploration_weight`` ((1 - pi)^gamma) are 0 off external tokens, so divide them by
-    ``external_token_share`` for their mean over external tokens.
+    Metrics, over all trained tokens: ``ratio_mean`` (the PPO ratio r), ``clip_frac`` (share of tokens that are
+    on-policy and outside the clip range), ``external_token_share``; over demonstration tokens only:
+    ``mis_ratio_mean`` and ``exploration_weight_mean`` ((1 - pi)^gamma; with ``external_term=mis``).
     """
 
     step_sources = frozenset()  # nothing step-wide: every term is per token
@@ -125,7 +133,183 @@ class RLPlusLoss(GRPOLoss):
             "ratio_mean": ratio_BT,
             "clip_frac": clipped_BT * (1 - external_BT),
             "external_token_share": external_BT,
-            "mis_ratio": mis_BT,
-            "exploration_weight": weight_BT,
+            "mis_ratio_mean": (mis_BT, external_BT),
+            "exploration_weight_mean": (weight_BT, external_BT),
         }
         return self.regularized(loss_BT, inputs, metrics, kl_mask_BT=~external_BT.bool())
+
+
+# ---- options ---------------------------------------------------------------------------------------------------
+
+class ExternalTerm(str, enum.Enum):
+    mis = "mis"  # RL-PLUS: -r^m A^c (Multiple Importance Sampling ratio, exploration advantage)
+    shaped = "shaped"  # LUFFY: -f(pi_theta) A, f(x) = x / (x + gamma), the demonstrator's probability taken as 1
+
+
+class MisUniform(str, enum.Enum):
+    one = "one"  # U = 1 (RL-PLUS's released code: r = pi / (0.75 pi_old + 0.25))
+    vocab = "vocab"  # U = 1/|V| (the paper)
+
+
+@dataclass
+class RLPlusConfig:
+    """``algorithm.rl_plus``: external demonstrations in each group, weighted by multiple importance sampling, with
+    the exploration-based advantage (or LUFFY's policy shaping)."""
+
+    n_external: int = 1  # demonstrations per group; the group keeps its size (trainer.rollouts_per_prompt) in all
+    demo_column: str = "solution"  # the row column holding the demonstration text
+    demo_path: str = ""  # or a JSONL of {"prompt", "completion"} traces (e.g. from a stronger model), by prompt
+    mis_uniform: MisUniform = MisUniform.one
+    exploration_gamma: float = 0.5
+    clip_on_policy: bool = True  # the released code removes clipping on the on-policy term (rl_plus_code)
+    external_term: ExternalTerm = ExternalTerm.mis  # `shaped`: LUFFY's policy shaping instead (algorithm=luffy)
+    shaping_gamma: float = 0.1  # LUFFY's gamma, with external_term=shaped
+
+
+# ---- demonstrations --------------------------------------------------------------------------------------------
+# External demonstrations joined into GRPO groups (RL-PLUS, algorithms.md section 2; arXiv 2508.00222).
+#
+# Each prompt's group holds ``n_external`` full demonstrations and ``rollouts_per_prompt - n_external`` on-policy
+# rollouts, as in the released code; the demonstrations are rewarded like any sample and count in the group mean.
+# A demonstration comes from the row's ``demo_column`` (e.g. the built-in tasks' worked solution; a string or a list of
+# them) or from a JSONL of ``{"prompt", "completion"}`` traces of another model, matched by prompt text (every trace of a
+# prompt is kept). With ``n_external`` > 1 a group takes that many different demonstrations of its prompt while there
+# are; fewer repeat (a warning counts such rows). Its tokens are the tokenized text and the end-of-sequence token; it
+# was not sampled by any engine here, so it has no behaviour log-probs (zeros stand in: the RL-PLUS loss never reads
+# them, its ratio is against pi_old scored by the policy).
+#
+# A demonstration must be something the policy could have generated: at most ``rollout.max_tokens`` tokens with its EOS
+# (a longer one would outweigh the group's rollouts and overrun the memory sized for them) and no token the tokenizer
+# could not encode (the policy would learn to emit ``<unk>``). Otherwise the run stops at start naming the row, or, with
+# ``task.invalid_rows=skip``, the demonstration is left out; a row left with none gets a group of rollouts only.
+
+class Demonstrations:
+    def __init__(self, config: RLPlusConfig, prompt_ids, tokenizer, *, max_tokens: int, skip: bool = False) -> None:
+        """``prompt_ids``: the train prompts' token ids (``Setup.prompts``); ``skip``: task.invalid_rows=skip."""
+        self.count = config.n_external
+        self.prompt_ids = prompt_ids
+        rows = prompt_ids.prompts.rows
+        if config.demo_path:
+            traces = _read_traces(Path(config.demo_path))
+            missing = [i for i, row in enumerate(rows) if row["prompt"] not in traces]
+            if missing:
+                raise DatasetError(f"algorithm.rl_plus.demo_path={config.demo_path}: no trace for train row {missing[0]} "
+                                   f"({rows[missing[0]]['prompt']!r}) and {len(missing) - 1} more")
+            texts = [traces[row["prompt"]] for row in rows]
+            source = f"algorithm.rl_plus.demo_path={config.demo_path}"
+        else:
+            texts = [_texts(row.get(config.demo_column)) for row in rows]
+            absent = [i for i, t in enumerate(texts) if not t]
+            if absent:
+                raise DatasetError(f"algorithm.rl_plus.demo_column={config.demo_column!r}: train row {absent[0]} has no "
+                                   f"demonstration ({len(absent)} rows in all)")
+            source = f"algorithm.rl_plus.demo_column={config.demo_column!r}"
+        unk, eos = tokenizer.unk_token_id, tokenizer.eos_token_id
+        self.ids: list[list[list[int]]] = []  # row -> its usable demonstrations' token ids (EOS included)
+        problems: dict[int, str] = {}
+        flat = [text for row_texts in texts for text in row_texts]
+        encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])  # one call for all
+        for i, row_texts in enumerate(texts):
+            usable = []
+            for _ in row_texts:
+                ids = list(next(encoded)) + [eos]
+                if len(ids) > max_tokens:
+                    problems.setdefault(i, f"a demonstration is {len(ids)} tokens with its EOS, more than "
+                                           f"rollout.max_tokens={max_tokens} lets a rollout have")
+                elif unk is not None and unk in ids[:-1]:
+                    problems.setdefault(i, f"a demonstration has text the tokenizer cannot encode "
+                                           f"({tokenizer.decode(ids[:-1], skip_special_tokens=False)!r})")
+                else:
+                    usable.append(ids)
+            self.ids.append(usable)
+        if problems:
+            first = min(problems)
+            message = f"{source}: train row {first}: {problems[first]}"
+            if not skip:
+                raise DatasetRowError(f"{message} (task.invalid_rows=skip leaves such demonstrations out"
+                                      + ("; or raise rollout.max_tokens)" if "max_tokens" in problems[first] else ")"))
+            logger.warning("%s; %d rows have such demonstrations, left out (task.invalid_rows=skip); %d rows have none "
+                           "left and get rollouts only", message, len(problems), sum(not ids for ids in self.ids))
+        repeated = sum(0 < len(ids) < self.count for ids in self.ids)
+        if repeated:
+            logger.warning("%s: %d rows have fewer than algorithm.rl_plus.n_external=%d different demonstrations; "
+                           "theirs repeat in a group", source, repeated, self.count)
+
+    def count_for(self, index: int) -> int:
+        """Demonstrations in prompt ``index``'s group (0 for a row whose every demonstration was left out)."""
+        return self.count if self.ids[index] else 0
+
+    def batch(self, indices: list[int], group_ids: list[int]) -> RolloutBatch:
+        """``count_for(i)`` demonstrations of each prompt ``i = indices[k]``, in group ``group_ids[k]``."""
+        contexts, completions, groups, rows = [], [], [], []
+        for index, group in zip(indices, group_ids):
+            for k in range(self.count_for(index)):
+                contexts.append(self.prompt_ids[index])
+                completions.append(list(self.ids[index][k % len(self.ids[index])]))
+                groups.append(group)
+                rows.append(index)
+        n = len(completions)
+        return RolloutBatch(
+            train_prompt_ids=contexts, gen_prompt_ids=contexts, completion_ids=completions,
+            behaviour_logp=[[0.0] * len(c) for c in completions], group_ids_N=groups,
+            sources=[Source.EXTERNAL] * n, prompt_index=rows, truncated_N=[False] * n,
+        )
+
+
+def _texts(value) -> list[str]:
+    """A row's demonstrations: a value (text, or a number as text) or a list of them; blank ones are none."""
+    values = list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
+    return [str(v) for v in values if v is not None and str(v).strip()]
+
+
+def _read_traces(path: Path) -> dict[str, list[str]]:
+    if not path.is_file():
+        raise DatasetError(f"algorithm.rl_plus.demo_path: no file {path}")
+    traces: dict[str, list[str]] = {}
+    for number, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if not isinstance(record.get("prompt"), str) or not isinstance(record.get("completion"), str):
+            raise DatasetError(f"{path} line {number + 1}: needs string fields 'prompt' and 'completion'")
+        if record["completion"].strip() and record["completion"] not in traces.setdefault(record["prompt"], []):
+            traces[record["prompt"]].append(record["completion"])
+    return {prompt: texts for prompt, texts in traces.items() if texts}
+
+
+# ---- the algorithm ---------------------------------------------------------------------------------------------
+
+class RLPlus(GRPO):
+    """GRPO groups with ``n_external`` demonstrations each (``Demonstrations``), trained with ``RLPlusLoss``. A
+    group keeps the size the prompt selector gave it: its demonstrations take that many of its places."""
+
+    options = RLPlusConfig
+    options_key = "rl_plus"
+
+    def __init__(self, config, setup) -> None:
+        super().__init__(config, setup)
+        self.demos = Demonstrations(config.rl_plus, setup.prompts, setup.tokenizer, max_tokens=setup.max_tokens,
+                                    skip=setup.skip_invalid)
+
+    def build_loss(self) -> RLPlusLoss:
+        p = self.config.rl_plus
+        return RLPlusLoss(mis_uniform=p.mis_uniform.value, vocab_size=self.setup.vocab_size,
+                          exploration_gamma=p.exploration_gamma, clip_on_policy=p.clip_on_policy,
+                          external_term=p.external_term.value, shaping_gamma=p.shaping_gamma, **self.loss_settings())
+
+    @classmethod
+    def check(cls, config) -> None:
+        p, t, b = config.algorithm.rl_plus, config.trainer, config.budget
+        if not 1 <= p.n_external < t.rollouts_per_prompt:
+            raise ConfigError(f"algorithm.rl_plus.n_external={p.n_external} must be >= 1 and leave on-policy samples "
+                              f"in each group of trainer.rollouts_per_prompt={t.rollouts_per_prompt}")
+        if b.predictor.value != "none" and b.min_per_prompt <= p.n_external:
+            raise ConfigError(f"budget.min_per_prompt={b.min_per_prompt} must be more than algorithm.rl_plus."
+                              f"n_external={p.n_external}: each group needs on-policy samples beside its demonstrations")
+
+    def produce(self, rollouts: Rollouts, selection: Selection, step: int) -> tuple[RolloutBatch, dict[str, float]]:
+        demos = [self.demos.count_for(row) for row in selection.rows]
+        batch = rollouts.sample(selection.rows, [n - d for n, d in zip(selection.counts, demos)], selection.group_ids)
+        external = self.demos.batch(selection.rows, selection.group_ids)
+        counts = {"external_samples": float(len(external))}
+        return RolloutBatch.concat([batch, rollouts.score(external)]), counts

@@ -138,7 +138,7 @@ class RewardScorer:
         completions = tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
         prompts = [prompt_set.rows[i]["prompt"] for i in batch.prompt_index]
         total_N, components, failed_N, stats = self.score(prompts, completions, prompt_set.columns(batch.prompt_index))
-        batch = batch.with_rewards(total_N, components)
+        batch = batch.with_rewards(total_N, components, self.full_reward)
         stats["reward_dropped"] = 0.0
         if self.on_failure == RewardFailure.drop and failed_N.any():
             kept = (~failed_N).nonzero().squeeze(-1).tolist()

@@ -15,19 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rltrain.config import InvalidRows, PromptStyle, TaskConfig, TaskSource
+from rltrain.errors import DatasetError, DatasetRowError
 from rltrain.tasks import arithmetic
 
 EVAL_SEED_OFFSET = 1_000_003
 
 logger = logging.getLogger(__name__)
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used as configured; the message names the path, the split and the config key."""
-
-
-class DatasetRowError(DatasetError):
-    """A row that cannot be trained on; the message names the prompt set (path and split), the row and the column."""
 
 
 @dataclass
@@ -141,34 +134,6 @@ def validate_rows(prompts: PromptSet, formatter: PromptFormatter, *, max_prompt_
         logger.warning("%s: left out %d of %d rows (task.invalid_rows=skip): rows %s; %s", prompts.name, len(skipped),
                        len(prompts), shown, first)
     return PromptSet(kept, prompts.name, prompts.renamed), skipped
-
-
-def hint_levels(value) -> list[str]:
-    """A hint column's value as its hints, weakest first: a string or a list of them; blank or non-text ones are none."""
-    return [h for h in ([value] if isinstance(value, str) else list(value or [])) if isinstance(h, str) and h.strip()]
-
-
-def unfit_hints(prompts: PromptSet, formatter: PromptFormatter, column: str, *, max_prompt_tokens: int,
-                policy: InvalidRows) -> dict[int, set[str]]:
-    """Row -> the hints of ``column`` (a string or a list of them) that make its formatted prompt longer than
-    ``max_prompt_tokens``, so a hinted group would have no room for its completion. ``policy=error`` raises
-    DatasetRowError for the first; ``skip`` returns them (Guide never uses them) and logs one warning."""
-    pairs = [(i, h) for i, row in enumerate(prompts.rows) for h in hint_levels(row.get(column))]
-    lengths = formatter.lengths([prompts.rows[i]["prompt"] for i, _ in pairs], [h for _, h in pairs])
-    unfit: dict[int, set[str]] = {}
-    for (i, hint), length in zip(pairs, lengths):
-        if length <= max_prompt_tokens:
-            continue
-        if not unfit:
-            first = (f"row {i}: a hint in column {column!r} makes the prompt {length} tokens once formatted, more than "
-                     f"the {max_prompt_tokens} that model.max_context - rollout.max_tokens leaves")
-            if policy == InvalidRows.error:
-                raise DatasetRowError(f"{prompts.name} {first} (task.invalid_rows=skip leaves such hints unused)")
-        unfit.setdefault(i, set()).add(hint)
-    if unfit:
-        logger.warning("%s: %d hints of %d rows are too long to use (task.invalid_rows=skip); %s", prompts.name,
-                       sum(map(len, unfit.values())), len(unfit), first)
-    return unfit
 
 
 def _text_problem(prompts: PromptSet, row: dict) -> str | None:
