@@ -27,7 +27,7 @@ from rltrain.paths import CONF_DIR
 
 # Config groups (and the same keys in global files) not checked yet. algorithm: the algorithm configs move into their
 # modules in the same redesign (AlgorithmConfig, GuideConfig, RLPlusConfig, conf/algorithm/); drop it here then.
-DEFERRED = {"algorithm"}
+DEFERRED: set[str] = set()
 
 # Keys conf/config.yaml may set differently from the schema on purpose: a choice of the default experiment that is no
 # general default. conf/config.yaml is composed into every run, so any other value it sets is a schema default that

@@ -27,6 +27,7 @@ from trl.trainer.grpo_trainer import GRPOTrainer  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
 from rltrain.algorithms.grpo import GRPOLoss, group_advantages  # noqa: E402
+from rltrain.algorithms.gspo import GSPOLoss  # noqa: E402
 from rltrain.batch import RolloutBatch  # noqa: E402
 from rltrain.config import ModelConfig, ModelSource, TinyModelConfig  # noqa: E402
 from rltrain.models import tiny_model, tiny_tokenizer  # noqa: E402
@@ -74,11 +75,11 @@ class TRLGRPOLoss:
     _get_per_token_logps_and_entropies = GRPOTrainer._get_per_token_logps_and_entropies
     get_high_entropy_mask = GRPOTrainer.get_high_entropy_mask
 
-    def __init__(self, loss_type: str, *, beta: float = 0.0):
+    def __init__(self, loss_type: str, *, beta: float = 0.0, level: str = "token", eps=(EPS_LOW, EPS_HIGH)):
         self.loss_type = loss_type
-        self.epsilon_low, self.epsilon_high = EPS_LOW, EPS_HIGH
+        self.epsilon_low, self.epsilon_high = eps
         self.beta = beta
-        self.importance_sampling_level = "token"
+        self.importance_sampling_level = level
         self.max_completion_length = MAX_COMPLETION_LENGTH
         self.top_entropy_quantile = 1.0
         self.off_policy_mask_threshold = None
@@ -172,10 +173,10 @@ def trl_inputs(batch: RolloutBatch, old_logp=None, ref_logp=None) -> dict:
     return inputs
 
 
-def trl_step(model, batch, loss_type, *, beta=0.0, old_logp=None, ref_logp=None):
+def trl_step(model, batch, loss_type, *, beta=0.0, old_logp=None, ref_logp=None, **trainer_args):
     trl_model = copy.deepcopy(model)
     add_fused_lm_head(trl_model, temperature=TEMPERATURE, outputs=("log_probs", "entropy"))
-    trainer = TRLGRPOLoss(loss_type, beta=beta)
+    trainer = TRLGRPOLoss(loss_type, beta=beta, **trainer_args)
     loss = trainer._compute_loss(trl_model, trl_inputs(batch, old_logp, ref_logp))
     loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in trl_model.named_parameters()}
@@ -267,3 +268,39 @@ def test_loss_types_differ_on_this_batch(model):
     assert abs(losses["grpo"] - losses["bnpo"]) > 1e-3
     assert abs(losses["grpo"] - losses["dr_grpo"]) > 1e-3
     assert abs(losses["bnpo"] - losses["dr_grpo"]) > 1e-3
+
+
+# ---- GSPO: TRL's importance_sampling_level="sequence" ---------------------------------------------------------------
+GSPO_EPS = (3e-4, 4e-4)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+@pytest.mark.parametrize("policy", ["on", "off"])
+def test_gspo_matches_trl_sequence_level(model, loss_type, policy):
+    """algorithm=gspo's loss (sequence ratio, clipped per sequence, broadcast to tokens) is TRL's sequence-level
+    importance sampling: the paper's per-sequence mean (TRL's grpo loss type, seq_mean_token_mean) and the token
+    mean (dapo), on-policy (s = 1) and off-policy (s clipped for some sequences), accumulated over micro-batches of 3."""
+    batch = make_batch()
+    worker, recorded = rltrain_worker(model)
+    loss_fn = GSPOLoss(eps_low=GSPO_EPS[0], eps_high=GSPO_EPS[1], aggregation=LOSS_TYPES[loss_type],
+                       max_len=MAX_COMPLETION_LENGTH)
+    old_logp = None
+    if policy == "off":  # token ratios spread +-0.3; their masked mean puts sequences 0, 2, 4 inside the clip range
+        current = worker.logprobs(batch.train_prompt_ids, batch.completion_ids)
+        shifts = [2e-4, -1e-3, 0.0, 1e-3, -2e-4, 5e-3, -5e-3]
+        old_logp = {}
+        for i, (row, mask) in enumerate(zip(current, batch.completion_mask)):
+            wiggle = [0.3 * (-1) ** t for t in range(len(row))]
+            mean = sum(w * m for w, m in zip(wiggle, mask)) / sum(mask)
+            old_logp[i] = [v + shifts[i] + w - mean for v, w in zip(row, wiggle)]
+    if old_logp is None:
+        metrics = worker.update(batch, loss_fn)
+    else:
+        metrics = worker._one_update(batch, list(range(len(batch))), loss_fn, old_logp, {})
+    trl_loss, trl_grads, _ = trl_step(model, batch, loss_type, old_logp=old_logp, level="sequence", eps=GSPO_EPS)
+    assert metrics["loss"] == pytest.approx(trl_loss, abs=TOL)
+    assert_grads_close(recorded[0], trl_grads)
+    if old_logp is not None:  # some sequences clipped, some not: the clip is exercised
+        assert 0.0 < metrics["clip_frac"] < 1.0
+        token_level, _, _ = trl_step(model, batch, loss_type, old_logp=old_logp, eps=GSPO_EPS)
+        assert abs(token_level - trl_loss) > 1e-3  # sequence level is not the token level on this batch
