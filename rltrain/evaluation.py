@@ -112,7 +112,7 @@ def _scored(batch, rewards: RewardScorer, tokenizer, prompt_set):
     sample being correct when it reaches the full reward. A sample whose reward failed scores 0 and stays, whatever
     the run's policy: dropping it would raise the accuracy and leave prompts with fewer samples."""
     batch, texts, _ = rewards.with_policy(RewardFailure.zero).score_batch(batch, tokenizer, prompt_set)
-    return batch, texts, batch.rewards_N >= rewards.full_reward - 1e-6
+    return batch, texts, batch.correct_N
 
 
 def run_prompts(engine, prompt_ids: PromptIds, rewards: RewardScorer, tokenizer, *, max_tokens: int, samples: int,

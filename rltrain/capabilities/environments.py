@@ -100,10 +100,9 @@ def measure(engine, tokenizer, task: TaskConfig, *, prompts: int, group: int, sa
     rewards = batch.rewards_N.view(len(train_set), group) if len(batch) == len(train_set) * group else None
     if rewards is None:
         return None
-    full = scorer.full_reward
     return Calibration(level=0, reward_mean=float(rewards.mean()),
                        all_zero=float((rewards <= 1e-6).all(1).float().mean()),
-                       all_one=float((rewards >= full - 1e-6).all(1).float().mean()), in_range=False)
+                       all_one=float(batch.correct_N.view(len(train_set), group).all(1).float().mean()), in_range=False)
 
 
 def candidate_levels(capability: str, base: TaskConfig) -> tuple[int, ...]:

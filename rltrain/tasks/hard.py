@@ -163,7 +163,7 @@ class Screener:
         torch.manual_seed(zlib.crc32(f"{self.seed}|{ids.prompts.rows[index]['prompt']}|{tag}".encode()))
         batch = collect(self.engine, ids, [index], [self.samples], self.sampling, hints=[hint] if hint else None)
         batch, _, _ = self.rewards.score_batch(batch, self.tokenizer, ids.prompts)
-        return int((batch.rewards_N >= self.rewards.full_reward - 1e-6).sum())
+        return int(batch.correct_N.sum())
 
 
 def screened_with(config: Config) -> dict:
