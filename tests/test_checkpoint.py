@@ -183,6 +183,10 @@ def _records(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict], list[dict
     return ({r["step"]: r for r in steps}, {r["eval_step"]: r for r in records if "eval_step" in r}, samples)
 
 
+def _same(a, b) -> bool:
+    return a == b or (a != a and b != b)
+
+
 # The V0 budget composed with Guide and with RL-PLUS: the planner's history, the hint levels and the sampler all resume.
 V0 = ["budget.predictor=v0", "budget.min_context=8", "budget.allocator=variance"]
 METHODS = {
@@ -223,9 +227,10 @@ def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(metho
     assert sorted(steps) == sorted(ref_steps) == list(range(1, 41))
     assert sorted(evals) == sorted(ref_evals) == [0, 10, 20, 30, 40]
     for step in range(1, 41):
-        assert steps[step]["reward_mean"] == ref_steps[step]["reward_mean"], step  # bitwise
-        assert steps[step]["loss"] == ref_steps[step]["loss"], step  # bitwise too (the promise is 1e-6)
-        assert steps[step]["lr"] == ref_steps[step]["lr"], step
+        # bitwise (the promise is 1e-6); a step whose groups were all filtered has no reward mean and no loss
+        assert _same(steps[step]["reward_mean"], ref_steps[step]["reward_mean"]), step
+        assert _same(steps[step].get("loss"), ref_steps[step].get("loss")), step
+        assert steps[step].get("lr") == ref_steps[step].get("lr"), step
     assert steps[40]["lr"] == 0.0 < steps[20]["lr"] < steps[1]["lr"]
     for step in evals:
         assert evals[step]["eval_accuracy"] == ref_evals[step]["eval_accuracy"]
@@ -234,6 +239,7 @@ def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(metho
     if extra:  # the budget's per-prompt log, and each method's own path acted
         assert (killed_dir / "value.jsonl").read_text() == (tmp_path / "reference" / "value.jsonl").read_text()
         assert sum(steps[s].get("guided_token_share", 0) > 0 for s in steps) >= 5 or method != "v0_guide"
+        assert sum("loss" in r for r in steps.values()) >= 20  # most steps learned from something
         assert all(steps[s].get("external_samples", 0) > 0 for s in steps) or method != "v0_rl_plus"
         assert len({tuple(r["budget_counts"]) for r in steps.values()}) > 1  # the planner's counts vary
     final = "final/model.safetensors"
