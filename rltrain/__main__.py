@@ -1,3 +1,6 @@
-from rltrain.cli import main
+"""``python -m rltrain ...``: the ``rltrain`` command."""
 
-main()
+if __name__ == "__main__":
+    from rltrain.cli import main
+
+    main()

@@ -1,21 +1,20 @@
-"""Evaluation: greedy accuracy (never with hints), pass@k from sampled completions, and the ``rltrain eval`` command.
+"""Evaluation: greedy accuracy (never with hints), pass@k from sampled completions, the models ``rltrain eval`` loads.
 
 pass@k at k <= n uses the unbiased estimator (Chen et al. 2021). Beyond n, per-prompt (successes, attempts) are fit
 with a beta-binomial by maximum likelihood and pass@k = 1 - B(alpha, beta + k) / B(alpha, beta) (arXiv 2510.05197,
 algorithms.md section 5); the command reports the fit at k <= n too, next to the unbiased numbers, so its quality
 shows. The fit is biased upward when some prompts are truly impossible (a Beta puts mass near every p > 0).
 
-``rltrain eval [overrides]`` loads ``eval.checkpoint`` (a model dir, a PEFT adapter dir, a checkpoint dir holding
-``model/``, or a run dir: its ``final/``, else its newest complete checkpoint; empty: the model the config describes),
-evaluates ``task.eval_size`` prompts of ``eval.split`` and writes a table to the console and JSON to ``eval.output``.
+``rltrain eval [overrides]`` (rltrain/commands/eval.py) loads ``eval.checkpoint`` (a model dir, a PEFT adapter dir,
+a checkpoint dir holding ``model/``, or a run dir: its ``final/``, else its newest complete checkpoint; empty: the
+model the config describes), evaluates ``task.eval_size`` prompts of ``eval.split`` and writes a table to the console
+and JSON to ``eval.output``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,17 +25,6 @@ from rltrain.config import RewardFailure
 from rltrain.rewards import RewardScorer
 from rltrain.rollout.base import SamplingParams
 from rltrain.rollout.collect import PromptIds, collect
-
-USAGE = """usage: rltrain eval [overrides]
-  e.g. rltrain eval experiment=tiny eval.checkpoint=outputs/tiny/RUN eval.samples=16
-  eval.checkpoint   model dir | PEFT adapter dir | checkpoint dir (model/) | run dir (final/ or newest checkpoint);
-                    empty: the model the config describes
-  eval.split        eval | train (task.eval_size prompts of it; 0 = all)
-  eval.samples      sampled completions per prompt for pass@k (1 = greedy accuracy only)
-  eval.ks           pass@k at these k (default 1, 2, 4, ... up to eval.samples)
-  eval.extrapolate_ks  k beyond eval.samples, from the beta-binomial fit
-  eval.output       JSON path (default: eval.json in eval.checkpoint, or in the current directory)"""
-
 
 # ---- estimators (pure) ---------------------------------------------------------------------------------------------
 
@@ -310,7 +298,7 @@ def load_for_eval(location: ModelLocation | None, model_config):
     return model.eval(), tokenizer
 
 
-# ---- the command ---------------------------------------------------------------------------------------------------
+# ---- the prompts a command evaluates ---------------------------------------------------------------------------------
 
 
 def eval_prompt_set(config):
@@ -321,97 +309,3 @@ def eval_prompt_set(config):
     train_set, eval_set = load_prompt_sets(config.task)
     chosen = eval_set if config.eval.split == EvalSplit.eval else train_set
     return dataclasses.replace(chosen, rows=chosen.rows[: config.task.eval_size or len(chosen)])
-
-
-def main(args: list[str]) -> None:
-    """``rltrain eval [overrides]``: exit 2 with one line on a config mistake or an unloadable eval.checkpoint."""
-    from rltrain.cli import command_config
-
-    config = command_config(args, USAGE)
-    if config is None:
-        return
-    e = config.eval
-    if e.router:  # TRACE: adapters routed per prompt
-        from rltrain.capabilities.routing import evaluate_with_router
-
-        if config.trainer.num_threads:
-            torch.set_num_threads(config.trainer.num_threads)
-        torch.manual_seed(config.trainer.seed)
-        result = evaluate_with_router(config)
-        output = Path(e.output) if e.output else Path(e.adapters).parent / f"eval_router_{e.router}.json"
-        output.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"router {e.router}: accuracy {result['accuracy']:.3f}; alone: "
-              + ", ".join(f"{n} {s['accuracy']:.3f}" for n, s in result["single"].items()) + f"; wrote {output}")
-        return
-    try:
-        location = locate(e.checkpoint) if e.checkpoint else None
-    except CheckpointPathError as err:
-        print(f"rltrain: config error: eval.checkpoint: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    output = Path(e.output) if e.output else Path(e.checkpoint or ".") / "eval.json"
-
-    from rltrain.rollout.hf import HFEngine
-    from rltrain.rewards import RewardError
-    from rltrain.tasks.prompts import DatasetError, PromptFormatter, validate_rows
-
-    if config.trainer.num_threads:
-        torch.set_num_threads(config.trainer.num_threads)
-    torch.manual_seed(config.trainer.seed)
-    model, tokenizer = load_for_eval(location, config.model)
-    r = config.rollout
-    engine = HFEngine(model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
-                      batch_size=r.batch_size)
-    formatter = PromptFormatter(tokenizer, config.task)
-    try:
-        prompt_set, _ = validate_rows(eval_prompt_set(config), formatter, policy=config.task.invalid_rows,
-                                      max_prompt_tokens=config.model.max_context - r.max_tokens)
-        scorer = RewardScorer.from_config(config.task)
-        try:
-            outcomes = run_prompts(engine, PromptIds(formatter, prompt_set), scorer, tokenizer, max_tokens=r.max_tokens,
-                                   samples=e.samples, temperature=r.temperature, top_p=r.top_p)
-        finally:
-            scorer.close()
-    except (DatasetError, RewardError) as err:
-        print(f"rltrain: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    ks = sorted(set(e.ks)) or default_ks(e.samples)
-    result = {"checkpoint": str(location.weights) if location else "", "split": e.split.value,
-              "prompt_set": prompt_set.name,
-              **report(prompt_set.rows, outcomes, ks, list(e.extrapolate_ks))}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=1) + "\n")
-    print_report(result, ks)
-    print(f"wrote {output}")
-
-
-def print_report(result: dict, ks: list[int]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    sampled = "pass_at_k" in result
-    console.print(f"[bold]{result['checkpoint'] or 'the config model'}[/]: {result['split']} split, "
-                  f"{result['prompts']} prompts" + (f", {result['samples']} samples each" if sampled else ""))
-    head = Table()
-    head.add_column("greedy accuracy", justify="right")
-    head.add_column("greedy reward mean", justify="right")
-    head.add_row(f"{result['accuracy']:.3f}", f"{result['reward_mean']:.3f}")
-    console.print(head)
-    if sampled:
-        fit = result["beta_binomial"]
-        curve = Table(title=f"pass@k (beta-binomial fit: alpha={fit['alpha']:.3g}, beta={fit['beta']:.3g})")
-        for name in ("k", "unbiased", "beta-binomial fit"):
-            curve.add_column(name, justify="right")
-        for k, fitted in fit["pass_at_k"].items():
-            unbiased = result["pass_at_k"].get(k)
-            curve.add_row(k, "" if unbiased is None else f"{unbiased:.3f}", f"{fitted:.3f}")
-        console.print(curve)
-    for column, groups in result["breakdown"].items():
-        table = Table(title=f"by {column}")
-        for name in (column, "prompts", "accuracy", *(f"pass@{k}" for k in ks if sampled)):
-            table.add_column(name, justify="left" if name == column else "right", overflow="fold",
-                             no_wrap=name != column)
-        for tag, s in groups.items():
-            table.add_row(tag, str(s["prompts"]), f"{s['accuracy']:.3f}",
-                          *(f"{v:.3f}" for v in s.get("pass_at_k", {}).values()))
-        console.print(table)

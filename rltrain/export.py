@@ -1,4 +1,5 @@
-"""``rltrain export`` and ``rltrain push``: adapters (+ router config) as a hub-ready folder, and its upload.
+"""``rltrain export`` and ``rltrain push`` (rltrain/commands/): adapters (+ router config) as a hub-ready folder, and
+its upload.
 
     rltrain export 'export.adapters=[{name: carry, path: RUN_A}, {name: counting, path: RUN_B}]' \\
         export.router=route/router.json export.output=exported
@@ -13,7 +14,6 @@ router.json when given, and a README.md for the collection. Each adapter loads w
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -169,23 +169,3 @@ def push(folder: Path, repo_id: str, *, private: bool = True, endpoint: str = ""
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="rltrain export")
     return str(getattr(info, "commit_url", repo_id))
-
-
-def main(command: str, args: list[str]) -> None:
-    from rltrain.cli import command_config
-
-    config = command_config(args)
-    try:
-        if command == "export":
-            e = config.export
-            out = export([dataclasses.asdict(a) for a in e.adapters], Path(e.output), router=e.router)
-            print(f"wrote {out}: {', '.join(a.name for a in e.adapters)}")
-        else:
-            p = config.push
-            if not p.repo_id or not p.folder:
-                raise ExportError("push.folder and push.repo_id must be set (repo_id local:PATH for a directory)")
-            print(f"pushed {p.folder} to {push(Path(p.folder), p.repo_id, private=p.private, endpoint=p.endpoint)}")
-    except ExportError as err:
-        from rltrain.cli import exit_config_error
-
-        exit_config_error(str(err))

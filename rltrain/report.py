@@ -9,13 +9,11 @@ is going, after it crashed, or on another machine.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import html
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -457,21 +455,3 @@ def write_sweep_report(sweep_dir: Path, console: Console) -> tuple[Path, Path, P
     plot_sweep(jobs, labels, png, f"{sweep_dir.resolve().name}: {len(jobs)} jobs"
                + (f" (common overrides: {' '.join(common)})" if common else ""))
     return md, csv_path, png
-
-
-# ---------------------------------------------------------------------------------------------------- command
-
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="rltrain report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dir", type=Path, help="a run dir (metrics.jsonl) or a Hydra multirun dir (multirun.yaml)")
-    directory = parser.parse_args(argv).dir
-    console = Console()
-    if (directory / "multirun.yaml").is_file():
-        paths = write_sweep_report(directory, console)
-    elif (directory / "metrics.jsonl").is_file():
-        paths = write_run_report(directory)
-    else:
-        print(f"rltrain report: {directory} is neither a run dir (no metrics.jsonl) nor a multirun dir "
-              f"(no multirun.yaml)", file=sys.stderr)
-        raise SystemExit(2)
-    console.print("wrote " + ", ".join(str(p) for p in paths))

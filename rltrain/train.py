@@ -485,55 +485,7 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def quiet_transformers() -> None:
-    """transformers' own loading/saving progress bars would cut through rltrain's progress bar."""
-    import transformers
+if __name__ == "__main__":  # python -m rltrain.train / torchrun -m rltrain.train: the command (the one entry here)
+    from rltrain.commands.train import main
 
-    transformers.utils.logging.disable_progress_bar()
-
-
-def _hydra_entry():
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import DictConfig
-
-    from rltrain.config import register, to_config
-    from rltrain.paths import CONF_DIR
-
-    register()
-
-    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
-    def main(cfg: DictConfig) -> float:
-        size = int(os.environ.get("WORLD_SIZE", "1"))
-        config = to_config(cfg)
-        if size != 1 and config.distributed.kind == DistributedKind.none:
-            raise SystemExit(f"rltrain: distributed=none runs one process, but WORLD_SIZE={size}: choose "
-                             "distributed=zero2 or distributed=zero3")
-        world = init_world(deepspeed=config.distributed.kind != DistributedKind.none)
-        if not world.is_main:  # one voice: rank 0 reports (errors still come from every rank)
-            logging.getLogger("rltrain").setLevel(logging.ERROR)
-        # Each rank's Hydra names its own output dir (a timestamp may differ by a second): rank 0's is the run's.
-        run_dir = Path(world.broadcast(HydraConfig.get().runtime.output_dir))
-        ctx = RunContext(run_dir=run_dir, world=world)
-        try:
-            return train(config, ctx)["eval_accuracy_end"]
-        except (TrainingDiverged, CheckpointError, DatasetError, RewardError, EngineOutOfSync, ServerError) as err:
-            print(f"rltrain: {err}", file=sys.stderr)
-            raise SystemExit(1) from None
-
-    return main
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Validate the overrides (every job of a sweep) with one-line errors, then hand over to Hydra."""
-    from rltrain.cli import check_overrides_or_exit
-
-    argv = sys.argv[1:] if argv is None else argv
-    check_overrides_or_exit(argv)
-    quiet_transformers()
-    sys.argv = [sys.argv[0]] + argv
-    _hydra_entry()()
-
-
-if __name__ == "__main__":
     main()

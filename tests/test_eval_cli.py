@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from rltrain.cli import compose
-from rltrain.evaluation import CheckpointPathError, locate, main
+from rltrain.commands.eval import main
+from rltrain.evaluation import CheckpointPathError, locate
 from rltrain.models import load_model, wrap_lora
 from rltrain.rollout.collect import PromptIds
 from rltrain.sft import warm_start

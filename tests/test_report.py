@@ -11,8 +11,8 @@ import pytest
 from matplotlib import image as mpimg
 from rich.console import Console
 
+from rltrain.commands.report import main
 from rltrain.report import (
-    main,
     metric_rows,
     read_jsonl,
     rolling_mean,

@@ -1,5 +1,5 @@
-"""``rltrain capabilities analyze``: roll out a model on the target tasks, label each trajectory per capability,
-contrast failures with successes, and write what it lacks.
+"""``rltrain capabilities analyze`` (rltrain/commands/capabilities.py): roll out a model on the target tasks, label
+each trajectory per capability, contrast failures with successes, and write what it lacks.
 
     rltrain capabilities analyze experiment=... capabilities.checkpoint=RUN_DIR
 
@@ -16,25 +16,11 @@ contrast failures with successes, and write what it lacks.
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from rltrain.capabilities import CapabilityScore, contrast
-from rltrain.capabilities.labelers import DEFINITIONS, JudgeLabeler, TagLabeler
-
-USAGE = """usage: rltrain capabilities analyze [overrides]
-  e.g. rltrain capabilities analyze experiment=tiny_trace capabilities.checkpoint=outputs/tiny_trace/RUN
-  capabilities.checkpoint  the model to analyse (as eval.checkpoint; empty: the config's model)
-  capabilities.names       candidate capabilities (default: every tag of the prompts)
-  capabilities.prompts / samples / split   what is rolled out
-  capabilities.labeler     tags (built-in tasks) | judge (capabilities.judge: a local model; default the analysed one)
-  capabilities.definitions name -> what the solver does, for capabilities the built-in list lacks (judge)
-  capabilities.rho / delta / runs / k      contrast thresholds (tags labeler: one run)
-  capabilities.output      directory for capabilities.yaml, report.md, capabilities.png, trajectories.jsonl"""
+from rltrain.capabilities.labelers import DEFINITIONS
 
 
 def per_capability_accuracy(rows: Sequence[dict], passed: Sequence[bool], names: Sequence[str]) -> dict[str, float]:
@@ -108,89 +94,3 @@ def plot(path: Path, scores: list[CapabilityScore], *, rho: float, delta: float)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def main(args: list[str]) -> None:
-    from rltrain.cli import command_config
-    from rltrain.cli import exit_config_error as fail
-    from rltrain.evaluation import CheckpointPathError, _scored, load_for_eval, locate
-    from rltrain.rewards import RewardError, RewardScorer
-    from rltrain.rollout.base import SamplingParams
-    from rltrain.rollout.collect import PromptIds, collect
-    from rltrain.rollout.hf import HFEngine
-    from rltrain.tasks.prompts import DatasetError, PromptFormatter, load_prompt_sets, validate_rows
-
-    config = command_config(args, USAGE)
-    if config is None:
-        return
-    cap = config.capabilities
-
-    try:
-        location = locate(cap.checkpoint) if cap.checkpoint else None
-    except CheckpointPathError as err:
-        fail(f"capabilities.checkpoint: {err}")
-    if config.trainer.num_threads:
-        torch.set_num_threads(config.trainer.num_threads)
-    torch.manual_seed(config.trainer.seed)
-    model, tokenizer = load_for_eval(location, config.model)
-    formatter = PromptFormatter(tokenizer, config.task)
-    r = config.rollout
-    try:
-        train_set, eval_set = load_prompt_sets(config.task)
-        prompt_set = train_set if cap.split == "train" else eval_set
-        prompt_set.rows = prompt_set.rows[: cap.prompts]
-        prompt_set, _ = validate_rows(prompt_set, formatter, policy=config.task.invalid_rows,
-                                      max_prompt_tokens=config.model.max_context - r.max_tokens)
-    except DatasetError as err:
-        print(f"rltrain: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    tagged = bool(prompt_set.rows) and "capabilities" in prompt_set.rows[0]
-    if cap.labeler == "tags" and not tagged:
-        fail("the task's rows have no `capabilities` column (the tags labeler needs the built-in tasks' tags); "
-             "capabilities.labeler=judge with capabilities.names works on any task")
-    if not cap.names and not tagged:
-        fail("capabilities.names: name the candidate capabilities (the task's rows carry no tags)")
-    names = list(cap.names) or sorted({t for row in prompt_set.rows for t in row["capabilities"]})
-    definitions = {**DEFINITIONS, **cap.definitions}
-    try:
-        if cap.labeler == "judge":
-            judge, judge_tokenizer = load_judge(cap.judge, model, tokenizer, config.model)
-            labeler = JudgeLabeler(judge, judge_tokenizer, names, definitions, temperature=cap.judge_temperature,
-                                   seed=config.trainer.seed)
-        else:
-            labeler = TagLabeler(names)
-    except CheckpointPathError as err:
-        fail(f"capabilities.judge: {err}")
-    except ValueError as err:
-        fail(f"capabilities.names: {err}")
-    engine = HFEngine(model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
-                      batch_size=r.batch_size)
-    ids = PromptIds(formatter, prompt_set)
-    indices = list(range(len(prompt_set)))
-    batch = collect(engine, ids, indices, [cap.samples] * len(indices),
-                    SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens))
-    scorer = RewardScorer.from_config(config.task)
-    try:
-        batch, texts, passed_N = _scored(batch, scorer, tokenizer, prompt_set)
-    except RewardError as err:
-        print(f"rltrain: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    finally:
-        scorer.close()
-    rows = [prompt_set.rows[i] for i in batch.prompt_index]
-    passed = passed_N.tolist()
-    runs, k = (1, 1) if cap.labeler == "tags" else (cap.runs, cap.k)
-    scores, labels = analyze(rows, texts, passed, names, labeler=labeler, runs=runs, rho=cap.rho, delta=cap.delta,
-                             k=k)
-    accuracy = per_capability_accuracy(rows, passed, names)
-    out = Path(cap.output)
-    meta = {"checkpoint": cap.checkpoint, "labeler": cap.labeler, "runs": runs, "k": k, "rho": cap.rho,
-            "delta": cap.delta, "prompts": len(prompt_set), "trajectories": len(rows), "passed": int(sum(passed))}
-    write(out, scores, accuracy, meta, rho=cap.rho, delta=cap.delta, definitions=definitions)
-    with (out / "trajectories.jsonl").open("w") as f:
-        for i, (row, text, ok) in enumerate(zip(rows, texts, passed)):
-            f.write(json.dumps({"prompt": row["prompt"], "completion": text, "passed": ok,
-                                "labels": {n: labels[0][i][c] for c, n in enumerate(names)}}) + "\n")
-    print((out / "report.md").read_text())
-    print(f"selected: {', '.join(s.name for s in scores if s.selected) or 'none'}; wrote {out}/capabilities.yaml")
-

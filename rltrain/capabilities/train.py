@@ -1,4 +1,5 @@
-"""``rltrain capabilities train``: one LoRA adapter per selected capability, GRPO on its calibrated environment.
+"""``rltrain capabilities train`` (rltrain/commands/capabilities.py): one LoRA adapter per selected capability, GRPO
+on its calibrated environment.
 
     rltrain capabilities train experiment=... adapter=lora capabilities.selected=ANALYSIS/capabilities.yaml \\
         capabilities.output=trace
@@ -26,9 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from rltrain.capabilities.environments import BUILTIN, calibrate, candidate_levels, environment, has_environment
-from rltrain.capabilities.labelers import DEFINITIONS
-from rltrain.config import AdapterKind, ModelSource
+from rltrain.capabilities.environments import calibrate, candidate_levels, environment
+from rltrain.config import AdapterKind, Config, ModelSource
 
 
 def selected_names(path: str) -> list[str]:
@@ -36,50 +36,24 @@ def selected_names(path: str) -> list[str]:
     return [e["name"] for e in entries if e.get("selected")]
 
 
-def main(args: list[str]) -> None:
-    from rltrain.cli import command_config
-    from rltrain.cli import exit_config_error as fail
+class CalibrationError(ValueError):
+    """No level of a capability's environment suits the base model (or the levels to try are unknown)."""
+
+
+def train_adapters(config: Config, names: list[str], out: Path, definitions: dict[str, str]) -> list[dict]:
+    """Steps 1-3 for each of ``names`` (checked: each has an environment, OUTPUT/NAME is free): calibrate, train,
+    write the model card; OUTPUT/adapters.yaml rewritten after each adapter. Returns its records."""
     from rltrain.export import model_card
     from rltrain.rollout.base import SamplingParams
     from rltrain.train import RunContext, build, train
 
-    config = command_config(args)
-    cap = config.capabilities
-
-    if config.adapter.kind != AdapterKind.lora:
-        fail("capabilities train trains LoRA adapters: add adapter=lora")
-    try:
-        names = selected_names(cap.selected) if cap.selected else list(cap.names)
-    except (OSError, KeyError, TypeError, yaml.YAMLError) as err:
-        fail(f"capabilities.selected: {cap.selected}: {err}")
-    if not names:
-        fail("no capability to train: capabilities.selected (an analysis' capabilities.yaml) or capabilities.names")
-    unknown = [n for n in names if not has_environment(n)]
-    if unknown:
-        fail(f"no environment for capability {unknown[0]!r}: register one with "
-             f"rltrain.capabilities.environments.register (built in: {sorted(BUILTIN)})")
-    if cap.checkpoint:
-        fail("capabilities.checkpoint is the model `capabilities analyze` reads; `capabilities train` trains on the "
-             "model the config describes: point model.* at that checkpoint instead")
-    if config.resume != "none":
-        fail("capabilities train starts fresh runs: resume is not supported here (remove resume=...)")
-    step_rollouts = config.trainer.prompts_per_step * config.trainer.rollouts_per_prompt
-    if cap.rollouts and cap.rollouts // len(names) < step_rollouts:
-        fail(f"capabilities.rollouts={cap.rollouts} gives each of {len(names)} adapters {cap.rollouts // len(names)} "
-             f"rollouts, less than one step's {step_rollouts}")
-    out = Path(cap.output)
-    taken = [n for n in names if (out / n).exists() and any((out / n).iterdir())]
-    if taken:
-        fail(f"capabilities.output={cap.output}: {out / taken[0]} exists from an earlier run; choose another "
-             "capabilities.output or remove it")
-    definitions = {**DEFINITIONS, **cap.definitions}
     if config.model.source == ModelSource.tiny and config.model.tiny.sft_task is None:
         # a tiny model's base is its warm start on the task it trains on: pin it to the target task, so that every
         # adapter sits on the base that was analysed (and none learns its environment by SFT)
         tiny = dataclasses.replace(config.model.tiny, sft_task=config.task)
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, tiny=tiny))
     base = build(dataclasses.replace(config, adapter=dataclasses.replace(config.adapter, kind=AdapterKind.none)))
-    r = config.rollout
+    r, cap = config.rollout, config.capabilities
     sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens)
     out.mkdir(parents=True, exist_ok=True)
     records = []
@@ -89,7 +63,7 @@ def main(args: list[str]) -> None:
             level, table = calibrate(name, config.task, base.engine, base.tokenizer, sampling=sampling,
                                      group=max(config.trainer.rollouts_per_prompt, 2), levels=levels)
         except ValueError as err:
-            fail(str(err))
+            raise CalibrationError(str(err)) from None
         print(f"{name}: level {level} ({', '.join(f'{c.level}: {c.reward_mean:.2f}' for c in table)})")
         trainer = config.trainer
         if cap.rollouts:
@@ -109,7 +83,4 @@ def main(args: list[str]) -> None:
         listing = out / "adapters.yaml.tmp"
         listing.write_text(yaml.safe_dump({"adapters": records}, sort_keys=False))
         listing.replace(out / "adapters.yaml")
-    for rec in records:
-        print(f"{rec['name']}: level {rec['level']}, accuracy {rec['eval_accuracy_start']:.3f} -> "
-              f"{rec['eval_accuracy_end']:.3f} on its environment, {rec['rollouts']} rollouts; {rec['adapter']}")
-    print(f"wrote {out / 'adapters.yaml'}")
+    return records

@@ -1,7 +1,8 @@
 """Hard splits of the built-in tasks: items a model never solves unguided but solves sometimes with a hint.
 
 Guide (algorithms.md section 1) acts only on prompts whose whole group fails, and helps only where a hint turns those
-failures into successes. A hard split is that set of prompts for one model, measured (``rltrain tasks hard-split``):
+failures into successes. A hard split is that set of prompts for one model, measured (``rltrain tasks hard-split``,
+rltrain/commands/tasks.py):
 
 1. candidates: built-in items of the kinds and digit counts of ``PRESETS`` (by prompt style), none of them a prompt
    of the model's warm start;
@@ -26,7 +27,6 @@ the built-in column steps ("digit 1: 7 + 8 = 15 carry 1") only confuse it. A hin
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import random
@@ -247,40 +247,16 @@ def write_split(out: Path, train: list[dict], test: list[dict], meta: dict) -> N
     (out / "screen.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
-def main(argv: list[str]) -> None:
-    """``rltrain tasks hard-split [--candidates N] [--eval-fraction F] [--unguided-groups R] [--out DIR]
-    [OVERRIDES...]``: screen candidates with the model of the experiment the overrides compose and write the split."""
-    parser = argparse.ArgumentParser(prog="rltrain tasks hard-split", description=__doc__.split("\n\n")[0])
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the experiment, e.g. experiment=tiny_hard")
-    parser.add_argument("--candidates", type=int, default=2000, help="items to screen (default 2000)")
-    parser.add_argument("--eval-fraction", type=float, default=0.25, help="share of the split held out (test)")
-    parser.add_argument("--unguided-groups", type=int, default=2,
-                        help="groups of B unguided samples that must all fail (default 2)")
-    parser.add_argument("--kinds", nargs="+", default=None, metavar="KIND/DIGITS[:WEIGHT]",
-                        help="candidate kinds, e.g. comparison/3:0.8 minimum/3 (default: the preset of the prompt style)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="directory to write (default: <cache>/hard_splits/<name of task.dataset.path>)")
-    args = parser.parse_args(argv)
-    try:
-        kinds = [parse_kind(k) for k in args.kinds] if args.kinds else None
-    except ValueError as e:
-        parser.error(str(e))
-    from rltrain.cli import check_overrides_or_exit, compose
-    from rltrain.models import cache_dir
-
-    check_overrides_or_exit(args.overrides)
-    config = compose(args.overrides)
-    style = PromptStyle.compact if config.model.source == ModelSource.tiny else PromptStyle.sentence
-    kinds = kinds or PRESETS[style]
-    name = Path(config.task.dataset.path.partition(":")[2] or config.task.dataset.path).name or "hard"
-    out = args.out or cache_dir() / "hard_splits" / name
+def screen_split(config: Config, style: PromptStyle, kinds: list[Kind], *, candidates: int, eval_fraction: float,
+                 unguided_groups: int, overrides: list[str]) -> tuple[list[dict], list[dict], dict]:
+    """Steps 1-4 with the experiment's model: the (train, test) rows and screen.json's contents (``overrides``: the
+    experiment's, recorded there). Progress goes to stderr every 100 rows."""
     start = time.perf_counter()
-    screener, seen, rewards = build_screener(config, unguided_groups=args.unguided_groups)
+    screener, seen, rewards = build_screener(config, unguided_groups=unguided_groups)
     try:
         built = time.perf_counter()
-        candidates = candidate_rows(style, kinds, args.candidates,
-                                    config.trainer.seed + CANDIDATE_SEED_OFFSET)
-        rows = [r for r in candidates if r["prompt"] not in seen]
+        candidate_set = candidate_rows(style, kinds, candidates, config.trainer.seed + CANDIDATE_SEED_OFFSET)
+        rows = [r for r in candidate_set if r["prompt"] not in seen]
         screens = []
         for first in range(0, len(rows), 100):
             screens += screener.screen(rows[first:first + 100])
@@ -294,16 +270,13 @@ def main(argv: list[str]) -> None:
             row.update(unguided_successes=screen.unguided, hinted_successes=screen.hinted,
                        solved_at_level=screen.solved_at_level, hint=row["hints"][screen.solved_at_level])
             kept.append(row)
-    train, test = split_rows(kept, args.eval_fraction, config.trainer.seed)
+    train, test = split_rows(kept, eval_fraction, config.trainer.seed)
     meta = {
-        "screened_with": screened_with(config), "overrides": args.overrides, "style": style.value,
-        "candidate_kinds": [dataclasses.asdict(k) for k in kinds], "unguided_groups": args.unguided_groups,
-        "candidates": len(candidates), "seen_in_warm_start": len(candidates) - len(rows), "qualified": len(kept),
+        "screened_with": screened_with(config), "overrides": overrides, "style": style.value,
+        "candidate_kinds": [dataclasses.asdict(k) for k in kinds], "unguided_groups": unguided_groups,
+        "candidates": len(candidate_set), "seen_in_warm_start": len(candidate_set) - len(rows), "qualified": len(kept),
         "train": len(train), "test": len(test), "seconds_model": round(built - start, 1),
         "seconds_screen": round(time.perf_counter() - built, 1), "torch": torch.__version__,
         **summarize(rows, screens),
     }
-    write_split(out, train, test, meta)
-    print(json.dumps({k: meta[k] for k in ("candidates", "qualified", "train", "test", "kinds", "hint_levels",
-                                           "seconds_screen")}, indent=1))
-    print(f"wrote {out}; train on it with task.dataset.path={out}")
+    return train, test, meta

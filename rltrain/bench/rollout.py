@@ -5,30 +5,27 @@ completions, up to 24 new tokens, seed 0) for ``--steps`` steps in its own proce
 the steps after ``--warmup``, of what the trainer logs per step: ``time_generate_s`` (generation alone, rewards
 excluded), ``time_sync_s`` (bringing the engine up to the policy: nothing for HF, the weight sync and the probe check
 for vLLM) and ``time_step_s``; start-up (vLLM's engine start) is reported separately. Results go to a section of
-``docs/benchmarks.md``.
+``docs/benchmarks.md``. The command (arguments, the order of the work) is rltrain/commands/bench.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from rltrain.bench import machine, write_section
+from rltrain.bench.results import machine
 
 SECTION = "Rollout engines: vLLM vs HF generate (CPU, default experiment)"
 
 
 def run_backend(backend: str, steps: int, overrides: list[str], work: Path) -> dict:
     run_dir = work / backend
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # the repository
     args = [sys.executable, "-m", "rltrain.train", f"rollout={backend}", f"trainer.steps={steps}",
             "trainer.eval_every=0", "trainer.save_final=false", "logger.progress=false", "logger.report=false",
             "task.eval_size=4", *overrides, f"hydra.run.dir={run_dir}"]
@@ -70,33 +67,3 @@ def render(results: dict[str, dict], warmup: int, command: str, started: str) ->
     m = machine()
     lines += ["", "Machine: " + ", ".join(f"{k}: {v}" for k, v in m.items()) + ".", ""]
     return "\n".join(lines)
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="rltrain bench rollout", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--backends", default="hf,vllm")
-    p.add_argument("--out", default="docs/benchmarks.md")
-    p.add_argument("--no-write", action="store_true")
-    p.add_argument("overrides", nargs="*", help="hydra overrides for both runs (default: the embedded experiment)")
-    args = p.parse_args(argv)
-    if args.steps <= args.warmup:
-        p.error("--steps must exceed --warmup")
-    return args
-
-
-def main(argv: list[str]) -> None:
-    args = parse(argv)
-    started = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="rltrain-bench-rollout-") as work:
-        for backend in args.backends.split(","):
-            print(f"rltrain bench rollout: {backend} ...", flush=True)
-            results[backend] = run_backend(backend, args.steps, args.overrides, Path(work))
-    section = render(results, args.warmup, "rltrain bench rollout " + " ".join(argv), started)
-    if args.no_write:
-        print(section)
-        return
-    write_section(Path(args.out), section, SECTION)
-    print(f"rltrain bench rollout: wrote section '{SECTION}' of {args.out}", flush=True)

@@ -1,0 +1,171 @@
+"""``rltrain bench trl`` (seconds per GRPO step against TRL's GRPOTrainer) and ``rltrain bench rollout`` (rollout
+time per step, vLLM vs the HF engine): arguments, the order of the work and its progress lines; the harnesses are
+rltrain/bench/, which writes the results as sections of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from rltrain.bench import rollout, trl
+from rltrain.bench import trl_report as report
+from rltrain.bench.results import machine, write_section
+from rltrain.commands.setup import compose
+
+
+def trl_settings(args, tiny) -> trl.Settings:
+    t, r = tiny.trainer, tiny.rollout
+    s = trl.Settings(
+        prompts=args.prompts or t.prompts_per_step,
+        generations=args.generations or t.rollouts_per_prompt,
+        micro_batch=args.micro_batch or t.micro_batch_size_per_device,
+        max_tokens=args.max_tokens or r.max_tokens,
+        temperature=args.temperature if args.temperature is not None else r.temperature,
+        top_p=args.top_p if args.top_p is not None else r.top_p,
+        lr=args.lr if args.lr is not None else t.lr,
+        seed=args.seed,
+        sft_steps=args.sft_steps if args.sft_steps is not None else tiny.model.tiny.sft_steps,
+        warmup=args.warmup,
+        steps=args.steps,
+        row_seconds=args.row_seconds,
+    )
+    if s.rollouts % s.micro_batch:
+        raise SystemExit(f"rltrain bench: --micro-batch {s.micro_batch} must divide prompts x generations "
+                         f"({s.rollouts})")
+    if s.generations < 2:
+        raise SystemExit("rltrain bench: --generations must be >= 2 (GRPO needs a group)")
+    return s
+
+
+def _thread_counts(spec: str) -> list[int]:
+    import torch
+
+    out: list[int] = []
+    for part in spec.split(","):
+        n = torch.get_num_threads() if part.strip() == "auto" else int(part)
+        if n < 1:
+            raise ValueError(part)
+        if n not in out:
+            out.append(n)
+    return out
+
+
+def parse_trl(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="rltrain bench", description=trl.__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("against", choices=["trl"], help="what to compare rltrain with")
+    p.add_argument("--steps", type=int, default=30, help="measured optimizer steps per framework and row")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up steps per framework and row, not measured")
+    p.add_argument("--row-seconds", type=float, default=75.0,
+                   help=f"stop a row early (after at least {trl.MIN_MEASURED} measured steps) once it has run this long")
+    p.add_argument("--out", default="docs/benchmarks.md", help="markdown file whose section is (re)written")
+    p.add_argument("--no-write", action="store_true", help="print the section instead of writing --out")
+    p.add_argument("--rewards", default="partial,exact", help=f"comma-separated rows, from {sorted(trl.REWARDS)}")
+    p.add_argument("--threads", default="1",
+                   help="comma-separated torch thread counts, one set of rows each; auto = torch's default "
+                        "(one per core)")
+    p.add_argument("--prompts", type=int, help="prompts per step (default: experiment=tiny)")
+    p.add_argument("--generations", type=int, help="completions per prompt (default: experiment=tiny)")
+    p.add_argument("--micro-batch", type=int, help="completions per forward/backward (default: experiment=tiny)")
+    p.add_argument("--max-tokens", type=int, help="max new tokens (default: experiment=tiny)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: experiment=tiny)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling (default: experiment=tiny)")
+    p.add_argument("--lr", type=float, help="learning rate (default: experiment=tiny)")
+    p.add_argument("--sft-steps", type=int, help="SFT warm-start steps before saving (default: experiment=tiny)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    unknown = [r for r in args.rewards.split(",") if r not in trl.REWARDS]
+    if unknown:
+        p.error(f"unknown reward rows {unknown}; choose from {sorted(trl.REWARDS)}")
+    try:
+        args.thread_counts = _thread_counts(args.threads)
+    except ValueError:
+        p.error(f"--threads must list positive integers or 'auto', got {args.threads!r}")
+    return args
+
+
+def trl_main(argv: list[str]) -> None:
+    """``rltrain bench trl [options]``."""
+    args = parse_trl(argv)
+    started_wall = time.perf_counter()
+    started = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+    tiny = compose(["experiment=tiny"])
+    s = trl_settings(args, tiny)
+    print(f"rltrain bench: {s.prompts} prompts x {s.generations} completions per step, micro-batch {s.micro_batch}, "
+          f"{s.warmup} warm-up + {s.steps} measured steps per row; rows: rewards {args.rewards} x torch threads "
+          f"{args.thread_counts}. The 'partial' reward is dense (partial credit + jitter < {trl.JITTER}), so no group "
+          "has a constant reward and no sample is skipped.", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="rltrain-bench-"))
+    rows: list[trl.Row] = []
+    try:
+        model_dir = work / "model"
+        t0 = time.perf_counter()
+        trl.build_shared_model(tiny, s, model_dir)
+        print(f"rltrain bench: shared tiny model built and saved ({time.perf_counter() - t0:.0f} s)", flush=True)
+        config = compose(trl.rltrain_overrides(s, model_dir))
+        for threads in args.thread_counts:
+            for name in args.rewards.split(","):
+                t0 = time.perf_counter()
+                row = trl.run_row(name, threads, s, config, model_dir, work)
+                rows.append(row)
+                ours, theirs = report.median(row.rltrain_s[s.warmup:]), report.median(row.trl_s[s.warmup:])
+                print(f"rltrain bench [{name}, {threads} thread(s)]: rltrain {ours:.3f} s/step, TRL {theirs:.3f} "
+                      f"s/step, ratio {report.ratio(row, s.warmup):.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    command = "rltrain bench " + " ".join(argv)
+    section = report.render(rows, s, command, machine(), report.versions(), started, time.perf_counter() - started_wall)
+    if args.no_write:
+        print(section)
+        return
+    out = Path(args.out)
+    write_section(out, section, trl.SECTION)
+    print(f"rltrain bench: wrote section '{trl.SECTION}' of {out}", flush=True)
+
+
+def parse_rollout(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="rltrain bench rollout", description=rollout.__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--backends", default="hf,vllm")
+    p.add_argument("--out", default="docs/benchmarks.md")
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("overrides", nargs="*", help="hydra overrides for both runs (default: the embedded experiment)")
+    args = p.parse_args(argv)
+    if args.steps <= args.warmup:
+        p.error("--steps must exceed --warmup")
+    return args
+
+
+def rollout_main(argv: list[str]) -> None:
+    """``rltrain bench rollout [options] [overrides]``."""
+    args = parse_rollout(argv)
+    started = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="rltrain-bench-rollout-") as work:
+        for backend in args.backends.split(","):
+            print(f"rltrain bench rollout: {backend} ...", flush=True)
+            results[backend] = rollout.run_backend(backend, args.steps, args.overrides, Path(work))
+    section = rollout.render(results, args.warmup, "rltrain bench rollout " + " ".join(argv), started)
+    if args.no_write:
+        print(section)
+        return
+    write_section(Path(args.out), section, rollout.SECTION)
+    print(f"rltrain bench rollout: wrote section '{rollout.SECTION}' of {args.out}", flush=True)

@@ -1,0 +1,20 @@
+"""``rltrain serve [overrides]``: vLLM behind rltrain's HTTP API, for ``rollout.vllm.mode=server``
+(rltrain/rollout/server.py, docs/scale.md)."""
+
+from __future__ import annotations
+
+from rltrain.commands.setup import command_config
+
+USAGE = ("usage: rltrain serve model.source=hf model.path=DIR [rollout.vllm.host=H rollout.vllm.port=P "
+         "adapter=lora ...]\n"
+         "vLLM on this machine's devices behind rltrain's HTTP API; train against it with\n"
+         "rltrain train rollout=vllm rollout.vllm.mode=server rollout.vllm.url=http://H:P ...")
+
+
+def main(args: list[str]) -> None:
+    config = command_config(args, USAGE)
+    if config is None:
+        return
+    from rltrain.rollout.server import serve
+
+    serve(config)
