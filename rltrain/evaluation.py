@@ -273,23 +273,33 @@ def locate(path: str | Path) -> ModelLocation:
                               "dir (final/ or checkpoints/)")
 
 
-def load_for_eval(location: ModelLocation | None, model_config):
-    """(model, tokenizer) in eval mode, weights from safetensors only; ``location`` None: the config's model (for
-    ``model.source=tiny`` that is the untrained model: its SFT warm start happens in training)."""
+def load_for_eval(location: ModelLocation | None, config):
+    """(model, tokenizer) in eval mode: the checkpoint at ``location`` (``load_checkpoint``), or with None the model
+    a run of ``config`` starts from (``rltrain.start``: for ``model.source=tiny``, built and warm-started)."""
+    from rltrain.start import starting_model
+
+    if location is not None:
+        return load_checkpoint(location, config.model)
+    start = starting_model(config)
+    return start.model.eval(), start.tokenizer
+
+
+def load_checkpoint(location: ModelLocation, model_config):
+    """(model, tokenizer) in eval mode from a located model or adapter directory, weights from safetensors only."""
     from rltrain.config import ModelSource
     from rltrain.models import load_model, load_pretrained
 
     trust = model_config.trust_remote_code
-    if location is not None and location.adapter and location.base is None and model_config.source == ModelSource.tiny:
+    if location.adapter and location.base is None and model_config.source == ModelSource.tiny:
         raise CheckpointPathError(f"{location.weights} is an adapter of a tiny model, whose base (its SFT warm start) "
                                   "is saved as RUN/base_model by the run; it is not there")
-    if location is None or (location.adapter and location.base is None):
+    if location.adapter and location.base is None:
         model, tokenizer = load_model(model_config)
     elif location.adapter:
         model, tokenizer = load_pretrained(location.base, trust_remote_code=trust)
     else:
         model, tokenizer = load_pretrained(location.weights, trust_remote_code=trust)
-    if location is not None and location.adapter:
+    if location.adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(location.weights)).merge_and_unload()

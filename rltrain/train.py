@@ -11,14 +11,11 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from rltrain.algorithms.base import Algorithm, Setup
@@ -29,14 +26,13 @@ from rltrain.budget.features import Projection, pooled_hidden_states
 from rltrain.budget.plan import RolloutPlanner
 from rltrain.budget.predictor import ValuePredictor
 from rltrain.checkpoint import Checkpointer, CheckpointError, config_changes, resume_source, truncate_jsonl
-from rltrain.config import AdapterKind, Config, DistributedKind, InvalidRows, ModelSource, PredictorKind, TrainerConfig
+from rltrain.config import AdapterKind, Config, InvalidRows, PredictorKind, TrainerConfig
 from rltrain.data import PromptSampler
-from rltrain.distributed import ShardedEngine, World, init_world
+from rltrain.distributed import ShardedEngine, World
 from rltrain.evaluation import evaluate
 from rltrain.metrics import MetricsLogger, NullLogger
-from rltrain.models import load_model, wrap_lora
 from rltrain.policy import OptimSettings, PolicyWorker
-from rltrain.rewards import RewardError, RewardScorer
+from rltrain.rewards import RewardScorer
 from rltrain.rollout.base import SamplingParams
 from rltrain.rollout.collect import PromptIds
 from rltrain.rollout.hf import HFEngine
@@ -44,8 +40,7 @@ from rltrain.rollout.scored import StepRollouts, Tally
 from rltrain.rollout.server import ServerError
 from rltrain.scaleout import EngineOutOfSync, build_vllm_engine, deepspeed_config, save_engine_init, sync_engine
 from rltrain.selection import PlannedSelector, UniformSelector
-from rltrain.sft import tiny_warm_start
-from rltrain.tasks.prompts import DatasetError, PromptFormatter, load_prompt_sets, validate_rows
+from rltrain.start import starting_model, with_adapter
 
 logger = logging.getLogger("rltrain")
 
@@ -73,46 +68,19 @@ class Components:
     world: World = World()
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def build(config: Config, world: World = World()) -> Components:
-    seed_everything(config.trainer.seed)
-    if config.trainer.num_threads:
-        torch.set_num_threads(config.trainer.num_threads)
-    train_set, eval_set = load_prompt_sets(config.task)
-    # A tiny model's initial weights and warm start come from model.tiny.seed when set (one base for every RL seed)
-    own_base_seed = config.model.source == ModelSource.tiny and config.model.tiny.seed is not None
-    base_seed = config.model.tiny.seed if own_base_seed else config.trainer.seed
-    if own_base_seed:
-        torch.manual_seed(base_seed)
-    model, tokenizer = load_model(config.model)
-    formatter = PromptFormatter(tokenizer, config.task)
-    max_prompt = config.model.max_context - config.rollout.max_tokens
-    train_set, _ = validate_rows(train_set, formatter, max_prompt_tokens=max_prompt, policy=config.task.invalid_rows)
-    eval_set, _ = validate_rows(eval_set, formatter, max_prompt_tokens=max_prompt, policy=config.task.invalid_rows)
-    train_ids, eval_ids = PromptIds(formatter, train_set), PromptIds(formatter, eval_set)
-    if config.model.source == ModelSource.tiny:
-        tiny_warm_start(model, tokenizer, config, train_set, train_ids, seed=base_seed)
-        if own_base_seed:
-            torch.manual_seed(config.trainer.seed)  # the RL run's own randomness from here
-    model.to(world.device)
-    sampler = PromptSampler(len(train_set), config.trainer.seed)
+    start = starting_model(config, world)
+    model, tokenizer, train_ids, eval_ids = start.model, start.tokenizer, start.train_ids, start.eval_ids
+    sampler = PromptSampler(len(start.train_set), config.trainer.seed)
     if config.budget.predictor != PredictorKind.none:  # features of the base model, before LoRA and any update
         selector = PlannedSelector(sampler, build_planner(config, model, tokenizer, train_ids, eval_ids))
     else:
         selector = UniformSelector(sampler, config.trainer.rollouts_per_prompt)
     colocated = config.rollout.backend == "vllm" and config.rollout.vllm.mode == "colocate"
     engine_init = save_engine_init(config, model, world) if colocated else None
-    reference = adapter_base = None
-    if config.adapter.kind == AdapterKind.lora:
-        if config.model.source == ModelSource.tiny:  # the base is this run's own SFT: adapters need it saved
-            adapter_base = copy.deepcopy(model)
-        model = wrap_lora(model, dict(config.adapter.lora))
-    elif config.algorithm.beta != 0.0:
+    model, adapter_base = with_adapter(config, model)
+    reference = None  # the KL term's: with an adapter, the base is the model with the adapter disabled
+    if config.adapter.kind != AdapterKind.lora and config.algorithm.beta != 0.0:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     t, r = config.trainer, config.rollout
     settings = OptimSettings(
@@ -136,7 +104,7 @@ def build(config: Config, world: World = World()) -> Components:
         engine = ShardedEngine(HFEngine(model, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
                                         batch_size=r.batch_size), world, policy.gathered)
     setup = Setup(prompts=train_ids, tokenizer=tokenizer, vocab_size=model.config.vocab_size,
-                  rollouts_per_prompt=t.rollouts_per_prompt, max_tokens=r.max_tokens, max_prompt_tokens=max_prompt,
+                  rollouts_per_prompt=t.rollouts_per_prompt, max_tokens=r.max_tokens, max_prompt_tokens=start.max_prompt_tokens,
                   skip_invalid=config.task.invalid_rows == InvalidRows.skip)
     components = Components(
         policy=policy, engine=engine, algorithm=algorithm_class(config.algorithm.name)(config.algorithm, setup),

@@ -102,7 +102,10 @@ def test_rltrain_route_on_the_tiny_encoder_sends_each_kind_to_the_candidate_that
     by_beta = {p["beta"]: p for p in result["frontier"]}
     assert by_beta[0.0]["cost"] == 1.0 and by_beta[0.0]["accuracy"] == pytest.approx(
         sum(map(short, queries)) / len(queries))
-    assert by_beta[1.0]["accuracy"] >= 0.9 > max(s["accuracy"] for s in result["single"])
+    # 90% of the prompts, counted (the accuracy is float32: 54/60 reads 0.8999999761); the encoder is the model a
+    # run starts from (the tiny model warm-started; 60/60 when it was the untrained model)
+    assert round(by_beta[1.0]["accuracy"] * len(queries)) >= 0.9 * len(queries)
+    assert max(s["accuracy"] for s in result["single"]) < 0.9
     assert (out / "frontier.png").stat().st_size > 10_000 and json.loads((out / "router.json").read_text())["beta"] == 1
     bad = subprocess.run([sys.executable, "-m", "rltrain", "route", *task,
                           f"route.candidates=[{{name: x, history: {tmp_path / 'missing.json'}}}]"],

@@ -28,7 +28,7 @@ How: both run in one process, interleaved step by step (TRL's optimizer step k, 
 ``on_step_end`` callback), so load on a shared machine hits both alike. A TRL step is the time between consecutive
 ``on_step_end`` calls minus the rltrain step run inside the callback (so it includes TRL's batch fetch, generation,
 rewards, loss, backward, clipping, optimizer and scheduler). An rltrain step is the body of ``train()``'s loop
-(``generate_step``, ``group_advantages``, ``PolicyWorker.update``, ``engine.load_weights``) without logging and
+(``generate_step``, the algorithm's ``advantages``, ``PolicyWorker.update``, ``engine.load_weights``) without logging and
 evaluation. Start-up (imports, model loading, trainer construction) and the first ``--warmup`` steps are excluded; the
 result is the median over the measured steps. Results go to a section of ``docs/benchmarks.md`` (trl_report.py).
 
@@ -232,18 +232,16 @@ class RltrainRunner:
         self.split: list[tuple[float, float]] = []  # per step: (generate + reward, advantages + update)
 
     def step(self) -> float:
-        from rltrain.algorithms.grpo import group_advantages
         from rltrain.train import generate_step
 
-        c, a = self.c, self.config.algorithm
+        c = self.c
         self.step_no += 1
         start = time.perf_counter()
-        batch, _ = generate_step(c, self.config, self.step_no)
+        batch, _, _ = generate_step(c, self.config, self.step_no)
         generated = time.perf_counter()
         if batch is not None:
-            batch.advantages_N = group_advantages(batch.rewards_N, batch.group_ids_N,
-                                                  scale=a.advantage_scale.value, std=a.advantage_std.value)
-            c.policy.update(batch, c.loss)
+            batch.advantages_N = c.algorithm.advantages(batch)
+            c.policy.update(batch, c.algorithm.loss)
             c.engine.load_weights({})
         end = time.perf_counter()
         self.split.append((generated - start, end - generated))
@@ -253,8 +251,9 @@ class RltrainRunner:
         """The train-set rows this run will draw, in order (a copy of its sampler, left untouched)."""
         from rltrain.data import PromptSampler
 
-        sampler = PromptSampler(self.c.sampler.size, self.c.sampler.seed)
-        sampler.load_state_dict(self.c.sampler.state_dict())
+        own = self.c.selector.sampler
+        sampler = PromptSampler(own.size, own.seed)
+        sampler.load_state_dict(own.state_dict())
         return sampler.next(count)
 
 

@@ -38,13 +38,15 @@ def load_judge(name: str, model, tokenizer, model_config):
     import dataclasses
 
     from rltrain.config import ModelSource
-    from rltrain.evaluation import load_for_eval, locate
+    from rltrain.evaluation import load_checkpoint, locate
+    from rltrain.models import load_model
 
     if not name:
         return model, tokenizer
     if name == "smollm2":
-        return load_for_eval(None, dataclasses.replace(model_config, source=ModelSource.smollm2, path=""))
-    return load_for_eval(locate(name), dataclasses.replace(model_config, trust_remote_code=False))
+        judge, judge_tokenizer = load_model(dataclasses.replace(model_config, source=ModelSource.smollm2, path=""))
+        return judge.eval(), judge_tokenizer
+    return load_checkpoint(locate(name), dataclasses.replace(model_config, trust_remote_code=False))
 
 
 def analyze(rows: Sequence[dict], completions: Sequence[str], passed: Sequence[bool], names: Sequence[str], *,

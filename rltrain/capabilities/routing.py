@@ -146,7 +146,7 @@ def evaluate_with_router(config) -> dict:
     adapters = {a["name"]: a["adapter"] for a in entries}
     definitions = {a["name"]: a.get("definition") or a["name"] for a in entries}
     first = locate(next(iter(adapters.values())))
-    base, tokenizer = load_for_eval(locate(first.base) if first.base else None, config.model)
+    base, tokenizer = load_for_eval(locate(first.base) if first.base else None, config)
     model = load_adapters(base, adapters)
     formatter = PromptFormatter(tokenizer, config.task)
     prompt_set = eval_prompt_set(config)

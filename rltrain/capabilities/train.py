@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from rltrain.capabilities.environments import calibrate, candidate_levels, environment
-from rltrain.config import AdapterKind, Config, ModelSource
+from rltrain.config import Config, ModelSource
 
 
 def selected_names(path: str) -> list[str]:
@@ -45,14 +45,20 @@ def train_adapters(config: Config, names: list[str], out: Path, definitions: dic
     write the model card; OUTPUT/adapters.yaml rewritten after each adapter. Returns its records."""
     from rltrain.export import model_card
     from rltrain.rollout.base import SamplingParams
-    from rltrain.train import RunContext, build, train
+    from rltrain.rollout.hf import HFEngine
+    from rltrain.start import starting_model
+    from rltrain.train import RunContext, train
 
     if config.model.source == ModelSource.tiny and config.model.tiny.sft_task is None:
         # a tiny model's base is its warm start on the task it trains on: pin it to the target task, so that every
         # adapter sits on the base that was analysed (and none learns its environment by SFT)
         tiny = dataclasses.replace(config.model.tiny, sft_task=config.task)
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, tiny=tiny))
-    base = build(dataclasses.replace(config, adapter=dataclasses.replace(config.adapter, kind=AdapterKind.none)))
+    # calibration samples the base (the starting model, no adapter) with the HF engine: nothing to close
+    base = starting_model(config)
+    tokenizer = base.tokenizer
+    engine = HFEngine(base.model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+                      batch_size=config.rollout.batch_size)
     r, cap = config.rollout, config.capabilities
     sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,7 +66,7 @@ def train_adapters(config: Config, names: list[str], out: Path, definitions: dic
     for name in names:
         try:
             levels = tuple(cap.levels) or candidate_levels(name, config.task)
-            level, table = calibrate(name, config.task, base.engine, base.tokenizer, sampling=sampling,
+            level, table = calibrate(name, config.task, engine, tokenizer, sampling=sampling,
                                      group=max(config.trainer.rollouts_per_prompt, 2), levels=levels)
         except ValueError as err:
             raise CalibrationError(str(err)) from None

@@ -148,5 +148,5 @@ def load_model(config, checkpoint: str, key: str, *, seed: bool = True) -> Loade
     except CheckpointPathError as err:
         exit_config_error(f"{key}: {err}")
     torch_settings(config, seed=seed)
-    model, tokenizer = load_for_eval(location, config.model)
+    model, tokenizer = load_for_eval(location, config)
     return LoadedModel(location, model, tokenizer, PromptFormatter(tokenizer, config.task))

@@ -199,14 +199,16 @@ def model_config(config: Config) -> Config:
 def build_screener(config: Config, *, unguided_groups: int) -> tuple[Screener, set[str], object]:
     """The screener for this experiment, the prompts its model's warm start saw, and the rewards (close them)."""
     from rltrain.rewards import RewardScorer
-    from rltrain.train import build
+    from rltrain.rollout.hf import HFEngine
+    from rltrain.start import starting_model
 
-    c = build(model_config(config))
-    c.rewards.close()
-    seen = {row["prompt"] for row in c.train_ids.prompts.rows} if config.model.source == ModelSource.tiny else set()
+    start = starting_model(model_config(config))
+    seen = {row["prompt"] for row in start.train_set.rows} if config.model.source == ModelSource.tiny else set()
     rewards = RewardScorer.from_config(config.task)
-    r = config.rollout
-    screener = Screener(c.engine, PromptFormatter(c.tokenizer, config.task), rewards, c.tokenizer,
+    r, tokenizer = config.rollout, start.tokenizer
+    engine = HFEngine(start.model.eval(), eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+                      batch_size=r.batch_size)
+    screener = Screener(engine, PromptFormatter(tokenizer, config.task), rewards, tokenizer,
                         SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens),
                         samples=config.trainer.rollouts_per_prompt, unguided_groups=unguided_groups,
                         seed=config.trainer.seed)
