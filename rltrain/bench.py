@@ -28,7 +28,7 @@ How: both run in one process, interleaved step by step (TRL's optimizer step k, 
 ``on_step_end`` callback), so load on a shared machine hits both alike. A TRL step is the time between consecutive
 ``on_step_end`` calls minus the rltrain step run inside the callback (so it includes TRL's batch fetch, generation,
 rewards, loss, backward, clipping, optimizer and scheduler). An rltrain step is the body of ``train()``'s loop
-(``generate_step``, ``group_advantages``, ``PolicyWorker.update``, ``engine.load_weights``) without logging and
+(``generate_step``, ``group_advantages``, ``PolicyWorker.update``, ``engine.sync_from``) without logging and
 evaluation. Start-up (imports, model loading, trainer construction) and the first ``--warmup`` steps are excluded; the
 result is the median over the measured steps. Results go to a section of ``docs/benchmarks.md``.
 """
@@ -276,7 +276,7 @@ class RltrainRunner:
             batch.advantages_N = group_advantages(batch.rewards_N, batch.group_ids_N,
                                                   scale=a.advantage_scale.value, std=a.advantage_std.value)
             c.policy.update(batch, c.loss)
-            c.engine.load_weights({})
+            c.engine.sync_from(c.policy, step=self.step_no)
         end = time.perf_counter()
         self.split.append((generated - start, end - generated))
         return end - start

@@ -116,14 +116,18 @@ class HFEngine:
             completions.append(Completion(ids, logp, finished=end is not None))
         return completions
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Nothing to do: this engine generates with the policy's own parameters."""
+    def sync_from(self, policy, *, step: int) -> dict:
+        """Nothing to bring: this engine generates with the policy's own module."""
+        return {}
 
     def sleep(self) -> None:
         """Nothing to free: generation keeps no state between calls."""
 
     def wake(self) -> None:
         """Nothing to reclaim."""
+
+    def close(self) -> None:
+        """Nothing held."""
 
 
 def sample(logits_BV: Tensor, params: SamplingParams, u_B: Tensor | None = None) -> tuple[Tensor, Tensor]:

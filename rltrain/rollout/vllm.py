@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from rltrain.rollout.base import Completion, SamplingParams
+from rltrain.rollout.sync import SyncedEngine, SyncSettings
 
 logger = logging.getLogger("rltrain")
 
@@ -46,10 +47,13 @@ def _plain_cpu_linears() -> None:
     utils.dispatch_cpu_unquantized_gemm = plain
 
 
-class VLLMEngine:
+class VLLMEngine(SyncedEngine):
+    """``sync``: what ``sync_from`` needs (rltrain.rollout.sync)."""
+
     def __init__(self, model_dir: str | Path, *, eos_token_ids: list[int], max_model_len: int, dtype: str,
                  seed: int, gpu_memory_utilization: float = 0.3, max_num_seqs: int = 256, lora_rank: int = 0,
-                 sleep_mode: bool = False, cpu_kv_cache_gb: float = 1.0, cleanup: str | Path | None = None) -> None:
+                 sleep_mode: bool = False, cpu_kv_cache_gb: float = 1.0, cleanup: str | Path | None = None,
+                 sync: SyncSettings | None = None) -> None:
         from vllm import LLM
 
         if not torch.cuda.is_available():
@@ -80,6 +84,7 @@ class VLLMEngine:
         self._adapter_root = Path(tempfile.mkdtemp(prefix="rltrain-vllm-adapters-"))
         self._asleep = False
         self._cleanup = cleanup  # a temporary copy of the starting weights, removed at close
+        self.lora_rank, self.sync = lora_rank, sync
 
     @property
     def model(self) -> torch.nn.Module:
@@ -187,6 +192,20 @@ class VLLMEngine:
         shutil.rmtree(self._adapter_root, ignore_errors=True)
         if self._cleanup is not None:
             shutil.rmtree(self._cleanup, ignore_errors=True)
+
+
+def build_vllm_engine(config, model_dir: str | Path, eos: list[int], *, gpu_memory_utilization: float, sleep: bool,
+                      cleanup: str | Path | None = None, sync: SyncSettings | None = None) -> VLLMEngine:
+    """The config's vLLM engine on the weights in ``model_dir``: the trainer's colocated one and ``rltrain serve``'s
+    (each with its own share of the GPU and sleep setting)."""
+    from rltrain.config import AdapterKind, Precision
+
+    m, v = config.model, config.rollout.vllm
+    lora_rank = int(config.adapter.lora.get("r", 8)) if config.adapter.kind == AdapterKind.lora else 0
+    return VLLMEngine(model_dir, eos_token_ids=eos, max_model_len=m.max_context,
+                      dtype="bfloat16" if m.precision == Precision.bf16 else "float32", seed=config.trainer.seed,
+                      gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=v.max_num_seqs, lora_rank=lora_rank,
+                      sleep_mode=sleep, cpu_kv_cache_gb=v.cpu_kv_cache_gb, cleanup=cleanup, sync=sync)
 
 
 def _rebuild(name: str, hf: dict[str, torch.Tensor]) -> torch.Tensor | None:
