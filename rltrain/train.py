@@ -105,7 +105,7 @@ def build(config: Config, world: World = World()) -> Components:
         selector = PlannedSelector(sampler, build_planner(config, model, tokenizer, train_ids, eval_ids))
     else:
         selector = UniformSelector(sampler, config.trainer.rollouts_per_prompt)
-    engine_init = save_engine_init(config, model, world)
+    engine_init = save_engine_init(config, model, tokenizer, world)
     reference = adapter_base = None
     if config.adapter.kind == AdapterKind.lora:
         if config.model.source == ModelSource.tiny:  # the base is this run's own SFT: adapters need it saved

@@ -19,13 +19,16 @@ class SamplingParams:
     # With a seed, each prompt's random numbers come from (seed, its group) alone, so a sample is the same whichever
     # batch, chunk or rank generates it (``collect`` derives the per-prompt seeds); None: the global torch RNG.
     seed: int | None = None
+    # A completion ends once its decoded text contains one of these; the stop string stays in it (vLLM's
+    # ``include_stop_str_in_output=True``) and the completion counts as finished.
+    stop: tuple[str, ...] = ()
 
 
 @dataclass
 class Completion:
     token_ids: list[int]
     logprobs: list[float]  # log-prob of each sampled token under the sampling distribution
-    finished: bool  # True when generation stopped at EOS (the EOS token is included in token_ids)
+    finished: bool  # True when generation stopped at EOS (included in token_ids) or at a stop string
 
 
 class RolloutEngine(Protocol):

@@ -17,8 +17,8 @@ from rltrain.rollout.hf import HFEngine
 from rltrain.rollout.sync import SyncSettings
 
 
-def save_engine_init(config: Config, model: torch.nn.Module, world: World) -> Path | None:
-    """Where a colocated vLLM engine loads its first weights from: the model directory itself when
+def save_engine_init(config: Config, model: torch.nn.Module, tokenizer, world: World) -> Path | None:
+    """Where a colocated vLLM engine loads its first weights and its tokenizer from: the model directory itself when
     the policy starts from one unchanged, else a copy of the starting weights (a tiny model's warm start, a converted
     GGUF) that rank 0 writes and every rank's engine reads. None for other engines."""
     if not (config.rollout.backend == "vllm" and config.rollout.vllm.mode == "colocate"):
@@ -28,6 +28,7 @@ def save_engine_init(config: Config, model: torch.nn.Module, world: World) -> Pa
     directory = Path(tempfile.mkdtemp(prefix="rltrain-vllm-init-")) if world.is_main else None
     if world.is_main:
         model.save_pretrained(str(directory), safe_serialization=True)
+        tokenizer.save_pretrained(str(directory))
     directory = world.broadcast(directory)
     world.barrier()
     return directory
@@ -49,7 +50,7 @@ def build_engine(config: Config, *, model: torch.nn.Module, tokenizer, train_ids
     r, eos = config.rollout, [tokenizer.eos_token_id]
     if r.backend != "vllm":
         return ShardedEngine(HFEngine(model, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
-                                      batch_size=r.batch_size), world, policy.gathered)
+                                      batch_size=r.batch_size, tokenizer=tokenizer), world, policy.gathered)
     sync = sync_settings(config, tokenizer, train_ids, world)
     if r.vllm.mode == "server":  # one server for every rank: rank 0 sends
         from rltrain.rollout.server import VLLMServerEngine
@@ -60,5 +61,5 @@ def build_engine(config: Config, *, model: torch.nn.Module, tokenizer, train_ids
 
     cleanup = engine_init if config.model.source != ModelSource.hf and world.is_main else None  # a temporary copy
     engine = build_vllm_engine(config, engine_init, eos, gpu_memory_utilization=r.vllm.gpu_memory_utilization,
-                               sleep=r.vllm.sleep, cleanup=cleanup, sync=sync)
+                               sleep=r.vllm.sleep, cleanup=cleanup, tokenizer=engine_init, sync=sync)
     return ShardedEngine(engine, world)

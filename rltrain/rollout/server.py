@@ -2,7 +2,7 @@
 ``VLLMServerEngine`` is the trainer's side, with the same verbs as the colocated engine.
 
 The protocol is rltrain's own, five JSON/bytes endpoints over HTTP: ``GET /health``, ``POST /generate`` (token-id
-prompts, counts, per-prompt seeds, sampling settings -> token ids, behaviour log-probs, finished flags),
+prompts, counts, per-prompt seeds, sampling settings, stop strings -> token ids, behaviour log-probs, finished flags),
 ``POST /weights`` (a bucket of tensors as safetensors bytes, never pickle) and ``POST /weights/done``,
 ``POST /adapter`` (a PEFT adapter directory's files), ``POST /probe`` (log-probs of a fixed completion, for the
 trainer's sync check). Weights travel over HTTP: simple and testable anywhere, but for multi-GB full-weight syncs
@@ -83,7 +83,7 @@ class VLLMServerEngine(SyncedEngine):
         counts = [1] * len(prompts) if counts is None else counts
         body = {"prompts": [list(p) for p in prompts], "counts": list(counts), "seeds": seeds,
                 "params": {"temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_tokens,
-                           "greedy": params.greedy}}
+                           "greedy": params.greedy, "stop": list(params.stop)}}
         out = self._post("/generate", json=body)["completions"]
         return [Completion(c["token_ids"], c["logprobs"], finished=c["finished"]) for c in out]
 
@@ -138,7 +138,7 @@ def build_app(engine):
     def generate(body: dict) -> dict:
         p = body["params"]
         params = SamplingParams(temperature=p["temperature"], top_p=p["top_p"], max_tokens=p["max_tokens"],
-                                greedy=p["greedy"])
+                                greedy=p["greedy"], stop=tuple(p.get("stop", ())))
         with lock:
             out = engine.generate(body["prompts"], params, body["counts"], body.get("seeds"))
         return {"completions": [{"token_ids": c.token_ids, "logprobs": c.logprobs, "finished": c.finished}
@@ -198,8 +198,9 @@ def serve(config) -> None:
         raise ServerError("rltrain serve needs a model directory (model.source=hf model.path=DIR, e.g. a run's "
                           "final/ or base_model/): a tiny model is built inside the trainer")
     eos = _eos_ids(model_dir)
+    tokenizer = model_dir if (model_dir / "tokenizer_config.json").exists() else None  # for stop strings
     engine = build_vllm_engine(config, model_dir, eos, gpu_memory_utilization=v.server_gpu_memory_utilization,
-                               sleep=False)
+                               sleep=False, tokenizer=tokenizer)
     logger.warning("rltrain serve: %s on http://%s:%d (LoRA rank %d)", model_dir, v.host, v.port, engine.lora_rank)
     uvicorn.run(build_app(engine), host=v.host, port=v.port, log_level="warning")
 
