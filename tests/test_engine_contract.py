@@ -22,15 +22,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rltrain.config import ModelConfig, ModelSource, TinyModelConfig
 from rltrain.distributed import ShardedEngine, World
-from rltrain.models import tiny_model, tiny_tokenizer, wrap_lora
+from rltrain.models import wrap_lora
 from rltrain.policy import OptimSettings, PolicyWorker
 from rltrain.rollout.base import RolloutEngine, SamplingParams
 from rltrain.rollout.hf import HFEngine
 from rltrain.rollout.server import VLLMServerEngine
 from rltrain.rollout.sync import EngineOutOfSync, SyncSettings
 from rltrain.rollout.vllm import VLLMEngine
+from tests.tiny_engines import noisy_tiny
 
 SETTINGS = OptimSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), max_grad_norm=1.0, warmup_steps=0,
                          micro_batch_size=16, updates_per_step=1, temperature=0.7, precision="fp32")
@@ -41,13 +41,7 @@ VERBS = [name for name, value in vars(RolloutEngine).items() if inspect.isfuncti
 
 @pytest.fixture(scope="module")
 def tiny():
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    model = tiny_model(ModelConfig(source=ModelSource.tiny, max_context=64, tiny=TinyModelConfig()), tokenizer)
-    with torch.no_grad():  # weights large enough that outputs depend on them
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.1)
+    model, tokenizer = noisy_tiny()
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in ("max(12,34)=", "max(5,9)=", "7+8=")]
     completion = tokenizer("34", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     sync = SyncSettings(probe_prompt=tuple(prompts[0]), probe_completion=tuple(completion), weight_check_every=1,

@@ -13,12 +13,10 @@ from collections import Counter
 from types import SimpleNamespace
 
 import pytest
-import torch
 
-from rltrain.config import ModelConfig, ModelSource, TinyModelConfig
-from rltrain.models import tiny_model, tiny_tokenizer
 from rltrain.rollout.base import Completion, SamplingParams
 from rltrain.rollout.hf import HFEngine
+from tests.tiny_engines import noisy_tiny
 
 PROMPTS = ("max(12,34)=", "max(5,9)=", "7+8=", "min(3,1)=")
 COUNTS = [3, 2, 4, 3]
@@ -28,13 +26,7 @@ PARAMS = SamplingParams(temperature=1.0, max_tokens=12)
 
 @pytest.fixture(scope="module")
 def tiny():
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    model = tiny_model(ModelConfig(source=ModelSource.tiny, max_context=64, tiny=TinyModelConfig()), tokenizer)
-    with torch.no_grad():  # weights large enough that outputs depend on them
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.1)
+    model, tokenizer = noisy_tiny()
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     return SimpleNamespace(model=model.eval(), tokenizer=tokenizer, prompts=prompts)
 

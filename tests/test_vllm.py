@@ -22,12 +22,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rltrain.config import ModelConfig, ModelSource, TinyModelConfig
-from rltrain.models import tiny_model, tiny_tokenizer, wrap_lora
+from rltrain.models import wrap_lora
 from rltrain.policy import OptimSettings, PolicyWorker
 from rltrain.rollout.base import SamplingParams
 from rltrain.rollout.hf import HFEngine
 from rltrain.rollout.vllm import VLLMEngine
+from tests.tiny_engines import noisy_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = OptimSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), max_grad_norm=1.0, warmup_steps=0,
@@ -38,13 +38,7 @@ LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    model = tiny_model(ModelConfig(source=ModelSource.tiny, max_context=64, tiny=TinyModelConfig()), tokenizer)
-    with torch.no_grad():  # weights large enough that outputs depend on them
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.1)
+    model, tokenizer = noisy_tiny()
     directory = tmp_path_factory.mktemp("vllm") / "model"
     model.save_pretrained(str(directory), safe_serialization=True)
     engine = VLLMEngine(directory, eos_token_ids=[tokenizer.eos_token_id], max_model_len=64, dtype="float32", seed=0,
