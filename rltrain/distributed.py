@@ -1,4 +1,4 @@
-"""Several processes, one run: the process group, and rollouts sharded across it.
+"""Several processes, one run: the process group, its DeepSpeed config, and rollouts sharded across it.
 
 Under ``torchrun`` every rank builds the same components from the same seed and draws the same prompts. Generation is
 the one place the work splits by prompt: each rank generates its share of the prompts (a prompt's whole group on one
@@ -14,6 +14,7 @@ rank generated it: N processes produce the rollouts of one process, and the loss
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import os
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from rltrain.config import Config, ConfigError, DistributedKind, Precision
 from rltrain.rollout.base import Completion, RolloutEngine, SamplingParams
 
 
@@ -112,6 +114,35 @@ def init_world(*, deepspeed: bool) -> World:
     return world
 
 
+def deepspeed_config(config: Config, world: World) -> dict | None:
+    """The DeepSpeed config of ``distributed.deepspeed`` with the keys rltrain owns filled in from its own settings
+    (a contradicting value is a ConfigError naming the key); None without DeepSpeed."""
+    d, t = config.distributed, config.trainer
+    if d.kind == DistributedKind.none:
+        return None
+    ds = copy.deepcopy(dict(d.deepspeed))
+    zero = dict(ds.get("zero_optimization", {}))
+    zero["stage"] = 2 if d.kind == DistributedKind.zero2 else 3
+    if d.offload_optimizer:  # the optimizer then runs on the CPU: DeepSpeed's CPU Adam, built from trainer.*
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        ds.setdefault("optimizer", {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.adam_betas),
+                                                                "weight_decay": t.weight_decay}})
+    ds["zero_optimization"] = zero
+    owned = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size_per_device,
+        "gradient_accumulation_steps": 1,  # rltrain accumulates micro-batches itself and marks the boundary
+        "train_batch_size": t.micro_batch_size_per_device * world.size,
+        "gradient_clipping": t.max_grad_norm,
+    }
+    for key, value in owned.items():
+        if key in ds and ds[key] != value:
+            raise ConfigError(f"distributed.deepspeed.{key}={ds[key]!r}: rltrain sets it to {value!r} from its own "
+                              "settings; leave it out")
+        ds[key] = value
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": config.model.precision == Precision.bf16}
+    return ds
+
+
 def shard_sizes(counts: list[int], size: int) -> list[int]:
     """How many consecutive prompts each of ``size`` ranks takes, so that the samples (``counts``) split as evenly
     as whole prompts allow: rank r ends its share at the prompt where the running total first reaches
@@ -129,7 +160,8 @@ def shard_sizes(counts: list[int], size: int) -> list[int]:
 
 class ShardedEngine:
     """A rollout engine over the ranks: each generates a consecutive share of the prompts, and every rank gets every
-    completion back in the caller's order. One rank: the engine itself."""
+    completion back in the caller's order. One rank: the engine itself. The other verbs go to the engine on every
+    rank."""
 
     def __init__(self, engine: RolloutEngine, world: World, gathered=contextlib.nullcontext) -> None:
         self.engine, self.world = engine, world
@@ -146,11 +178,14 @@ class ShardedEngine:
                      if sizes[self.world.rank] else [])
         return [c for part in self.world.gather(local) for c in part]
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.engine.load_weights(state_dict)
+    def sync_from(self, policy, *, step: int) -> dict:
+        return self.engine.sync_from(policy, step=step)  # every rank: the engine's sync knows who sends
 
     def sleep(self) -> None:
         self.engine.sleep()
 
     def wake(self) -> None:
         self.engine.wake()
+
+    def close(self) -> None:
+        self.engine.close()

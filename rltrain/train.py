@@ -28,17 +28,15 @@ from rltrain.budget.predictor import ValuePredictor
 from rltrain.checkpoint import Checkpointer, CheckpointError, config_changes, resume_source, truncate_jsonl
 from rltrain.config import AdapterKind, Config, InvalidRows, PredictorKind, TrainerConfig
 from rltrain.data import PromptSampler
-from rltrain.distributed import ShardedEngine, World
+from rltrain.distributed import ShardedEngine, World, deepspeed_config
 from rltrain.evaluation import evaluate
 from rltrain.metrics import MetricsLogger, NullLogger
 from rltrain.policy import OptimSettings, PolicyWorker
 from rltrain.rewards import RewardScorer
 from rltrain.rollout.base import SamplingParams
+from rltrain.rollout.build import build_engine, save_engine_init
 from rltrain.rollout.collect import PromptIds
-from rltrain.rollout.hf import HFEngine
 from rltrain.rollout.scored import StepRollouts, Tally
-from rltrain.rollout.server import ServerError
-from rltrain.scaleout import EngineOutOfSync, build_vllm_engine, deepspeed_config, save_engine_init, sync_engine
 from rltrain.selection import PlannedSelector, UniformSelector
 from rltrain.start import starting_model, with_adapter
 
@@ -76,8 +74,7 @@ def build(config: Config, world: World = World()) -> Components:
         selector = PlannedSelector(sampler, build_planner(config, model, tokenizer, train_ids, eval_ids))
     else:
         selector = UniformSelector(sampler, config.trainer.rollouts_per_prompt)
-    colocated = config.rollout.backend == "vllm" and config.rollout.vllm.mode == "colocate"
-    engine_init = save_engine_init(config, model, world) if colocated else None
+    engine_init = save_engine_init(config, model, tokenizer, world)
     model, adapter_base = with_adapter(config, model)
     reference = None  # the KL term's: with an adapter, the base is the model with the adapter disabled
     if config.adapter.kind != AdapterKind.lora and config.algorithm.beta != 0.0:
@@ -92,20 +89,11 @@ def build(config: Config, world: World = World()) -> Components:
     )
     policy = PolicyWorker(model, settings, pad_token_id=tokenizer.pad_token_id, reference=reference, world=world,
                           deepspeed=deepspeed_config(config, world))
-    eos = [tokenizer.eos_token_id]
-    if r.backend == "vllm" and r.vllm.mode == "server":
-        from rltrain.rollout.server import VLLMServerEngine
-
-        engine = ShardedEngine(VLLMServerEngine(r.vllm.url, connect_timeout_s=r.vllm.connect_timeout_s,
-                                                request_timeout_s=r.vllm.request_timeout_s), world)
-    elif r.backend == "vllm":
-        engine = ShardedEngine(build_vllm_engine(config, engine_init, eos, world), world)
-    else:
-        engine = ShardedEngine(HFEngine(model, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
-                                        batch_size=r.batch_size), world, policy.gathered)
+    engine = build_engine(config, model=model, tokenizer=tokenizer, train_ids=train_ids, policy=policy, world=world,
+                          engine_init=engine_init)
     setup = Setup(prompts=train_ids, tokenizer=tokenizer, vocab_size=model.config.vocab_size,
-                  rollouts_per_prompt=t.rollouts_per_prompt, max_tokens=r.max_tokens, max_prompt_tokens=start.max_prompt_tokens,
-                  skip_invalid=config.task.invalid_rows == InvalidRows.skip)
+                  rollouts_per_prompt=t.rollouts_per_prompt, max_tokens=r.max_tokens,
+                  max_prompt_tokens=start.max_prompt_tokens, skip_invalid=config.task.invalid_rows == InvalidRows.skip)
     components = Components(
         policy=policy, engine=engine, algorithm=algorithm_class(config.algorithm.name)(config.algorithm, setup),
         selector=selector, rewards=RewardScorer.from_config(config.task), tokenizer=tokenizer, train_ids=train_ids,
@@ -113,7 +101,7 @@ def build(config: Config, world: World = World()) -> Components:
         sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=t.seed),
     )
     if r.backend == "vllm" and r.vllm.mode == "server":  # the server may hold other weights: send the policy's
-        sync_engine(components, config, 0)
+        components.engine.sync_from(policy, step=0)
     return components
 
 
@@ -244,6 +232,7 @@ def train_step(c: Components, config: Config, step: int, rollouts_before: int = 
     its batch, and the prompt selector's per-prompt log. ``rollouts_before``: generated in earlier steps (the
     learning-rate decay's progress on a rollout budget)."""
     start = time.perf_counter()
+    c.engine.wake()  # vLLM on a GPU reclaims its KV cache (a no-op where the sync already woke it)
     batch, stats, selector_log = generate_step(c, config, step)
     c.engine.sleep()  # vLLM on a GPU frees its KV cache for the update
     generated = time.perf_counter()
@@ -265,7 +254,7 @@ def train_step(c: Components, config: Config, step: int, rollouts_before: int = 
         record.update(c.policy.update(batch, c.algorithm.loss, progress=progress))
     updated = time.perf_counter()
     record["time_update_s"] = updated - generated
-    record.update(sync_engine(c, config, step))
+    record.update(c.engine.sync_from(c.policy, step=step))
     record["time_sync_s"] = time.perf_counter() - updated
     record["time_step_s"] = time.perf_counter() - start
     return record, batch, selector_log
@@ -278,7 +267,7 @@ def train(config: Config, ctx: RunContext) -> dict:
         return _train(config, ctx, c, source)
     finally:
         c.rewards.close()
-        getattr(c.engine.engine, "close", lambda: None)()
+        c.engine.close()
 
 
 def _train(config: Config, ctx: RunContext, c: Components, source: Path | None) -> dict:
@@ -377,7 +366,7 @@ def resume(config: Config, ctx: RunContext, checkpoints: Checkpointer, c: Compon
         return 0
     step, path = restored
     checkpoints.drop_after(step)
-    sync_engine(c, config, step)
+    c.engine.sync_from(c.policy, step=step)
     origin = path.parent.parent
     for name in ("metrics.jsonl", "samples.jsonl", "value.jsonl") if ctx.world.is_main else ():
         if origin.resolve() != ctx.run_dir.resolve() and (origin / name).exists():

@@ -4,7 +4,7 @@ Engine: behaviour log-probs are the sampling distribution's (what ``PolicyWorker
 sampling temperature, 1e-4); seeded sampling repeats; greedy output is the HF engine's token for token. Sync: after
 a bucketed full-weight load every engine weight equals the policy's (max abs diff 0, fp32) and the probe follows;
 with LoRA only the adapter moves (the engine's base weights stay bit-identical) while the probe follows each adapter
-version; an engine left behind is caught by the trainer's probe check. Training: GRPO with ``rollout=vllm`` syncs and
+version; an engine left behind is caught by its own sync's probe check. Training: GRPO with ``rollout=vllm`` syncs and
 passes the probe at every step, full and LoRA, and (slow) raises held-out accuracy as much as with the HF engine.
 """
 
@@ -22,12 +22,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rltrain.config import ModelConfig, ModelSource, TinyModelConfig
-from rltrain.models import tiny_model, tiny_tokenizer, wrap_lora
+from rltrain.models import wrap_lora
 from rltrain.policy import OptimSettings, PolicyWorker
 from rltrain.rollout.base import SamplingParams
 from rltrain.rollout.hf import HFEngine
 from rltrain.rollout.vllm import VLLMEngine
+from tests.tiny_engines import noisy_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = OptimSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), max_grad_norm=1.0, warmup_steps=0,
@@ -38,13 +38,7 @@ LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    model = tiny_model(ModelConfig(source=ModelSource.tiny, max_context=64, tiny=TinyModelConfig()), tokenizer)
-    with torch.no_grad():  # weights large enough that outputs depend on them
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.1)
+    model, tokenizer = noisy_tiny()
     directory = tmp_path_factory.mktemp("vllm") / "model"
     model.save_pretrained(str(directory), safe_serialization=True)
     engine = VLLMEngine(directory, eos_token_ids=[tokenizer.eos_token_id], max_model_len=64, dtype="float32", seed=0,
@@ -132,8 +126,7 @@ def test_lora_sync_moves_only_the_adapter(setup):
 
 
 def test_trainer_stops_when_the_engine_falls_behind(setup, monkeypatch):
-    from rltrain.distributed import World
-    from rltrain.train import EngineOutOfSync, sync_engine
+    from rltrain.rollout.sync import EngineOutOfSync, SyncSettings
 
     s = setup
     model = copy.deepcopy(s.model)
@@ -142,21 +135,12 @@ def test_trainer_stops_when_the_engine_falls_behind(setup, monkeypatch):
             p.add_(0.05 * torch.randn_like(p))
     policy = PolicyWorker(model, SETTINGS, pad_token_id=0)
     monkeypatch.setattr(s.engine, "load_weights", lambda weights: None)  # a sync that silently sends nothing
-    rows = [{"prompt": "max(12,34)", "answer": "34"}]
-    c = SimpleNamespace(engine=SimpleNamespace(engine=s.engine), policy=policy, tokenizer=s.tokenizer, world=World(),
-                        train_ids=_Ids(s.prompts[0], rows))
-    config = SimpleNamespace(rollout=SimpleNamespace(vllm=SimpleNamespace(
-        sync_bucket_mb=1, weight_check_every=1, probe_tolerance=0.05)))
+    completion = s.tokenizer("34", add_special_tokens=False)["input_ids"] + [s.tokenizer.eos_token_id]
+    monkeypatch.setattr(s.engine, "sync", SyncSettings(probe_prompt=tuple(s.prompts[0]),
+                                                       probe_completion=tuple(completion), tolerance=0.05,
+                                                       weight_check_every=1, bucket_bytes=1 << 20))
     with pytest.raises(EngineOutOfSync, match="not generating with the current weights"):
-        sync_engine(c, config, step=3)
-
-
-class _Ids:
-    def __init__(self, prompt: list[int], rows: list[dict]) -> None:
-        self.prompt, self.prompts = prompt, SimpleNamespace(rows=rows)
-
-    def __getitem__(self, index: int) -> list[int]:
-        return self.prompt
+        s.engine.sync_from(policy, step=3)
 
 
 # ---- training -----------------------------------------------------------------------------------------------------

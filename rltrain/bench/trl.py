@@ -28,7 +28,7 @@ How: both run in one process, interleaved step by step (TRL's optimizer step k, 
 ``on_step_end`` callback), so load on a shared machine hits both alike. A TRL step is the time between consecutive
 ``on_step_end`` calls minus the rltrain step run inside the callback (so it includes TRL's batch fetch, generation,
 rewards, loss, backward, clipping, optimizer and scheduler). An rltrain step is the body of ``train()``'s loop
-(``generate_step``, the algorithm's ``advantages``, ``PolicyWorker.update``, ``engine.load_weights``) without logging and
+(``generate_step``, the algorithm's ``advantages``, ``PolicyWorker.update``, ``engine.sync_from``) without logging and
 evaluation. Start-up (imports, model loading, trainer construction) and the first ``--warmup`` steps are excluded; the
 result is the median over the measured steps. Results go to a section of ``docs/benchmarks.md`` (trl_report.py).
 
@@ -242,7 +242,7 @@ class RltrainRunner:
         if batch is not None:
             batch.advantages_N = c.algorithm.advantages(batch)
             c.policy.update(batch, c.algorithm.loss)
-            c.engine.load_weights({})
+            c.engine.sync_from(c.policy, step=self.step_no)
         end = time.perf_counter()
         self.split.append((generated - start, end - generated))
         return end - start

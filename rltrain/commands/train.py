@@ -15,7 +15,7 @@ from rltrain.config import DistributedKind
 from rltrain.distributed import init_world
 from rltrain.rewards import RewardError
 from rltrain.rollout.server import ServerError
-from rltrain.scaleout import EngineOutOfSync
+from rltrain.rollout.sync import EngineOutOfSync
 from rltrain.tasks.prompts import DatasetError
 from rltrain.train import RunContext, TrainingDiverged, train
 

@@ -1,11 +1,13 @@
-"""The rollout-engine interface. A controller calls only these verbs; backends (HF generate, vLLM) implement them."""
+"""The rollout-engine interface. The trainer calls only these verbs; backends (HF generate, vLLM in this process,
+vLLM behind ``rltrain serve``) implement them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:
+    from rltrain.policy import PolicyWorker
 
 
 @dataclass(frozen=True)
@@ -17,13 +19,16 @@ class SamplingParams:
     # With a seed, each prompt's random numbers come from (seed, its group) alone, so a sample is the same whichever
     # batch, chunk or rank generates it (``collect`` derives the per-prompt seeds); None: the global torch RNG.
     seed: int | None = None
+    # A completion ends once its decoded text contains one of these; the stop string stays in it (vLLM's
+    # ``include_stop_str_in_output=True``) and the completion counts as finished.
+    stop: tuple[str, ...] = ()
 
 
 @dataclass
 class Completion:
     token_ids: list[int]
     logprobs: list[float]  # log-prob of each sampled token under the sampling distribution
-    finished: bool  # True when generation stopped at EOS (the EOS token is included in token_ids)
+    finished: bool  # True when generation stopped at EOS (included in token_ids) or at a stop string
 
 
 class RolloutEngine(Protocol):
@@ -36,11 +41,16 @@ class RolloutEngine(Protocol):
         Counts let an engine process a group's shared prompt once (vLLM's ``n``; a shared prefill in HF). ``seeds[k]``
         fixes prompt k's random numbers (independent of batching); None: the engine's own randomness."""
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Bring the engine's weights up to date with the policy's."""
+    def sync_from(self, policy: PolicyWorker, *, step: int) -> dict:
+        """Bring the engine up to the policy after an update (its full weights, or its adapter) and check it: the
+        metrics of the sync (``vllm_probe_diff``, ...), {} where there is nothing to bring (the HF engine generates
+        with the policy's own module). Raises ``rltrain.rollout.sync.EngineOutOfSync`` when the check fails."""
 
     def sleep(self) -> None:
         """Free generation memory while the policy updates."""
 
     def wake(self) -> None:
         """Reclaim generation memory before generating."""
+
+    def close(self) -> None:
+        """Release what the engine holds (temporary files, connections)."""

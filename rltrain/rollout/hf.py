@@ -3,7 +3,8 @@
 Why not ``model.generate``: a group's G completions share one prompt, so each distinct prompt is prefilled once and
 its KV cache repeated G times; and the loop below does only what rollouts need (temperature, top-p, EOS, greedy,
 the log-prob of each sampled token), where ``generate`` with ``output_scores`` runs its general machinery and keeps
-every step's full-vocabulary scores. Greedy output is ``generate(do_sample=False)``'s, token for token.
+every step's full-vocabulary scores. Greedy output is ``generate(do_sample=False)``'s, token for token. Stop strings
+(``SamplingParams.stop``) end a row once its decoded completion contains one (``StopStrings``).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from rltrain.rollout.base import Completion, SamplingParams
 
 
 class HFEngine:
-    def __init__(self, model: nn.Module, *, eos_token_ids: list[int], pad_token_id: int, batch_size: int) -> None:
+    def __init__(self, model: nn.Module, *, eos_token_ids: list[int], pad_token_id: int, batch_size: int,
+                 tokenizer=None) -> None:
         self.model = model
         self.eos_token_ids = list(eos_token_ids)
         self.pad_token_id = pad_token_id
         self.batch_size = batch_size  # sequences generated at once (a prompt's copies count one each)
+        self.tokenizer = tokenizer  # decodes completions for stop strings (needed only with them)
 
     @torch.no_grad()
     def generate(
@@ -29,6 +32,8 @@ class HFEngine:
         """``counts[k]`` completions of ``prompts[k]`` (default one each), prompt by prompt in the caller's order.
         With ``seeds``, copy j of prompt k draws its random numbers from (seeds[k], j) alone."""
         counts = [1] * len(prompts) if counts is None else counts
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need the engine's tokenizer: build HFEngine with tokenizer=...")
         was_training = self.model.training
         self.model.eval()
         try:
@@ -90,12 +95,15 @@ class HFEngine:
         eos = torch.tensor(self.eos_token_ids, device=device)
         finished_B = torch.zeros(len(prompt_of_B), dtype=torch.bool, device=device)
         keys_B = None if keys is None else torch.tensor([_signed(k) for k in keys], device=device)
+        stops = StopStrings(self.tokenizer, params.stop, len(prompt_of_B), self.eos_token_ids) if params.stop else None
         tokens, logps = [], []
         for step in range(params.max_tokens):
             token_B, logp_B = sample(logits_BV, params, None if keys_B is None else uniforms(keys_B, step))
             tokens.append(token_B)
             logps.append(logp_B)
             finished_B |= torch.isin(token_B, eos)
+            if stops is not None:
+                finished_B |= torch.tensor(stops.feed(token_B.tolist()), device=device)
             if bool(finished_B.all()) or step + 1 == params.max_tokens:
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(token_B), 1))], dim=1)
@@ -109,21 +117,73 @@ class HFEngine:
             next_position_B = next_position_B + 1
         tokens_BT, logp_BT = torch.stack(tokens, dim=1).tolist(), torch.stack(logps, dim=1).tolist()
         completions = []
-        for ids, logp in zip(tokens_BT, logp_BT):
+        for row, (ids, logp) in enumerate(zip(tokens_BT, logp_BT)):
             end = next((t + 1 for t, tok in enumerate(ids) if tok in self.eos_token_ids), None)
+            if stops is not None and stops.end[row] is not None:  # a stop string, before any EOS
+                end = stops.end[row]
             if end is not None:
                 ids, logp = ids[:end], logp[:end]
             completions.append(Completion(ids, logp, finished=end is not None))
         return completions
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Nothing to do: this engine generates with the policy's own parameters."""
+    def sync_from(self, policy, *, step: int) -> dict:
+        """Nothing to bring: this engine generates with the policy's own module."""
+        return {}
 
     def sleep(self) -> None:
         """Nothing to free: generation keeps no state between calls."""
 
     def wake(self) -> None:
         """Nothing to reclaim."""
+
+    def close(self) -> None:
+        """Nothing held."""
+
+
+class StopStrings:
+    """Where each row's completion first contains a stop string, fed one token per row at a time.
+
+    Each row's text grows by the new tokens' text alone, decoded incrementally as vLLM's detokenizer does (the tokens
+    since the last complete piece, minus what they decoded to before), so a step costs two short decodes per row
+    and a search of the text's last few characters, however long the completion. A row that ended (EOS, a stop
+    string) is no longer decoded."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], rows: int, eos_token_ids: list[int]) -> None:
+        self.tokenizer, self.stop, self.eos = tokenizer, tuple(stop), set(eos_token_ids)
+        self.longest = max(len(s) for s in self.stop)
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.text = [""] * rows
+        self.offsets = [(0, 0)] * rows  # (prefix, read): tokens [prefix, read) decoded as context, the rest new
+        self.done = [False] * rows
+        self.end: list[int | None] = [None] * rows  # tokens up to and including the one that completed a stop string
+
+    def feed(self, tokens: list[int]) -> list[bool]:
+        """Add each row's next token; which rows' text now contains a stop string."""
+        for row, token in enumerate(tokens):
+            if self.done[row]:
+                continue
+            ids = self.ids[row]
+            ids.append(token)
+            if token in self.eos:
+                self.done[row] = True
+                continue
+            new = self._new_text(row)
+            if not new:
+                continue
+            start = max(0, len(self.text[row]) - self.longest + 1)  # a new match ends in the new text
+            self.text[row] += new
+            if any(s in self.text[row][start:] for s in self.stop):
+                self.done[row], self.end[row] = True, len(ids)
+        return [end is not None for end in self.end]
+
+    def _new_text(self, row: int) -> str:
+        ids, (prefix, read) = self.ids[row], self.offsets[row]
+        before = self.tokenizer.decode(ids[prefix:read], skip_special_tokens=True)
+        after = self.tokenizer.decode(ids[prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):  # not in the middle of a character
+            self.offsets[row] = (read, len(ids))
+            return after[len(before):]
+        return ""
 
 
 def sample(logits_BV: Tensor, params: SamplingParams, u_B: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -2,7 +2,7 @@
 ``VLLMServerEngine`` is the trainer's side, with the same verbs as the colocated engine.
 
 The protocol is rltrain's own, five JSON/bytes endpoints over HTTP: ``GET /health``, ``POST /generate`` (token-id
-prompts, counts, per-prompt seeds, sampling settings -> token ids, behaviour log-probs, finished flags),
+prompts, counts, per-prompt seeds, sampling settings, stop strings -> token ids, behaviour log-probs, finished flags),
 ``POST /weights`` (a bucket of tensors as safetensors bytes, never pickle) and ``POST /weights/done``,
 ``POST /adapter`` (a PEFT adapter directory's files), ``POST /probe`` (log-probs of a fixed completion, for the
 trainer's sync check). Weights travel over HTTP: simple and testable anywhere, but for multi-GB full-weight syncs
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from rltrain.rollout.base import Completion, SamplingParams
+from rltrain.rollout.sync import SyncedEngine, SyncSettings
 
 logger = logging.getLogger("rltrain")
 
@@ -29,13 +30,12 @@ class ServerError(RuntimeError):
     pass
 
 
-class VLLMServerEngine:
-    """The trainer's handle on ``rltrain serve``. ``shared``: every rank talks to the same server, so weights and
-    adapters are sent by rank 0 alone."""
+class VLLMServerEngine(SyncedEngine):
+    """The trainer's handle on ``rltrain serve``. Every rank talks to the same server, so weights and adapters are
+    sent by one rank alone (``sync.send``); every rank checks the probe."""
 
-    shared = True
-
-    def __init__(self, url: str, *, connect_timeout_s: float = 300.0, request_timeout_s: float = 600.0) -> None:
+    def __init__(self, url: str, *, connect_timeout_s: float = 300.0, request_timeout_s: float = 600.0,
+                 sync: SyncSettings | None = None) -> None:
         import httpx
 
         self.url = url.rstrip("/")
@@ -43,6 +43,7 @@ class VLLMServerEngine:
         self.client = httpx.Client(base_url=self.url, timeout=request_timeout_s)
         self.info = self._wait_healthy(connect_timeout_s)
         self._adapter_version = 0
+        self.sync = sync
 
     def _wait_healthy(self, timeout_s: float) -> dict:
         import httpx
@@ -82,7 +83,7 @@ class VLLMServerEngine:
         counts = [1] * len(prompts) if counts is None else counts
         body = {"prompts": [list(p) for p in prompts], "counts": list(counts), "seeds": seeds,
                 "params": {"temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_tokens,
-                           "greedy": params.greedy}}
+                           "greedy": params.greedy, "stop": list(params.stop)}}
         out = self._post("/generate", json=body)["completions"]
         return [Completion(c["token_ids"], c["logprobs"], finished=c["finished"]) for c in out]
 
@@ -137,7 +138,7 @@ def build_app(engine):
     def generate(body: dict) -> dict:
         p = body["params"]
         params = SamplingParams(temperature=p["temperature"], top_p=p["top_p"], max_tokens=p["max_tokens"],
-                                greedy=p["greedy"])
+                                greedy=p["greedy"], stop=tuple(p.get("stop", ())))
         with lock:
             out = engine.generate(body["prompts"], params, body["counts"], body.get("seeds"))
         return {"completions": [{"token_ids": c.token_ids, "logprobs": c.logprobs, "finished": c.finished}
@@ -183,8 +184,8 @@ def serve(config) -> None:
     """``rltrain serve``: the config's model in a vLLM engine behind the HTTP API (until interrupted)."""
     import uvicorn
 
-    from rltrain.config import AdapterKind, ModelSource, Precision
-    from rltrain.rollout.vllm import VLLMEngine
+    from rltrain.config import ModelSource
+    from rltrain.rollout.vllm import build_vllm_engine
 
     m, v = config.model, config.rollout.vllm
     if m.source == ModelSource.hf:
@@ -197,12 +198,10 @@ def serve(config) -> None:
         raise ServerError("rltrain serve needs a model directory (model.source=hf model.path=DIR, e.g. a run's "
                           "final/ or base_model/): a tiny model is built inside the trainer")
     eos = _eos_ids(model_dir)
-    lora_rank = int(config.adapter.lora.get("r", 8)) if config.adapter.kind == AdapterKind.lora else 0
-    engine = VLLMEngine(model_dir, eos_token_ids=eos, max_model_len=m.max_context,
-                        dtype="bfloat16" if m.precision == Precision.bf16 else "float32", seed=config.trainer.seed,
-                        gpu_memory_utilization=v.server_gpu_memory_utilization, max_num_seqs=v.max_num_seqs,
-                        lora_rank=lora_rank, sleep_mode=False, cpu_kv_cache_gb=v.cpu_kv_cache_gb)
-    logger.warning("rltrain serve: %s on http://%s:%d (LoRA rank %d)", model_dir, v.host, v.port, lora_rank)
+    tokenizer = model_dir if (model_dir / "tokenizer_config.json").exists() else None  # for stop strings
+    engine = build_vllm_engine(config, model_dir, eos, gpu_memory_utilization=v.server_gpu_memory_utilization,
+                               sleep=False, tokenizer=tokenizer)
+    logger.warning("rltrain serve: %s on http://%s:%d (LoRA rank %d)", model_dir, v.host, v.port, engine.lora_rank)
     uvicorn.run(build_app(engine), host=v.host, port=v.port, log_level="warning")
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from rltrain.rollout.base import Completion, SamplingParams
+from rltrain.rollout.sync import SyncedEngine, SyncSettings
 
 logger = logging.getLogger("rltrain")
 
@@ -46,10 +47,14 @@ def _plain_cpu_linears() -> None:
     utils.dispatch_cpu_unquantized_gemm = plain
 
 
-class VLLMEngine:
+class VLLMEngine(SyncedEngine):
+    """``tokenizer``: a directory holding the tokenizer, for stop strings (vLLM then detokenizes the requests that
+    have some); None: token ids only. ``sync``: what ``sync_from`` needs (rltrain.rollout.sync)."""
+
     def __init__(self, model_dir: str | Path, *, eos_token_ids: list[int], max_model_len: int, dtype: str,
                  seed: int, gpu_memory_utilization: float = 0.3, max_num_seqs: int = 256, lora_rank: int = 0,
-                 sleep_mode: bool = False, cpu_kv_cache_gb: float = 1.0, cleanup: str | Path | None = None) -> None:
+                 sleep_mode: bool = False, cpu_kv_cache_gb: float = 1.0, cleanup: str | Path | None = None,
+                 tokenizer: str | Path | None = None, sync: SyncSettings | None = None) -> None:
         from vllm import LLM
 
         if not torch.cuda.is_available():
@@ -66,7 +71,8 @@ class VLLMEngine:
             self.llm = LLM(
                 model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
                 distributed_executor_backend="external_launcher",  # the model lives in this process: weights can be set
-                logprobs_mode="processed_logprobs", skip_tokenizer_init=True,
+                logprobs_mode="processed_logprobs", skip_tokenizer_init=tokenizer is None,
+                tokenizer=None if tokenizer is None else str(tokenizer),
                 enforce_eager=not torch.cuda.is_available(), gpu_memory_utilization=gpu_memory_utilization,
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max(4096, max_model_len),
                 enable_sleep_mode=self.sleep_mode, enable_lora=lora_rank > 0, max_lora_rank=max(lora_rank, 8),
@@ -80,6 +86,7 @@ class VLLMEngine:
         self._adapter_root = Path(tempfile.mkdtemp(prefix="rltrain-vllm-adapters-"))
         self._asleep = False
         self._cleanup = cleanup  # a temporary copy of the starting weights, removed at close
+        self.has_tokenizer, self.lora_rank, self.sync = tokenizer is not None, lora_rank, sync
 
     @property
     def model(self) -> torch.nn.Module:
@@ -90,6 +97,8 @@ class VLLMEngine:
         from vllm import SamplingParams as VLLMSampling
         from vllm.inputs import TokensPrompt
 
+        if params.stop and not self.has_tokenizer:
+            raise ValueError("stop strings need the engine's tokenizer: build VLLMEngine with tokenizer=DIR")
         counts = [1] * len(prompts) if counts is None else counts
         self.wake()
         requests, sampling = [], []
@@ -98,8 +107,9 @@ class VLLMEngine:
                 continue
             requests.append(TokensPrompt(prompt_token_ids=list(prompt)))
             sampling.append(VLLMSampling(
-                n=count, max_tokens=params.max_tokens, logprobs=0, detokenize=False,
-                stop_token_ids=self.eos_token_ids, ignore_eos=False,
+                n=count, max_tokens=params.max_tokens, logprobs=0, detokenize=bool(params.stop),
+                stop_token_ids=self.eos_token_ids, ignore_eos=False, stop=list(params.stop),
+                include_stop_str_in_output=True,
                 temperature=0.0 if params.greedy else params.temperature, top_p=1.0 if params.greedy else params.top_p,
                 seed=None if seeds is None else seeds[k] % 2**63,
             ))
@@ -110,7 +120,7 @@ class VLLMEngine:
             for sample in out.outputs:
                 ids = list(sample.token_ids)
                 logprobs = [entry[token].logprob for entry, token in zip(sample.logprobs, ids)]
-                finished = bool(ids) and ids[-1] in self.eos_token_ids
+                finished = (bool(ids) and ids[-1] in self.eos_token_ids) or isinstance(sample.stop_reason, str)
                 completions.append(Completion(ids, logprobs, finished=finished))
         return completions
 
@@ -187,6 +197,22 @@ class VLLMEngine:
         shutil.rmtree(self._adapter_root, ignore_errors=True)
         if self._cleanup is not None:
             shutil.rmtree(self._cleanup, ignore_errors=True)
+
+
+def build_vllm_engine(config, model_dir: str | Path, eos: list[int], *, gpu_memory_utilization: float, sleep: bool,
+                      cleanup: str | Path | None = None, tokenizer: str | Path | None = None,
+                      sync: SyncSettings | None = None) -> VLLMEngine:
+    """The config's vLLM engine on the weights in ``model_dir``: the trainer's colocated one and ``rltrain serve``'s
+    (each with its own share of the GPU and sleep setting)."""
+    from rltrain.config import AdapterKind, Precision
+
+    m, v = config.model, config.rollout.vllm
+    lora_rank = int(config.adapter.lora.get("r", 8)) if config.adapter.kind == AdapterKind.lora else 0
+    return VLLMEngine(model_dir, eos_token_ids=eos, max_model_len=m.max_context,
+                      dtype="bfloat16" if m.precision == Precision.bf16 else "float32", seed=config.trainer.seed,
+                      gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=v.max_num_seqs, lora_rank=lora_rank,
+                      sleep_mode=sleep, cpu_kv_cache_gb=v.cpu_kv_cache_gb, cleanup=cleanup, tokenizer=tokenizer,
+                      sync=sync)
 
 
 def _rebuild(name: str, hf: dict[str, torch.Tensor]) -> torch.Tensor | None:

@@ -1,0 +1,65 @@
+"""The rollout engine a config asks for, as the trainer builds it: the HF engine on the policy's own module, vLLM in
+this process (colocated, started from a saved copy of the policy) or the handle on a ``rltrain serve`` server; behind
+``ShardedEngine`` in every case. An engine with its own weights is told at birth how to check its sync (the probe,
+the tolerance, the buckets, whether this rank sends): rltrain.rollout.sync."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from rltrain.config import Config, ModelSource
+from rltrain.distributed import ShardedEngine, World
+from rltrain.rollout.collect import PromptIds
+from rltrain.rollout.hf import HFEngine
+from rltrain.rollout.sync import SyncSettings
+
+
+def save_engine_init(config: Config, model: torch.nn.Module, tokenizer, world: World) -> Path | None:
+    """Where a colocated vLLM engine loads its first weights and its tokenizer from: the model directory itself when
+    the policy starts from one unchanged, else a copy of the starting weights (a tiny model's warm start, a converted
+    GGUF) that rank 0 writes and every rank's engine reads. None for other engines."""
+    if not (config.rollout.backend == "vllm" and config.rollout.vllm.mode == "colocate"):
+        return None
+    if config.model.source == ModelSource.hf:
+        return Path(config.model.path)
+    directory = Path(tempfile.mkdtemp(prefix="rltrain-vllm-init-")) if world.is_main else None
+    if world.is_main:
+        model.save_pretrained(str(directory), safe_serialization=True)
+        tokenizer.save_pretrained(str(directory))
+    directory = world.broadcast(directory)
+    world.barrier()
+    return directory
+
+
+def sync_settings(config: Config, tokenizer, train_ids: PromptIds, world: World) -> SyncSettings:
+    """The sync check of ``rollout.vllm``; its probe is the first train prompt and its reference answer (then EOS)."""
+    v = config.rollout.vllm
+    completion = tokenizer(str(train_ids.prompts.rows[0].get("answer", "0")),
+                           add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return SyncSettings(probe_prompt=tuple(train_ids[0]), probe_completion=tuple(completion),
+                        tolerance=v.probe_tolerance, weight_check_every=v.weight_check_every,
+                        bucket_bytes=v.sync_bucket_mb << 20, send=world.is_main or v.mode != "server", world=world)
+
+
+def build_engine(config: Config, *, model: torch.nn.Module, tokenizer, train_ids: PromptIds, policy,
+                 world: World, engine_init: Path | None) -> ShardedEngine:
+    """``model``: the policy's module (the HF engine generates with it); ``engine_init``: ``save_engine_init``'s."""
+    r, eos = config.rollout, [tokenizer.eos_token_id]
+    if r.backend != "vllm":
+        return ShardedEngine(HFEngine(model, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
+                                      batch_size=r.batch_size, tokenizer=tokenizer), world, policy.gathered)
+    sync = sync_settings(config, tokenizer, train_ids, world)
+    if r.vllm.mode == "server":  # one server for every rank: rank 0 sends
+        from rltrain.rollout.server import VLLMServerEngine
+
+        return ShardedEngine(VLLMServerEngine(r.vllm.url, connect_timeout_s=r.vllm.connect_timeout_s,
+                                              request_timeout_s=r.vllm.request_timeout_s, sync=sync), world)
+    from rltrain.rollout.vllm import build_vllm_engine
+
+    cleanup = engine_init if config.model.source != ModelSource.hf and world.is_main else None  # a temporary copy
+    engine = build_vllm_engine(config, engine_init, eos, gpu_memory_utilization=r.vllm.gpu_memory_utilization,
+                               sleep=r.vllm.sleep, cleanup=cleanup, tokenizer=engine_init, sync=sync)
+    return ShardedEngine(engine, world)

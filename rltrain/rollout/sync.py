@@ -1,0 +1,98 @@
+"""Bringing an engine that keeps its own copy of the weights (vLLM, in this process or behind ``rltrain serve``) up
+to the policy after an update, and checking that it got there. docs/scale.md.
+
+The sync sends the adapter alone for LoRA, else the full weights in bounded buckets (every rank walks the buckets:
+ZeRO-3 gathers them collectively). Then a fixed probe (a prompt and a completion) is scored by the engine and by the
+policy; the largest log-prob difference over the ranks is ``vllm_probe_diff``, and above the tolerance the run stops
+(``EngineOutOfSync``), so weights or an adapter that silently never arrived cannot go unnoticed. Every
+``weight_check_every`` syncs the engine's weights are also compared with the policy's, where they can be read here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from rltrain.distributed import World
+
+if TYPE_CHECKING:
+    from rltrain.policy import PolicyWorker
+
+
+class EngineOutOfSync(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    """What an engine's sync needs, given to it when it is built."""
+
+    probe_prompt: tuple[int, ...]  # token ids the engine and the policy both score after every sync
+    probe_completion: tuple[int, ...]
+    tolerance: float = 0.05  # the most the two may differ (nats, any token)
+    weight_check_every: int = 0  # every N syncs also compare all weights (vllm_weight_max_diff); 0: never
+    bucket_bytes: int = 256 << 20  # the most one bucket of full weights holds (one tensor may exceed it)
+    send: bool = True  # False: another rank sends (one server shared by every rank: rank 0 alone)
+    world: World = World()  # the ranks the checks take their worst value over
+
+
+class SyncedEngine:
+    """``sync_from`` for an engine with its own weights, built on its primitives: ``load_weights(bucket)``,
+    ``finish_sync()``, ``load_adapter(save_adapter)``, ``probe_logprobs(prompt, completion)`` and, where the weights
+    can be read in this process, ``max_weight_diff(named_parameters)``."""
+
+    sync: SyncSettings | None = None
+
+    def sync_from(self, policy: PolicyWorker, *, step: int) -> dict:
+        s = self.sync
+        if s is None:
+            raise ValueError(f"{type(self).__name__} was built without SyncSettings: sync_from needs its probe")
+        stats = {}
+        if policy.is_peft:
+            if s.send:
+                self.load_adapter(policy.save_adapter_here)
+        else:
+            for bucket in policy.weight_buckets(s.bucket_bytes):  # every rank: ZeRO-3 gathers collectively
+                if s.send:
+                    self.load_weights(bucket)
+            if s.send:
+                self.finish_sync()
+            if s.weight_check_every and step % s.weight_check_every == 0 and policy.zero_stage != 3:
+                diff = self.max_weight_diff(policy.model.named_parameters())
+                if diff is not None:
+                    stats["vllm_weight_max_diff"] = max(s.world.gather(diff[0]))
+        s.world.barrier()
+        prompt, completion = list(s.probe_prompt), list(s.probe_completion)
+        engine_logp = self.probe_logprobs(prompt, completion)
+        policy_logp = policy.logprobs([prompt], [completion], temperature=1.0)[0]
+        diff = max(abs(a - b) for a, b in zip(engine_logp, policy_logp))
+        stats["vllm_probe_diff"] = max(s.world.gather(diff))  # the worst rank's engine
+        if not stats["vllm_probe_diff"] <= s.tolerance:
+            raise EngineOutOfSync(
+                f"step {step}: after the weight sync vLLM scores a probe {stats['vllm_probe_diff']:.3g} nats away from "
+                f"the policy (rollout.vllm.probe_tolerance={s.tolerance}): it is not generating with the current "
+                f"{'adapter' if policy.is_peft else 'weights'}")
+        return stats
+
+    # ---- the primitives an engine provides ----------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        raise NotImplementedError
+
+    def finish_sync(self) -> None:
+        raise NotImplementedError
+
+    def load_adapter(self, save_adapter: Callable[[Path], None]) -> None:
+        raise NotImplementedError
+
+    def probe_logprobs(self, prompt: list[int], completion: list[int]) -> list[float]:
+        raise NotImplementedError
+
+    def max_weight_diff(self, named: Iterable[tuple[str, torch.Tensor]]) -> tuple[float, int] | None:
+        """Largest |engine - policy| weight and how many engine parameters were compared; None where the engine's
+        weights are not in this process (a server's)."""
+        return None
