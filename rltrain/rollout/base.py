@@ -4,10 +4,7 @@ vLLM behind ``rltrain serve``) implement them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from rltrain.policy import PolicyWorker
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -41,7 +38,7 @@ class RolloutEngine(Protocol):
         Counts let an engine process a group's shared prompt once (vLLM's ``n``; a shared prefill in HF). ``seeds[k]``
         fixes prompt k's random numbers (independent of batching); None: the engine's own randomness."""
 
-    def sync_from(self, policy: PolicyWorker, *, step: int) -> dict:
+    def sync_from(self, policy: Any, *, step: int) -> dict:  # a rltrain.policy.PolicyWorker (which imports this)
         """Bring the engine up to the policy after an update (its full weights, or its adapter) and check it: the
         metrics of the sync (``vllm_probe_diff``, ...), {} where there is nothing to bring (the HF engine generates
         with the policy's own module). Raises ``rltrain.rollout.sync.EngineOutOfSync`` when the check fails."""
