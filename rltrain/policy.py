@@ -13,49 +13,16 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from rltrain.algorithms import aggregation
+from rltrain.algorithms.base import LossInputs, PolicyLoss  # noqa: F401 (the loss contract, re-exported)
 from rltrain.batch import RolloutBatch, Source
 from rltrain.distributed import World
-
-
-@dataclass
-class LossInputs:
-    """What a loss sees for one micro-batch. Log-probs are per completion token, right-padded to T."""
-
-    logp_BT: Tensor  # policy, training context, with grad
-    old_logp_BT: Tensor  # policy at the start of the step, generation context, no grad
-    ref_logp_BT: Tensor | None  # frozen reference, training context (only when a KL term is used)
-    behaviour_logp_BT: Tensor  # the generator's own log-probs
-    adv_B: Tensor
-    mask_BT: Tensor
-    sources: list[Source]
-    entropy_BT: Tensor | None  # only when the loss asks for it
-    step: dict[str, Tensor] = field(default_factory=dict)  # loss_fn.step_statistics of this optimizer step
-
-
-class PolicyLoss(Protocol):
-    aggregation: str
-    max_len: int | None
-    needs_entropy: bool
-    needs_reference: bool
-    zero_without_advantage: bool  # loss and gradient vanish for samples with advantage 0 (no KL, no entropy)
-    step_sources: frozenset[Source]  # samples whose step-wide statistics the loss needs (usually none)
-
-    def __call__(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        """Per-token loss [B, T] (before masking) and per-token metrics: each a [B, T] tensor, logged as its mean over
-        the trained tokens, or a pair (value_BT, weight_BT), logged as its mean over the tokens the weight selects
-        (sum of value * weight / sum of weight over the step; left out where the weight is 0 throughout)."""
-
-    def step_statistics(self, inputs: LossInputs) -> dict[str, Tensor]:
-        """Detached statistics over a whole optimizer step (e.g. Guide's batch-scope gamma), from no-grad inputs of
-        the step's ``step_sources`` samples; every micro-batch then sees them as ``LossInputs.step``."""
 
 
 @dataclass(frozen=True)

@@ -7,19 +7,57 @@ and whatever else the method adds: hinted regenerations, demonstrations); the al
 and its checkpointed state, registered by name in ``rltrain.algorithms.registry`` (or named by import path,
 ``algorithm.name=mypkg.module:MyAlgorithm``, or by an ``rltrain.algorithms`` entry point).
 
-This module imports no model, engine or config code: an algorithm sees the run through ``Setup`` and ``Rollouts``.
+This module imports no model, engine or config code: an algorithm sees the run through ``Setup`` and ``Rollouts``,
+and its loss sees a micro-batch through ``LossInputs``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from torch import Tensor
 
-from rltrain.batch import RolloutBatch
+from rltrain.batch import RolloutBatch, Source
 from rltrain.errors import ConfigError
 
+
+# ---- the loss: what the policy worker hands it, and what it must answer ---------------------------------------------
+
+@dataclass
+class LossInputs:
+    """What a loss sees for one micro-batch. Log-probs are per completion token, right-padded to T."""
+
+    logp_BT: Tensor  # policy, training context, with grad
+    old_logp_BT: Tensor  # policy at the start of the step, generation context, no grad
+    ref_logp_BT: Tensor | None  # frozen reference, training context (only when a KL term is used)
+    behaviour_logp_BT: Tensor  # the generator's own log-probs
+    adv_B: Tensor
+    mask_BT: Tensor
+    sources: list[Source]
+    entropy_BT: Tensor | None  # only when the loss asks for it
+    step: dict[str, Tensor] = field(default_factory=dict)  # loss_fn.step_statistics of this optimizer step
+
+
+class PolicyLoss(Protocol):
+    aggregation: str
+    max_len: int | None
+    needs_entropy: bool
+    needs_reference: bool
+    zero_without_advantage: bool  # loss and gradient vanish for samples with advantage 0 (no KL, no entropy)
+    step_sources: frozenset[Source]  # samples whose step-wide statistics the loss needs (usually none)
+
+    def __call__(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-token loss [B, T] (before masking) and per-token metrics: each a [B, T] tensor, logged as its mean over
+        the trained tokens, or a pair (value_BT, weight_BT), logged as its mean over the tokens the weight selects
+        (sum of value * weight / sum of weight over the step; left out where the weight is 0 throughout)."""
+
+    def step_statistics(self, inputs: LossInputs) -> dict[str, Tensor]:
+        """Detached statistics over a whole optimizer step (e.g. Guide's batch-scope gamma), from no-grad inputs of
+        the step's ``step_sources`` samples; every micro-batch then sees them as ``LossInputs.step``."""
+
+
+# ---- the step ------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Selection:
