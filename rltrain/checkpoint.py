@@ -181,7 +181,10 @@ class Checkpointer:
             state = torch.load(path / "state.pt", weights_only=True)
         except Exception as err:  # noqa: BLE001 - a damaged file, whatever the unpickler says about it
             raise CheckpointError(f"{path}: state.pt cannot be read ({type(err).__name__}: {err})") from err
-        missing = set(self._components) - set(state["components"])
+        # A component with no state (e.g. GRPO as an algorithm) may be absent from a checkpoint written before it
+        # was registered; one with state may not.
+        absent = {name for name in self._components if name not in state["components"]}
+        missing = {name for name in absent if self._components[name].state_dict()}
         if missing:
             raise CheckpointError(f"{path}: no state for {sorted(missing)} (was it written by a different algorithm?)")
         try:
@@ -195,6 +198,8 @@ class Checkpointer:
             raise CheckpointError(f"{path}: weights cannot be loaded into this model ({type(err).__name__}: "
                                   f"{err})") from err
         for name, component in self._components.items():
+            if name in absent:
+                continue
             try:
                 component.load_state_dict(state["components"][name])
             except (KeyError, ValueError) as err:

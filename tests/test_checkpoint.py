@@ -93,6 +93,34 @@ def test_round_trip_restores_weights_optimizer_sampler_rng_and_registered_state(
     assert len(restored["optimizer"]) == len(saved["optimizer"]) > 0
 
 
+class Stateless:
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        raise AssertionError("a component absent from the checkpoint is not loaded")
+
+
+def test_a_checkpoint_without_a_stateless_component_restores_and_one_with_state_is_refused(tmp_path):
+    """A checkpoint written before a component was registered (e.g. the algorithm, before algorithms were plug-ins)
+    restores when that component has no state, and is refused, naming it, when it has some."""
+    config = compose(SMALL)
+    c = build(config)
+    writer = Checkpointer(tmp_path / "checkpoints", keep=2)
+    writer.register("sampler", c.selector.sampler)
+    path = writer.save(1, policy=c.policy, tokenizer=c.tokenizer, meta={})
+    reader = Checkpointer(tmp_path / "checkpoints", keep=2)
+    reader.register("sampler", c.selector.sampler)
+    reader.register("algorithm", Stateless())
+    assert reader.restore(path, policy=c.policy) == 1
+    counter = Counter()
+    counter.value = 3
+    strict = Checkpointer(tmp_path / "checkpoints", keep=2)
+    strict.register("counter", counter)
+    with pytest.raises(CheckpointError, match=r"no state for \['counter'\]"):
+        strict.restore(path, policy=c.policy)
+
+
 def test_keep_last_k_and_latest_skips_incomplete_and_corrupt(tmp_path, caplog):
     config = compose(SMALL)
     c = build(config)
