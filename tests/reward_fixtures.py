@@ -107,3 +107,25 @@ def flaky_by_prompt(prompts, completions, answer, **_):
 def overflowing(prompts, completions, **_):
     """Finite rewards so large that, unscaled (algorithm.advantage_scale=none), the loss overflows to inf."""
     return [1e38 * (1 + len(c)) for c in completions]
+
+
+def returns_a_dict(prompts, completions, **_):
+    """A mapping of sample index to score: iterating it gives 0, 1, 2, ... (its keys), never the scores."""
+    return {i: 0.5 for i in range(len(completions))}
+
+
+def returns_text(prompts, completions, **_):
+    return "1" * len(completions)
+
+
+def returns_a_set(prompts, completions, **_):
+    return set(range(len(completions)))
+
+
+def always_none(prompts, completions, **_):
+    """'Does not apply' to every sample (e.g. a reward written for another dataset's rows)."""
+    return [None] * len(completions)
+
+
+def none_on_short(prompts, completions, **_):
+    return [None if len(c) < 3 else 1.0 for c in completions]

@@ -158,6 +158,30 @@ def test_wrong_length_or_no_list_is_rescored_one_sample_at_a_time():
         assert torch.equal(batch.reward_components[fn.__name__], torch.zeros(8))
 
 
+def test_a_mapping_string_or_set_is_no_list_of_scores():
+    """A dict returned as scores was once scored by its keys (0, 1, 2, ...: accuracy 0.98 on nothing learned)."""
+    for fn in (fx.returns_a_dict, fx.returns_text, fx.returns_a_set):
+        batch, _, stats = scorer(fn).score_batch(make_batch(TEXTS, GROUPS), TOKENIZER, PROMPTS)
+        assert stats["reward_errors"] == 8.0, fn.__name__
+        assert torch.equal(batch.reward_components[fn.__name__], torch.zeros(8)), fn.__name__
+
+
+def test_none_everywhere_is_a_batch_of_errors_and_none_somewhere_is_not(caplog):
+    """None is "does not apply" (TRL): 0 and no failure while some function scores some sample; a batch that no
+    function scores at all is reward errors, warned once, and under drop leaves the batch."""
+    with caplog.at_level("WARNING", logger="rltrain.rewards"):
+        batch, _, stats = scorer(fx.always_none).score_batch(make_batch(TEXTS, GROUPS), TOKENIZER, PROMPTS)
+    assert stats["reward_errors"] == 8.0 and torch.equal(batch.rewards_N, torch.zeros(8))
+    assert sum("returned None for every sample" in m for m in caplog.messages) == 1
+    dropped, _, stats = scorer(fx.always_none, policy=RewardFailure.drop).score_batch(
+        make_batch(TEXTS, GROUPS), TOKENIZER, PROMPTS)
+    assert len(dropped) == 0 and stats["reward_dropped"] == 8.0
+    batch, _, stats = scorer(fx.always_none, fx.none_on_short).score_batch(make_batch(TEXTS, GROUPS), TOKENIZER,
+                                                                          PROMPTS)
+    assert stats["reward_errors"] == 0.0  # the second function scores the longer completions
+    assert batch.rewards_N.tolist() == [0.0 if len(t) < 3 else 1.0 for t in TEXTS]
+
+
 def test_a_sample_counts_once_per_kind_however_many_functions_fail_it():
     texts = ["boom nan", "0", "boom hang", "2", "3", "5", "4", "six"]
     rewards = scorer(fx.raises_on_boom, fx.nan_on_nan, fx.hangs_on_hang)

@@ -9,7 +9,9 @@ killed with its worker, so one that hangs or spins stops costing CPU, and one th
 (segfault, ``os._exit``) costs its samples, not the run. A call that raises, times out, dies or returns the wrong
 number of scores is repeated one sample at a time to find the samples that fail, on up to ``POOL_SIZE`` workers at
 once, so k hanging samples cost about k / ``POOL_SIZE`` timeouts, not k. A non-finite score fails its sample only.
-``None`` is TRL's "this function does not apply to this sample": it scores 0 and is no failure. A failed sample
+A result that is not a sequence of numbers (a dict, whose iteration gives its keys; a string; a set) fails the call.
+``None`` is TRL's "this function does not apply to this sample": it scores 0 and is no failure, unless no function
+scores any sample of a batch: then every sample is a reward error (warned once), not a batch of zeros. A failed sample
 scores 0 for that function (``task.on_reward_failure=zero``) or leaves the batch (``drop``). The first failure of
 each kind of each function is logged (logger ``rltrain.rewards``) with its traceback; later ones are only counted,
 in the stats ``score_batch`` returns.
@@ -117,14 +119,23 @@ class RewardScorer:
         n = len(completions)
         components: dict[str, Tensor] = {}
         total_N = torch.zeros(n, dtype=torch.float32)
-        errors, timeouts = set(), set()
+        errors, timeouts, scored = set(), set(), set()
         for reward in self.rewards:
             scores, failures = self._score_one(reward, prompts, completions, columns)
             for i, failure in enumerate(failures):
                 if failure is not None:
                     (timeouts if failure.kind == TIMED_OUT else errors).add(i)
-            components[reward.name] = torch.tensor(scores, dtype=torch.float32)
+            scored.update(i for i, score in enumerate(scores) if score is not None)
+            components[reward.name] = torch.tensor([0.0 if v is None else v for v in scores], dtype=torch.float32)
             total_N += reward.weight * components[reward.name]
+        if n and not scored and not errors | timeouts:
+            # every function said "does not apply" to every sample: a batch with no reward at all, which would train
+            # on zeros as if they were scores (a reward written for other data, or a column it never finds)
+            errors.update(range(n))
+            self._log_once(self.rewards[0], "batch", Failure(
+                "returned None for every sample", "no reward function applies to any sample of a batch (None means "
+                "'not applicable'): they count as reward errors, and the run learns nothing from them"),
+                "on every function")
         failed_N = torch.zeros(n, dtype=torch.bool)
         failed_N[sorted(errors | timeouts)] = True
         stats = {"reward_errors": float(len(errors)), "reward_timeouts": float(len(timeouts))}
@@ -147,8 +158,9 @@ class RewardScorer:
         return batch, completions, stats
 
     def _score_one(self, reward: WeightedReward, prompts: list[str], completions: list[str], columns: dict[str, list]
-                   ) -> tuple[list[float], list[Failure | None]]:
-        """One function's scores (0 where it failed) and, per sample, its failure or None."""
+                   ) -> tuple[list[float | None], list[Failure | None]]:
+        """One function's scores (0 where it failed, None where it does not apply) and, per sample, its failure or
+        None."""
         n = len(completions)
         [outcome] = self._run(reward, [(prompts, completions, columns)])
         if isinstance(outcome, Failure) and n > 1:

@@ -32,6 +32,7 @@ import types
 import traceback
 import weakref
 from collections import deque
+from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Callable
@@ -75,7 +76,8 @@ class Failure:
     error: BaseException | None = None
 
 
-Outcome = list[float | Failure] | Failure  # per sample a score or why it has none; or why the whole call has none
+Outcome = list[float | Failure | None] | Failure  # per sample a score, None (does not apply) or why it has none;
+# or why the whole call has none
 
 
 def call(fn: RewardFn, prompts: list, completions: list, columns: dict[str, list]) -> Outcome:
@@ -85,6 +87,8 @@ def call(fn: RewardFn, prompts: list, completions: list, columns: dict[str, list
         result = fn(prompts=prompts, completions=completions, **columns)
     except Exception as err:
         return Failure("raised", f"{type(err).__name__}: {err}", err)
+    if isinstance(result, (str, bytes, Mapping, Set)):  # iterable, but not scores: a dict would score its keys
+        return Failure("returned a non-list", f"returned a {type(result).__name__}, not a list of {n} scores")
     try:
         raw = list(result)
     except TypeError:  # a number, a 0-d tensor
@@ -94,9 +98,9 @@ def call(fn: RewardFn, prompts: list, completions: list, columns: dict[str, list
     return [_value(r) for r in raw]
 
 
-def _value(raw: object) -> float | Failure:
-    if raw is None:  # TRL's "this function does not apply to this sample"
-        return 0.0
+def _value(raw: object) -> float | Failure | None:
+    if raw is None:  # TRL's "this function does not apply to this sample": no score, and no failure
+        return None
     try:
         value = float(raw)
     except (TypeError, ValueError):
