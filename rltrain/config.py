@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -350,7 +351,7 @@ class TrainerConfig:
     lr: float = 1e-5
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # clip the gradient's global norm to this; 0: no clipping (the norm is still logged)
     warmup_steps: int = 0
     # Decay after warm-up, by progress through the run: steps / trainer.steps, or rollouts / trainer.max_rollouts
     # when the budget is the nearer end (so methods that spend rollouts differently decay on the same scale).
@@ -450,6 +451,11 @@ def register() -> None:
 def check(config: Config) -> None:
     """Cross-field checks that types cannot express. Raises ConfigError naming the key."""
     t, r = config.trainer, config.rollout
+    for key, value in _floats(config, ""):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+    if t.max_grad_norm < 0:  # clip_grad_norm_ with a negative norm flips the gradient's sign
+        raise ConfigError(f"trainer.max_grad_norm must be > 0, or 0 for no clipping, got {t.max_grad_norm}")
     if t.steps < 0:  # 0: evaluate the starting model (e.g. a warm start) and save it, without training
         raise ConfigError(f"trainer.steps must be >= 0, got {t.steps}")
     positive = {
@@ -549,6 +555,25 @@ def check(config: Config) -> None:
                           "capabilities train adapters.yaml")
     if config.adapter.kind == AdapterKind.lora and not config.adapter.lora:
         raise ConfigError("adapter.lora must hold peft.LoraConfig settings when adapter.kind=lora")
+
+
+def _floats(node, key: str):
+    """(key, value) of every float setting under ``node``: dataclass fields, list items (e.g. task.rewards.0.weight)
+    and dict values (e.g. task.builtin.mix.comparison)."""
+    def child(name) -> str:
+        return f"{key}.{name}" if key else str(name)
+
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            yield from _floats(getattr(node, f.name), child(f.name))
+    elif isinstance(node, dict):
+        for name, value in node.items():
+            yield from _floats(value, child(name))
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _floats(value, child(i))
+    elif isinstance(node, float):
+        yield key, node
 
 
 def _reject_unknown_keys(node: DictConfig, cls: type, prefix: str) -> None:

@@ -391,7 +391,8 @@ class PolicyWorker:
         """Clip, step (unless the loss or the gradient is not finite) and clear the gradients: (norm, stepped)."""
         if self.engine is None:
             params = [p for p in self.model.parameters() if p.requires_grad]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm))
+            limit = self.settings.max_grad_norm or math.inf  # 0: no clipping, the norm still measured
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
             finite = math.isfinite(grad_norm) and finite_loss
             if finite:
                 self.optimizer.step()

@@ -12,6 +12,7 @@ import dataclasses
 import math
 
 import pytest
+import torch
 
 from rltrain.algorithms.grpo import GRPOLoss
 from rltrain.batch import Source
@@ -57,3 +58,19 @@ def test_truncated_importance_sampling_weights_on_policy_tokens(models):
     assert plain["behaviour_logp_abs_diff"] == pytest.approx(diff / trained, abs=1e-5)  # logged with the cap off too
     assert "tis_weight" in corrected and "tis_weight" not in plain
     assert corrected["grad_norm"] != pytest.approx(plain["grad_norm"], rel=1e-3)
+
+
+def test_max_grad_norm_zero_does_not_clip(models):
+    """trainer.max_grad_norm=0 means no clipping: the update equals one with an unreachable limit (torch's own
+    clip_grad_norm_ with 0 would scale every gradient to 0, and the run would learn nothing)."""
+    model = models[0] if isinstance(models, tuple) else models
+    moved = []
+    for limit in (0.0, 1e9, 1e-3):
+        worker = PolicyWorker(copy.deepcopy(model), dataclasses.replace(settings(4), max_grad_norm=limit),
+                              pad_token_id=0)
+        metrics = worker.update(make_batch(), GRPOLoss(aggregation="token_mean"))
+        moved.append(({n: p.detach().clone() for n, p in worker.model.named_parameters()}, metrics["grad_norm"]))
+    (off, norm_off), (huge, norm_huge), (tight, _) = moved
+    assert norm_off == pytest.approx(norm_huge) and norm_off > 1e-3
+    assert all(torch.equal(off[n], huge[n]) for n in off)
+    assert any(not torch.equal(off[n], tight[n]) for n in off)  # a binding limit does change the update

@@ -94,3 +94,21 @@ def test_bad_value_in_a_sweep_fails_before_any_job():
     assert result.returncode == 2
     assert "trainer.lr" in result.stderr
     assert not (Path(__file__).parent / "should_not_exist").exists()
+
+
+@pytest.mark.parametrize("override,key", [
+    ("rollout.temperature=nan", "rollout.temperature"), ("trainer.lr=inf", "trainer.lr"),
+    ("trainer.max_grad_norm=nan", "trainer.max_grad_norm"), ("task.rewards.0.weight=-inf", "task.rewards.0.weight"),
+    ("budget.l2=nan", "budget.l2"), ("task.builtin.mix.addition=nan", "task.builtin.mix.addition"),
+])
+def test_every_float_setting_is_finite(override, key):
+    """NaN/inf settings were accepted and crashed mid-run (or, for a reward weight, scored every sample NaN)."""
+    with pytest.raises(ConfigError, match=rf"^{key} must be a finite number, got "):
+        compose([override])
+
+
+def test_max_grad_norm_is_positive_or_zero_for_no_clipping():
+    """-1 ran and flipped the gradient's sign through clipping; 0 means no clipping."""
+    with pytest.raises(ConfigError, match=r"^trainer.max_grad_norm must be > 0, or 0 for no clipping, got -1"):
+        compose(["trainer.max_grad_norm=-1"])
+    assert compose(["trainer.max_grad_norm=0"]).trainer.max_grad_norm == 0.0
