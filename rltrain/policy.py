@@ -495,6 +495,7 @@ class PolicyWorker:
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint (tag 'zero') to load")
+        self._apply_settings()
 
     def load(self, directory: str | Path) -> None:
         """Weights written by ``save`` back into this model, exactly (no dtype or device round trip)."""
@@ -533,6 +534,20 @@ class PolicyWorker:
             return
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_settings()
+
+    def _apply_settings(self) -> None:
+        """After a restore, this run's lr, weight decay and betas, not the checkpoint's: a resumed run with a new
+        ``trainer.lr`` trains at it (times where the schedule had got to), as the resume warning says it does."""
+        s = self.settings
+        bases = self.scheduler.base_lrs
+        for i, group in enumerate(self.optimizer.param_groups):
+            scale = s.lr / bases[i] if bases[i] else 1.0  # keeps the warm-up / decay multiplier the run had reached
+            group["lr"] *= scale
+            group["initial_lr"] = s.lr
+            group["weight_decay"], group["betas"] = s.weight_decay, tuple(s.betas)
+            bases[i] = s.lr
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 @contextlib.contextmanager

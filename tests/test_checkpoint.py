@@ -274,3 +274,24 @@ def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(metho
     assert (killed_dir / final).read_bytes() == (tmp_path / "reference" / final).read_bytes()
     # Steps up to the checkpoint come from the killed session, every later one was recomputed after the kill.
     assert all((steps[s]["time"] < kill_time) == (s <= resumed_from) for s in steps)
+
+
+def test_resume_applies_the_new_lr_weight_decay_and_betas(tmp_path):
+    """The optimizer and schedule restored from a checkpoint once kept the checkpoint's lr (and weight decay, betas)
+    while the resume warning said the change applied."""
+    base = SMALL + [DENSE_REWARD, "trainer.checkpoint_every=2", "trainer.eval_every=0", "trainer.save_final=false",
+                    "trainer.num_threads=1"]
+    train(compose(base + ["trainer.steps=2", "trainer.lr=1e-3"]), RunContext(run_dir=tmp_path))
+    changed = ["trainer.steps=3", "trainer.lr=5e-4", "trainer.weight_decay=0.5", "trainer.adam_betas=[0.8,0.9]",
+               "resume=auto"]
+    config = compose(base + changed)
+    c = build(config)
+    checkpoints = Checkpointer(tmp_path / "checkpoints", keep=2)
+    checkpoints.register("policy", c.policy)
+    checkpoints.restore(tmp_path / "checkpoints" / "step_000002", policy=c.policy)
+    group = c.policy.optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["betas"]) == (5e-4, 0.5, (0.8, 0.9))
+    train(config, RunContext(run_dir=tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in records if "step" in r}
+    assert lrs[2] == 1e-3 and lrs[3] == 5e-4
