@@ -144,7 +144,8 @@ class DatasetConfig:
     path: str = ""  # .jsonl/.json file, a save_to_disk directory, or a datasets name/dir
     name: Optional[str] = None  # dataset config name, e.g. "main" for gsm8k
     train_split: str = "train"
-    eval_split: str = "test"
+    eval_split: str = "test"  # for a .jsonl/.json file: the file of that name beside it (data/test.jsonl)
+    allow_eval_overlap: bool = False  # evaluating on prompts that are also trained on is refused unless this is set
     columns: dict[str, str] = field(default_factory=lambda: {"prompt": "prompt", "answer": "answer"})
 
 

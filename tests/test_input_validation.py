@@ -26,8 +26,9 @@ COLUMNS = {"prompt": "question", "answer": "solution"}
 def load(tmp_path, rows: list[dict]) -> tuple[PromptSet, PromptSet, PromptFormatter, str]:
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "test.jsonl").write_text(path.read_text())  # the eval split: the same rows, checked the same way
     task = TaskConfig(source=TaskSource.dataset, eval_size=0)
-    task.dataset.path, task.dataset.columns = str(path), COLUMNS
+    task.dataset.path, task.dataset.columns, task.dataset.allow_eval_overlap = str(path), COLUMNS, True
     train, held_out = load_prompt_sets(task)
     return train, held_out, PromptFormatter(TOKENIZER, task), str(path)
 
@@ -154,7 +155,8 @@ def test_the_train_command_reports_a_bad_row_in_one_line(tmp_path):
                                                       {"question": "  ", "solution": "5"}]))
     done = subprocess.run(
         [sys.executable, "-m", "rltrain.train", "model=tiny", "task.source=dataset", f"task.dataset.path={path}",
-         "task.dataset.eval_split=train", "task.dataset.columns={prompt: question, answer: solution}",
+         "task.dataset.eval_split=train", "task.dataset.allow_eval_overlap=true",
+         "task.dataset.columns={prompt: question, answer: solution}",
          f"hydra.run.dir={tmp_path / 'run'}", "logger.progress=false"],
         cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1

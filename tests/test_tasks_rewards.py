@@ -10,6 +10,7 @@ import torch
 
 from rltrain import rewards as reward_lib
 from rltrain.config import RewardConfig, TaskConfig, TaskSource
+from rltrain.errors import DatasetError
 from rltrain.rewards.answers import answer_match, answer_only, final_number
 from rltrain.tasks import arithmetic
 from rltrain.tasks.prompts import load_prompt_sets
@@ -66,13 +67,30 @@ def _jsonl(path, rows):
 
 def test_jsonl_dataset_with_column_mapping(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [{"question": f"q{i}", "solution": str(i), "extra": i} for i in range(5)])
+    _jsonl(tmp_path / "test.jsonl", [{"question": f"t{i}", "solution": str(i), "extra": i} for i in range(3)])
     task = TaskConfig(source=TaskSource.dataset, eval_size=2)
     task.dataset.path = str(path)
     task.dataset.columns = {"prompt": "question", "answer": "solution"}
     train, held_out = load_prompt_sets(task)
     assert train.rows[3] == {"prompt": "q3", "answer": "3", "extra": 3}
-    assert len(held_out) == 2
+    assert [r["prompt"] for r in held_out.rows] == ["t0", "t1"]  # eval_split=test: test.jsonl beside d.jsonl
     assert train.columns([1, 4]) == {"answer": ["1", "4"], "extra": [1, 4]}
+
+
+def test_a_jsonl_eval_split_is_its_own_file_and_train_prompts_are_refused(tmp_path):
+    """eval_split was ignored for a .jsonl file: held-out numbers came from the training prompts, silently."""
+    path = _jsonl(tmp_path / "train.jsonl", [{"prompt": f"q{i}", "answer": str(i)} for i in range(5)])
+    task = TaskConfig(source=TaskSource.dataset)
+    task.dataset.path = str(path)
+    with pytest.raises(DatasetError, match=r"^task.dataset.eval_split='test': .* the 'test' split is read from "
+                                           rf"{tmp_path / 'test.jsonl'}, which does not exist"):
+        load_prompt_sets(task)
+    _jsonl(tmp_path / "test.jsonl", [{"prompt": "q3", "answer": "3"}, {"prompt": "new", "answer": "1"}])
+    with pytest.raises(DatasetError, match=r"^task.dataset: 1 prompts of the eval split 'test' are also in the train "
+                                           r"split 'train' \(eval row 0: 'q3'\)"):
+        load_prompt_sets(task)
+    task.dataset.allow_eval_overlap = True
+    assert [r["prompt"] for r in load_prompt_sets(task)[1].rows] == ["q3", "new"]
 
 
 def test_missing_column_names_the_problem(tmp_path):

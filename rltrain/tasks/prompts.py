@@ -80,12 +80,34 @@ def load_prompt_sets(task: TaskConfig) -> tuple[PromptSet, PromptSet]:
         return PromptSet(to_rows(train), "builtin/train"), PromptSet(to_rows(held_out), "builtin/eval")
     d, columns = task.dataset, dict(task.dataset.columns)
     path = resolve_dataset_path(d.path)
-    train_rows = _dataset_rows(path, d.name, d.train_split, columns)
-    eval_rows = _dataset_rows(path, d.name, d.eval_split, columns)
+    train_rows = _dataset_rows(_split_source(path, d.train_split, d), d.name, d.train_split, columns)
+    eval_rows = _dataset_rows(_split_source(path, d.eval_split, d), d.name, d.eval_split, columns)
+    shared = {row["prompt"] for row in train_rows} & {row["prompt"] for row in eval_rows}
+    if shared and not d.allow_eval_overlap:
+        first = next(i for i, row in enumerate(eval_rows) if row["prompt"] in shared)
+        raise DatasetError(f"task.dataset: {len(shared)} prompts of the eval split {d.eval_split!r} are also in the "
+                           f"train split {d.train_split!r} (eval row {first}: {eval_rows[first]['prompt'][:60]!r}), so "
+                           "held-out numbers would come from training prompts; give a separate eval split, or "
+                           "task.dataset.allow_eval_overlap=true")
     if task.eval_size:
         eval_rows = eval_rows[: task.eval_size]
     return (PromptSet(train_rows, f"{d.path}:{d.train_split}", columns),
             PromptSet(eval_rows, f"{d.path}:{d.eval_split}", columns))
+
+
+def _split_source(path: str, split: str, d) -> str:
+    """Where a split's rows are. A .jsonl/.json file holds the train split; another split is the file named after it
+    beside it (data/train.jsonl, eval_split=test: data/test.jsonl), as a directory of such files is read by
+    ``datasets``. Any other source (a directory, a ``save_to_disk`` dataset, a hub name) is read by split name."""
+    source = Path(path)
+    if source.suffix not in (".jsonl", ".json") or split == d.train_split:
+        return path
+    sibling = source.with_name(split + source.suffix)
+    if not sibling.exists():
+        raise DatasetError(f"task.dataset.eval_split={split!r}: {path} is one file, the train split; the {split!r} "
+                           f"split is read from {sibling}, which does not exist (or set task.dataset.eval_split="
+                           f"{d.train_split} with task.dataset.allow_eval_overlap=true to evaluate on train rows)")
+    return str(sibling)
 
 
 def resolve_dataset_path(path: str) -> str:
