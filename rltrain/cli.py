@@ -8,6 +8,7 @@ stays fast), sharing rltrain/commands/setup.py. ``compose`` is re-exported from 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from rltrain.commands.setup import compose
@@ -61,6 +62,10 @@ def main() -> None:
         args = args[1:]
     if command == "train":
         sys.argv = ["rltrain train"] + args  # Hydra's name for the program
+    # Reward functions and algorithms named by import path may live in the working directory, as with `python -m`
+    # (a console script does not put it on the path by itself).
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     # Imported when it runs, so that ``rltrain --help`` and one command never load what the others need.
     getattr(importlib.import_module(f"rltrain.commands.{module}"), function)(args)
 

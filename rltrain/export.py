@@ -155,17 +155,33 @@ def push(folder: Path, repo_id: str, *, private: bool = True, endpoint: str = ""
     legacy = (folder / "README.md").is_file() and any((d / ADAPTER_FILES[0]).is_file() for d in folder.glob("*/"))
     if not (folder / MARKER).is_file() and not legacy:  # legacy: an export written before the marker existed
         raise ExportError(f"push.folder: {folder} is not an exported folder (no {MARKER}; run rltrain export first)")
+    files = exported_files(folder)
     if repo_id.startswith("local:"):
         target = _replaceable(Path(repo_id.removeprefix("local:")), "push.repo_id=local:")
         tmp = target.with_name(target.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        shutil.copytree(folder, tmp)
+        for name in files:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / name, tmp / name)
         _swap(tmp, target)
         return str(target)
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint or None)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="rltrain export")
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="rltrain export",
+                             allow_patterns=files)
     return str(getattr(info, "commit_url", repo_id))
+
+
+def exported_files(folder: Path) -> list[str]:
+    """The files an export wrote, relative to ``folder``: its README, marker and router, and each adapter's config,
+    weights and card; nothing else that sits there (a ``.env``, notes, credentials) is ever pushed."""
+    if (folder / MARKER).is_file():
+        names = json.loads((folder / MARKER).read_text())["adapters"]
+    else:  # an export written before the marker: every folder holding adapter files
+        names = sorted(d.name for d in folder.iterdir() if d.is_dir() and (d / ADAPTER_FILES[0]).is_file())
+    files = [f"{name}/{file}" for name in names for file in (*ADAPTER_FILES, "README.md")]
+    files += ["README.md", "router.json", MARKER]
+    return [f for f in files if (folder / f).is_file() and not any(part.startswith(".") for part in Path(f).parts)]

@@ -114,3 +114,46 @@ def test_export_errors_name_the_key(args, message):
 def test_push_refuses_a_folder_that_was_not_exported(tmp_path):
     done = _rltrain("push", f"push.folder={tmp_path}", f"push.repo_id=local:{tmp_path / 'x'}")
     assert done.returncode == 2 and "is not an exported folder" in done.stderr
+
+
+def _hand_export(folder: Path) -> None:
+    """An export folder as ``rltrain export`` writes it, with files beside it that are not the export's."""
+    (folder / "carry").mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        (folder / "carry" / name).write_text("x")
+    (folder / "README.md").write_text("# rltrain adapters")
+    (folder / "rltrain_export.json").write_text(json.dumps({"adapters": ["carry"], "router": False}))
+    (folder / ".env").write_text("HF_TOKEN=hf_secret")
+    (folder / "credentials.json").write_text("{}")
+    (folder / "carry" / ".cache").write_text("x")
+
+
+EXPORTED = ["README.md", "carry/README.md", "carry/adapter_config.json", "carry/adapter_model.safetensors",
+            "rltrain_export.json"]
+
+
+def test_push_sends_only_the_files_the_export_lists(tmp_path, monkeypatch):
+    """Push once uploaded every file of the folder: a .env or credentials beside the adapters went to the hub."""
+    from rltrain.export import push
+
+    folder = tmp_path / "exported"
+    _hand_export(folder)
+    target = Path(push(folder, f"local:{tmp_path / 'hub'}"))
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()) == EXPORTED
+    sent = {}
+
+    class FakeApi:  # the hub call's arguments (no network here)
+        def __init__(self, endpoint=None):
+            pass
+
+        def create_repo(self, repo_id, private, exist_ok):
+            pass
+
+        def upload_folder(self, **kwargs):
+            sent.update(kwargs)
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    push(folder, "owner/adapters")
+    assert sorted(sent["allow_patterns"]) == EXPORTED

@@ -134,3 +134,26 @@ def test_final_number_reads_the_result_not_a_restated_question():
     assert final_number([""] * 5, completions, answer=["44", "44", "44", "1044", "44"]) == [1.0, 0.0, 1.0, 1.0, 0.0]
     # math-verify evaluates the restated expression: the hack final_number closes
     assert answer_match([""], ["To convert 76 - 32 to a single number, I"], answer=["44"]) == [1.0]
+
+
+def test_a_reward_in_the_working_directory_imports_through_the_rltrain_command(tmp_path):
+    """The README's example writes my_rewards.py where the user is and names it my_rewards:short_and_right: the
+    console script once could not import it (its directory was not on the path)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "my_rewards.py").write_text(
+        "def short_and_right(prompts, completions, answer, **columns):\n"
+        "    return [float(c.strip() == a) - 0.001 * len(c) for c, a in zip(completions, answer)]\n")
+    script = Path(sys.executable).parent / "rltrain"
+    done = subprocess.run([str(script), "train", "experiment=tiny", "model.tiny.sft_steps=5", "trainer.steps=1",
+                           "task.builtin.train_size=50", "task.eval_size=4", "trainer.prompts_per_step=2",
+                           "trainer.rollouts_per_prompt=2", "logger.progress=false", "logger.report=false",
+                           "task.rewards=[{fn: my_rewards:short_and_right, weight: 1.0}]",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "step" in r] == [1]
+    assert "reward/short_and_right" in [r for r in records if "step" in r][0]
