@@ -17,6 +17,7 @@ directory with a warning. One registration point (``Checkpointer.register``) car
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -58,6 +59,22 @@ def is_complete(path: Path) -> bool:
         return all((path / name).stat().st_size == size for name, size in meta["files"].items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def changed_files(path: Path) -> list[str]:
+    """The files of checkpoint ``path`` whose content no longer has the sha256 recorded when it was written (a
+    same-size corruption, which sizes cannot see). Checked on restore only: reading every file costs about a second
+    per GB, too much for the listing that runs after every save."""
+    recorded = json.loads((path / "meta.json").read_text()).get("sha256", {})  # none in checkpoints before digests
+    return [name for name, digest in recorded.items() if sha256(path / name) != digest]
 
 
 def complete_checkpoints(directory: str | Path) -> list[Path]:
@@ -141,9 +158,11 @@ class Checkpointer:
             state = {"step": step, "rng": rng_state(),
                      "components": {name: c.state_dict() for name, c in self._components.items()}}
             torch.save(state, tmp / "state.pt")
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time(), "files": files, **meta},
-                                                      indent=1, default=str))
+            written = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in written}
+            digests = {str(p.relative_to(tmp)): sha256(p) for p in written}
+            (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time(), "files": files,
+                                                       "sha256": digests, **meta}, indent=1, default=str))
             _fsync_tree(tmp)
             if final.exists():  # an older, abandoned timeline's checkpoint of the same step (a resume from before it)
                 stale = self.root / f"{TMP_PREFIX}stale-{final.name}-{os.getpid()}"
@@ -177,6 +196,10 @@ class Checkpointer:
         """Load the checkpoint at ``path`` into the policy and every registered component; returns its step."""
         if not is_complete(path):
             raise CheckpointError(f"{path}: not a complete checkpoint (meta.json missing or file sizes differ)")
+        damaged = changed_files(path)
+        if damaged:
+            raise CheckpointError(f"{path}: {', '.join(damaged)} changed since it was written (sha256 differs): "
+                                  "the file is damaged")
         try:
             state = torch.load(path / "state.pt", weights_only=True)
         except Exception as err:  # noqa: BLE001 - a damaged file, whatever the unpickler says about it

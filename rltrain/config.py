@@ -443,6 +443,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     push: PushConfig = field(default_factory=PushConfig)
     resume: str = "none"  # none | auto (newest complete checkpoint in the run dir, if any) | a checkpoint or run dir
+    overwrite: bool = False  # resume=none in a run dir an earlier run wrote to (metrics.jsonl, final/): start it over
 
 
 def register() -> None:

@@ -6,6 +6,7 @@ Everything the loop calls is built once, before it starts (``build``); the loop 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -37,6 +38,7 @@ from rltrain.rollout.base import SamplingParams
 from rltrain.rollout.build import build_engine, save_engine_init
 from rltrain.rollout.collect import PromptIds
 from rltrain.rollout.scored import StepRollouts, Tally
+from rltrain.rundir import RunDirLock
 from rltrain.selection import PlannedSelector, UniformSelector
 from rltrain.start import starting_model, with_adapter
 
@@ -262,12 +264,26 @@ def train_step(c: Components, config: Config, step: int, rollouts_before: int = 
 
 def train(config: Config, ctx: RunContext) -> dict:
     source = resume_source(config.resume, ctx.run_dir)  # a wrong path fails before the model loads
-    c = build(config, ctx.world)
-    try:
-        return _train(config, ctx, c, source)
-    finally:
-        c.rewards.close()
-        c.engine.close()
+    with RunDirLock(ctx.run_dir) if ctx.world.is_main else contextlib.nullcontext():  # one run per directory
+        _check_fresh_start(config, ctx.run_dir, source)
+        c = build(config, ctx.world)
+        try:
+            return _train(config, ctx, c, source)
+        finally:
+            c.rewards.close()
+            c.engine.close()
+
+
+def _check_fresh_start(config: Config, run_dir: Path, source: Path | None) -> None:
+    """A run that starts at step 1 (resume=none) in a directory an earlier run wrote to would rewrite its log and
+    weights: refused unless ``overwrite=true``. (resume=auto in a directory with no checkpoint does start over:
+    the earlier run was killed before its first checkpoint.)"""
+    if config.resume != "none" or config.overwrite or list((run_dir / "checkpoints").glob("step_*")):
+        return  # (checkpoints of an earlier run: ``resume`` refuses them, naming resume=auto)
+    earlier = [name for name in ("metrics.jsonl", "final") if (run_dir / name).exists()]
+    if earlier:
+        raise CheckpointError(f"{run_dir} holds an earlier run ({', '.join(earlier)}): resume=auto continues it, "
+                              "overwrite=true starts it over, or choose another hydra.run.dir")
 
 
 def _train(config: Config, ctx: RunContext, c: Components, source: Path | None) -> dict:

@@ -26,7 +26,12 @@ def _assert_matches(got: dict, want: dict, where: str) -> None:
             assert same, f"{where} step {step} {key}: {new} != golden {value}"
 
 
-@pytest.mark.parametrize("name", sorted(RUNS))
+# The 2-rank ZeRO-2 and vLLM golden runs are slow (torchrun, an engine start); the default run keeps their paths through
+# tests/test_distributed.py (2 ranks equal one process) and tests/test_vllm.py; `pytest -m slow` compares them here.
+SLOW = {"zero2_two_ranks", "vllm"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(RUNS)])
 def test_golden_run(name, tmp_path):
     _assert_matches(run(tmp_path, *RUNS[name]), WANT[name], name)
 

@@ -16,6 +16,7 @@ from rltrain.distributed import init_world
 from rltrain.rewards import RewardError
 from rltrain.rollout.server import ServerError
 from rltrain.rollout.sync import EngineOutOfSync
+from rltrain.rundir import RunDirBusy
 from rltrain.tasks.prompts import DatasetError
 from rltrain.train import RunContext, TrainingDiverged, train
 
@@ -45,7 +46,8 @@ def _hydra_entry():
         ctx = RunContext(run_dir=run_dir, world=world)
         try:
             return train(config, ctx)["eval_accuracy_end"]
-        except (TrainingDiverged, CheckpointError, DatasetError, RewardError, EngineOutOfSync, ServerError) as err:
+        except (TrainingDiverged, CheckpointError, DatasetError, RewardError, EngineOutOfSync, ServerError,
+                RunDirBusy) as err:
             exit_error(err, 1)
 
     return main
