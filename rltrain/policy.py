@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from rltrain.algorithms import aggregation
 from rltrain.algorithms.base import LossInputs, PolicyLoss  # noqa: F401 (the loss contract, re-exported)
 from rltrain.batch import RolloutBatch, Source
-from rltrain.distributed import World
+from rltrain.distributed import World, without_zero3_hooks
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class PolicyWorker:
         generation: one gather per rollout phase, not one per layer per token). A no-op below ZeRO-3."""
         if self.zero_stage != 3:
             return contextlib.nullcontext()
-        return _without_zero3_hooks(self.engine)
+        return without_zero3_hooks(self.engine)
 
     def owner(self, batch: RolloutBatch) -> list[int]:
         """The rank that trains each sample: groups in order of first appearance, dealt round-robin (a group is
@@ -548,28 +548,6 @@ class PolicyWorker:
             group["weight_decay"], group["betas"] = s.weight_decay, tuple(s.betas)
             bases[i] = s.lr
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-
-@contextlib.contextmanager
-def _without_zero3_hooks(engine):
-    """ZeRO-3's weights gathered in full on every rank, with its per-module fetch/release hooks taken off meanwhile
-    and put back after. Each weight's record of the modules using it is cleared first: a stale one keeps the hooks
-    from releasing it later, and the gradients of a PEFT model then went astray (measured: a LoRA run's gradient
-    norm halved after the first generation)."""
-    import deepspeed
-
-    offload = engine.optimizer.parameter_offload
-    params = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(params):
-        for p in params:
-            p.ds_active_sub_modules.clear()
-        for hook in offload.forward_hooks + offload.backward_hooks:
-            hook.remove()
-        offload.forward_hooks, offload.backward_hooks = [], []
-        try:
-            yield
-        finally:
-            offload._register_deepspeed_module(offload.module)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
