@@ -562,20 +562,15 @@ def check(config: Config) -> None:
 def _floats(node, key: str):
     """(key, value) of every float setting under ``node``: dataclass fields, list items (e.g. task.rewards.0.weight)
     and dict values (e.g. task.builtin.mix.comparison)."""
-    def child(name) -> str:
-        return f"{key}.{name}" if key else str(name)
-
     if dataclasses.is_dataclass(node):
-        for f in dataclasses.fields(node):
-            yield from _floats(getattr(node, f.name), child(f.name))
-    elif isinstance(node, dict):
-        for name, value in node.items():
-            yield from _floats(value, child(name))
-    elif isinstance(node, (list, tuple)):
-        for i, value in enumerate(node):
-            yield from _floats(value, child(i))
-    elif isinstance(node, float):
-        yield key, node
+        items = [(f.name, getattr(node, f.name)) for f in dataclasses.fields(node)]
+    elif isinstance(node, (dict, list, tuple)):
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+    else:
+        yield from [(key, node)] if isinstance(node, float) else []
+        return
+    for name, value in items:
+        yield from _floats(value, f"{key}.{name}" if key else str(name))
 
 
 def _reject_unknown_keys(node: DictConfig, cls: type, prefix: str) -> None:
@@ -601,10 +596,5 @@ def to_config(cfg: DictConfig) -> Config:
     return config
 
 
-_SCHEMAS = {
-    cls.__name__: cls
-    for cls in (Config, ModelConfig, TinyModelConfig, TaskConfig, BuiltinTaskConfig, DatasetConfig, RolloutConfig,
-                AlgorithmConfig, GuideConfig, RLPlusConfig, AdapterConfig, TrainerConfig, LoggerConfig, WandbConfig,
-                DistributedConfig, VLLMConfig, EvalConfig, BudgetConfig, RouteConfig,
-                CapabilitiesConfig, ExportConfig, PushConfig)
-}
+_SCHEMAS = {name: cls for name, cls in list(globals().items())
+            if isinstance(cls, type) and dataclasses.is_dataclass(cls)}
