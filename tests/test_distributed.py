@@ -162,6 +162,7 @@ def test_guide_batch_gamma_under_torchrun_equals_one_process(tmp_path):
         assert alone[step]["gamma_mean"] != pytest.approx(1.0, abs=1e-3)
 
 
+@pytest.mark.slow  # three vLLM engine starts and a torchrun; vLLM alone and ZeRO-2 alone stay in the default run
 def test_vllm_rollouts_under_torchrun_equal_one_process(tmp_path):
     """One colocated vLLM engine per rank, each generating its share of the prompts from per-prompt seeds: the
     2-rank ZeRO-2 run trains on the single process's samples (same rewards, same losses) and every rank's engine

@@ -49,8 +49,15 @@ OPTIONAL = ("accuracy", "frac_zero_std_groups", "guide_rerolled", "gamma_mean", 
             "external_samples", "mis_ratio_mean", "external_token_share", "vllm_probe_diff")
 
 
-def run(run_dir: Path, overrides: list[str], ranks: int = 0) -> dict:
-    """One run through the CLI; its step records (KEYS) and eval accuracies."""
+def run(run_dir: Path, overrides: list[str], ranks: int = 0, *, in_process: bool = False) -> dict:
+    """One run through the CLI (or, ``in_process``, through ``rltrain.train.train`` in this process: the same run
+    without a Python start-up, for the one-process runs of the test); its step records (KEYS) and eval accuracies."""
+    if in_process and not ranks:
+        from rltrain.cli import compose
+        from rltrain.train import RunContext, train
+
+        train(compose([*BASE, *overrides]), RunContext(run_dir=run_dir))
+        return _records(run_dir)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks
                 else [sys.executable])
@@ -58,6 +65,10 @@ def run(run_dir: Path, overrides: list[str], ranks: int = 0) -> dict:
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"golden run failed: {overrides}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return _records(run_dir)
+
+
+def _records(run_dir: Path) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {
         "steps": {str(r["step"]): {k: r.get(k) for k in KEYS} | {k: r[k] for k in OPTIONAL if k in r}
