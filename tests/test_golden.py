@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
-from tests.golden.runs import GOLDEN, RUNS, close, run, run_resume
+from tests.golden.runs import GOLDEN, REPO, RUNS, close, run, run_resume
 
 WANT = json.loads(GOLDEN.read_text())
 
@@ -31,10 +34,21 @@ def _assert_matches(got: dict, want: dict, where: str) -> None:
 SLOW = {"zero2_two_ranks", "vllm"}
 
 
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory) -> dict:
+    """The one-process HF golden runs, all in one fresh Python process (tests/golden/run_all.py)."""
+    out = tmp_path_factory.mktemp("golden") / "results.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "tests.golden.run_all", str(out), *sorted(set(RUNS) - SLOW)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in sorted(RUNS)])
-def test_golden_run(name, tmp_path):
-    # one-process HF runs in this process (recorded through the CLI: the same numbers); resume stays a CLI run
-    _assert_matches(run(tmp_path, *RUNS[name], in_process=name not in SLOW), WANT[name], name)
+def test_golden_run(name, tmp_path, request):
+    got = run(tmp_path, *RUNS[name]) if name in SLOW else request.getfixturevalue("one_process_runs")[name]
+    _assert_matches(got, WANT[name], name)
 
 
 def test_golden_resume_equals_the_uninterrupted_run(tmp_path):
