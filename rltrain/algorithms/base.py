@@ -13,6 +13,7 @@ and its loss sees a micro-batch through ``LossInputs``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -105,7 +106,7 @@ class Setup:
     skip_invalid: bool  # task.invalid_rows=skip: leave out unusable rows (counted, warned) instead of stopping
 
 
-class Algorithm:
+class Algorithm(ABC):
     """Base of every algorithm. Subclasses set ``loss`` in ``__init__`` (a ``rltrain.policy.PolicyLoss``) and
     implement ``advantages``; ``produce`` defaults to sampling the selection as it is.
 
@@ -145,9 +146,9 @@ class Algorithm:
         over generation rounds; ``summarize`` turns them into rates)."""
         return rollouts.sample(selection.rows, selection.counts, selection.group_ids), {}
 
+    @abstractmethod
     def advantages(self, batch: RolloutBatch) -> Tensor:
         """Per-sample advantages [N] of a scored batch."""
-        raise NotImplementedError
 
     def summarize(self, counts: dict[str, float]) -> dict[str, float]:
         """Metrics derived from the step's summed ``produce`` counts."""

@@ -10,6 +10,7 @@ policy; the largest log-prob difference over the ranks is ``vllm_probe_diff``, a
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ class SyncSettings:
     world: World = World()  # the ranks the checks take their worst value over
 
 
-class SyncedEngine:
+class SyncedEngine(ABC):
     """``sync_from`` for an engine with its own weights, built on its primitives: ``load_weights(bucket)``,
     ``finish_sync()``, ``load_adapter(save_adapter)``, ``probe_logprobs(prompt, completion)`` and, where the weights
     can be read in this process, ``max_weight_diff(named_parameters)``."""
@@ -80,17 +81,21 @@ class SyncedEngine:
 
     # ---- the primitives an engine provides ----------------------------------------------------------------------
 
+    @abstractmethod
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        raise NotImplementedError
+        """Implemented by each engine."""
 
+    @abstractmethod
     def finish_sync(self) -> None:
-        raise NotImplementedError
+        """Implemented by each engine."""
 
+    @abstractmethod
     def load_adapter(self, save_adapter: Callable[[Path], None]) -> None:
-        raise NotImplementedError
+        """Implemented by each engine."""
 
+    @abstractmethod
     def probe_logprobs(self, prompt: list[int], completion: list[int]) -> list[float]:
-        raise NotImplementedError
+        """Implemented by each engine."""
 
     def max_weight_diff(self, named: Iterable[tuple[str, torch.Tensor]]) -> tuple[float, int] | None:
         """Largest |engine - policy| weight and how many engine parameters were compared; None where the engine's
