@@ -12,3 +12,8 @@ class DatasetError(ValueError):
 
 class DatasetRowError(DatasetError):
     """A row that cannot be trained on; the message names the prompt set (path and split), the row and the column."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The policy's loss, gradient, weights or next-token probabilities stopped being finite; the message says where
+    and what to change before resuming."""

@@ -363,7 +363,17 @@ class PolicyWorker:
         metrics = {k: totals[k] / totals[f"weight/{k}"] for k in sums if totals[f"weight/{k}"] > 0}
         metrics.update(loss=loss_total, grad_norm=grad_norm, lr=self.scheduler.get_last_lr()[0],
                        skipped_update=float(not finite), nonfinite_update=float(not finite))
+        if finite and not self._weights_finite():  # a finite gradient can still step into inf/NaN (a huge lr)
+            metrics["nonfinite_weights"] = 1.0
         return metrics
+
+    def _weights_finite(self) -> bool:
+        """Whether every trained parameter is finite after an optimizer step, on every rank (each checks the shard it
+        holds). One sum per tensor: ~70 ms for 135M parameters on one CPU thread, NaN and inf propagate through it."""
+        shards = [getattr(p, "ds_tensor", p).detach() for p in self.model.parameters() if p.requires_grad]
+        sums = [s.sum(dtype=torch.float32) for s in shards if s.numel()]
+        local = not sums or bool(torch.stack(sums).isfinite().all())
+        return self.world.sum({"nonfinite": float(not local)})["nonfinite"] == 0
 
     def _behaviour_correction(self, inputs: LossInputs, loss_BT: Tensor, token_metrics: dict[str, Tensor]
                               ) -> tuple[Tensor, dict[str, Tensor]]:

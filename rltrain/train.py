@@ -30,6 +30,7 @@ from rltrain.checkpoint import Checkpointer, CheckpointError, config_changes, re
 from rltrain.config import AdapterKind, Config, InvalidRows, PredictorKind, TrainerConfig
 from rltrain.data import PromptSampler
 from rltrain.distributed import ShardedEngine, World, deepspeed_config
+from rltrain.errors import TrainingDiverged
 from rltrain.evaluation import evaluate
 from rltrain.metrics import MetricsLogger, NullLogger
 from rltrain.policy import OptimSettings, PolicyWorker
@@ -215,10 +216,6 @@ class LoopState:
         return bool(t.max_rollouts) and self.rollouts >= t.max_rollouts
 
 
-class TrainingDiverged(RuntimeError):
-    pass
-
-
 def run_progress(t: TrainerConfig, steps: int, rollouts: int) -> float:
     """How far through the run (0..1) it is after ``steps`` steps that generated ``rollouts`` rollouts: the nearer of
     its two ends, trainer.steps and trainer.max_rollouts."""
@@ -235,7 +232,10 @@ def train_step(c: Components, config: Config, step: int, rollouts_before: int = 
     learning-rate decay's progress on a rollout budget)."""
     start = time.perf_counter()
     c.engine.wake()  # vLLM on a GPU reclaims its KV cache (a no-op where the sync already woke it)
-    batch, stats, selector_log = generate_step(c, config, step)
+    try:
+        batch, stats, selector_log = generate_step(c, config, step)
+    except TrainingDiverged as err:  # the sampler met non-finite logits: weights lost to an earlier update
+        raise TrainingDiverged(f"step {step}: {err}. {DIVERGED_ADVICE}") from None
     c.engine.sleep()  # vLLM on a GPU frees its KV cache for the update
     generated = time.perf_counter()
     record = {"step": step, **stats, "time_generate_s": generated - start - stats["time_reward_s"]}
@@ -406,7 +406,13 @@ def _checkpoint(checkpoints: Checkpointer, step: int, c: Components, loop: LoopS
     return now
 
 
+DIVERGED_ADVICE = "Lower trainer.lr, check the reward scale, or resume=auto from the last checkpoint with changes"
+
+
 def _check_finite(record: dict, loop: LoopState, limit: int, log: MetricsLogger) -> None:
+    if record.get("nonfinite_weights"):  # nothing to skip: the weights themselves are lost
+        raise TrainingDiverged(f"step {record['step']}: the update left non-finite weights (its loss and gradient "
+                               f"were finite, grad norm {record['grad_norm']:.3g}); stopping. {DIVERGED_ADVICE}")
     if not record.get("nonfinite_update"):
         loop.nonfinite_in_row = 0
         return
@@ -416,7 +422,7 @@ def _check_finite(record: dict, loop: LoopState, limit: int, log: MetricsLogger)
     if loop.nonfinite_in_row >= limit:
         raise TrainingDiverged(
             f"{limit} updates in a row had a non-finite loss or gradient (last at step {record['step']}); stopping. "
-            "Lower trainer.lr, check the reward scale, or resume=auto from the last checkpoint with changes")
+            + DIVERGED_ADVICE)
 
 
 def _samples(c: Components, batch: RolloutBatch, count: int) -> list[dict]:

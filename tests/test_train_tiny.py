@@ -127,6 +127,23 @@ def test_non_finite_updates_are_skipped_and_the_run_stops_after_the_limit(tmp_pa
     assert all(r["loss"] != r["loss"] or abs(r["loss"]) == float("inf") for r in steps)  # NaN or inf
 
 
+@pytest.mark.parametrize("lr, message", [
+    # AdamW's first step moves each weight by ~3 lr: past float32's range, with a finite loss and gradient
+    ("3e37", "step 1: the update left non-finite weights (its loss and gradient were finite"),
+    # finite weights of ~1e30 whose logits overflow: the sampler of step 2 meets them (was an index error)
+    ("1e30", "step 2: the policy's next-token probabilities are not finite"),
+])
+def test_an_update_that_breaks_the_weights_stops_the_run_at_once(tmp_path, lr, message):
+    from rltrain.train import TrainingDiverged
+
+    config = compose(FAST + ["trainer.steps=4", "trainer.eval_every=0", DENSE_REWARD, f"trainer.lr={lr}"])
+    with pytest.raises(TrainingDiverged, match="Lower trainer.lr") as err:
+        train(config, RunContext(run_dir=tmp_path))
+    assert message in str(err.value)
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
+    assert [r["step"] for r in steps] == [1] and steps[0]["nonfinite_update"] == 0.0  # the update itself was finite
+
+
 def test_rollout_budget_ends_the_run_and_a_resumed_run_spends_a_larger_one(tmp_path):
     common = ["trainer.steps=10", "trainer.eval_every=0", "trainer.checkpoint_every=1", "resume=auto"]
     summary, records = run(tmp_path, *common, "trainer.max_rollouts=40")  # 16 rollouts a step

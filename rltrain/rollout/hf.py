@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rltrain.errors import TrainingDiverged
 from rltrain.rollout.base import Completion, SamplingParams
 
 
@@ -115,7 +116,11 @@ class HFEngine:
                 use_cache=True,
             ).logits[:, -1]
             next_position_B = next_position_B + 1
-        tokens_BT, logp_BT = torch.stack(tokens, dim=1).tolist(), torch.stack(logps, dim=1).tolist()
+        logp_BT = torch.stack(logps, dim=1)
+        if not bool(logp_BT.isfinite().all()):  # a sampled token always has a finite log-prob under finite logits
+            raise TrainingDiverged("the policy's next-token probabilities are not finite (NaN or inf logits): its "
+                                   "weights have diverged or hold NaN/inf values")
+        tokens_BT, logp_BT = torch.stack(tokens, dim=1).tolist(), logp_BT.tolist()
         completions = []
         for row, (ids, logp) in enumerate(zip(tokens_BT, logp_BT)):
             end = next((t + 1 for t, tok in enumerate(ids) if tok in self.eos_token_ids), None)
@@ -212,7 +217,8 @@ def sample(logits_BV: Tensor, params: SamplingParams, u_B: Tensor | None = None)
     cdf_BV = logp_BV.exp().cumsum(-1)
     u_B1 = torch.rand_like(cdf_BV[:, -1:]) if u_B is None else u_B.to(cdf_BV).unsqueeze(-1).clamp(max=1 - 2**-24)
     u_B1 = u_B1 * cdf_BV[:, -1:]
-    token_B = torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(-1)
+    # (NaN logits make every comparison false and the index V: kept in range, its NaN log-prob reports it)
+    token_B = torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(-1).clamp_(max=cdf_BV.shape[-1] - 1)
     return token_B, logp_BV.gather(-1, token_B.unsqueeze(-1)).squeeze(-1)
 
 
