@@ -42,6 +42,7 @@ from rltrain.rollout.scored import StepRollouts, Tally
 from rltrain.rundir import RunDirLock
 from rltrain.selection import PlannedSelector, UniformSelector
 from rltrain.start import starting_model, with_adapter
+from rltrain.stopping import RunInterrupted, StopRequests, signal_name
 
 logger = logging.getLogger("rltrain")
 
@@ -302,7 +303,7 @@ def _train(config: Config, ctx: RunContext, c: Components, source: Path | None) 
     session_start = time.perf_counter()
     logger_ = (MetricsLogger(ctx.run_dir, t.steps, config.logger, run_config=config_dict, start_step=first_step - 1)
                if world.is_main else NullLogger())
-    with logger_ as log:
+    with logger_ as log, StopRequests(world) as stop:
         if first_step == 1:
             run_eval(c, config, 0, log)
         last = None  # the step the run ends at: trainer.steps, or the step that spends the rollout budget
@@ -323,6 +324,11 @@ def _train(config: Config, ctx: RunContext, c: Components, source: Path | None) 
                 break
             if t.eval_every and step % t.eval_every == 0:
                 run_eval(c, config, step, log)
+            if (signum := stop.requested()) is not None:  # preempted: keep this step, then exit (the last one ends)
+                _checkpoint(checkpoints, step, c, loop, session_start, config_dict)
+                raise RunInterrupted(f"{signal_name(signum)}: stopped after step {step} and checkpointed it in "
+                                     f"{checkpoints.root}; continue with resume=auto and the same hydra.run.dir",
+                                     signum)
             if t.checkpoint_every and step % t.checkpoint_every == 0:
                 session_start = _checkpoint(checkpoints, step, c, loop, session_start, config_dict)
         if last is not None:

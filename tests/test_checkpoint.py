@@ -199,7 +199,8 @@ def _launch(run_dir: Path, *extra: str) -> subprocess.Popen:
     # cosine decay makes every step's learning rate differ: the resumed session must pick it up where it was.
     args = SMALL + ["model.tiny.sft_steps=40", "trainer.steps=40", "trainer.checkpoint_every=5",
                     "trainer.eval_every=10", "trainer.num_threads=1", "trainer.lr_schedule=cosine",
-                    f"hydra.run.dir={run_dir}", *extra]
+                    f"hydra.run.dir={run_dir}"]
+    args = [a for a in args if a.partition("=")[0] not in {e.partition("=")[0] for e in extra}] + list(extra)
     return subprocess.Popen([sys.executable, "-m", "rltrain.train", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -227,12 +228,25 @@ METHODS = {
 }
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, Path]:
+    """Each method's uninterrupted run, made once for the tests that interrupt it."""
+    made: dict[str, Path] = {}
+
+    def run(method: str) -> Path:
+        if method not in made:
+            made[method] = tmp_path_factory.mktemp(f"uninterrupted_{method}") / "run"
+            reference = _launch(made[method], *METHODS[method])
+            out, _ = reference.communicate(timeout=600)
+            assert reference.returncode == 0, out[-3000:]
+        return made[method]
+    return run
+
+
 @pytest.mark.parametrize("method", [m if m == "grpo" else pytest.param(m, marks=pytest.mark.slow) for m in METHODS])
-def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(method, tmp_path):
+def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(method, tmp_path, uninterrupted):
     extra = METHODS[method]
-    reference = _launch(tmp_path / "reference", *extra)
-    out, _ = reference.communicate(timeout=600)
-    assert reference.returncode == 0, out[-3000:]
+    reference_dir = uninterrupted(method)
 
     killed_dir = tmp_path / "killed"
     victim = _launch(killed_dir, *extra)
@@ -253,7 +267,12 @@ def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(metho
     assert resumed.returncode == 0, out[-3000:]
     assert f"continuing at step {resumed_from + 1}" in out
 
-    ref_steps, ref_evals, ref_samples = _records(tmp_path / "reference")
+    _assert_same_run(killed_dir, reference_dir, resumed_from, kill_time, method)
+
+
+def _assert_same_run(killed_dir: Path, reference_dir: Path, resumed_from: int, kill_time: float, method: str) -> None:
+    extra = METHODS[method]
+    ref_steps, ref_evals, ref_samples = _records(reference_dir)
     steps, evals, samples = _records(killed_dir)
     assert sorted(steps) == sorted(ref_steps) == list(range(1, 41))
     assert sorted(evals) == sorted(ref_evals) == [0, 10, 20, 30, 40]
@@ -268,15 +287,49 @@ def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(metho
     assert [(s["step"], s["completion"], s["reward"]) for s in samples] == \
         [(s["step"], s["completion"], s["reward"]) for s in ref_samples]
     if extra:  # the budget's per-prompt log, and each method's own path acted
-        assert (killed_dir / "value.jsonl").read_text() == (tmp_path / "reference" / "value.jsonl").read_text()
+        assert (killed_dir / "value.jsonl").read_text() == (reference_dir / "value.jsonl").read_text()
         assert sum(steps[s].get("guided_token_share", 0) > 0 for s in steps) >= 5 or method != "v0_guide"
         assert sum("loss" in r for r in steps.values()) >= 20  # most steps learned from something
         assert all(steps[s].get("external_samples", 0) > 0 for s in steps) or method != "v0_rl_plus"
         assert len({tuple(r["budget_counts"]) for r in steps.values()}) > 1  # the planner's counts vary
     final = "final/model.safetensors"
-    assert (killed_dir / final).read_bytes() == (tmp_path / "reference" / final).read_bytes()
+    assert (killed_dir / final).read_bytes() == (reference_dir / final).read_bytes()
     # Steps up to the checkpoint come from the killed session, every later one was recomputed after the kill.
     assert all((steps[s]["time"] < kill_time) == (s <= resumed_from) for s in steps)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow),
+                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_a_stop_signal_checkpoints_the_step_and_exits_then_resume_reproduces_the_run(sig, tmp_path, uninterrupted):
+    """Preemption (SLURM, Kubernetes: SIGTERM; SLURM's warning: SIGUSR1; Ctrl-C) once ended the run at once, with
+    nothing saved at the default checkpoint_every=0."""
+    reference_dir = uninterrupted("grpo")
+    run_dir = tmp_path / "run"
+    victim = _launch(run_dir, "trainer.checkpoint_every=0")
+    deadline = time.monotonic() + 600
+    while _logged_steps(run_dir) < 10:
+        assert victim.poll() is None, "the run ended before the signal"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    victim.send_signal(sig)
+    out, _ = victim.communicate(timeout=120)
+    exit_time = time.time()
+    assert victim.returncode == 128 + sig, out[-3000:]
+    assert "Traceback" not in out
+    stopped = int(re.search(rf"^rltrain: {sig.name}: stopped after step (\d+) and checkpointed it in ", out, re.M)[1])
+    assert 10 <= stopped < 40 and _logged_steps(run_dir) == stopped
+    assert [p.name for p in complete_checkpoints(run_dir / "checkpoints")] == [f"step_{stopped:06d}"]
+
+    resumed = _launch(run_dir, "trainer.checkpoint_every=0", "resume=auto")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"continuing at step {stopped + 1}" in out
+    _assert_same_run(run_dir, reference_dir, stopped, exit_time, "grpo")
+
+
+def _logged_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return path.read_text().count('"step":') if path.exists() else 0
 
 
 def test_resume_applies_the_new_lr_weight_decay_and_betas(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from rltrain.rewards import RewardError
 from rltrain.rollout.server import ServerError
 from rltrain.rollout.sync import EngineOutOfSync
 from rltrain.rundir import RunDirBusy
+from rltrain.stopping import RunInterrupted
 from rltrain.tasks.prompts import DatasetError
 from rltrain.train import RunContext, TrainingDiverged, train
 
@@ -44,11 +46,19 @@ def _hydra_entry():
         # Each rank's Hydra names its own output dir (a timestamp may differ by a second): rank 0's is the run's.
         run_dir = Path(world.broadcast(HydraConfig.get().runtime.output_dir))
         ctx = RunContext(run_dir=run_dir, world=world)
+        # Processes started from here on (vLLM's engine, reward workers) inherit an ignored SIGUSR1, so that SLURM's
+        # warning signal, sent to every process of the job step, reaches only the trainer's handler (rltrain.stopping)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         try:
             return train(config, ctx)["eval_accuracy_end"]
         except (TrainingDiverged, CheckpointError, DatasetError, RewardError, EngineOutOfSync, ServerError,
                 RunDirBusy) as err:
             exit_error(err, 1)
+        except RunInterrupted as err:  # preempted after a checkpoint: the shell's code for the signal
+            exit_error(err, err.exit_code)
+        except KeyboardInterrupt:  # a second Ctrl-C while the step finished
+            exit_error("interrupted: the step in progress is lost; resume=auto continues from the last checkpoint",
+                       130)
 
     return main
 

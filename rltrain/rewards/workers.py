@@ -291,7 +291,10 @@ class _Raised:
 
 def _serve(conn: Connection, stack: Connection, paths: list[str]) -> None:
     """A worker's life: import the functions, then one call per request until the parent closes the pipe."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes its workers
+    # Ctrl-C, preemption (SIGTERM to every process of a SLURM step) and SLURM's warning (SIGUSR1) are the parent's to
+    # handle: it finishes its step with these workers, then closes them (their pipe closes also if it is killed)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
     faulthandler.enable(stack.fileno())  # a crash leaves its stack to the parent
     fns = {path: import_reward(path) for path in paths}
     try:
