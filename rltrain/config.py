@@ -359,7 +359,7 @@ class TrainerConfig:
     lr_schedule: LrSchedule = LrSchedule.constant
     min_lr_ratio: float = 0.0  # the decayed learning rate's floor, as a fraction of lr
     eval_every: int = 20  # steps; 0 = only at start and end
-    num_threads: int = 0  # torch CPU threads; 0 = torch's default (one per core)
+    num_threads: int = 0  # torch CPU threads; 0 = the cores this process may use (rltrain/threads.py)
     save_final: bool = True
     checkpoint_every: int = 0  # steps; 0 = no intermediate checkpoints
     keep_checkpoints: int = 2  # newest K complete checkpoints are kept

@@ -19,6 +19,7 @@ from rltrain.models import load_model, wrap_lora
 from rltrain.rollout.collect import PromptIds
 from rltrain.sft import tiny_warm_start
 from rltrain.tasks.prompts import PromptFormatter, PromptSet, load_prompt_sets, validate_rows
+from rltrain.threads import set_torch_threads
 
 
 @dataclass
@@ -50,8 +51,7 @@ def starting_model(config: Config, world: World = World()) -> Start:
     """Seed and threads from ``trainer``; the task's prompts; the model. A tiny model is built and warm-started here,
     from ``model.tiny.seed`` when set (one base for every RL seed, the run's own randomness resumed after it)."""
     seed_everything(config.trainer.seed)
-    if config.trainer.num_threads:
-        torch.set_num_threads(config.trainer.num_threads)
+    set_torch_threads(config.trainer.num_threads)
     train_set, eval_set = load_prompt_sets(config.task)
     own_base_seed = config.model.source == ModelSource.tiny and config.model.tiny.seed is not None
     base_seed = config.model.tiny.seed if own_base_seed else config.trainer.seed

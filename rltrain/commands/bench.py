@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rltrain.bench import rollout, trl
+from rltrain.bench import busy, rollout, trl
 from rltrain.bench import trl_report as report
 from rltrain.bench.results import machine, write_section
 from rltrain.commands.setup import compose
@@ -169,3 +169,35 @@ def rollout_main(argv: list[str]) -> None:
         return
     write_section(Path(args.out), section, rollout.SECTION)
     print(f"rltrain bench rollout: wrote section '{rollout.SECTION}' of {args.out}", flush=True)
+
+
+def busy_main(argv: list[str]) -> None:
+    """``rltrain bench busy --baseline DIR [options] [overrides]``: this checkout against ``DIR`` (another checkout,
+    e.g. ``git worktree add DIR COMMIT``), each alone and beside a competing process."""
+    p = argparse.ArgumentParser(prog="rltrain bench busy", description=busy.__doc__.split("\n\n")[0])
+    p.add_argument("--baseline", required=True, help="a checkout of rltrain to compare with (its own defaults)")
+    p.add_argument("--baseline-label", default="before")
+    p.add_argument("--steps", type=int, default=4, help="steps per run; the first is not counted")
+    p.add_argument("--out", default="docs/benchmarks.md")
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("overrides", nargs="*", help="hydra overrides for every run (default: the embedded experiment)")
+    args = p.parse_args(argv)
+    if args.steps < 2:
+        p.error("--steps must be >= 2 (the first step is not counted)")
+    started = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    codes = {"baseline": Path(args.baseline).resolve(), "this": busy.REPO}
+    labels = {"baseline": args.baseline_label, "this": "this checkout"}
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="rltrain-bench-busy-") as work:
+        for loaded in (False, True):
+            for name, code in codes.items():
+                print(f"rltrain bench busy: {labels[name]}, {'beside a busy process' if loaded else 'alone'} ...",
+                      flush=True)
+                results[(name, loaded)] = busy.run(code, loaded, args.steps, args.overrides, Path(work))
+                print(f"  median {results[(name, loaded)]['median']:.2f} s/step", flush=True)
+    section = busy.render(results, labels, "rltrain bench busy " + " ".join(argv), started, machine())
+    if args.no_write:
+        print(section)
+        return
+    write_section(Path(args.out), section, busy.SECTION)
+    print(f"rltrain bench busy: wrote section '{busy.SECTION}' of {args.out}", flush=True)
