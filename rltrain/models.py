@@ -17,6 +17,7 @@ from torch import nn
 from rltrain.config import ModelConfig, ModelSource
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the GGUF quantises; what adapters name as base
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
 )
@@ -116,6 +117,10 @@ def load_model(cfg: ModelConfig):
     else:
         path = smollm2_path() if cfg.source == ModelSource.smollm2 else cfg.path
         model, tokenizer = load_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        if cfg.source == ModelSource.smollm2:
+            # PEFT records the base's name_or_path in adapter_config.json and the model card: this machine's cache
+            # path would make every adapter unloadable elsewhere.
+            model.name_or_path = model.config.name_or_path = tokenizer.name_or_path = SMOLLM2_HUB_ID
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.train()

@@ -454,7 +454,7 @@ class PolicyWorker:
             context = ds.zero.GatheredParameters(params, modifier_rank=None)
         with context:
             if self.world.is_main:
-                self.model.save_pretrained(str(directory), safe_serialization=True)
+                self._save_pretrained(directory)
         self.world.barrier()
 
     def save_adapter_here(self, directory: str | Path) -> None:
@@ -465,7 +465,13 @@ class PolicyWorker:
 
             context = ds.zero.GatheredParameters([p for p in self.model.parameters() if p.requires_grad])
         with context:
-            self.model.save_pretrained(str(directory), safe_serialization=True)
+            self._save_pretrained(directory)
+
+    def _save_pretrained(self, directory: str | Path) -> None:
+        # The base's vocabulary is never resized here, so an adapter needs no copy of its embeddings; PEFT's "auto"
+        # would look the base up on the hub (by its name, e.g. the default model's hub id) at every save to decide.
+        extra = {"save_embedding_layers": False} if self.is_peft else {}
+        self.model.save_pretrained(str(directory), safe_serialization=True, **extra)
 
     def weight_buckets(self, max_bytes: int):
         """The full weights by Hugging Face name, in lists of at most ``max_bytes`` (one tensor may exceed it); under

