@@ -83,7 +83,9 @@ class InvalidRows(str, enum.Enum):
 
 class LoggerBackend(str, enum.Enum):
     none = "none"  # metrics.jsonl and the console only (metrics.jsonl is always written)
-    wandb = "wandb"
+    wandb = "wandb"  # and a wandb run, TensorBoard event files, an MLflow run: rltrain/trackers.py
+    tensorboard = "tensorboard"
+    mlflow = "mlflow"
 
 
 class WandbMode(str, enum.Enum):
@@ -379,6 +381,11 @@ class WandbConfig:
 
 
 @dataclass
+class MlflowConfig:
+    experiment: str = "rltrain"  # the server is MLFLOW_TRACKING_URI's, else the file store RUN/mlruns (offline)
+
+
+@dataclass
 class LoggerConfig:
     backend: LoggerBackend = LoggerBackend.none
     progress: bool = True
@@ -386,6 +393,7 @@ class LoggerConfig:
     samples_per_step: int = 2  # completions per step written to samples.jsonl (shown in the report)
     report: bool = True  # write report.png / report.html at the end of the run
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 @dataclass

@@ -43,6 +43,7 @@ from rltrain.rundir import RunDirLock
 from rltrain.selection import PlannedSelector, UniformSelector
 from rltrain.start import starting_model, with_adapter
 from rltrain.stopping import RunInterrupted, StopRequests, signal_name
+from rltrain.trackers import check_installed
 
 logger = logging.getLogger("rltrain")
 
@@ -265,6 +266,7 @@ def train_step(c: Components, config: Config, step: int, rollouts_before: int = 
 
 def train(config: Config, ctx: RunContext) -> dict:
     source = resume_source(config.resume, ctx.run_dir)  # a wrong path fails before the model loads
+    check_installed(config.logger.backend)  # and so does a logger whose library is missing
     with RunDirLock(ctx.run_dir) if ctx.world.is_main else contextlib.nullcontext():  # one run per directory
         _check_fresh_start(config, ctx.run_dir, source)
         c = build(config, ctx.world)

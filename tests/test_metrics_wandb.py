@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from rltrain.config import LoggerBackend, LoggerConfig, WandbConfig, WandbMode
-from rltrain.metrics import MetricsLogger, wandb_eval_metrics, wandb_mode
+from rltrain.metrics import MetricsLogger, eval_metrics
+from rltrain.trackers import wandb_mode
 
 SECRET = "secret123-do-not-log"
 BLOCK = 32 * 1024
@@ -90,7 +91,7 @@ def test_wandb_mode_auto_follows_api_key(monkeypatch):
 def test_eval_metrics_flatten_pass_at_k():
     record = {"eval_step": 5, "time": 1.0, "eval_accuracy": 0.5, "eval_reward_mean": 0.25,
               "eval_pass_at_k": {"1": 0.5, "4": 0.75}, "eval_samples": [{"prompt": "p"}]}
-    assert wandb_eval_metrics(record) == {"eval/accuracy": 0.5, "eval/reward_mean": 0.25,
+    assert eval_metrics(record) == {"eval/accuracy": 0.5, "eval/reward_mean": 0.25,
                                           "eval/pass@k/1": 0.5, "eval/pass@k/4": 0.75}
 
 

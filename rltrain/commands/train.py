@@ -14,6 +14,7 @@ from rltrain.checkpoint import CheckpointError
 from rltrain.commands.setup import check_overrides_or_exit, exit_error, quiet_transformers
 from rltrain.config import DistributedKind
 from rltrain.distributed import init_world
+from rltrain.errors import ConfigError
 from rltrain.rewards import RewardError
 from rltrain.rollout.server import ServerError
 from rltrain.rollout.sync import EngineOutOfSync
@@ -52,7 +53,7 @@ def _hydra_entry():
         try:
             return train(config, ctx)["eval_accuracy_end"]
         except (TrainingDiverged, CheckpointError, DatasetError, RewardError, EngineOutOfSync, ServerError,
-                RunDirBusy) as err:
+                RunDirBusy, ConfigError) as err:
             exit_error(err, 1)
         except RunInterrupted as err:  # preempted after a checkpoint: the shell's code for the signal
             exit_error(err, err.exit_code)
