@@ -125,6 +125,28 @@ def test_mlflow_holds_the_tiny_runs_metrics_params_and_artifacts_offline(offline
     assert leaked(run) == []
 
 
+@pytest.mark.parametrize("backend", ["tensorboard", "mlflow"])
+def test_a_tiny_run_resumed_from_an_earlier_checkpoint(offline_env, tmp_path, backend):
+    """TensorBoard ends equal to metrics.jsonl; MLflow keeps what it held (the first session's steps 1-2 and its eval
+    at step 2) and adds the steps after."""
+    run = tmp_path / "run"
+    base = TINY_RUN + [f"logger={backend}", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=5"]
+    train(compose(base), RunContext(run_dir=run))
+    first = expected_metrics(run)
+    train(compose(base + [f"resume={run / 'checkpoints' / 'step_000001'}", "trainer.steps=3"]),
+          RunContext(run_dir=run))
+    expected = expected_metrics(run)
+    assert expected["reward_mean"].keys() == {1, 2, 3} and expected["eval/accuracy"].keys() == {0, 3}
+    if backend == "tensorboard":
+        assert tensorboard_scalars(run)[0] == expected
+        return
+    _, mlrun, history = mlflow_run(run)
+    held = {k: {**{s: v for s, v in expected[k].items() if s > max(first[k])}, **first[k]} for k in expected}
+    assert held["eval/accuracy"].keys() == {0, 2, 3} and held["reward_mean"].keys() == {1, 2, 3}
+    assert history == {mlflow_name(k): sorted(v.items()) for k, v in held.items()}
+    assert mlrun.data.tags["changed_on_resume.trainer.steps"] == "3" and mlrun.info.status == "FINISHED"
+
+
 LOGGER = {"progress": False, "print_every": 100}
 
 
