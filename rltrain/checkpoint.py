@@ -52,20 +52,13 @@ def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"{PREFIX}{step:06d}"
 
 
-def incomplete(path: Path) -> str | None:
-    """Why ``path`` is not a complete checkpoint (no meta.json, which is written last; a listed file missing or of
-    another size than written), or None."""
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` holds every file its ``meta.json`` lists, at the recorded sizes."""
     try:
-        files = json.loads((path / "meta.json").read_text())["files"]
-        sizes = {name: (path / name).stat().st_size if (path / name).is_file() else None for name in files}
-    except FileNotFoundError:
-        return "no meta.json (it is written last)"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        return f"meta.json cannot be read ({type(err).__name__}: {err})"
-    for name, size in sizes.items():
-        if size != files[name]:
-            return f"{name} is missing" if size is None else f"{name} is {size} bytes, {files[name]} when written"
-    return None
+        meta = json.loads((path / "meta.json").read_text())
+        return all((path / name).stat().st_size == size for name, size in meta["files"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def sha256(path: Path) -> str:
@@ -76,35 +69,34 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def changed_files(path: Path, under: str = "") -> list[str]:
-    """The files of checkpoint ``path`` (only those in its folder ``under``, if given) whose content no longer has
-    the sha256 recorded when it was written (a same-size corruption, which sizes cannot see). Checked on restore
-    only: reading every file costs about a second per GB, too much for the listing that runs after every save."""
+def changed_files(path: Path) -> list[str]:
+    """The files of checkpoint ``path`` whose content no longer has the sha256 recorded when it was written (a
+    same-size corruption, which sizes cannot see). Checked on restore only: reading every file costs about a second
+    per GB, too much for the listing that runs after every save."""
     recorded = json.loads((path / "meta.json").read_text()).get("sha256", {})  # none in checkpoints before digests
-    names = [name for name in recorded if not under or Path(name).parts[0] == under]
-    return [name for name in names if sha256(path / name) != recorded[name]]
+    return [name for name, digest in recorded.items() if sha256(path / name) != digest]
 
 
 def complete_checkpoints(directory: str | Path) -> list[Path]:
     """Complete checkpoints under ``directory/checkpoints`` (or ``directory`` itself), oldest first.
     Incomplete ones are skipped with a warning."""
-    found = []
-    for path in _step_dirs(directory):
-        reason = incomplete(path)
-        if reason is None:
-            found.append(path)
-        else:
-            log.warning("skipping checkpoint %s: incomplete or corrupt: %s", path, reason)
-    return found
-
-
-def _step_dirs(directory: str | Path) -> list[Path]:
-    """The ``step_*`` directories under ``directory/checkpoints`` (or ``directory`` itself), oldest first."""
     directory = Path(directory)
     root = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
     if not root.is_dir():
         return []
-    return [path for path in sorted(root.glob(f"{PREFIX}*")) if path.name[len(PREFIX):].isdigit()]
+    found = []
+    for path in sorted(root.glob(f"{PREFIX}*")):
+        if not path.name[len(PREFIX):].isdigit():
+            continue
+        if is_complete(path):
+            found.append(path)
+        else:
+            log.warning("skipping checkpoint %s: incomplete or corrupt (meta.json missing or file sizes differ)", path)
+    return found
+
+
+def _size(checkpoint: Path) -> int:
+    return sum(json.loads((checkpoint / "meta.json").read_text())["files"].values())
 
 
 def latest(directory: str | Path) -> Path | None:
@@ -154,36 +146,76 @@ class Checkpointer:
         (``deepspeed/``, one file per rank) are written together, the rest by rank 0, which renames last."""
         world = self.world
         tmp = self.root / f"{TMP_PREFIX}{PREFIX}{step:06d}-{world.broadcast(os.getpid())}"
+        short = None
         if world.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
-            tmp.mkdir()
-        world.barrier()
-        policy.save(tmp / "model")
-        if getattr(policy, "engine", None) is not None:
-            policy.save_sharded(tmp / "deepspeed")
-        world.barrier()
+            short = self._space_shortage()
+            if short is None:
+                tmp.mkdir()
+        short = world.broadcast(short)  # every rank stops before writing anything
+        if short is not None:
+            raise CheckpointError(self._cannot_write(step, "too little free space", needed=short[0]))
+        failure = None
+        try:
+            policy.save(tmp / "model")
+            if getattr(policy, "engine", None) is not None:
+                policy.save_sharded(tmp / "deepspeed")
+            world.barrier()
+            if world.is_main:
+                self._finish(tmp, step, tokenizer, meta)
+        except (OSError, RuntimeError) as err:  # a full disk: torch.save says so with a RuntimeError
+            failure = f"{type(err).__name__}: {err}"
+        failures = [f for f in world.gather(failure) if f is not None]  # every rank learns of any rank's failure
+        if failures:
+            written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if world.is_main else 0
+            if world.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)  # the earlier checkpoints stay
+            raise CheckpointError(self._cannot_write(step, failures[0], written=written))
+        return step_dir(self.root, step)
+
+    def _space_shortage(self) -> tuple[int, int] | None:
+        """(bytes needed, bytes free) when the disk cannot hold another checkpoint the size of the newest, else None.
+        The newest one stays until the new one is complete, so the new one needs room of its own."""
+        found = complete_checkpoints(self.root)
+        if not found:
+            return None
+        free = shutil.disk_usage(self.root).free
+        needed = _size(found[-1])
+        return (needed, free) if free < needed else None
+
+    def _cannot_write(self, step: int, reason: str, *, needed: int = 0, written: int = 0) -> str:
+        """One line: which checkpoint, why, the space it needs and has, what is kept, what to do."""
+        kept = complete_checkpoints(self.root)
+        needed = needed or (_size(kept[-1]) if kept else 0)
+        need = (f"about {needed / 1e6:.1f} MB (the last checkpoint's size)" if needed else
+                f"more than the {written / 1e6:.1f} MB written when it failed")
+        return (f"cannot write the checkpoint of step {step} in {self.root} ({reason}): it needs {need}, "
+                f"{shutil.disk_usage(self.root).free / 1e6:.1f} MB are free. Kept: "
+                f"{', '.join(p.name for p in kept) or 'no earlier checkpoint'}. Free space (or lower "
+                "trainer.keep_checkpoints), then resume=auto continues from the newest one kept")
+
+    def _finish(self, tmp: Path, step: int, tokenizer, meta: dict) -> Path:
+        """Rank 0: the tokenizer, the components' state and meta.json beside the weights, the rename, the pruning."""
         final = step_dir(self.root, step)
-        if world.is_main:
-            tokenizer.save_pretrained(str(tmp / "model"))
-            state = {"step": step, "rng": rng_state(),
-                     "components": {name: c.state_dict() for name, c in self._components.items()}}
-            torch.save(state, tmp / "state.pt")
-            written = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in written}
-            digests = {str(p.relative_to(tmp)): sha256(p) for p in written}
-            (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time(), "files": files,
-                                                       "sha256": digests, **meta}, indent=1, default=str))
-            _fsync_tree(tmp)
-            if final.exists():  # an older, abandoned timeline's checkpoint of the same step (a resume from before it)
-                stale = self.root / f"{TMP_PREFIX}stale-{final.name}-{os.getpid()}"
-                os.replace(final, stale)
-                shutil.rmtree(stale)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            self._prune()
-        world.barrier()
+        tokenizer.save_pretrained(str(tmp / "model"))
+        state = {"step": step, "rng": rng_state(),
+                 "components": {name: c.state_dict() for name, c in self._components.items()}}
+        torch.save(state, tmp / "state.pt")
+        written = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in written}
+        digests = {str(p.relative_to(tmp)): sha256(p) for p in written}
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time(), "files": files,
+                                                   "sha256": digests, **meta}, indent=1, default=str))
+        _fsync_tree(tmp)
+        if final.exists():  # an older, abandoned timeline's checkpoint of the same step (a resume from before it)
+            stale = self.root / f"{TMP_PREFIX}stale-{final.name}-{os.getpid()}"
+            os.replace(final, stale)
+            shutil.rmtree(stale)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        self._prune()
         return final
 
     def _prune(self) -> None:
@@ -206,9 +238,8 @@ class Checkpointer:
 
     def restore(self, path: Path, *, policy) -> int:
         """Load the checkpoint at ``path`` into the policy and every registered component; returns its step."""
-        reason = incomplete(path)
-        if reason is not None:
-            raise CheckpointError(f"{path}: not a complete checkpoint: {reason}")
+        if not is_complete(path):
+            raise CheckpointError(f"{path}: not a complete checkpoint (meta.json missing or file sizes differ)")
         damaged = changed_files(path)
         if damaged:
             raise CheckpointError(f"{path}: {', '.join(damaged)} changed since it was written (sha256 differs): "
@@ -244,20 +275,18 @@ class Checkpointer:
         return int(state["step"])
 
     def restore_latest(self, directory: Path, *, policy) -> tuple[int, Path] | None:
-        """Restore the newest checkpoint of ``directory`` that loads, skipping incomplete and damaged ones with a
-        warning. None when there is no checkpoint at all; when there are some but none loads, an error naming each
-        and why (rather than a silent fresh start)."""
-        invalid = []
-        for path in reversed(_step_dirs(directory)):
+        """Restore the newest checkpoint of ``directory`` that loads, skipping damaged ones with a warning.
+        None when there is no checkpoint at all; an error when there are some but none loads (rather than a
+        silent fresh start)."""
+        candidates = complete_checkpoints(directory)
+        for path in reversed(candidates):
             try:
                 return self.restore(path, policy=policy), path
             except CheckpointError as err:
                 log.warning("skipping checkpoint %s: cannot be loaded (%s)", path, err)
-                invalid.append(f"{path.name}: {str(err).removeprefix(f'{path}: ')}")
-        if invalid:
-            raise CheckpointError(f"{directory}: every checkpoint is invalid, so there is none to resume from "
-                                  f"({'; '.join(invalid)}); remove them to start over, or choose another "
-                                  "hydra.run.dir")
+        if candidates:
+            raise CheckpointError(f"{directory}: none of its {len(candidates)} checkpoints can be loaded (see the "
+                                  "warnings above)")
         return None
 
 
