@@ -52,13 +52,20 @@ def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"{PREFIX}{step:06d}"
 
 
-def is_complete(path: Path) -> bool:
-    """Whether ``path`` holds every file its ``meta.json`` lists, at the recorded sizes."""
+def incomplete(path: Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint (no meta.json, which is written last; a listed file missing or of
+    another size than written), or None."""
     try:
-        meta = json.loads((path / "meta.json").read_text())
-        return all((path / name).stat().st_size == size for name, size in meta["files"].items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+        files = json.loads((path / "meta.json").read_text())["files"]
+        sizes = {name: (path / name).stat().st_size if (path / name).is_file() else None for name in files}
+    except FileNotFoundError:
+        return "no meta.json (it is written last)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"meta.json cannot be read ({type(err).__name__}: {err})"
+    for name, size in sizes.items():
+        if size != files[name]:
+            return f"{name} is missing" if size is None else f"{name} is {size} bytes, {files[name]} when written"
+    return None
 
 
 def sha256(path: Path) -> str:
@@ -69,30 +76,35 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def changed_files(path: Path) -> list[str]:
-    """The files of checkpoint ``path`` whose content no longer has the sha256 recorded when it was written (a
-    same-size corruption, which sizes cannot see). Checked on restore only: reading every file costs about a second
-    per GB, too much for the listing that runs after every save."""
+def changed_files(path: Path, under: str = "") -> list[str]:
+    """The files of checkpoint ``path`` (only those in its folder ``under``, if given) whose content no longer has
+    the sha256 recorded when it was written (a same-size corruption, which sizes cannot see). Checked on restore
+    only: reading every file costs about a second per GB, too much for the listing that runs after every save."""
     recorded = json.loads((path / "meta.json").read_text()).get("sha256", {})  # none in checkpoints before digests
-    return [name for name, digest in recorded.items() if sha256(path / name) != digest]
+    names = [name for name in recorded if not under or Path(name).parts[0] == under]
+    return [name for name in names if sha256(path / name) != recorded[name]]
 
 
 def complete_checkpoints(directory: str | Path) -> list[Path]:
     """Complete checkpoints under ``directory/checkpoints`` (or ``directory`` itself), oldest first.
     Incomplete ones are skipped with a warning."""
+    found = []
+    for path in _step_dirs(directory):
+        reason = incomplete(path)
+        if reason is None:
+            found.append(path)
+        else:
+            log.warning("skipping checkpoint %s: incomplete or corrupt: %s", path, reason)
+    return found
+
+
+def _step_dirs(directory: str | Path) -> list[Path]:
+    """The ``step_*`` directories under ``directory/checkpoints`` (or ``directory`` itself), oldest first."""
     directory = Path(directory)
     root = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
     if not root.is_dir():
         return []
-    found = []
-    for path in sorted(root.glob(f"{PREFIX}*")):
-        if not path.name[len(PREFIX):].isdigit():
-            continue
-        if is_complete(path):
-            found.append(path)
-        else:
-            log.warning("skipping checkpoint %s: incomplete or corrupt (meta.json missing or file sizes differ)", path)
-    return found
+    return [path for path in sorted(root.glob(f"{PREFIX}*")) if path.name[len(PREFIX):].isdigit()]
 
 
 def _size(checkpoint: Path) -> int:
@@ -238,8 +250,9 @@ class Checkpointer:
 
     def restore(self, path: Path, *, policy) -> int:
         """Load the checkpoint at ``path`` into the policy and every registered component; returns its step."""
-        if not is_complete(path):
-            raise CheckpointError(f"{path}: not a complete checkpoint (meta.json missing or file sizes differ)")
+        reason = incomplete(path)
+        if reason is not None:
+            raise CheckpointError(f"{path}: not a complete checkpoint: {reason}")
         damaged = changed_files(path)
         if damaged:
             raise CheckpointError(f"{path}: {', '.join(damaged)} changed since it was written (sha256 differs): "
@@ -275,18 +288,20 @@ class Checkpointer:
         return int(state["step"])
 
     def restore_latest(self, directory: Path, *, policy) -> tuple[int, Path] | None:
-        """Restore the newest checkpoint of ``directory`` that loads, skipping damaged ones with a warning.
-        None when there is no checkpoint at all; an error when there are some but none loads (rather than a
-        silent fresh start)."""
-        candidates = complete_checkpoints(directory)
-        for path in reversed(candidates):
+        """Restore the newest checkpoint of ``directory`` that loads, skipping incomplete and damaged ones with a
+        warning. None when there is no checkpoint at all; when there are some but none loads, an error naming each
+        and why (rather than a silent fresh start)."""
+        invalid = []
+        for path in reversed(_step_dirs(directory)):
             try:
                 return self.restore(path, policy=policy), path
             except CheckpointError as err:
                 log.warning("skipping checkpoint %s: cannot be loaded (%s)", path, err)
-        if candidates:
-            raise CheckpointError(f"{directory}: none of its {len(candidates)} checkpoints can be loaded (see the "
-                                  "warnings above)")
+                invalid.append(f"{path.name}: {str(err).removeprefix(f'{path}: ')}")
+        if invalid:
+            raise CheckpointError(f"{directory}: every checkpoint is invalid, so there is none to resume from "
+                                  f"({'; '.join(invalid)}); remove them to start over, or choose another "
+                                  "hydra.run.dir")
         return None
 
 

@@ -170,6 +170,8 @@ class TaskConfig:
     chat_template: bool = True
     rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
     on_reward_failure: RewardFailure = RewardFailure.zero  # a reward that raises, hangs, or returns NaN/wrong length
+    max_failed_reward_steps: int = 3  # the run stops after this many steps in a row where every sample's reward failed
+    reward_memory_mb: int = 0  # the address space (RLIMIT_AS) a reward worker may map, its imports too; 0: no limit
     invalid_rows: InvalidRows = InvalidRows.error  # missing column, empty prompt, prompt too long for the context
 
 
@@ -528,6 +530,8 @@ def check(config: Config) -> None:
     for i, reward in enumerate(config.task.rewards):
         if not reward.timeout_s > 0:
             raise ConfigError(f"task.rewards.{i}.timeout_s must be > 0, got {reward.timeout_s}")
+    if config.task.max_failed_reward_steps < 1 or config.task.reward_memory_mb < 0:
+        raise ConfigError("task.max_failed_reward_steps must be >= 1 and task.reward_memory_mb >= 0 (0: no limit)")
     b = config.budget
     if b.predictor != PredictorKind.none:
         most = b.max_per_prompt or 4 * t.rollouts_per_prompt

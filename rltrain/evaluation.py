@@ -285,7 +285,11 @@ def load_for_eval(location: ModelLocation | None, config):
 
 
 def load_checkpoint(location: ModelLocation, model_config):
-    """(model, tokenizer) in eval mode from a located model or adapter directory, weights from safetensors only."""
+    """(model, tokenizer) in eval mode from a located model or adapter directory, weights from safetensors only.
+    Weights that cannot be read (truncated, overwritten), or that a trainer checkpoint's ``meta.json`` shows changed
+    since they were written (sha256), are a ``CheckpointPathError`` naming the directory."""
+    from safetensors import SafetensorError
+
     from rltrain.config import ModelSource
     from rltrain.models import load_model, load_pretrained
 
@@ -293,19 +297,43 @@ def load_checkpoint(location: ModelLocation, model_config):
     if location.adapter and location.base is None and model_config.source == ModelSource.tiny:
         raise CheckpointPathError(f"{location.weights} is an adapter of a tiny model, whose base (its SFT warm start) "
                                   "is saved as RUN/base_model by the run; it is not there")
-    if location.adapter and location.base is None:
-        model, tokenizer = load_model(model_config)
-    elif location.adapter:
-        model, tokenizer = load_pretrained(location.base, trust_remote_code=trust)
-    else:
-        model, tokenizer = load_pretrained(location.weights, trust_remote_code=trust)
-    if location.adapter:
-        from peft import PeftModel
+    _check_digests(location.weights)
+    try:
+        if location.adapter and location.base is None:
+            model, tokenizer = load_model(model_config)
+        elif location.adapter:
+            model, tokenizer = load_pretrained(location.base, trust_remote_code=trust)
+        else:
+            model, tokenizer = load_pretrained(location.weights, trust_remote_code=trust)
+        if location.adapter:
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(location.weights)).merge_and_unload()
+            model = PeftModel.from_pretrained(model, str(location.weights)).merge_and_unload()
+    except (SafetensorError, OSError, ValueError) as err:  # transformers: OSError for a config.json that is no JSON
+        where = location.weights if location.base is None else f"{location.weights} (base {location.base})"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointPathError(f"{where}: the weights cannot be loaded, the files are damaged or not a model's "
+                                  f"({type(err).__name__}: {first})") from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def _check_digests(weights: Path) -> None:
+    """A trainer checkpoint (``meta.json`` beside its ``model/``) records each file's size and sha256: weights damaged
+    without a change of size would otherwise load, as other numbers."""
+    from rltrain.checkpoint import changed_files, incomplete
+
+    checkpoint = weights.parent
+    if not (checkpoint / "meta.json").is_file():
+        return
+    reason = incomplete(checkpoint)
+    if reason is not None:
+        raise CheckpointPathError(f"{checkpoint}: not a complete checkpoint: {reason}")
+    damaged = changed_files(checkpoint, under=weights.name)
+    if damaged:
+        raise CheckpointPathError(f"{checkpoint}: {', '.join(damaged)} changed since the checkpoint was written "
+                                  "(sha256 differs): the weights are damaged")
 
 
 # ---- the prompts a command evaluates ---------------------------------------------------------------------------------

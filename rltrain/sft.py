@@ -7,8 +7,9 @@ import random
 import torch
 from torch import nn
 
+from rltrain.errors import DatasetRowError
 from rltrain.rollout.collect import PromptIds
-from rltrain.tasks.prompts import PromptFormatter, load_prompt_sets
+from rltrain.tasks.prompts import PromptFormatter, PromptSet, column_label, load_prompt_sets
 
 
 def warm_start(model: nn.Module, tokenizer, prompt_ids: list[list[int]], answers: list[str], *, steps: int,
@@ -51,6 +52,17 @@ def tiny_warm_start(model: nn.Module, tokenizer, config, train_set, train_ids, *
     for i, row in enumerate(sft_set.rows):
         for hint in [""] + (list(row["hints"]) if tiny.sft_hints else []):
             contexts.append(sft_ids.hinted(i, hint) if hint else sft_ids[i])
-            answers.append(row["answer"])
+            answers.append(_answer_text(sft_set, i))
     return warm_start(model, tokenizer, contexts, answers, steps=tiny.sft_steps, lr=tiny.sft_lr,
                       batch_size=tiny.sft_batch_size, seed=seed)
+
+
+def _answer_text(prompts: PromptSet, index: int) -> str:
+    """What the warm start teaches the model to reply to a row: its answer, an integer written in decimal (a JSON
+    dataset's ``"answer": 4``)."""
+    answer = prompts.rows[index].get("answer")
+    if isinstance(answer, str) or (isinstance(answer, int) and not isinstance(answer, bool)):
+        return str(answer)
+    problem = "is missing or null" if answer is None else f"holds {type(answer).__name__}, not text or an integer"
+    raise DatasetRowError(f"{prompts.name} row {index}: column {column_label(prompts, 'answer')} {problem}: the tiny "
+                          "model's warm start (model.source=tiny) learns to reply with it")

@@ -34,7 +34,7 @@ from rltrain.errors import TrainingDiverged
 from rltrain.evaluation import evaluate
 from rltrain.metrics import MetricsLogger, NullLogger
 from rltrain.policy import OptimSettings, PolicyWorker
-from rltrain.rewards import RewardScorer
+from rltrain.rewards import RewardError, RewardScorer
 from rltrain.rollout.base import SamplingParams
 from rltrain.rollout.build import build_engine, save_engine_init
 from rltrain.rollout.collect import PromptIds
@@ -204,6 +204,7 @@ class LoopState:
     """What the loop carries from step to step, checkpointed with everything else."""
 
     nonfinite_in_row: int = 0
+    reward_failed_in_row: int = 0  # steps in which every sample's reward failed
     wall_time_s: float = 0.0  # over every session of a resumed run
     rollouts: int = 0  # generated so far (trainer.max_rollouts)
 
@@ -213,6 +214,7 @@ class LoopState:
     def load_state_dict(self, state: dict) -> None:
         self.nonfinite_in_row, self.wall_time_s = state["nonfinite_in_row"], state["wall_time_s"]
         self.rollouts = state.get("rollouts", 0)
+        self.reward_failed_in_row = state.get("reward_failed_in_row", 0)
 
     def budget_spent(self, t: TrainerConfig) -> bool:
         return bool(t.max_rollouts) and self.rollouts >= t.max_rollouts
@@ -321,6 +323,7 @@ def _train(config: Config, ctx: RunContext, c: Components, source: Path | None) 
             if batch is not None and config.logger.samples_per_step:
                 log.log_samples(step, _samples(c, batch, config.logger.samples_per_step))
             _check_finite(record, loop, t.max_nonfinite_updates, log)
+            _check_rewards(record, loop, config.task.max_failed_reward_steps, log)
             if step == t.steps or loop.budget_spent(t):
                 last = step
                 break
@@ -431,6 +434,23 @@ def _check_finite(record: dict, loop: LoopState, limit: int, log: MetricsLogger)
         raise TrainingDiverged(
             f"{limit} updates in a row had a non-finite loss or gradient (last at step {record['step']}); stopping. "
             + DIVERGED_ADVICE)
+
+
+def _check_rewards(record: dict, loop: LoopState, limit: int, log: MetricsLogger) -> None:
+    """A step in which every sample's reward failed trains on nothing (``drop``) or on zeros (``zero``): a few in a
+    row mean a broken reward function (a wrong column, a missing dependency), not bad luck."""
+    if not 0 < record.get("reward_samples", 0) == record.get("reward_failed"):  # (a step may score nothing)
+        loop.reward_failed_in_row = 0
+        return
+    loop.reward_failed_in_row += 1
+    log.console.print(f"[yellow]step {record['step']}: every sample's reward failed ({loop.reward_failed_in_row} "
+                      f"steps in a row; the run stops at {limit})")
+    if loop.reward_failed_in_row >= limit:
+        raise RewardError(
+            f"every sample's reward failed in {limit} steps in a row (task.max_failed_reward_steps; last at step "
+            f"{record['step']}: {record['reward_errors']:g} errors, {record['reward_timeouts']:g} timeouts of "
+            f"{record['reward_samples']:g} samples); stopping. The first failure of each kind is logged above, with "
+            "its traceback")
 
 
 def _samples(c: Components, batch: RolloutBatch, count: int) -> list[dict]:

@@ -129,3 +129,24 @@ def always_none(prompts, completions, **_):
 
 def none_on_short(prompts, completions, **_):
     return [None if len(c) < 3 else 1.0 for c in completions]
+
+
+def address_space_mb(prompts, completions, **_):
+    """Per sample, the scoring process's soft limit on its address space (RLIMIT_AS) in MiB, -1 for none; for a
+    completion ``mapped``, how much it maps now."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return [mapped if c == "mapped" else -1.0 if limit == resource.RLIM_INFINITY else limit / 2**20
+            for c in completions]
+
+
+def allocates_on_big(prompts, completions, answer, **_):
+    """2 GiB for a completion containing ``big`` (calloc'd, so untouched pages cost no memory where nothing limits
+    the address space), then ``reference``."""
+    if any("big" in c for c in completions):
+        held = bytes(2 << 30)
+        del held
+    return reference(prompts, completions, answer)

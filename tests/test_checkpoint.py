@@ -148,7 +148,8 @@ def test_keep_last_k_and_latest_skips_incomplete_and_corrupt(tmp_path, caplog):
     bad6.write_bytes(b"\1" * bad6.stat().st_size)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="rltrain.checkpoint"):  # none loads: an error, not a fresh start
-        with pytest.raises(CheckpointError, match="none of its 2 checkpoints can be loaded"):
+        with pytest.raises(CheckpointError, match=r"every checkpoint is invalid, so there is none to resume from "
+                                                  r"\(step_000006: state.pt changed .*; step_000004: state.pt changed"):
             checkpoints.restore_latest(tmp_path, policy=c.policy)
     # (caught by the sha256 recorded when each was written, before unpickling is tried)
     assert caplog.text.count("cannot be loaded") == 2
@@ -182,8 +183,29 @@ def test_fresh_start_resume_of_a_finished_run_and_resume_from_an_earlier_checkpo
     assert {r["step"]: r["reward_mean"] for r in steps} == first_timeline  # and it is the same future again
     assert [p.name for p in complete_checkpoints(run)] == ["step_000001", "step_000002", "step_000003"]
     # A checkpoint whose state does not fit (another train set: the prompt order would differ) is refused.
-    with pytest.raises(CheckpointError, match="none of its 3 checkpoints can be loaded"):
+    with pytest.raises(CheckpointError, match=r"every checkpoint is invalid, .* \(step_000003: the sampler state "
+                                              r"does not fit this run .*; step_000002: .*; step_000001: "):
         go("resume=auto", "trainer.steps=4", "task.builtin.train_size=150")
+
+
+def test_when_every_checkpoint_is_invalid_the_error_names_each_and_why(tmp_path):
+    """resume=auto over checkpoints that are all incomplete said "holds checkpoints of an earlier run: resume=auto
+    continues it" (it was resume=auto); the error names every checkpoint and what is wrong with it."""
+    run = tmp_path / "run"
+    base = SMALL + [DENSE_REWARD, "trainer.checkpoint_every=1", "trainer.eval_every=0", "trainer.save_final=false"]
+    train(compose(base + ["trainer.steps=2"]), RunContext(run_dir=run))
+    first, second = run / "checkpoints" / "step_000001", run / "checkpoints" / "step_000002"
+    weights = first / "model" / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:100])
+    (second / "meta.json").unlink()  # as if the disk lost the last write
+    with pytest.raises(CheckpointError) as caught:
+        train(compose(base + ["trainer.steps=3", "resume=auto"]), RunContext(run_dir=run))
+    assert str(caught.value) == (
+        f"{run}: every checkpoint is invalid, so there is none to resume from (step_000002: not a complete "
+        "checkpoint: no meta.json (it is written last); step_000001: not a complete checkpoint: "
+        f"model/model.safetensors is 100 bytes, {size} when written); remove them to start over, or choose another "
+        "hydra.run.dir")
 
 
 def test_truncate_jsonl_drops_records_after_the_step_and_a_cut_line(tmp_path):

@@ -210,3 +210,57 @@ def test_evaluate_during_training_returns_the_metrics_contract(tiny):
     comparison = [c for c, row in zip(correct, tiny.rows) if row["kind"] == "comparison"]
     assert result["eval_accuracy_by_capability"]["comparison"] == pytest.approx(sum(comparison) / len(comparison))
     assert [s["completion"] for s in result["eval_samples"]] == replies[:3]
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    elif how == "header":  # the 8-byte length, then the JSON header
+        data[12] ^= 0xFF
+    else:  # one byte of tensor data: same size, valid format
+        data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how, problem", [
+    ("truncated", "the weights cannot be loaded, the files are damaged or not a model's (SafetensorError: Error while "
+                  "deserializing header: incomplete metadata, file not fully covered)"),
+    ("header", "the weights cannot be loaded, the files are damaged or not a model's (SafetensorError: Error while "
+               "deserializing header: "),
+])
+def test_damaged_weights_are_one_line_and_exit_2(tiny, tmp_path, capsys, how, problem):
+    """They were safetensors' traceback from deep inside transformers."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny.dir, model)
+    _damage(model / "model.safetensors", how)
+    with pytest.raises(SystemExit) as exit_:
+        main(TINY + [f"eval.checkpoint={model}"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"rltrain: config error: eval.checkpoint: {model}: {problem}")
+
+
+def test_a_checkpoints_weights_damaged_at_the_same_size_are_refused(tiny, tmp_path, capsys):
+    """A trainer checkpoint records each file's sha256 (rltrain.checkpoint): a flipped byte in the tensor data loads
+    without complaint, and was evaluated as if it were the trained model."""
+    import shutil
+
+    from rltrain.checkpoint import sha256
+
+    checkpoint = tmp_path / "checkpoints" / "step_000003"
+    shutil.copytree(tiny.dir, checkpoint / "model")
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
+    (checkpoint / "meta.json").write_text(json.dumps({
+        "step": 3, "files": {str(p.relative_to(checkpoint)): p.stat().st_size for p in files},
+        "sha256": {str(p.relative_to(checkpoint)): sha256(p) for p in files}}))
+    _damage(checkpoint / "model" / "model.safetensors", "data")
+    with pytest.raises(SystemExit) as exit_:
+        main(TINY + [f"eval.checkpoint={checkpoint}"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err == (f"rltrain: config error: eval.checkpoint: {checkpoint}: "
+                                             "model/model.safetensors changed since the checkpoint was written (sha256 "
+                                             "differs): the weights are damaged\n")
+    assert not (checkpoint / "eval.json").exists()

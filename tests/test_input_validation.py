@@ -164,3 +164,119 @@ def test_the_train_command_reports_a_bad_row_in_one_line(tmp_path):
     assert lines == [f"rltrain: {path}:train row 1: column 'question' (task.dataset.columns.prompt) is empty "
                      "(task.invalid_rows=skip leaves such rows out)"]
     assert "Traceback" not in done.stderr + done.stdout
+
+
+# ---- a dataset file that cannot be read, through `rltrain eval`: one line naming the file, row and line -------------
+
+GOOD = b'{"prompt": "what is 1+1?", "answer": "2"}\n'
+
+
+def eval_exit(args: list[str], capsys, *, alone: bool = True) -> tuple[int, str]:
+    """``rltrain eval`` in this process: its exit code and the last line on stderr, which (``alone``) is all of it."""
+    from rltrain.commands.eval import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and (err.count("\n") == 1 or not alone), err
+    return exit_.value.code, err.rstrip("\n").splitlines()[-1]
+
+
+def dataset_args(path) -> list[str]:
+    return ["experiment=tiny", "task.source=dataset", f"task.dataset.path={path}", "task.dataset.eval_split=train",
+            "task.dataset.allow_eval_overlap=true", "task.eval_size=2"]
+
+
+@pytest.mark.parametrize("content, problem", [
+    (GOOD + b'["what is 2+2?", "4"]\n', "row 1 (line 2): a row must be a JSON object of columns, not list"),
+    (GOOD + b'{"prompt": "what is 2+2?", "answer": "4"\n', "row 1 (line 2): not valid JSON (Expecting ',' delimiter "
+                                                            "at column 41)"),
+    (b"", "holds no rows (it is empty)"),
+    (b"\n" + GOOD + b'\n{"prompt": "what is 2+2\xff?", "answer": "4"}\n', "row 1 (line 4): not UTF-8 text (byte 0xff "
+                                                                            "at column 24); save it as UTF-8"),
+    (GOOD + b'{"prompt": "what is 2+2?", "answer": "4", "prompt": "what is 3+3?"}\n',
+     "row 1 (line 2): key 'prompt' appears twice in an object"),
+    (b'[{"prompt": "what is 1+1?", "answer": "2"},\n {"prompt": "x", "meta": {"a": 1, "a": 2}}]',
+     "row 1: key 'a' appears twice in an object"),
+], ids=["not_an_object", "malformed", "empty", "not_utf8", "duplicate_key", "duplicate_key_in_an_array"])
+def test_a_dataset_file_that_cannot_be_read_is_one_line_naming_the_row(tmp_path, capsys, content, problem):
+    """They were tracebacks from ``datasets``/pyarrow (a table column that changes type, StopIteration, a
+    UnicodeDecodeError with no row), or (duplicate keys) a silent choice of one value."""
+    path = tmp_path / ("d.json" if content.startswith(b"[") else "d.jsonl")
+    path.write_bytes(content)
+    assert eval_exit(dataset_args(path), capsys) == (2, f"rltrain: {path} {problem}")
+
+
+def test_dataset_values_keep_the_type_they_are_written_in(tmp_path):
+    """``datasets`` turned the answer "1" into 1 because another row's answer is a list (its Arrow column took JSON),
+    and 1 into 1.0 beside an integer too large for int64."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "p0", "answer": "1"}\n{"prompt": "p1", "answer": [2]}\n{"prompt": "p2", "n": 1}\n'
+                    '{"prompt": "p3", "n": 1180591620717411303424}\n')
+    task = TaskConfig(source=TaskSource.dataset, eval_size=0)
+    task.dataset.path, task.dataset.eval_split, task.dataset.allow_eval_overlap = str(path), "train", True
+    train, _ = load_prompt_sets(task)
+    assert train.rows == [{"prompt": "p0", "answer": "1", "n": None}, {"prompt": "p1", "answer": [2], "n": None},
+                          {"prompt": "p2", "answer": None, "n": 1},
+                          {"prompt": "p3", "answer": None, "n": 1180591620717411303424}]
+
+
+def test_a_directory_of_data_files_that_datasets_cannot_read_is_one_line(tmp_path, capsys):
+    """A directory is still read by ``datasets``, which also logs its progress and the error: its pyarrow error (a
+    column that changes type) becomes the last line, with no traceback."""
+    (tmp_path / "train.jsonl").write_bytes(GOOD + b'["what is 2+2?", "4"]\n')
+    code, line = eval_exit(dataset_args(tmp_path), capsys, alone=False)
+    assert code == 2 and line.startswith(f"rltrain: dataset {tmp_path} [train]: cannot be read: JSON parse error: ")
+
+
+# ---- answers the tiny model's warm start learns -------------------------------------------------------------------
+
+def test_integer_answers_warm_start_as_their_digits_and_others_are_named(tmp_path, capsys):
+    """A JSON dataset's ``"answer": 42`` reached the tokenizer as an int (a traceback); it is the text "42"."""
+    import torch
+
+    from rltrain.cli import compose
+    from rltrain.models import load_model
+    from rltrain.rollout.collect import PromptIds
+    from rltrain.sft import tiny_warm_start
+
+    config = compose(["experiment=tiny", "model.tiny.sft_steps=3", "model.tiny.sft_batch_size=4"])
+    as_text = PromptSet([{"prompt": f"{a}+{a}", "answer": str(2 * a)} for a in range(10, 20)], "d.jsonl:train")
+    as_int = PromptSet([{"prompt": row["prompt"], "answer": int(row["answer"])} for row in as_text.rows], as_text.name)
+    losses, weights = [], []
+    for prompts in (as_text, as_int):
+        torch.manual_seed(0)
+        model, tokenizer = load_model(config.model)
+        ids = PromptIds(PromptFormatter(tokenizer, config.task), prompts)
+        losses.append(tiny_warm_start(model, tokenizer, config, prompts, ids, seed=0))
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert losses[0] == losses[1] and torch.equal(weights[0], weights[1])
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer": [4]}\n')
+    code, line = eval_exit(dataset_args(path), capsys)
+    assert (code, line) == (2, f"rltrain: {path}:train row 1: column 'answer' (task.dataset.columns.answer) holds "
+                               "list, not text or an integer: the tiny model's warm start (model.source=tiny) learns "
+                               "to reply with it")
+
+
+# ---- rltrain serve: a context longer than the model's positions, before vLLM starts ---------------------------------
+
+def test_serve_refuses_a_context_longer_than_the_models_positions_before_starting(tmp_path, capsys, monkeypatch):
+    """vLLM refused it only once starting, with a many-line pydantic error; vLLM never starts here."""
+    from rltrain.commands.serve import main
+    from rltrain.config import ModelConfig
+    from rltrain.models import tiny_model
+
+    tiny_model(ModelConfig(max_context=512), TOKENIZER).config.save_pretrained(tmp_path)
+    started = []
+    monkeypatch.setattr("rltrain.rollout.server.serve", lambda config: started.append(config.model.max_context))
+    args = ["model.source=hf", f"model.path={tmp_path}", "model.tiny.hidden_size=64"]
+    with pytest.raises(SystemExit) as exit_:
+        main(args + ["model.max_context=1024"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and started == []
+    assert err == (f"rltrain: config error: model.max_context=1024 is more than the 512 positions of model.path="
+                   f"{tmp_path} (max_position_embeddings in its config.json); set model.max_context<=512\n")
+    main(args + ["model.max_context=512"])  # fits: the server starts
+    assert started == [512]

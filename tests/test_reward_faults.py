@@ -64,6 +64,13 @@ def check_scores(component: torch.Tensor, texts: list[str], groups: list[int], f
     assert torch.equal(component, expected)
 
 
+def counts(*, errors=0, timeouts=0, dropped=0, failed=0, samples=8) -> dict[str, float]:
+    """``score_batch``'s stats: samples failed by error / by timeout, dropped, and failed at all (each once) of those
+    scored."""
+    return {"reward_errors": float(errors), "reward_timeouts": float(timeouts), "reward_dropped": float(dropped),
+            "reward_failed": float(failed), "reward_samples": float(samples)}
+
+
 TEXTS = ["0", "boom", "3 apples", "2", "boom 4", "5", "4", "six"]
 GROUPS = [0, 0, 1, 1, 2, 2, 3, 3]
 
@@ -72,7 +79,7 @@ def test_fault_free_scores_and_weights():
     rewards = scorer(fx.reference, fx.length_penalty, weights=[2.0, -1.0])
     batch, completions, stats = rewards.score_batch(make_batch(TEXTS, GROUPS), TOKENIZER, PROMPTS)
     assert completions == TEXTS
-    assert stats == {"reward_errors": 0.0, "reward_timeouts": 0.0, "reward_dropped": 0.0}
+    assert stats == counts()
     assert torch.equal(batch.reward_components["reference"], reference_scores(TEXTS, GROUPS))
     length = torch.tensor([len(t) / 10 for t in TEXTS])
     assert torch.equal(batch.rewards_N, 2.0 * reference_scores(TEXTS, GROUPS) - length)
@@ -83,7 +90,7 @@ def test_raising_on_some_samples_costs_those_samples_only(caplog):
     rewards = scorer(fx.raises_on_boom, fx.length_penalty)
     with caplog.at_level(logging.WARNING, logger="rltrain.rewards"):
         batch, _, stats = rewards.score_batch(make_batch(TEXTS, GROUPS), TOKENIZER, PROMPTS)
-    assert stats == {"reward_errors": 2.0, "reward_timeouts": 0.0, "reward_dropped": 0.0}
+    assert stats == counts(errors=2, failed=2)
     check_scores(batch.reward_components["raises_on_boom"], TEXTS, GROUPS, failed=[1, 4])
     assert torch.equal(batch.reward_components["length_penalty"], torch.tensor([len(t) / 10 for t in TEXTS]))
     assert len(batch) == 8
@@ -108,7 +115,7 @@ def test_a_function_that_always_raises_fails_every_sample_but_not_the_others():
     dropped, completions, stats = rewards.with_policy(RewardFailure.drop).score_batch(
         make_batch(TEXTS, GROUPS), TOKENIZER, PROMPTS)
     assert len(dropped) == 0 and completions == [] and dropped.groups() == {}
-    assert stats == {"reward_errors": 8.0, "reward_timeouts": 0.0, "reward_dropped": 8.0}
+    assert stats == counts(errors=8, dropped=8, failed=8)
 
 
 def test_hanging_samples_cost_one_timeout_together(caplog):
@@ -122,7 +129,7 @@ def test_hanging_samples_cost_one_timeout_together(caplog):
     # the batched call times out, then the 8 samples run 4 at a time, the 4 hanging ones at once: two timeouts, where
     # one at a time would take five
     assert 2 * TIMEOUT_S <= elapsed < 3 * TIMEOUT_S + 0.2
-    assert stats == {"reward_errors": 0.0, "reward_timeouts": 4.0, "reward_dropped": 0.0}
+    assert stats == counts(timeouts=4, failed=4)
     check_scores(batch.reward_components["hangs_on_hang"], texts, GROUPS, failed=[0, 2, 5, 7])
     assert len(caplog.records) == 2
     assert "in hangs_on_hang" in caplog.records[1].getMessage()  # where the hung call is stuck
@@ -142,7 +149,7 @@ def test_non_finite_scores_fail_their_samples_and_none_does_not():
     texts = ["nan", "0", "inf", "none", "nan inf", "5", "4", "none"]
     rewards = scorer(fx.nan_on_nan, fx.inf_and_none)
     batch, _, stats = rewards.score_batch(make_batch(texts, GROUPS), TOKENIZER, PROMPTS)
-    assert stats == {"reward_errors": 3.0, "reward_timeouts": 0.0, "reward_dropped": 0.0}  # samples 0, 2, 4
+    assert stats == counts(errors=3, failed=3)  # samples 0, 2, 4
     check_scores(batch.reward_components["nan_on_nan"], texts, GROUPS, failed=[0, 4])
     check_scores(batch.reward_components["inf_and_none"], texts, GROUPS, failed=[2, 3, 4, 7])
     assert torch.isfinite(batch.rewards_N).all()
@@ -186,7 +193,7 @@ def test_a_sample_counts_once_per_kind_however_many_functions_fail_it():
     texts = ["boom nan", "0", "boom hang", "2", "3", "5", "4", "six"]
     rewards = scorer(fx.raises_on_boom, fx.nan_on_nan, fx.hangs_on_hang)
     _, _, stats = rewards.score_batch(make_batch(texts, GROUPS), TOKENIZER, PROMPTS)
-    assert stats == {"reward_errors": 2.0, "reward_timeouts": 1.0, "reward_dropped": 0.0}
+    assert stats == counts(errors=2, timeouts=1, failed=2)
 
 
 def test_drop_removes_failed_samples_and_groups_shrink_or_vanish():
@@ -194,7 +201,7 @@ def test_drop_removes_failed_samples_and_groups_shrink_or_vanish():
     groups = [0, 0, 1, 1, 2, 2, 3, 3, 3]
     rewards = scorer(fx.raises_on_boom, fx.nan_on_nan, fx.hangs_on_hang, policy=RewardFailure.drop)
     batch, completions, stats = rewards.score_batch(make_batch(texts, groups), TOKENIZER, PROMPTS)
-    assert stats == {"reward_errors": 4.0, "reward_timeouts": 1.0, "reward_dropped": 5.0}
+    assert stats == counts(errors=4, timeouts=1, dropped=5, failed=5, samples=9)
     kept = [1, 3, 7, 8]
     assert completions == [texts[i] for i in kept]
     assert batch.groups() == {0: [0], 1: [1], 3: [2, 3]}  # group 2 vanished, 0 and 1 are down to one sample
@@ -253,7 +260,7 @@ def test_a_function_that_ends_its_process_costs_its_samples_only(caplog):
     rewards = scorer(fx.exits_on_exit, fx.segfaults_on_segv, policy=RewardFailure.drop)
     with caplog.at_level(logging.WARNING, logger="rltrain.rewards"):
         batch, completions, stats = rewards.score_batch(make_batch(texts, GROUPS), TOKENIZER, PROMPTS)
-    assert stats == {"reward_errors": 2.0, "reward_timeouts": 0.0, "reward_dropped": 2.0}
+    assert stats == counts(errors=2, dropped=2, failed=2)
     kept = [0, 2, 3, 5, 6, 7]
     assert completions == [texts[i] for i in kept]
     for name in ("exits_on_exit", "segfaults_on_segv"):
@@ -304,3 +311,40 @@ def test_a_script_without_a_main_guard_is_not_run_again_by_the_workers(tmp_path)
                           env={**__import__("os").environ, "PYTHONPATH": str(repo)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["script body ran", "[1.0, 0.4285714328289032]"]
+
+
+def test_a_function_that_hangs_on_everything_costs_a_batch_three_timeouts_however_large():
+    """The batched call times out; the one-sample-at-a-time pass that follows ends two timeouts later (it went on for
+    N / POOL_SIZE timeouts: 8.5 min a step at the defaults). The samples it started time out, those it had no time
+    left to start are reward errors."""
+    timeout_s, n = 0.5, 24
+    rewards = scorer(fx.hangs_on_hang, timeout_s=timeout_s)
+    rewards.score(["p"], ["0"], {"answer": ["0"]})  # the first worker's start is not timed
+    start = time.perf_counter()
+    batch, _, stats = rewards.score_batch(make_batch(["hang"] * n, [i % 4 for i in range(n)]), TOKENIZER, PROMPTS)
+    elapsed = time.perf_counter() - start
+    assert 3 * timeout_s <= elapsed < 3 * timeout_s + 0.4  # was 7 timeouts (3.5 s)
+    assert stats == counts(timeouts=8, errors=16, failed=24, samples=24)  # 4 workers, two samples each
+    assert torch.equal(batch.rewards_N, torch.zeros(n))
+
+
+def test_a_memory_limit_turns_an_allocation_past_it_into_a_reward_error(caplog):
+    """``task.reward_memory_mb``: a worker's address space is capped, so a call that allocates past the cap fails its
+    samples (MemoryError), the other samples score as usual, and the run goes on; 0 (the default) sets no cap."""
+    unlimited = scorer(fx.address_space_mb)
+    limit_mb, mapped_mb = unlimited.score(["p"] * 2, ["a", "mapped"], {})[1]["address_space_mb"].tolist()
+    assert limit_mb == -1.0  # no cap by default
+    cap_mb = int(mapped_mb) + 512  # what a worker maps after its imports, and room to score
+    task = TaskConfig(reward_memory_mb=cap_mb, rewards=[
+        RewardConfig(fn="tests.reward_fixtures:allocates_on_big", timeout_s=5.0),
+        RewardConfig(fn="tests.reward_fixtures:address_space_mb", timeout_s=5.0, weight=0.0)])
+    capped = RewardScorer.from_config(task)
+    texts = ["0", "big", "3 apples", "2"]
+    with caplog.at_level(logging.WARNING, logger="rltrain.rewards"):
+        batch, _, stats = capped.score_batch(make_batch(texts, [0, 0, 1, 1]), TOKENIZER, PROMPTS)
+    assert stats == counts(errors=1, failed=1, samples=4)
+    check_scores(batch.reward_components["allocates_on_big"], texts, [0, 0, 1, 1], failed=[1])
+    assert batch.reward_components["address_space_mb"].tolist() == [cap_mb] * 4
+    assert "reward allocates_on_big raised on sample 1 of 4" in caplog.text and "MemoryError" in caplog.text
+    unlimited.close()
+    capped.close()

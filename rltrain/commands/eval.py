@@ -42,13 +42,13 @@ def main(args: list[str]) -> None:
     from rltrain.rollout.hf import HFEngine
     from rltrain.tasks.prompts import DatasetError, validate_rows
 
-    loaded = load_model(config, e.checkpoint, "eval.checkpoint")
-    location, model, tokenizer, formatter = loaded.location, loaded.model, loaded.tokenizer, loaded.formatter
     output = Path(e.output) if e.output else Path(e.checkpoint or ".") / "eval.json"
     r = config.rollout
-    engine = HFEngine(model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
-                      batch_size=r.batch_size)
     try:
+        loaded = load_model(config, e.checkpoint, "eval.checkpoint")  # no checkpoint: a start that reads the rows
+        location, model, tokenizer, formatter = loaded.location, loaded.model, loaded.tokenizer, loaded.formatter
+        engine = HFEngine(model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+                          batch_size=r.batch_size)
         prompt_set, _ = validate_rows(eval_prompt_set(config), formatter, policy=config.task.invalid_rows,
                                       max_prompt_tokens=config.model.max_context - r.max_tokens)
         scorer = RewardScorer.from_config(config.task)

@@ -145,8 +145,8 @@ def load_model(config, checkpoint: str, key: str, *, seed: bool = True) -> Loade
 
     try:
         location = locate(checkpoint) if checkpoint else None
-    except CheckpointPathError as err:
+        torch_settings(config, seed=seed)
+        model, tokenizer = load_for_eval(location, config)
+    except CheckpointPathError as err:  # nothing loadable there, or damaged weights
         exit_config_error(f"{key}: {err}")
-    torch_settings(config, seed=seed)
-    model, tokenizer = load_for_eval(location, config)
     return LoadedModel(location, model, tokenizer, PromptFormatter(tokenizer, config.task))

@@ -8,13 +8,16 @@ a worker process (``rltrain.rewards.workers``) within the function's ``timeout_s
 killed with its worker, so one that hangs or spins stops costing CPU, and one that crashes the interpreter
 (segfault, ``os._exit``) costs its samples, not the run. A call that raises, times out, dies or returns the wrong
 number of scores is repeated one sample at a time to find the samples that fail, on up to ``POOL_SIZE`` workers at
-once, so k hanging samples cost about k / ``POOL_SIZE`` timeouts, not k. A non-finite score fails its sample only.
+once, so k hanging samples cost about k / ``POOL_SIZE`` timeouts, not k; that pass ends after ``RETRY_TIMEOUTS``
+timeouts, the samples it has not started by then failing as reward errors, so that a function that hangs on every
+sample costs a batch 1 + ``RETRY_TIMEOUTS`` timeouts, however large. A non-finite score fails its sample only.
 A result that is not a sequence of numbers (a dict, whose iteration gives its keys; a string; a set) fails the call.
 ``None`` is TRL's "this function does not apply to this sample": it scores 0 and is no failure, unless no function
 scores any sample of a batch: then every sample is a reward error (warned once), not a batch of zeros. A failed sample
 scores 0 for that function (``task.on_reward_failure=zero``) or leaves the batch (``drop``). The first failure of
 each kind of each function is logged (logger ``rltrain.rewards``) with its traceback; later ones are only counted,
-in the stats ``score_batch`` returns.
+in the stats ``score_batch`` returns. With ``task.reward_memory_mb`` a worker may map no more than that (its imports
+included): an allocation past it fails its call as a ``MemoryError``, a reward error, instead of exhausting the machine.
 
 Processes rather than threads, because Python can neither stop a thread nor deliver it a signal, and math-verify's
 ``parse``/``verify`` time themselves out with ``signal.alarm``, which works in a main thread only. The price: dataset
@@ -42,6 +45,8 @@ from rltrain.tasks.prompts import PromptSet
 __all__ = ["RewardError", "RewardScorer", "WeightedReward", "import_reward"]
 
 logger = logging.getLogger(__name__)
+
+RETRY_TIMEOUTS = 2  # the one-sample-at-a-time pass: room for a round of hanging samples on every worker, and the rest
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ class RewardScorer:
     ends (so do its garbage collection and the interpreter's exit).
     """
 
-    def __init__(self, rewards: list[WeightedReward], *, on_failure: RewardFailure) -> None:
+    def __init__(self, rewards: list[WeightedReward], *, on_failure: RewardFailure, memory_mb: int = 0) -> None:
         self.rewards = rewards
         self.on_failure = on_failure
         self._logged: set[tuple[str, str, str]] = set()
@@ -81,7 +86,7 @@ class RewardScorer:
         for name, path in self._paths.items():
             if path is None:
                 logger.info("reward %s has no import path, so it runs in this process, with no timeout", name)
-        self._workers = WorkerPool(sorted({p for p in self._paths.values() if p is not None}))
+        self._workers = WorkerPool(sorted({p for p in self._paths.values() if p is not None}), memory_mb)
 
     @classmethod
     def from_config(cls, task: TaskConfig) -> RewardScorer:
@@ -92,7 +97,7 @@ class RewardScorer:
             if any(r.name == name for r in rewards):
                 name = spec.fn
             rewards.append(WeightedReward(name, import_reward(spec.fn), spec.weight, spec.timeout_s, spec.fn))
-        return cls(rewards, on_failure=task.on_reward_failure)
+        return cls(rewards, on_failure=task.on_reward_failure, memory_mb=task.reward_memory_mb)
 
     def with_policy(self, on_failure: RewardFailure) -> RewardScorer:
         """The same functions under another failure policy, sharing what has been logged and the workers.
@@ -144,13 +149,15 @@ class RewardScorer:
     def score_batch(self, batch: RolloutBatch, tokenizer, prompt_set: PromptSet
                     ) -> tuple[RolloutBatch, list[str], dict[str, float]]:
         """The batch with rewards, its completions decoded, and the step's counts (``reward_errors``,
-        ``reward_timeouts``, ``reward_dropped``). Dataset columns reach each function by name. Under ``drop`` the
-        failed samples are gone from the batch and the completions: groups may shrink, vanish, or leave none."""
+        ``reward_timeouts``, ``reward_dropped``; ``reward_failed`` of ``reward_samples``: samples some function
+        failed, each once, of those scored). Dataset columns reach each function by name. Under ``drop`` the failed
+        samples are gone from the batch and the completions: groups may shrink, vanish, or leave none."""
         completions = tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
         prompts = [prompt_set.rows[i]["prompt"] for i in batch.prompt_index]
         total_N, components, failed_N, stats = self.score(prompts, completions, prompt_set.columns(batch.prompt_index))
         batch = batch.with_rewards(total_N, components, self.full_reward)
-        stats["reward_dropped"] = 0.0
+        stats.update(reward_samples=float(len(completions)), reward_failed=float(int(failed_N.sum())),
+                     reward_dropped=0.0)
         if self.on_failure == RewardFailure.drop and failed_N.any():
             kept = (~failed_N).nonzero().squeeze(-1).tolist()
             batch, completions = batch.select(kept), [completions[i] for i in kept]
@@ -166,7 +173,7 @@ class RewardScorer:
         if isinstance(outcome, Failure) and n > 1:
             self._log_once(reward, "batch", outcome, f"on a call with {n} samples, so they are scored one at a time")
             singles = self._run(reward, [([prompts[i]], [completions[i]], {k: [v[i]] for k, v in columns.items()})
-                                         for i in range(n)])
+                                         for i in range(n)], budget_s=RETRY_TIMEOUTS * reward.timeout_s)
             outcome = [single if isinstance(single, Failure) else single[0] for single in singles]
         elif isinstance(outcome, Failure):
             outcome = [outcome] * n
@@ -182,11 +189,11 @@ class RewardScorer:
                 failures.append(None)
         return scores, failures
 
-    def _run(self, reward: WeightedReward, requests: list[Request]) -> list[Outcome]:
+    def _run(self, reward: WeightedReward, requests: list[Request], budget_s: float | None = None) -> list[Outcome]:
         path = self._paths[reward.name]
         if path is None:
             return [call(reward.fn, *request) for request in requests]
-        return self._workers.run(path, reward.timeout_s, requests)
+        return self._workers.run(path, reward.timeout_s, requests, budget_s)
 
     def _log_once(self, reward: WeightedReward, scope: str, failure: Failure, where: str) -> None:
         key = (reward.name, scope, failure.kind)

@@ -14,6 +14,8 @@ dumps its stack for the parent and exits (faulthandler, which needs no GIL, so a
 SIGKILLed if it has not within ``EXIT_GRACE_S``. A worker that hangs or dies is replaced at once; the replacement's
 start overlaps whatever the parent does next. Workers are daemons, end when their pipe closes (``close``, the pool's
 garbage collection or the interpreter's exit) and, if the parent is killed, at the latest at their call's deadline.
+A pool may cap each worker's address space (``RLIMIT_AS``), so that a call that allocates past it fails with a
+``MemoryError`` (or, where C code cannot raise one, its worker dies), costing its samples and not the machine.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import resource
 import signal
 import sys
 import time
@@ -42,6 +45,7 @@ Request = tuple[list, list, dict[str, list]]  # prompts, completions, dataset co
 
 TIMED_OUT = "timed out"  # the one kind of failure counted in reward_timeouts; every other kind is a reward_error
 DIED = "crashed"  # its worker process ended: a segfault, os._exit, the OOM killer
+NOT_RUN = "was not run"  # a request a bounded pass had no time left to start (``WorkerPool.run``'s ``budget_s``)
 POOL_SIZE = 4  # workers for the one-sample-at-a-time pass: k hanging samples cost about k / POOL_SIZE timeouts
 READY_TIMEOUT_S = 300.0  # a worker's start: a fork and the reward modules' imports, if not preloaded
 EXIT_GRACE_S = 0.1  # how long after the deadline a busy worker has to dump its stack and exit before it is killed
@@ -109,44 +113,56 @@ def _value(raw: object) -> float | Failure | None:
 
 
 class WorkerPool:
-    """Up to ``POOL_SIZE`` workers for the functions at ``paths``, started when first needed."""
+    """Up to ``POOL_SIZE`` workers for the functions at ``paths``, started when first needed; with ``memory_mb``,
+    each may hold at most that much address space (``RLIMIT_AS``: everything it maps, its imports included)."""
 
-    def __init__(self, paths: list[str]) -> None:
+    def __init__(self, paths: list[str], memory_mb: int = 0) -> None:
         self.paths = paths
+        self.memory_mb = memory_mb
         self._workers: list[_Worker] = []
         self._close = weakref.finalize(self, _close_all, self._workers)  # at close(), collection or exit
         # read when the fork server starts, so only by the first pool to start a worker
         _CONTEXT.set_forkserver_preload([__name__, *dict.fromkeys(p.partition(":")[0] for p in paths)])
 
-    def run(self, path: str, timeout_s: float, requests: list[Request]) -> list[Outcome]:
+    def run(self, path: str, timeout_s: float, requests: list[Request], budget_s: float | None = None
+            ) -> list[Outcome]:
         """The function at ``path`` on each request, as many at once as there are workers. A request still running
-        after ``timeout_s`` fails ``TIMED_OUT``, one whose worker dies ``DIED``; either way its worker is replaced."""
+        after ``timeout_s`` fails ``TIMED_OUT``, one whose worker dies ``DIED``; either way its worker is replaced.
+        With ``budget_s`` the whole pass ends that long after it starts: a call still running then is cut short
+        (``TIMED_OUT``), and a request not started by then fails ``NOT_RUN``."""
+        end = math.inf if budget_s is None else time.monotonic() + budget_s
         slots = min(POOL_SIZE, len(requests))
         while len(self._workers) < slots:
-            self._workers.append(_Worker(self.paths))
+            self._workers.append(_Worker(self.paths, self.memory_mb))
         outcomes: list[Outcome | None] = [None] * len(requests)
         todo = deque(range(len(requests)))
         running: dict[int, tuple[int, float]] = {}  # slot -> (request, deadline)
         try:
             while todo or running:
                 for slot in range(slots):
-                    if todo and slot not in running:
+                    if todo and slot not in running and time.monotonic() < end:
+                        end += self._workers[slot].wait_ready()  # a worker's start is not the pass's time
                         i = todo.popleft()
-                        running[slot] = (i, self._workers[slot].send(path, timeout_s, requests[i]))
+                        running[slot] = (i, self._workers[slot].send(path, timeout_s, requests[i], end))
+                if not running:  # the budget ran out before the rest started
+                    break
                 next_deadline = min(deadline for _, deadline in running.values())
                 ready = wait([self._workers[s].conn for s in running], max(0.0, next_deadline - time.monotonic()))
                 now = time.monotonic()
                 for slot, (i, deadline) in list(running.items()):
                     worker = self._workers[slot]
                     if worker.conn in ready or now >= deadline:
-                        outcomes[i] = worker.finish(deadline, timeout_s)
+                        outcomes[i] = worker.finish(deadline)
                         del running[slot]
                         if not worker.process.is_alive():
-                            self._workers[slot] = _Worker(self.paths)
+                            self._workers[slot] = _Worker(self.paths, self.memory_mb)
         finally:
             for slot in running:  # left running by an exception (Ctrl-C): no later call may read their results
                 self._workers[slot].process.kill()
-                self._workers[slot] = _Worker(self.paths)
+                self._workers[slot] = _Worker(self.paths, self.memory_mb)
+        for i in todo:
+            outcomes[i] = Failure(NOT_RUN, f"not started within the {budget_s:g} s that scoring one sample at a time "
+                                           "may take after a failed call")
         return outcomes
 
     def close(self) -> None:
@@ -160,32 +176,42 @@ class RewardColumnError(RewardError, TypeError):
 class _Worker:
     """A worker process, the parent's end of its pipe, and the read end of the pipe it dumps its stack to."""
 
-    def __init__(self, paths: list[str]) -> None:
+    def __init__(self, paths: list[str], memory_mb: int = 0) -> None:
         self.conn, child = _CONTEXT.Pipe()
         self.stack, stack_w = _CONTEXT.Pipe(duplex=False)
-        self.process = _CONTEXT.Process(target=_serve, args=(child, stack_w, paths), name="rltrain-reward",
+        self.process = _CONTEXT.Process(target=_serve, args=(child, stack_w, paths, memory_mb), name="rltrain-reward",
                                         daemon=True)
         with _main_hidden():
             self.process.start()
         child.close()  # the worker's end now lives in the worker only: its death reads as EOF here
         stack_w.close()
         self.ready = False
+        self.sent = 0.0  # when the running call started
 
-    def send(self, path: str, timeout_s: float, request: Request) -> float:
-        """Starts the call; returns its deadline (``time.monotonic``, which the worker shares: one system clock)."""
-        if not self.ready:  # the worker's start, imports included, is not the call's time
-            try:
-                if not self.conn.poll(READY_TIMEOUT_S):
-                    self.process.kill()
-                    raise RewardError(f"a reward worker process was not ready after {READY_TIMEOUT_S:g} s (does "
-                                      f"importing a reward module hang?)")
-                self.conn.recv()
-            except EOFError:
-                self.process.join()
-                raise RewardError(f"a reward worker process {_how_it_ended(self.process.exitcode)} before it was "
-                                  f"ready; its error is on stderr") from None
-            self.ready = True
-        deadline = time.monotonic() + timeout_s
+    def wait_ready(self) -> float:
+        """Waits for the worker's start (a fork, and its imports if not preloaded); returns how long it took."""
+        if self.ready:
+            return 0.0
+        start = time.monotonic()
+        try:
+            if not self.conn.poll(READY_TIMEOUT_S):
+                self.process.kill()
+                raise RewardError(f"a reward worker process was not ready after {READY_TIMEOUT_S:g} s (does "
+                                  f"importing a reward module hang?)")
+            self.conn.recv()
+        except EOFError:
+            self.process.join()
+            raise RewardError(f"a reward worker process {_how_it_ended(self.process.exitcode)} before it was "
+                              f"ready; its error is on stderr") from None
+        self.ready = True
+        return time.monotonic() - start
+
+    def send(self, path: str, timeout_s: float, request: Request, end: float = math.inf) -> float:
+        """Starts the call; returns its deadline (``time.monotonic``, which the worker shares: one system clock):
+        ``timeout_s`` from now, or ``end`` if sooner."""
+        self.wait_ready()  # the worker's start, imports included, is not the call's time
+        self.sent = time.monotonic()
+        deadline = min(self.sent + timeout_s, end)
         try:
             self.conn.send((path, deadline, *request))
         except (pickle.PicklingError, TypeError, AttributeError) as err:  # raised before anything is written
@@ -196,7 +222,7 @@ class _Worker:
             pass
         return deadline
 
-    def finish(self, deadline: float, timeout_s: float) -> Outcome:
+    def finish(self, deadline: float) -> Outcome:
         """The call's outcome, once the worker has sent it, ended, or let the deadline pass; then it is ended."""
         if self.conn.poll():
             try:
@@ -210,7 +236,7 @@ class _Worker:
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
-        return Failure(TIMED_OUT, f"still running after {timeout_s:g} s{self._stack()}")
+        return Failure(TIMED_OUT, f"still running after {deadline - self.sent:.3g} s{self._stack()}")
 
     def _stack(self) -> str:
         """Where the ended worker was (faulthandler's dump, most recent call first, up to this module's frames)."""
@@ -289,13 +315,17 @@ class _Raised:
         return _with_cause, (self.error, self.text)
 
 
-def _serve(conn: Connection, stack: Connection, paths: list[str]) -> None:
+def _serve(conn: Connection, stack: Connection, paths: list[str], memory_mb: int) -> None:
     """A worker's life: import the functions, then one call per request until the parent closes the pipe."""
     # Ctrl-C, preemption (SIGTERM to every process of a SLURM step) and SLURM's warning (SIGUSR1) are the parent's to
     # handle: it finishes its step with these workers, then closes them (their pipe closes also if it is killed)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
     faulthandler.enable(stack.fileno())  # a crash leaves its stack to the parent
+    if memory_mb:  # lowered, never raised: an unprivileged process cannot go past its hard limit
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = memory_mb << 20
+        resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
     fns = {path: import_reward(path) for path in paths}
     try:
         conn.send("ready")

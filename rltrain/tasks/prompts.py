@@ -10,6 +10,8 @@ or a prompt that leaves no room for a completion stops the run with one line nam
 
 from __future__ import annotations
 
+import codecs
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,8 +144,8 @@ def validate_rows(prompts: PromptSet, formatter: PromptFormatter, *, max_prompt_
     measured = [i for i in range(len(prompts)) if i not in problems]
     for index, length in zip(measured, formatter.lengths([prompts.rows[i]["prompt"] for i in measured])):
         if length > max_prompt_tokens:
-            problems[index] = (f"column {_column(prompts, 'prompt')} is {length} tokens once formatted, more than the "
-                               f"{max_prompt_tokens} that model.max_context - rollout.max_tokens leaves")
+            problems[index] = (f"column {column_label(prompts, 'prompt')} is {length} tokens once formatted, more "
+                               f"than the {max_prompt_tokens} that model.max_context - rollout.max_tokens leaves")
     skipped = sorted(problems)
     first = f"row {skipped[0]}: {problems[skipped[0]]}" if skipped else ""
     if skipped and policy == InvalidRows.error:
@@ -162,15 +164,16 @@ def _text_problem(prompts: PromptSet, row: dict) -> str | None:
     """What keeps the row from being formatted at all, if anything."""
     for ours in ["prompt", *(c for c in prompts.renamed if c != "prompt")]:
         if row.get(ours) is None:
-            return f"column {_column(prompts, ours)} is missing or null"
+            return f"column {column_label(prompts, ours)} is missing or null"
     if not isinstance(row["prompt"], str):
-        return f"column {_column(prompts, 'prompt')} holds {type(row['prompt']).__name__}, not text"
+        return f"column {column_label(prompts, 'prompt')} holds {type(row['prompt']).__name__}, not text"
     if not row["prompt"].strip():
-        return f"column {_column(prompts, 'prompt')} is empty"
+        return f"column {column_label(prompts, 'prompt')} is empty"
     return None
 
 
-def _column(prompts: PromptSet, ours: str) -> str:
+def column_label(prompts: PromptSet, ours: str) -> str:
+    """How a message names a column: rltrain's name, or the dataset's and the key that maps it."""
     theirs = prompts.renamed.get(ours)
     return repr(ours) if theirs is None else f"{theirs!r} (task.dataset.columns.{ours})"
 
@@ -188,24 +191,122 @@ def _compact_rows(items: list[arithmetic.Item]) -> list[dict]:
 
 
 def _dataset_rows(path: str, name: str | None, split: str, columns: dict[str, str]) -> list[dict]:
-    import datasets
-
     source = Path(path)
     if source.suffix in (".jsonl", ".json"):
-        if not source.exists():
-            raise DatasetError(f"task.dataset.path: no file {path}")
-        ds = datasets.load_dataset("json", data_files=str(source), split="train")
-    elif (source / "dataset_info.json").exists() or (source / "dataset_dict.json").exists():
-        loaded = datasets.load_from_disk(str(source))
-        ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        records = json_rows(source)
+        names = list(dict.fromkeys(key for record in records for key in record))
+        records = [{key: record.get(key) for key in names} for record in records]  # a key a row lacks is null there
     else:
-        ds = datasets.load_dataset(path, name, split=split)
-    missing = {ours: theirs for ours, theirs in columns.items() if theirs not in ds.column_names}
+        records, names = _datasets_rows(path, name, split)
+    missing = {ours: theirs for ours, theirs in columns.items() if theirs not in names}
     if missing:
         ours, theirs = next(iter(missing.items()))
         raise DatasetError(
             f"dataset {path} [{split}]: column {theirs!r} (task.dataset.columns.{ours}) not found; "
-            f"columns are {ds.column_names}"
+            f"columns are {names}"
         )
     renamed = {theirs: ours for ours, theirs in columns.items()}
-    return [{renamed.get(k, k): v for k, v in record.items()} for record in ds]
+    return [{renamed.get(k, k): v for k, v in record.items()} for record in records]
+
+
+def json_rows(path: Path) -> list[dict]:
+    """The rows of a .jsonl/.json file: one JSON object per line, or one JSON array of objects. Read here rather than
+    by ``datasets``, whose Arrow tables need one type per column (it turned "1" into 1 beside a list, and failed with
+    a traceback on other mixes, an empty file or bytes that are not UTF-8), so that each value stays as written and
+    a row that cannot be read is named: ``DatasetError`` with the file, the row and the line."""
+    try:
+        data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    except FileNotFoundError:
+        raise DatasetError(f"task.dataset.path: no file {path}") from None
+    array = data.lstrip().startswith(b"[")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        before = data[:line_start].split(b"\n")[:-1]
+        where = f"line {len(before) + 1}" if array else _where(sum(1 for b in before if b.strip()), len(before) + 1)
+        raise DatasetError(f"{path} {where}: not UTF-8 text (byte 0x{data[err.start]:02x} at column "
+                           f"{err.start - line_start + 1}); save it as UTF-8") from None
+    rows, lines = _array_rows(path, text) if array else _lines_rows(path, text)
+    if not rows:
+        raise DatasetError(f"{path} holds no rows (it is empty)")
+    for row, (record, line) in enumerate(zip(rows, lines)):
+        if not isinstance(record, dict):
+            raise DatasetError(f"{path} {_where(row, line)}: a row must be a JSON object of columns, not "
+                               f"{type(record).__name__}")
+    return rows
+
+
+def _lines_rows(path: Path, text: str) -> tuple[list, list[int]]:
+    """JSON Lines: each row and its line number; blank lines are no rows."""
+    rows, lines = [], []
+    for line, content in enumerate(text.split("\n"), start=1):
+        if not content.strip():
+            continue
+        repeated: list[tuple[dict, str]] = []
+        try:
+            rows.append(json.loads(content, object_pairs_hook=lambda pairs: _object(pairs, repeated)))
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path} {_where(len(rows), line)}: not valid JSON ({err.msg} at column "
+                               f"{err.colno})") from None
+        if repeated:
+            raise DatasetError(f"{path} {_where(len(rows) - 1, line)}: key {repeated[0][1]!r} appears twice in an "
+                               "object")
+        lines.append(line)
+    return rows, lines
+
+
+def _array_rows(path: Path, text: str) -> tuple[list, list[None]]:
+    """One JSON array: its items (their lines are not known)."""
+    repeated: list[tuple[dict, str]] = []
+    try:
+        rows = json.loads(text, object_pairs_hook=lambda pairs: _object(pairs, repeated))
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path} line {err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if repeated:
+        duplicated, key = repeated[0]
+        row = next(i for i, item in enumerate(rows) if _holds(item, duplicated))
+        raise DatasetError(f"{path} row {row}: key {key!r} appears twice in an object")
+    return rows, [None] * len(rows)
+
+
+def _object(pairs: list[tuple[str, object]], repeated: list[tuple[dict, str]]) -> dict:
+    """A JSON object; its first repeated key is noted in ``repeated`` (``json`` would keep the last value, silently)."""
+    value = dict(pairs)
+    if len(value) < len(pairs) and not repeated:
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                repeated.append((value, key))
+                break
+            seen.add(key)
+    return value
+
+
+def _holds(value: object, target: dict) -> bool:
+    """Whether ``value`` is ``target`` or holds it, at any depth."""
+    if value is target:
+        return True
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return any(_holds(child, target) for child in children)
+
+
+def _where(row: int, line: int | None) -> str:
+    return f"row {row}" + (f" (line {line})" if line is not None else "")
+
+
+def _datasets_rows(path: str, name: str | None, split: str) -> tuple[list[dict], list[str]]:
+    """A ``save_to_disk`` directory, a directory of data files, or a hub dataset, by ``datasets``."""
+    import datasets
+
+    source = Path(path)
+    try:
+        if (source / "dataset_info.json").exists() or (source / "dataset_dict.json").exists():
+            loaded = datasets.load_from_disk(str(source))
+            ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        else:
+            ds = datasets.load_dataset(path, name, split=split)
+    except datasets.exceptions.DatasetGenerationError as err:  # a data file it cannot turn into a table
+        cause = err.__cause__ or err.__context__ or err
+        raise DatasetError(f"dataset {path} [{split}]: cannot be read: {' '.join(str(cause).split())}") from None
+    return list(ds), ds.column_names
