@@ -119,11 +119,12 @@ def check_overrides_or_exit(argv: list[str]) -> None:
 
 
 def torch_settings(config, *, seed: bool = True) -> None:
-    """torch's thread count (``trainer.num_threads``; 0 leaves torch's default) and, with ``seed``, its seed."""
+    """torch's thread count (``trainer.num_threads``; 0: rltrain.threads' default) and, with ``seed``, its seed."""
     import torch
 
-    if config.trainer.num_threads:
-        torch.set_num_threads(config.trainer.num_threads)
+    from rltrain.threads import set_torch_threads
+
+    set_torch_threads(config.trainer.num_threads)
     if seed:
         torch.manual_seed(config.trainer.seed)
 
