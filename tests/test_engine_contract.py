@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
 import socket
 import threading
 import time
@@ -156,18 +157,26 @@ class Backend:
     def probe_logprobs(self, prompt, completion):
         return PolicyWorker(self.model, SETTINGS, pad_token_id=0).logprobs([prompt], [completion], temperature=1.0)[0]
 
+    def generates_finitely(self) -> bool:
+        return all(math.isfinite(x) for x in self.probe_logprobs([self.tokenizer.eos_token_id], [5, 6]))
+
+    def reset_cache(self) -> None:
+        """The HF engine keeps no cache between generations."""
+
 
 @pytest.fixture()
-def served(tiny):
+def served(tiny, monkeypatch):
     import uvicorn
 
-    from rltrain.rollout.server import build_app
+    from rltrain.rollout.server import TOKEN_ENV, build_app
 
     backend = Backend(tiny.model, tiny.tokenizer)
+    monkeypatch.setenv(TOKEN_ENV, "t" * 32)  # the server's token, where the handle reads it
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(backend), host="127.0.0.1", port=port, log_level="warning"))
+    app = build_app(backend, token="t" * 32, max_weights_bytes=1 << 30)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

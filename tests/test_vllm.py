@@ -125,6 +125,43 @@ def test_lora_sync_moves_only_the_adapter(setup):
     assert max(abs(a - b) for a, b in zip(s.engine.probe_logprobs(s.prompts[0], completion), base_logp)) < 1e-6
 
 
+def test_an_adapter_that_fails_to_load_or_generate_is_rolled_back(setup):
+    from rltrain.rollout.sync import LoadRejected
+
+    s = setup
+    lora = wrap_lora(copy.deepcopy(s.model), LORA)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    completion, greedy = [5, 6, 7, 1], SamplingParams(max_tokens=6, greedy=True)
+    s.engine.load_adapter(lambda d: lora.save_pretrained(str(d), safe_serialization=True))
+    good = s.engine.lora_request
+    before = (s.engine.probe_logprobs(s.prompts[0], completion), s.engine.generate(s.prompts, greedy))
+
+    def too_large(directory: Path) -> None:  # a rank above the engine's max_lora_rank: vLLM refuses to load it
+        lora.save_pretrained(str(directory), safe_serialization=True)
+        config = json.loads((directory / "adapter_config.json").read_text())
+        (directory / "adapter_config.json").write_text(json.dumps({**config, "r": 64}))
+
+    def nan(directory: Path) -> None:  # loads, then generates NaN
+        broken = copy.deepcopy(lora)
+        with torch.no_grad():
+            for name, p in broken.named_parameters():
+                if "lora_B" in name:
+                    p.fill_(float("nan"))
+        broken.save_pretrained(str(directory), safe_serialization=True)
+
+    for save, reason in ((too_large, "greater than max_lora_rank"), (nan, "generates NaN/inf")):
+        with pytest.raises(LoadRejected, match=f"rejected .*{reason}.*; generation keeps {good.lora_name}"):
+            s.engine.load_adapter(save)
+        assert s.engine.lora_request is good and Path(good.lora_path).is_dir()
+        assert s.engine.probe_logprobs(s.prompts[0], completion) == before[0]  # the previous adapter, exactly
+        after = s.engine.generate(s.prompts, greedy)
+        assert [(c.token_ids, c.logprobs) for c in after] == [(c.token_ids, c.logprobs) for c in before[1]]
+    s.engine.lora_request = None  # back to the base model for other tests
+
+
 def test_trainer_stops_when_the_engine_falls_behind(setup, monkeypatch):
     from rltrain.rollout.sync import EngineOutOfSync, SyncSettings
 

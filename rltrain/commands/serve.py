@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rltrain.commands.setup import command_config, exit_config_error
+from rltrain.commands.setup import command_config, exit_config_error, exit_error
 
-USAGE = ("usage: rltrain serve model.source=hf model.path=DIR [rollout.vllm.host=H rollout.vllm.port=P "
-         "adapter=lora ...]\n"
+USAGE = ("usage: [RLTRAIN_SERVE_TOKEN=...] rltrain serve model.source=hf model.path=DIR [rollout.vllm.host=H "
+         "rollout.vllm.port=P adapter=lora ...]\n"
          "vLLM on this machine's devices behind rltrain's HTTP API; train against it with\n"
-         "rltrain train rollout=vllm rollout.vllm.mode=server rollout.vllm.url=http://H:P ...")
+         "RLTRAIN_SERVE_TOKEN=... rltrain train rollout=vllm rollout.vllm.mode=server rollout.vllm.url=http://H:P ...\n"
+         "Without RLTRAIN_SERVE_TOKEN a server on 127.0.0.1 prints a token of its own; on any other host it is needed.")
 
 
 def main(args: list[str]) -> None:
@@ -21,9 +22,12 @@ def main(args: list[str]) -> None:
     problem = context_problem(config.model)
     if problem:  # vLLM's own refusal comes after its start, as a many-line validation error
         exit_config_error(problem)
-    from rltrain.rollout.server import serve
+    from rltrain.rollout.server import ServerError, serve
 
-    serve(config)
+    try:
+        serve(config)
+    except ServerError as err:
+        exit_error(err)
 
 
 def context_problem(model) -> str | None:

