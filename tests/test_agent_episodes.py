@@ -1,0 +1,363 @@
+"""Multi-turn episodes, token in and token out, with real models and the real HF engine.
+
+The default test samples (temperature 1) from a random tiny Llama with SmolLM2-135M-Instruct's tokenizer whose output
+layer favours the end-of-turn token (short turns), against an environment that answers each turn with a tool result,
+then a tool error, then ends; some episodes run out of their token budget. The slow one: a tiny Llama with SmolLM2-135M-Instruct's tokenizer is taught (a few seconds of SFT) to call an ``add`` tool and then
+answer; greedy episodes then run through ``EpisodeRunner`` under two chat templates: SmolLM2's own (no tools section:
+the hermes format puts the tools in the system turn) and a Qwen2.5-style template with a tools section and tool results
+in user turns. Checked token for token: every turn's engine input is the prompt plus the episode's tokens so far,
+environment tokens are the template's rendering, the mask marks exactly the sampled tokens, and the policy's log-probs
+of those tokens in the training context equal the generator's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rltrain.agents.chat import ChatTokens
+from rltrain.agents.environment import ToolEnvironment
+from rltrain.agents.episodes import EpisodeLimits, EpisodeRunner, episode_batch, episode_metrics
+from rltrain.agents.tools import template_has_tools, with_tools
+from rltrain.models import smollm2_path
+from rltrain.rollout.base import SamplingParams
+from rltrain.rollout.hf import HFEngine
+
+QWEN_STYLE = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
+    "{% endif %}# Tools\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n</tools>\n"
+    "Call a tool with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n"
+    "{%- elif messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{% if not tools %}<|im_start|>system\n{{ message['content'] }}<|im_end|>\n"
+    "{% endif %}"
+    "{%- elif message['role'] == 'tool' %}{% if loop.index0 == 0 or messages[loop.index0 - 1]['role'] != 'tool' %}"
+    "<|im_start|>user{% endif %}\n<tool_response>\n{{ message['content'] }}\n</tool_response>"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}<|im_end|>\n{% endif %}"
+    "{%- else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    return a + b
+
+
+ROWS = [{"prompt": "What is 2 + 3?"}, {"prompt": "What is 7 + 1?"}, {"prompt": "What is 4 + 4?"}]
+# The replies the model learns, per prompt: a good call then the answer; a call of a tool that does not exist (a tool
+# error) then the answer; a call then a long answer (truncated by the episode's token budget).
+SCRIPT = {
+    "What is 2 + 3?": ['<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>', "It is 5."],
+    "What is 7 + 1?": ['<tool_call>{"name": "plus", "arguments": {"a": 7, "b": 1}}</tool_call>', "It is 8."],
+    "What is 4 + 4?": ['<tool_call>{"name": "add", "arguments": {"a": 4, "b": 4}}</tool_call>',
+                       "It is 8, " + "and eight is also two fours added together, " * 6],
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path())
+
+
+def _tokenizer_with(tokenizer, template: str | None):
+    import copy
+
+    t = copy.deepcopy(tokenizer)
+    if template is not None:
+        t.chat_template = template
+    return t
+
+
+def _transcripts(chat: ChatTokens, native: bool) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt ids, completion ids, mask) of each scripted episode, built the way episodes are: the SFT data."""
+    env = ToolEnvironment([add])
+    out = []
+    for row in ROWS:
+        messages, tools = with_tools(env.reset(row), env.tools(), native=native)
+        prompt = chat.start(messages, tools)
+        ids, mask = [], []
+        call, answer = SCRIPT[row["prompt"]]
+        call_ids = chat.encode(call)
+        ids += call_ids
+        mask += [1] * len(call_ids)
+        observation = env.step(call)
+        appended = chat.append(observation.messages, after_eos=False)
+        ids += appended
+        mask += [0] * len(appended)
+        answer_ids = chat.encode(answer) + [chat.eos_ids[0]]
+        ids += answer_ids
+        mask += [1] * len(answer_ids)
+        out.append((prompt, ids, mask))
+    return out
+
+
+def _taught_model(tokenizer, data, steps: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    width = max(len(p) + len(c) for p, c, _ in data)
+    ids = torch.full((len(data), width), tokenizer.pad_token_id)
+    labels = torch.full((len(data), width), -100)
+    attention = torch.zeros((len(data), width), dtype=torch.long)
+    for row, (prompt, completion, mask) in enumerate(data):
+        seq = prompt + completion
+        ids[row, : len(seq)] = torch.tensor(seq)
+        attention[row, : len(seq)] = 1
+        # the sampled tokens, and the closing token a stop string leaves out: greedy must reproduce the script
+        trained = [t if m else -100 for t, m in zip(completion, mask)]
+        labels[row, len(prompt): len(seq)] = torch.tensor(trained)
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+class Recording:
+    """The engine, with every call's inputs kept."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.calls = engine, []
+
+    def generate(self, prompts, params, counts=None, seeds=None):
+        out = self.engine.generate(prompts, params, counts, seeds)
+        self.calls.append(([list(p) for p in prompts], counts, [c.token_ids for c in out]))
+        return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", ["smollm2", "qwen_style"])
+def test_a_taught_model_calls_the_tool_reads_the_result_and_answers_token_for_token(tokenizer, template):
+    tok = _tokenizer_with(tokenizer, None if template == "smollm2" else QWEN_STYLE)
+    chat = ChatTokens(tok)
+    native = template_has_tools(tok)
+    assert native == (template == "qwen_style")
+    model = _taught_model(tok, _transcripts(chat, native), steps=300)
+    engine = Recording(HFEngine(model, eos_token_ids=chat.eos_ids, pad_token_id=tok.pad_token_id, batch_size=16,
+                                tokenizer=tok))
+    runner = EpisodeRunner(engine, chat, lambda row: ToolEnvironment([add]),
+                           EpisodeLimits(max_turns=3, max_episode_tokens=90), native_tools=native)
+    episodes = runner.start(ROWS, [0, 1, 2], [2, 2, 2], [10, 11, 12])
+    runner.run(episodes, SamplingParams(greedy=True, max_tokens=48))
+
+    by_prompt = {ROWS[e.row]["prompt"]: e for e in episodes if e.member == 0}
+    good, bad_tool, long = (by_prompt[p] for p in SCRIPT)
+    assert [m["role"] for m in good.messages] == ["assistant", "tool", "assistant"]
+    assert good.messages[1]["content"] == "5" and good.messages[2]["content"] == "It is 5."
+    assert good.ended == "done" and good.info == {"tool_calls": 1.0, "tool_errors": 0.0} and good.turns == 2
+    assert bad_tool.messages[1]["content"].startswith("error: there is no tool named 'plus'")
+    assert bad_tool.ended == "done" and bad_tool.info["tool_errors"] == 1.0
+    assert long.ended == "max_tokens" and long.truncated and len(long.ids) == 90
+
+    # Token for token: turn 0 is one prompt per group (counts), turn 1 each episode's prompt + its tokens so far.
+    (first_prompts, first_counts, _), (second_prompts, _, second_out) = engine.calls[:2]
+    assert first_counts == [2, 2, 2] and first_prompts == [by_prompt[p].gen_prompt_ids for p in SCRIPT]
+    for e in episodes:
+        opened = e.mask.index(0)  # the environment's first token: the end of turn 0
+        reopened = e.mask.index(1, opened)  # turn 1's first sampled token
+        call_text = tok.decode(e.ids[:opened])
+        assert call_text == SCRIPT[ROWS[e.row]["prompt"]][0]  # the sampled call, up to its stop string
+        observation = ToolEnvironment([add]).step(call_text).messages
+        assert e.ids[opened:reopened] == chat.append(observation, after_eos=False)  # the template's own tokens
+        k = next(i for i, p in enumerate(second_prompts) if p == e.gen_prompt_ids + e.ids[:reopened])
+        assert e.ids[reopened:] == second_out[k][: len(e.ids) - reopened]  # exactly what was sampled
+        assert e.mask == [1] * opened + [0] * (reopened - opened) + [1] * (len(e.ids) - reopened)
+        assert all(lp == 0.0 for lp, m in zip(e.logp, e.mask) if not m)
+    # The rendered transcript reads as the template renders the conversation (the env tokens are its turns).
+    messages, tools = with_tools(ToolEnvironment([add]).reset(ROWS[0]), ToolEnvironment([add]).tools(), native=native)
+    full = tok.apply_chat_template(messages + good.messages, tools=tools, tokenize=False)
+    assert tok.decode(good.gen_prompt_ids + good.ids) == full.rstrip("\n")
+
+    # The trainer's context is the generator's: the policy's log-probs of the sampled tokens equal the behaviour ones.
+    batch = episode_batch(episodes)
+    assert batch.num_tokens == sum(sum(e.mask) for e in episodes)
+    with torch.no_grad():
+        for i in range(len(batch)):
+            seq = torch.tensor([batch.train_prompt_ids[i] + batch.completion_ids[i]])
+            logp = torch.log_softmax(model(seq).logits[0, :-1].float(), -1)
+            start = len(batch.train_prompt_ids[i]) - 1
+            taken = logp[torch.arange(start, start + len(batch.completion_ids[i])), seq[0, start + 1:]]
+            trained = torch.tensor(batch.completion_mask[i], dtype=torch.bool)
+            torch.testing.assert_close(taken[trained], torch.tensor(batch.behaviour_logp[i])[trained],
+                                       atol=1e-5, rtol=0)
+    metrics = episode_metrics(episodes)
+    assert metrics["episode_turns_mean"] == 2.0 and metrics["episode_tool_errors_mean"] == pytest.approx(1 / 3)
+    assert metrics["episode_ended_done"] == pytest.approx(2 / 3) and metrics["episode_ended_max_tokens"] == \
+        pytest.approx(1 / 3)
+
+
+def test_a_hinted_episode_carries_its_hint_in_the_first_user_turn_and_trains_without_it(tokenizer):
+    chat = ChatTokens(tokenizer)
+    runner = EpisodeRunner(None, chat, lambda row: ToolEnvironment([add]), EpisodeLimits(), hint_format="{prompt} ({hint})")
+    (plain,), (hinted,) = runner.start(ROWS[:1], [0], [1], [5]), runner.start(ROWS[:1], [0], [1], [5], hints=["use add"])
+    assert hinted.train_prompt_ids == plain.train_prompt_ids == plain.gen_prompt_ids != hinted.gen_prompt_ids
+    assert "What is 2 + 3? (use add)<|im_end|>" in tokenizer.decode(hinted.gen_prompt_ids)
+    assert json.dumps(ToolEnvironment([add]).tools()[0]["function"]) in tokenizer.decode(plain.gen_prompt_ids)
+
+
+class Scripted:
+    """An environment that ignores what the model says: a tool result, then a tool error, then the end."""
+
+    def __init__(self, row: dict) -> None:
+        self.row, self.turn = row, 0
+
+    def reset(self, row: dict) -> list[dict]:
+        return [{"role": "system", "content": "Use the tools."}, {"role": "user", "content": row["prompt"]}]
+
+    def tools(self) -> list[dict]:
+        return ToolEnvironment([add]).tools()
+
+    def step(self, reply: str):
+        from rltrain.agents.environment import Observation
+
+        self.turn += 1
+        if self.turn == 1:
+            return Observation([{"role": "tool", "name": "add", "content": str(self.turn + 4)}], done=False,
+                               info={"tool_calls": 1.0})
+        if self.turn == 2:
+            return Observation([{"role": "tool", "content": "error: there is no tool named 'plus'"}], done=False,
+                               info={"tool_calls": 1.0, "tool_errors": 1.0})
+        return Observation([], done=True, reward=1.0)
+
+
+def _short_turn_model(tokenizer, eos_id: int):
+    """A random tiny Llama whose output layer has a bias towards the end-of-turn token: turns of a few tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    head = torch.nn.Linear(16, len(tokenizer), bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[eos_id] = 10.5  # about e^10.5 / (49152 + e^10.5): half the tokens end the turn
+    model.lm_head = head
+    return model
+
+
+@pytest.mark.parametrize("template", ["smollm2", "qwen_style"])
+def test_episodes_are_the_generators_tokens_and_the_templates_turns(tokenizer, template):
+    tok = _tokenizer_with(tokenizer, None if template == "smollm2" else QWEN_STYLE)
+    chat = ChatTokens(tok)
+    native = template_has_tools(tok)
+    assert native == (template == "qwen_style")
+    model = _short_turn_model(tok, chat.eos_ids[0])
+    engine = Recording(HFEngine(model, eos_token_ids=chat.eos_ids, pad_token_id=tok.pad_token_id, batch_size=64,
+                                tokenizer=tok))
+    params = SamplingParams(temperature=1.0, max_tokens=12, seed=3)
+    unlimited = EpisodeRunner(engine.engine, chat, Scripted, EpisodeLimits(max_turns=3, max_episode_tokens=1000),
+                              native_tools=native)
+    lengths = sorted(len(e.ids) for e in unlimited.run(unlimited.start(ROWS, [0, 1, 2], [8, 8, 8], [10, 11, 12]),
+                                                       params))
+    limits = EpisodeLimits(max_turns=3, max_episode_tokens=lengths[len(lengths) // 2])  # the same draws, half cut
+    runner = EpisodeRunner(engine, chat, Scripted, limits, native_tools=native)
+    episodes = runner.start(ROWS, [0, 1, 2], [8, 8, 8], [10, 11, 12])
+    runner.run(episodes, params)
+
+    endings = {e.ended for e in episodes}
+    assert endings >= {"done", "max_tokens"}, endings  # ended by the environment, and truncated: both happen here
+    calls = engine.calls
+    assert calls[0][1] == [8, 8, 8] and calls[0][0] == [runner.start([r], [0], [1], [0])[0].gen_prompt_ids
+                                                         for r in ROWS]
+    for e in episodes:
+        # Split the episode at its turns: sampled runs (mask 1) and the environment's runs (mask 0) between them.
+        runs, start = [], 0
+        for i in range(1, len(e.mask) + 1):
+            if i == len(e.mask) or e.mask[i] != e.mask[start]:
+                runs.append((e.mask[start], start, i))
+                start = i
+        sampled = [(a, b) for m, a, b in runs if m == 1]
+        assert len(sampled) == e.turns or (e.truncated and len(sampled) == e.turns - 1)  # a turn cut to nothing
+        observed = [e.messages[i + 1:i + 2] for i, m in enumerate(e.messages) if m["role"] == "assistant"]
+        after_eos = True
+        for turn, (a, b) in enumerate(sampled):
+            context = e.gen_prompt_ids + e.ids[:a]
+            prompts, _, outs = calls[turn]
+            k = [x for x in episodes if x.turns > turn].index(e)  # the runner's order: the episodes still going
+            assert prompts[k // 8 if turn == 0 else k] == context  # turn 0: one prompt per group of 8
+            assert e.ids[a:b] == outs[k][: b - a]  # the generator's tokens, as sampled
+            assert e.messages[2 * turn]["content"] == tok.decode(e.ids[a:b], skip_special_tokens=True)
+            after_eos = e.ids[b - 1] in chat.eos_ids
+            following = [r for r in runs if r[0] == 0 and r[1] == b]
+            if following:  # the environment's tokens: the template's rendering of its messages
+                _, c, d = following[0]
+                assert e.ids[c:d] == chat.append(observed[turn], after_eos=after_eos)
+        assert all(lp == 0.0 for lp, m in zip(e.logp, e.mask) if not m)
+        assert len(e.ids) <= limits.max_episode_tokens
+    if template == "smollm2":  # an append-only template: the tokens read as the whole conversation rendered
+        done = next(e for e in episodes if e.ended == "done" and e.ids[-1] in chat.eos_ids)
+        full = tok.apply_chat_template(Scripted({}).reset(ROWS[done.row]) + done.messages, tokenize=False,
+                                       tools=None)
+        hermes, _ = with_tools(Scripted({}).reset(ROWS[done.row]), Scripted({}).tools(), native=False)
+        full = tok.apply_chat_template(hermes + done.messages, tokenize=False)
+        assert tok.decode(done.gen_prompt_ids + done.ids) == full.rstrip("\n")
+
+    # The trainer's context is the generator's: the policy's log-probs of the sampled tokens equal the behaviour ones.
+    batch = episode_batch(episodes)
+    assert batch.num_tokens == sum(sum(e.mask) for e in episodes) and batch.truncated_N.any()
+    with torch.no_grad():
+        for i in range(len(batch)):
+            seq = torch.tensor([batch.train_prompt_ids[i] + batch.completion_ids[i]])
+            logp = torch.log_softmax(model(seq).logits[0, :-1].float(), -1)
+            start = len(batch.train_prompt_ids[i]) - 1
+            taken = logp[torch.arange(start, start + len(batch.completion_ids[i])), seq[0, start + 1:]]
+            trained = torch.tensor(batch.completion_mask[i], dtype=torch.bool)
+            torch.testing.assert_close(taken[trained], torch.tensor(batch.behaviour_logp[i])[trained],
+                                       atol=2e-5, rtol=0)
+    metrics = episode_metrics(episodes)
+    assert metrics["episode_ended_done"] + metrics["episode_ended_max_tokens"] + metrics["episode_ended_max_turns"] \
+        == pytest.approx(1.0)
+
+
+def test_tool_calls_are_parsed_and_every_bad_call_is_the_models_to_read():
+    from rltrain.agents.tools import BadCall, ToolCall, parse_calls
+
+    text = ('I will add. <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call> and '
+            '<tool_call>{"name": "add", "arguments": {"a": 1</tool_call><tool_call>["add"]</tool_call>'
+            '<tool_call>{"name": "sub", "arguments": {}}</tool_call><tool_call>{"name": "add", "arguments": 3}'
+            '</tool_call>')
+    calls = parse_calls(text, {"add"})
+    assert calls[0] == ToolCall("add", {"a": 1, "b": 2})
+    assert [type(c) for c in calls[1:]] == [BadCall] * 4
+    assert [c.error.split(" (")[0] for c in calls[1:]] == [
+        "the tool call is not valid JSON", 'a tool call is a JSON object with a "name" and "arguments"',
+        "there is no tool named 'sub'", 'the "arguments" of add must be a JSON object']
+    env = ToolEnvironment([add])
+    observation = env.step(text)
+    assert [m["content"] for m in observation.messages] == ["3"] + [f"error: {c.error}" for c in calls[1:]]
+    assert observation.info == {"tool_calls": 5.0, "tool_errors": 4.0} and not observation.done
+    # a call with the wrong arguments raises in the tool: an error result, not the run's failure
+    wrong = env.step('<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>').messages[0]["content"]
+    assert wrong.startswith("error: TypeError: add() missing 1 required positional argument: 'b'")
+    assert env.step("The answer is 3.").done
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_with_one_line(tokenizer):
+    from rltrain.errors import ConfigError
+
+    rewriting = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}<|im_start|>assistant\n"
+                 "(earlier)<|im_end|>\n{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    chat = ChatTokens(_tokenizer_with(tokenizer, rewriting))
+    with pytest.raises(ConfigError, match="renders an assistant turn differently once messages follow it"):
+        chat.append([{"role": "tool", "content": "5"}], after_eos=True)
