@@ -161,7 +161,7 @@ def test_a_taught_model_calls_the_tool_reads_the_result_and_answers_token_for_to
     good, bad_tool, long = (by_prompt[p] for p in SCRIPT)
     assert [m["role"] for m in good.messages] == ["assistant", "tool", "assistant"]
     assert good.messages[1]["content"] == "5" and good.messages[2]["content"] == "It is 5."
-    assert good.ended == "done" and good.info == {"tool_calls": 1.0, "tool_errors": 0.0} and good.turns == 2
+    assert good.ended == "done" and good.info == {"tool_calls": 1.0, "tool_errors": 0.0, "tool_timeouts": 0.0} and good.turns == 2
     assert bad_tool.messages[1]["content"].startswith("error: there is no tool named 'plus'")
     assert bad_tool.ended == "done" and bad_tool.info["tool_errors"] == 1.0
     assert long.ended == "max_tokens" and long.truncated and len(long.ids) == 90
@@ -345,7 +345,7 @@ def test_tool_calls_are_parsed_and_every_bad_call_is_the_models_to_read():
     env = ToolEnvironment([add])
     observation = env.step(text)
     assert [m["content"] for m in observation.messages] == ["3"] + [f"error: {c.error}" for c in calls[1:]]
-    assert observation.info == {"tool_calls": 5.0, "tool_errors": 4.0} and not observation.done
+    assert observation.info == {"tool_calls": 5.0, "tool_errors": 4.0, "tool_timeouts": 0.0} and not observation.done
     # a call with the wrong arguments raises in the tool: an error result, not the run's failure
     wrong = env.step('<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>').messages[0]["content"]
     assert wrong.startswith("error: TypeError: add() missing 1 required positional argument: 'b'")
@@ -361,3 +361,36 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_with_one_line(tokeniz
     chat = ChatTokens(_tokenizer_with(tokenizer, rewriting))
     with pytest.raises(ConfigError, match="renders an assistant turn differently once messages follow it"):
         chat.append([{"role": "tool", "content": "5"}], after_eos=True)
+
+
+def test_tool_calls_run_in_worker_processes_and_their_failures_are_results():
+    from rltrain.agents.sandbox import SandboxedTools
+    from tests import tool_fixtures as tools
+
+    fns = [tools.add, tools.sleepy, tools.crash, tools.lookup]
+    run = SandboxedTools(fns, timeout_s=1.0)
+    env = ToolEnvironment(fns, run_tool=run)
+    try:
+        call = '<tool_call>{{"name": "{}", "arguments": {}}}</tool_call>'.format
+        reply = "".join([call("add", '{"a": 2, "b": 40}'), call("sleepy", '{"seconds": 30}'), call("crash", '{"code": 3}'),
+                         call("lookup", '{"key": "abc"}'), call("add", '{"a": "x"}')])
+        observation = env.step(reply)
+        contents = [m["content"] for m in observation.messages]
+        assert contents[0] == "42" and contents[3] == '{"key": "abc", "value": 3}'
+        assert contents[1].startswith("error: the call timed out: still running after 1 s")
+        assert contents[2] == "error: the call crashed: its worker process ended with exit code 3"
+        assert contents[4].startswith("error: TypeError: add() missing 1 required positional argument: 'b'")
+        assert observation.info == {"tool_calls": 5.0, "tool_errors": 3.0, "tool_timeouts": 1.0}
+        assert env.step(call("add", '{"a": 1, "b": 1}')).messages[0]["content"] == "2"  # the pool recovered
+    finally:
+        run.close()
+    def local(a: int) -> int:
+        """Nested.
+
+        Args:
+            a: A number.
+        """
+        return a
+
+    with pytest.raises(ValueError, match="must be a module-level function of an importable module"):
+        SandboxedTools([local])

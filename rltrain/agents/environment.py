@@ -59,7 +59,7 @@ class ToolEnvironment:
         calls = parse_calls(reply, set(self._tools))
         if not calls:
             return Observation([], done=True)
-        results, errors = [], 0
+        results, errors, timeouts = [], 0, 0
         for call in calls:
             if isinstance(call, BadCall):
                 results.append({"role": "tool", "content": f"error: {call.error}"})
@@ -68,11 +68,19 @@ class ToolEnvironment:
             try:
                 content = self.run_tool(self._tools[call.name], call.arguments)
             except Exception as err:  # noqa: BLE001 - a tool's failure is the model's to read, not the run's
-                content, errors = f"error: {type(err).__name__}: {err}", errors + 1
+                content, errors = f"error: {_described(err)}", errors + 1
+                timeouts += bool(getattr(err, "timed_out", False))
             results.append({"role": "tool", "name": call.name, "content": content})
-        return Observation(results, done=False, info={"tool_calls": float(len(calls)), "tool_errors": float(errors)})
+        return Observation(results, done=False, info={"tool_calls": float(len(calls)), "tool_errors": float(errors),
+                                                      "tool_timeouts": float(timeouts)})
 
 
 def run_here(fn: Callable, arguments: dict[str, Any]) -> str:
     result = fn(**arguments)
     return result if isinstance(result, str) else json.dumps(result)
+
+
+def _described(err: Exception) -> str:
+    from rltrain.agents.sandbox import ToolFailed
+
+    return str(err) if isinstance(err, ToolFailed) else f"{type(err).__name__}: {err}"

@@ -1,4 +1,5 @@
 """Reward calls in worker processes, so that a call that hangs, spins or crashes costs its samples and a worker.
+An agent's tool calls run in such workers too (``call_tool``; ``rltrain.agents.sandbox``), costing only their result.
 
 A worker is a persistent process forked from multiprocessing's fork server: a clean process started once per run,
 with no CUDA and none of the threads that torch, OpenMP or tokenizers start in the trainer, holding this module
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import importlib
+import json
 import math
 import multiprocessing
 import os
@@ -41,7 +43,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Callable
 
 RewardFn = Callable[..., list[float]]
-Request = tuple[list, list, dict[str, list]]  # prompts, completions, dataset columns
+Request = tuple[list, list, dict[str, list]]  # prompts, completions, dataset columns (a tool: TOOL, TOOL, arguments)
 
 TIMED_OUT = "timed out"  # the one kind of failure counted in reward_timeouts; every other kind is a reward_error
 DIED = "crashed"  # its worker process ended: a segfault, os._exit, the OOM killer
@@ -100,6 +102,23 @@ def call(fn: RewardFn, prompts: list, completions: list, columns: dict[str, list
     if len(raw) != n:
         return Failure("returned the wrong number of scores", f"returned {len(raw)} scores for {n} samples")
     return [_value(r) for r in raw]
+
+
+def call_tool(fn: Callable, arguments: dict) -> str | Failure:
+    """One tool call (an agent's, ``rltrain.agents``): its result as text (JSON unless it is a string), or why none."""
+    try:
+        result = fn(**arguments)
+    except Exception as err:
+        return Failure("raised", f"{type(err).__name__}: {err}", err)
+    if isinstance(result, str):
+        return result
+    try:
+        return json.dumps(result)
+    except (TypeError, ValueError):
+        return str(result)
+
+
+TOOL = None  # a request's ``completions`` for a tool call: (TOOL, TOOL, arguments)
 
 
 def _value(raw: object) -> float | Failure | None:
@@ -332,7 +351,8 @@ def _serve(conn: Connection, stack: Connection, paths: list[str], memory_mb: int
         while True:
             path, deadline, prompts, completions, columns = conn.recv()
             faulthandler.dump_traceback_later(max(deadline - time.monotonic(), 1e-3), exit=True, file=stack.fileno())
-            outcome = call(fns[path], prompts, completions, columns)
+            outcome = (call_tool(fns[path], columns) if completions is TOOL else
+                       call(fns[path], prompts, completions, columns))
             faulthandler.cancel_dump_traceback_later()
             if isinstance(outcome, Failure) and outcome.error is not None:
                 outcome = Failure(outcome.kind, outcome.detail, _Raised(outcome.error))
