@@ -394,3 +394,33 @@ def test_tool_calls_run_in_worker_processes_and_their_failures_are_results():
 
     with pytest.raises(ValueError, match="must be a module-level function of an importable module"):
         SandboxedTools([local])
+
+
+def test_the_built_in_agent_tasks_are_seeded_and_their_solutions_are_what_the_tools_say():
+    from rltrain.agents.tools import parse_calls
+    from rltrain.tasks import agent_tasks as tasks
+
+    assert tasks.calculator("347 * 29 + (5 - 7) // 2") == str(347 * 29 + (5 - 7) // 2)
+    for bad in ("__import__('os')", "2 ** 10", "1e3 * 2", "[1, 2]"):
+        with pytest.raises(ValueError):
+            tasks.calculator(bad)
+    for rows_of, count in ((tasks.calculator_rows, 40), (tasks.atlas_rows, 30)):
+        rows = rows_of(count, seed=1)
+        assert rows == rows_of(count, seed=1) and rows != rows_of(count, seed=2)
+        assert len({r["prompt"] for r in rows}) == count
+        tools = {path.split(":")[1]: getattr(tasks, path.split(":")[1]) for path in rows[0]["tools"]}
+        for row in rows:  # replaying each solution's calls through the real tools gives its results and answer
+            env = ToolEnvironment(list(tools.values()))
+            assert env.reset(row) == [{"role": "user", "content": row["prompt"]}]
+            solution = row["solution"]
+            assert row["hint"] == solution[0]["content"]
+            for turn, message in enumerate(solution):
+                if message["role"] != "assistant":
+                    continue
+                observation = env.step(message["content"])
+                if turn + 1 < len(solution):
+                    assert [m["content"] for m in observation.messages] == [solution[turn + 1]["content"]]
+                else:
+                    assert observation.done and message["content"] == row["answer"]
+            assert len([m for m in solution if m["role"] == "tool"]) == (2 if rows_of is tasks.atlas_rows else 1)
+    assert len({(tasks.CAPITALS[c], tasks.POPULATIONS[tasks.CAPITALS[c]]) for c in tasks.CAPITALS}) == 200
