@@ -1,13 +1,13 @@
 """Multi-turn episodes, token in and token out, with real models and the real HF engine.
 
-The default test samples (temperature 1) from a random tiny Llama with SmolLM2-135M-Instruct's tokenizer whose output
-layer favours the end-of-turn token (short turns), against an environment that answers each turn with a tool result,
-then a tool error, then ends; some episodes run out of their token budget. The slow one: a tiny Llama with SmolLM2-135M-Instruct's tokenizer is taught (a few seconds of SFT) to call an ``add`` tool and then
-answer; greedy episodes then run through ``EpisodeRunner`` under two chat templates: SmolLM2's own (no tools section:
-the hermes format puts the tools in the system turn) and a Qwen2.5-style template with a tools section and tool results
+The default tests sample (temperature 1) from a random tiny Llama with SmolLM2-135M-Instruct's tokenizer, built to
+end its turns after a few tokens, against an environment that answers each turn with a tool result, then a tool
+error, then ends; some episodes run out of their token budget. The slow one teaches a tiny Llama (SFT) to call an
+``add`` tool and answer, and runs it greedily. Both under two chat templates: SmolLM2's own (no tools section: the
+hermes format puts the tools in the system turn) and a Qwen2.5-style template with a tools section and tool results
 in user turns. Checked token for token: every turn's engine input is the prompt plus the episode's tokens so far,
-environment tokens are the template's rendering, the mask marks exactly the sampled tokens, and the policy's log-probs
-of those tokens in the training context equal the generator's.
+environment tokens are the template's rendering, the mask marks exactly the sampled tokens, and the policy's
+log-probs of those tokens in the training context equal the generator's.
 """
 
 from __future__ import annotations
@@ -238,7 +238,9 @@ class Scripted:
 
 
 def _short_turn_model(tokenizer, eos_id: int):
-    """A random tiny Llama whose output layer has a bias towards the end-of-turn token: turns of a few tokens."""
+    """A random tiny Llama that ends its turns after a few tokens, built so that any engine runs it the same way (no
+    bias term, which vLLM's Llama lacks): hidden dimension 0 of the residual stream is a constant 10 (every
+    embedding has it, no layer writes to it), and only the end-of-turn token's output row reads it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -246,12 +248,13 @@ def _short_turn_model(tokenizer, eos_id: int):
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval()
-    head = torch.nn.Linear(16, len(tokenizer), bias=True)
     with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight)
-        head.bias.zero_()
-        head.bias[eos_id] = 10.5  # about e^10.5 / (49152 + e^10.5): half the tokens end the turn
-    model.lm_head = head
+        model.model.embed_tokens.weight[:, 0] = 10.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0.0
+            layer.mlp.down_proj.weight[0] = 0.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[eos_id, 0] = 2.7  # about e^10.8 / (49152 + e^10.8): half the tokens end the turn
     return model
 
 
