@@ -130,6 +130,20 @@ def _taught_model(tokenizer, data, steps: int):
     return model.eval()
 
 
+def _assert_trained_tokens_have_the_behaviour_logprobs(model, batch, *, tolerance: float) -> None:
+    """The policy's log-probs of each sampled token, in the training context (prompt + completion), equal the
+    generator's: the trainer sees what the generator saw."""
+    with torch.no_grad():
+        for i in range(len(batch)):
+            seq = torch.tensor([batch.train_prompt_ids[i] + batch.completion_ids[i]])
+            logp = torch.log_softmax(model(seq).logits[0, :-1].float(), -1)
+            start = len(batch.train_prompt_ids[i]) - 1
+            taken = logp[torch.arange(start, start + len(batch.completion_ids[i])), seq[0, start + 1:]]
+            trained = torch.tensor(batch.completion_mask[i], dtype=torch.bool)
+            torch.testing.assert_close(taken[trained], torch.tensor(batch.behaviour_logp[i])[trained],
+                                       atol=tolerance, rtol=0)
+
+
 class Recording:
     """The engine, with every call's inputs kept."""
 
@@ -188,15 +202,7 @@ def test_a_taught_model_calls_the_tool_reads_the_result_and_answers_token_for_to
     # The trainer's context is the generator's: the policy's log-probs of the sampled tokens equal the behaviour ones.
     batch = episode_batch(episodes)
     assert batch.num_tokens == sum(sum(e.mask) for e in episodes)
-    with torch.no_grad():
-        for i in range(len(batch)):
-            seq = torch.tensor([batch.train_prompt_ids[i] + batch.completion_ids[i]])
-            logp = torch.log_softmax(model(seq).logits[0, :-1].float(), -1)
-            start = len(batch.train_prompt_ids[i]) - 1
-            taken = logp[torch.arange(start, start + len(batch.completion_ids[i])), seq[0, start + 1:]]
-            trained = torch.tensor(batch.completion_mask[i], dtype=torch.bool)
-            torch.testing.assert_close(taken[trained], torch.tensor(batch.behaviour_logp[i])[trained],
-                                       atol=1e-5, rtol=0)
+    _assert_trained_tokens_have_the_behaviour_logprobs(model, batch, tolerance=1e-5)
     metrics = episode_metrics(episodes)
     assert metrics["episode_turns_mean"] == 2.0 and metrics["episode_tool_errors_mean"] == pytest.approx(1 / 3)
     assert metrics["episode_ended_done"] == pytest.approx(2 / 3) and metrics["episode_ended_max_tokens"] == \
@@ -262,11 +268,33 @@ def _short_turn_model(tokenizer, eos_id: int):
 def test_episodes_are_the_generators_tokens_and_the_templates_turns(tokenizer, template):
     tok = _tokenizer_with(tokenizer, None if template == "smollm2" else QWEN_STYLE)
     chat = ChatTokens(tok)
-    native = template_has_tools(tok)
-    assert native == (template == "qwen_style")
+    assert template_has_tools(tok) == (template == "qwen_style")
     model = _short_turn_model(tok, chat.eos_ids[0])
-    engine = Recording(HFEngine(model, eos_token_ids=chat.eos_ids, pad_token_id=tok.pad_token_id, batch_size=64,
-                                tokenizer=tok))
+    engine = HFEngine(model, eos_token_ids=chat.eos_ids, pad_token_id=tok.pad_token_id, batch_size=64, tokenizer=tok)
+    _check_episodes(engine, model, tok, chat, template, tolerance=2e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("template", ["smollm2", "qwen_style"])
+def test_episodes_from_vllm_are_its_tokens_and_the_templates_turns(tokenizer, template, tmp_path):
+    from rltrain.rollout.vllm import VLLMEngine
+
+    tok = _tokenizer_with(tokenizer, None if template == "smollm2" else QWEN_STYLE)
+    chat = ChatTokens(tok)
+    model = _short_turn_model(tok, chat.eos_ids[0])
+    model.save_pretrained(str(tmp_path), safe_serialization=True)
+    tok.save_pretrained(str(tmp_path))
+    engine = VLLMEngine(tmp_path, eos_token_ids=chat.eos_ids, max_model_len=1024, dtype="float32", seed=0,
+                        tokenizer=tmp_path)
+    try:  # vLLM's kernels: its log-probs agree with the policy's to 1e-4 (tests/test_vllm.py)
+        _check_episodes(engine, model, tok, chat, template, tolerance=1e-4)
+    finally:
+        engine.close()
+
+
+def _check_episodes(inner, model, tok, chat: ChatTokens, template: str, *, tolerance: float) -> None:
+    native = template_has_tools(tok)
+    engine = Recording(inner)
     params = SamplingParams(temperature=1.0, max_tokens=12, seed=3)
     unlimited = EpisodeRunner(engine.engine, chat, Scripted, EpisodeLimits(max_turns=3, max_episode_tokens=1000),
                               native_tools=native)
@@ -318,15 +346,7 @@ def test_episodes_are_the_generators_tokens_and_the_templates_turns(tokenizer, t
     # The trainer's context is the generator's: the policy's log-probs of the sampled tokens equal the behaviour ones.
     batch = episode_batch(episodes)
     assert batch.num_tokens == sum(sum(e.mask) for e in episodes) and batch.truncated_N.any()
-    with torch.no_grad():
-        for i in range(len(batch)):
-            seq = torch.tensor([batch.train_prompt_ids[i] + batch.completion_ids[i]])
-            logp = torch.log_softmax(model(seq).logits[0, :-1].float(), -1)
-            start = len(batch.train_prompt_ids[i]) - 1
-            taken = logp[torch.arange(start, start + len(batch.completion_ids[i])), seq[0, start + 1:]]
-            trained = torch.tensor(batch.completion_mask[i], dtype=torch.bool)
-            torch.testing.assert_close(taken[trained], torch.tensor(batch.behaviour_logp[i])[trained],
-                                       atol=2e-5, rtol=0)
+    _assert_trained_tokens_have_the_behaviour_logprobs(model, batch, tolerance=tolerance)
     metrics = episode_metrics(episodes)
     assert metrics["episode_ended_done"] + metrics["episode_ended_max_tokens"] + metrics["episode_ended_max_turns"] \
         == pytest.approx(1.0)
