@@ -136,6 +136,20 @@ def test_the_column_mapping_is_exactly_what_the_override_says():
         "prompt": "q", "answer": "a"}
 
 
+def test_guide_asks_for_its_hint_column_only_when_it_runs(tmp_path):
+    """A dataset without the hint column trained with algorithm=guide was GRPO without a word; with hints it is Guide,
+    and without Guide nothing asks for them."""
+    rows = [{"prompt": f"{i}+{i}=", "solution": str(2 * i)} for i in range(4)]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", [{**row, "prompt": row["prompt"] + " "} for row in rows])
+    with pytest.raises(DatasetError, match=r"^algorithm.guide.hint_column='hints': the train rows have no such column "
+                                           r"\(they have \['prompt', 'solution'\]\); Guide reads each prompt's hints"):
+        run(tmp_path, path, rewards("reward_len"), "algorithm=guide")
+    write_jsonl(path, [{**row, "hints": [row["solution"][0]]} for row in rows])
+    steps, _ = run(tmp_path, path, rewards("reward_len"), "algorithm=guide", "overwrite=true")
+    assert [r["step"] for r in steps] == [1, 2] and all("guide_rerolled" in r for r in steps)
+
+
 # ---- reward functions: TRL's arguments, None where they do not apply -----------------------------------------------
 
 def test_reward_functions_get_what_trl_passes_them():
