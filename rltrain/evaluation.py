@@ -95,7 +95,7 @@ class PromptOutcomes:
     attempts_P: list[int] | None = None
 
 
-def _scored(batch, rewards: RewardScorer, tokenizer, prompt_set, state: TrainerState):
+def _scored(batch, rewards: RewardScorer, tokenizer, prompt_set, state: TrainerState = TrainerState()):
     """The one place evaluation calls the reward library: (batch with rewards, decoded completions, correct_N), a
     sample being correct when it reaches the full reward. A sample whose reward failed scores 0 and stays, whatever
     the run's policy: dropping it would raise the accuracy and leave prompts with fewer samples."""

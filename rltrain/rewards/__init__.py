@@ -141,7 +141,7 @@ class RewardScorer:
                     (timeouts if failure.kind == TIMED_OUT else errors).add(i)
             scored.update(i for i, score in enumerate(scores) if score is not None)
             components[reward.name] = torch.tensor([math.nan if v is None else v for v in scores], dtype=torch.float32)
-            total_N += reward.weight * components[reward.name].nan_to_num(0.0)
+            total_N += reward.weight * components[reward.name].masked_fill(components[reward.name].isnan(), 0.0)
         if n and not scored and not errors | timeouts:
             # every function said "does not apply" to every sample: a batch with no reward at all, which would train
             # on zeros as if they were scores (a reward written for other data, or a column it never finds)

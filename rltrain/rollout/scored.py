@@ -34,7 +34,7 @@ class StepRollouts:
     """``rltrain.algorithms.base.Rollouts`` over an engine, the train prompts and the reward scorer."""
 
     def __init__(self, engine: RolloutEngine, prompts: PromptIds, sampling: SamplingParams, rewards: RewardScorer,
-                 tokenizer, world: World, tally: Tally, state: TrainerState) -> None:
+                 tokenizer, world: World, tally: Tally, state: TrainerState = TrainerState()) -> None:
         self.engine, self.prompts, self.sampling, self.rewards = engine, prompts, sampling, rewards
         self.tokenizer, self.world, self.tally = tokenizer, world, tally
         self.state = state  # the reward functions' trainer_state
