@@ -150,10 +150,11 @@ class RolloutBatch:
                 values[f.name] = [x for p in parts for x in p]
         return RolloutBatch(**values)
 
-    def with_rewards(self, rewards_N: Tensor, components: dict[str, Tensor], full_reward: float = 1.0
+    def with_rewards(self, rewards_N: Tensor, components: dict[str, Tensor], full_reward: float | Tensor = 1.0
                      ) -> "RolloutBatch":
-        """The batch scored: rewards, their components, and ``correct_N`` (the reward reaches ``full_reward``, up to
-        float rounding of the weighted sum) -- the one place that says which samples are correct."""
+        """The batch scored: rewards, their components, and ``correct_N`` (the reward reaches ``full_reward``, one
+        for all or [N] per sample, up to float rounding of the weighted sum) -- the one place that says which samples
+        are correct."""
         rewards_N = rewards_N.to(torch.float32)
         return replace(self, rewards_N=rewards_N, reward_components=dict(components),
                        correct_N=rewards_N >= full_reward - 1e-6)

@@ -137,6 +137,7 @@ class BuiltinTaskConfig:
     min_digits: dict[str, int] = field(default_factory=dict)  # per kind: fewest (default: the same as digits)
     require: list[str] = field(default_factory=list)  # only items tagged with all of these capabilities (e.g. carry)
     style: PromptStyle = PromptStyle.sentence
+    instruction: str = ""  # appended to every built-in prompt where task.instruction is null
     train_size: int = 2000
     seed: int = 0
 
@@ -148,7 +149,7 @@ class DatasetConfig:
     train_split: str = "train"
     eval_split: str = "test"  # for a .jsonl/.json file: the file of that name beside it (data/test.jsonl)
     allow_eval_overlap: bool = False  # evaluating on prompts that are also trained on is refused unless this is set
-    columns: dict[str, str] = field(default_factory=lambda: {"prompt": "prompt", "answer": "answer"})
+    columns: dict[str, str] = field(default_factory=dict)  # rltrain name -> column, for one it reads under another name
 
 
 @dataclass
@@ -165,9 +166,9 @@ class TaskConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     eval_size: int = 100  # held-out prompts evaluated (0 = the whole split)
     system_prompt: Optional[str] = None
-    instruction: str = ""  # appended to every user prompt
+    instruction: Optional[str] = None  # appended to every prompt's user text; null: task.builtin's (none for a dataset)
     hint_format: str = "{prompt}\nHint: {hint}"  # how a hint (Guide) joins the prompt in the generation context
-    chat_template: bool = True
+    chat_template: Optional[bool] = None  # text prompts as its user message; null: built-in yes, a dataset's as written
     rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
     on_reward_failure: RewardFailure = RewardFailure.zero  # a reward that raises, hangs, or returns NaN/wrong length
     max_failed_reward_steps: int = 3  # the run stops after this many steps in a row where every sample's reward failed
@@ -457,7 +458,9 @@ class Config:
 
 
 def register() -> None:
-    ConfigStore.instance().store(name="schema", node=Config)
+    schema = OmegaConf.structured(Config)
+    OmegaConf.set_struct(schema.task.dataset.columns, False)  # a mapping of any names: columns={prompt: question}
+    ConfigStore.instance().store(name="schema", node=schema)
 
 
 def check(config: Config) -> None:
@@ -520,8 +523,6 @@ def check(config: Config) -> None:
         raise ConfigError("task.builtin.mix must give at least one task kind a positive weight")
     if config.task.source == TaskSource.dataset and not config.task.dataset.path:
         raise ConfigError("task.dataset.path must be set when task.source=dataset")
-    if config.task.source == TaskSource.dataset and "prompt" not in config.task.dataset.columns:
-        raise ConfigError("task.dataset.columns must map 'prompt' to a dataset column")
     if not config.task.rewards:
         raise ConfigError("task.rewards must list at least one reward function")
     if t.checkpoint_every < 0 or t.keep_checkpoints < 1 or t.max_nonfinite_updates < 1:

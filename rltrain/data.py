@@ -28,6 +28,11 @@ class PromptSampler:
             self.position += take
         return out
 
+    @property
+    def epochs(self) -> float:
+        """Passes over the train set drawn so far, fractional (a reward function's ``trainer_state.epoch``)."""
+        return self.epoch + self.position / self.size
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "size": self.size}
 

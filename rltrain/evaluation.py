@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from rltrain.config import RewardFailure
-from rltrain.rewards import RewardScorer
+from rltrain.rewards import RewardScorer, TrainerState
 from rltrain.rollout.base import SamplingParams
 from rltrain.rollout.collect import PromptIds, collect
 
@@ -95,28 +95,30 @@ class PromptOutcomes:
     attempts_P: list[int] | None = None
 
 
-def _scored(batch, rewards: RewardScorer, tokenizer, prompt_set):
+def _scored(batch, rewards: RewardScorer, tokenizer, prompt_set, state: TrainerState = TrainerState()):
     """The one place evaluation calls the reward library: (batch with rewards, decoded completions, correct_N), a
     sample being correct when it reaches the full reward. A sample whose reward failed scores 0 and stays, whatever
     the run's policy: dropping it would raise the accuracy and leave prompts with fewer samples."""
-    batch, texts, _ = rewards.with_policy(RewardFailure.zero).score_batch(batch, tokenizer, prompt_set)
+    batch, texts, _ = rewards.with_policy(RewardFailure.zero).score_batch(batch, tokenizer, prompt_set, state)
     return batch, texts, batch.correct_N
 
 
 def run_prompts(engine, prompt_ids: PromptIds, rewards: RewardScorer, tokenizer, *, max_tokens: int, samples: int,
-                temperature: float, top_p: float, seed: int | None = None) -> PromptOutcomes:
+                temperature: float, top_p: float, seed: int | None = None, state: TrainerState = TrainerState()
+                ) -> PromptOutcomes:
     """Greedy completion of every prompt of the set; with ``samples > 1`` also that many sampled ones each (with
-    ``seed``, from per-prompt seeds: the same numbers at every evaluation and on any number of ranks)."""
+    ``seed``, from per-prompt seeds: the same numbers at every evaluation and on any number of ranks). ``state``: the
+    reward functions' ``trainer_state``."""
     prompt_set = prompt_ids.prompts
     indices = list(range(len(prompt_set)))
     greedy = collect(engine, prompt_ids, indices, [1] * len(indices),
                      SamplingParams(max_tokens=max_tokens, greedy=True))
-    greedy, texts, correct_N = _scored(greedy, rewards, tokenizer, prompt_set)
+    greedy, texts, correct_N = _scored(greedy, rewards, tokenizer, prompt_set, state)
     out = PromptOutcomes(completions=texts, rewards_P=greedy.rewards_N.tolist(), correct_P=correct_N.tolist())
     if samples > 1:
         sampled = collect(engine, prompt_ids, indices, [samples] * len(indices),
                           SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed))
-        sampled, _, hit_N = _scored(sampled, rewards, tokenizer, prompt_set)
+        sampled, _, hit_N = _scored(sampled, rewards, tokenizer, prompt_set, state)
         rows_N = torch.tensor(sampled.prompt_index, dtype=torch.long)
         out.successes_P = torch.bincount(rows_N, weights=hit_N.double(), minlength=len(indices)).long().tolist()
         out.attempts_P = torch.bincount(rows_N, minlength=len(indices)).tolist()
@@ -151,13 +153,14 @@ def _group_summary(outcomes: PromptOutcomes, prompts: list[int], ks: list[int]) 
 
 
 def evaluate(engine, prompt_ids: PromptIds, rewards: RewardScorer, tokenizer, *, max_tokens: int, samples: int,
-             temperature: float, top_p: float, seed: int | None = None, predicted: list[float] | None = None) -> dict:
+             temperature: float, top_p: float, seed: int | None = None, predicted: list[float] | None = None,
+             state: TrainerState = TrainerState()) -> dict:
     """Greedy accuracy on every prompt of the set; with ``samples > 1`` also pass@k for k = 1, 2, 4, ... samples.
     Rows with a ``capabilities`` column also get the greedy accuracy per capability tag. With ``predicted`` (a value
     predictor's success probability per prompt), its AUC (success binarised at 0.5, as V0) and Brier score against
     the sampled success rate (``samples > 1``) or greedy correctness."""
     outcomes = run_prompts(engine, prompt_ids, rewards, tokenizer, max_tokens=max_tokens, samples=samples,
-                           temperature=temperature, top_p=top_p, seed=seed)
+                           temperature=temperature, top_p=top_p, seed=seed, state=state)
     rows = prompt_ids.prompts.rows
     n = len(rows)
     out = {"eval_accuracy": sum(outcomes.correct_P) / n, "eval_reward_mean": sum(outcomes.rewards_P) / n}

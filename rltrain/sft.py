@@ -44,6 +44,8 @@ def tiny_warm_start(model: nn.Module, tokenizer, config, train_set, train_ids, *
     """The tiny model's warm start (``model.tiny``): its SFT task's train rows (the run's own task by default), each
     prompt also with each of its ``hints`` when ``sft_hints``, so that the model can read one."""
     tiny = config.model.tiny
+    if not tiny.sft_steps:  # no warm start: nothing to read, so a dataset needs no answer column for it
+        return float("nan")
     sft_set, sft_ids = train_set, train_ids
     if tiny.sft_task is not None:
         sft_set, _ = load_prompt_sets(tiny.sft_task)

@@ -34,7 +34,7 @@ from rltrain.errors import TrainingDiverged
 from rltrain.evaluation import evaluate
 from rltrain.metrics import MetricsLogger, NullLogger
 from rltrain.policy import OptimSettings, PolicyWorker
-from rltrain.rewards import RewardError, RewardScorer
+from rltrain.rewards import RewardError, RewardScorer, TrainerState
 from rltrain.rollout.base import SamplingParams
 from rltrain.rollout.build import build_engine, save_engine_init
 from rltrain.rollout.collect import PromptIds
@@ -139,7 +139,8 @@ def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatc
 
     def round_(number: int) -> RolloutBatch:
         selection = c.selector.select(wanted, step, number, group_id_base(step, number, wanted, a.max_refill_rounds))
-        rollouts = StepRollouts(c.engine, c.train_ids, c.sampling, c.rewards, c.tokenizer, c.world, tally)
+        state = TrainerState(global_step=step - 1, max_steps=config.trainer.steps, epoch=c.selector.sampler.epochs)
+        rollouts = StepRollouts(c.engine, c.train_ids, c.sampling, c.rewards, c.tokenizer, c.world, tally, state)
         batch, produced = c.algorithm.produce(rollouts, selection, step)
         for key, value in produced.items():  # summed over rounds
             counts[key] = counts.get(key, 0.0) + value
@@ -194,7 +195,9 @@ def run_eval(c: Components, config: Config, step: int, log: MetricsLogger) -> di
     result = evaluate(c.engine, c.eval_ids, c.rewards, c.tokenizer, max_tokens=config.rollout.max_tokens,
                       samples=config.rollout.eval_samples, temperature=config.rollout.temperature,
                       top_p=config.rollout.top_p, seed=config.trainer.seed,
-                      predicted=c.selector.predict_eval())
+                      predicted=c.selector.predict_eval(),
+                      state=TrainerState(global_step=step, max_steps=config.trainer.steps,
+                                         epoch=c.selector.sampler.epochs))
     log.log({"eval_step": step, **result, "time_eval_s": time.perf_counter() - start})
     return result
 
@@ -253,7 +256,7 @@ def train_step(c: Components, config: Config, step: int, rollouts_before: int = 
             accuracy=float(batch.correct_N.float().mean()),
             completion_len_mean=sum(len(batch.completion_ids[i]) for i in sampled) / max(len(sampled), 1),
             truncated_frac=float(batch.truncated_N[sampled].float().mean()) if sampled else 0.0,
-            **{f"reward/{k}": float(v.mean()) for k, v in batch.reward_components.items()},
+            **{f"reward/{k}": float(v.nanmean()) for k, v in batch.reward_components.items()},  # where it applies
         )
         # the scheduler steps after this update: the next update's rate follows the progress this step makes
         progress = run_progress(config.trainer, step, rollouts_before + stats["rollouts"])

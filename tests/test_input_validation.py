@@ -27,7 +27,7 @@ def load(tmp_path, rows: list[dict]) -> tuple[PromptSet, PromptSet, PromptFormat
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "test.jsonl").write_text(path.read_text())  # the eval split: the same rows, checked the same way
-    task = TaskConfig(source=TaskSource.dataset, eval_size=0)
+    task = TaskConfig(source=TaskSource.dataset, eval_size=0, chat_template=True)
     task.dataset.path, task.dataset.columns, task.dataset.allow_eval_overlap = str(path), COLUMNS, True
     train, held_out = load_prompt_sets(task)
     return train, held_out, PromptFormatter(TOKENIZER, task), str(path)
@@ -79,7 +79,8 @@ def test_skip_keeps_exactly_the_fit_rows_and_says_so_once(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="rltrain.tasks.prompts"):
         kept, skipped = check(train, formatter, InvalidRows.skip)
     assert skipped == [1, 2, 4, 6, 7, 9]
-    assert kept.rows == [{"prompt": f"what is {i}+1?", "answer": str(i + 1), "extra": None} for i in (0, 3, 5, 8)]
+    assert kept.rows == [{"question": f"what is {i}+1?", "solution": str(i + 1), "extra": None,
+                          "prompt": f"what is {i}+1?", "answer": str(i + 1)} for i in (0, 3, 5, 8)]
     assert kept.name == train.name and kept.renamed == COLUMNS
     assert [r.getMessage() for r in caplog.records] == [
         f"{path}:train: left out 6 of 10 rows (task.invalid_rows=skip): rows 1, 2, 4, 6, 7, ...; "
@@ -95,10 +96,35 @@ def test_no_fit_row_is_an_error_even_when_skipping(tmp_path):
                                  "row 0: column 'question' (task.dataset.columns.prompt) is empty")
 
 
-def test_a_prompt_that_is_not_text_is_named():
-    prompts = PromptSet([{"prompt": "what is 1+1?"}, {"prompt": [{"role": "user", "content": "hi"}]}], "chat")
-    with pytest.raises(DatasetRowError, match=r"^chat row 1: column 'prompt' holds list, not text \(task"):
+@pytest.mark.parametrize("prompt, problem", [
+    (7, "holds int, not text or a list of {'role', 'content'} messages"),
+    ([], "is an empty list of messages"),
+    (["hi"], "message 0 is not a {'role', 'content'} message with text content: 'hi'"),
+    ([{"role": "user"}], "message 0 is not a {'role', 'content'} message with text content: {'role': 'user'}"),
+    ([{"role": "system", "content": "Be brief."}], "holds no user message with text"),
+    ([{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}],
+     "ends with a 'system' message; a prompt ends with the user's (or a tool's) message, or with an assistant message "
+     "for the model to continue"),
+])
+def test_a_prompt_that_is_neither_text_nor_messages_is_named(prompt, problem):
+    """Text and lists of messages (TRL's conversational format) are prompts; anything else stops the run naming it."""
+    prompts = PromptSet([{"prompt": "what is 1+1?"}, {"prompt": [{"role": "user", "content": "hi"}]},
+                         {"prompt": prompt}], "chat")
+    with pytest.raises(DatasetRowError) as caught:
         check(prompts, PromptFormatter(TOKENIZER, TaskConfig()))
+    assert str(caught.value) == f"chat row 2: column 'prompt' {problem} (task.invalid_rows=skip leaves such rows out)"
+
+
+def test_messages_need_a_chat_template():
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(DatasetRowError, match=r"^chat row 0: column 'prompt' is a list of messages, which only the "
+                                              r"chat template renders \(task.chat_template=false\)"):
+        check(PromptSet([{"prompt": messages}], "chat"), PromptFormatter(TOKENIZER, TaskConfig(chat_template=False)))
+    bare = tiny_tokenizer()
+    bare.chat_template = None
+    with pytest.raises(DatasetRowError, match=r"^chat row 0: column 'prompt' needs the model's chat template, and its "
+                                              r"tokenizer has none \(task"):
+        check(PromptSet([{"prompt": messages}], "chat"), PromptFormatter(bare, TaskConfig()))
 
 
 def test_hints_too_long_for_the_context_are_named_or_left_unused(caplog):
@@ -255,9 +281,8 @@ def test_integer_answers_warm_start_as_their_digits_and_others_are_named(tmp_pat
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer": [4]}\n')
     code, line = eval_exit(dataset_args(path), capsys)
-    assert (code, line) == (2, f"rltrain: {path}:train row 1: column 'answer' (task.dataset.columns.answer) holds "
-                               "list, not text or an integer: the tiny model's warm start (model.source=tiny) learns "
-                               "to reply with it")
+    assert (code, line) == (2, f"rltrain: {path}:train row 1: column 'answer' holds list, not text or an integer: "
+                               "the tiny model's warm start (model.source=tiny) learns to reply with it")
 
 
 # ---- rltrain serve: a context longer than the model's positions, before vLLM starts ---------------------------------

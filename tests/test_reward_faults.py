@@ -57,11 +57,15 @@ def reference_scores(texts: list[str], groups: list[int]) -> torch.Tensor:
     return torch.tensor(fx.reference([], texts, answer=[PROMPTS.rows[g]["answer"] for g in groups]))
 
 
-def check_scores(component: torch.Tensor, texts: list[str], groups: list[int], failed: list[int]) -> None:
-    """Failed samples score 0, every other one exactly what the fault-free reference gives it."""
+def check_scores(component: torch.Tensor, texts: list[str], groups: list[int], failed: list[int],
+                 not_applied: tuple[int, ...] = ()) -> None:
+    """Failed samples score 0, those the function does not apply to (None) NaN, every other one exactly what the
+    fault-free reference gives it."""
     expected = reference_scores(texts, groups)
     expected[failed] = 0.0
-    assert torch.equal(component, expected)
+    expected[list(not_applied)] = float("nan")
+    assert torch.equal(component.isnan(), expected.isnan())
+    assert torch.equal(component.nan_to_num(-1.0), expected.nan_to_num(-1.0))
 
 
 def counts(*, errors=0, timeouts=0, dropped=0, failed=0, samples=8) -> dict[str, float]:
@@ -151,7 +155,7 @@ def test_non_finite_scores_fail_their_samples_and_none_does_not():
     batch, _, stats = rewards.score_batch(make_batch(texts, GROUPS), TOKENIZER, PROMPTS)
     assert stats == counts(errors=3, failed=3)  # samples 0, 2, 4
     check_scores(batch.reward_components["nan_on_nan"], texts, GROUPS, failed=[0, 4])
-    check_scores(batch.reward_components["inf_and_none"], texts, GROUPS, failed=[2, 3, 4, 7])
+    check_scores(batch.reward_components["inf_and_none"], texts, GROUPS, failed=[2, 4], not_applied=(3, 7))
     assert torch.isfinite(batch.rewards_N).all()
 
 

@@ -66,15 +66,18 @@ def _jsonl(path, rows):
 
 
 def test_jsonl_dataset_with_column_mapping(tmp_path):
+    """A mapped column reaches reward functions under its own name and rltrain's (mapping answer=solution once hid
+    ``solution=`` from every function that asked for it)."""
     path = _jsonl(tmp_path / "d.jsonl", [{"question": f"q{i}", "solution": str(i), "extra": i} for i in range(5)])
     _jsonl(tmp_path / "test.jsonl", [{"question": f"t{i}", "solution": str(i), "extra": i} for i in range(3)])
     task = TaskConfig(source=TaskSource.dataset, eval_size=2)
     task.dataset.path = str(path)
     task.dataset.columns = {"prompt": "question", "answer": "solution"}
     train, held_out = load_prompt_sets(task)
-    assert train.rows[3] == {"prompt": "q3", "answer": "3", "extra": 3}
+    assert train.rows[3] == {"question": "q3", "solution": "3", "extra": 3, "prompt": "q3", "answer": "3"}
     assert [r["prompt"] for r in held_out.rows] == ["t0", "t1"]  # eval_split=test: test.jsonl beside d.jsonl
-    assert train.columns([1, 4]) == {"answer": ["1", "4"], "extra": [1, 4]}
+    assert train.columns([1, 4]) == {"question": ["q1", "q4"], "solution": ["1", "4"], "extra": [1, 4],
+                                     "answer": ["1", "4"]}
 
 
 def test_a_jsonl_eval_split_is_its_own_file_and_train_prompts_are_refused(tmp_path):

@@ -304,3 +304,26 @@ def test_gspo_matches_trl_sequence_level(model, loss_type, policy):
         assert 0.0 < metrics["clip_frac"] < 1.0
         token_level, _, _ = trl_step(model, batch, loss_type, old_logp=old_logp, eps=GSPO_EPS)
         assert abs(token_level - trl_loss) > 1e-3  # sequence level is not the token level on this batch
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "system", "content": "Reply with digits."}, {"role": "user", "content": "2+2?"}],
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"}],
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "It is"}],  # a prefill, continued
+])
+def test_a_conversational_prompt_is_rendered_as_trl_renders_it(messages):
+    """A dataset's conversational prompt becomes the same text as TRL's ``apply_chat_template`` makes of it (the
+    generation prompt after a user turn, a final assistant turn continued), and a text prompt of a dataset stays as
+    written, as TRL leaves a standard-format prompt."""
+    from trl.data_utils import apply_chat_template, is_conversational
+
+    from rltrain.config import TaskConfig, TaskSource
+    from rltrain.tasks.prompts import PromptFormatter
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    formatter = PromptFormatter(tokenizer, TaskConfig(source=TaskSource.dataset))
+    assert is_conversational({"prompt": messages})
+    assert formatter.text(messages) == apply_chat_template({"prompt": messages}, tokenizer)["prompt"]
+    assert not is_conversational({"prompt": "2+2?"}) and formatter.text("2+2?") == "2+2?"

@@ -34,7 +34,7 @@ class SandboxedTools:
         self.pool = WorkerPool(list(self.paths.values()), memory_mb)
 
     def __call__(self, fn: Callable, arguments: dict) -> str:
-        (outcome,) = self.pool.run(self.paths[fn], self.timeout_s, [(TOOL, TOOL, arguments)])
+        (outcome,) = self.pool.run(self.paths[fn], self.timeout_s, [(TOOL, TOOL, arguments, {})])
         if isinstance(outcome, Failure):
             detail = outcome.detail.split(", in\n")[0]  # not the worker's stack: the model reads this
             raise ToolFailed(f"the call {outcome.kind}: {detail}" if outcome.kind != "raised" else detail,

@@ -42,7 +42,7 @@ from torch import Tensor
 from rltrain.algorithms.base import Rollouts, Selection
 from rltrain.algorithms.grpo import GRPO, GRPOLoss, clipped_surrogate
 from rltrain.batch import RolloutBatch, Source
-from rltrain.errors import ConfigError, DatasetRowError
+from rltrain.errors import ConfigError, DatasetError, DatasetRowError
 
 logger = logging.getLogger(__name__)
 
@@ -356,6 +356,10 @@ class Guide(GRPO):
     def __init__(self, config, setup) -> None:
         super().__init__(config, setup)
         g = config.guide
+        rows = setup.prompts.prompts.rows
+        if rows and g.hint_column not in rows[0]:  # (a row without a hint is GRPO's; a dataset without any, a mistake)
+            raise DatasetError(f"algorithm.guide.hint_column={g.hint_column!r}: the train rows have no such column "
+                               f"(they have {list(rows[0])}); Guide reads each prompt's hints from it")
         unfit = unfit_hints(setup.prompts.prompts, setup.prompts.formatter, g.hint_column,
                             max_prompt_tokens=setup.max_prompt_tokens, skip=setup.skip_invalid)
         self.guidance = HintGuidance(g, setup.prompts.prompts.rows, setup.rollouts_per_prompt, unfit=unfit)

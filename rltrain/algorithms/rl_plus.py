@@ -43,6 +43,7 @@ from rltrain.algorithms.grpo import GRPO, GRPOLoss, clipped_surrogate
 from rltrain.algorithms.guide import shaped_surrogate
 from rltrain.batch import RolloutBatch, Source
 from rltrain.errors import ConfigError, DatasetError, DatasetRowError
+from rltrain.tasks import prompt_key
 
 logger = logging.getLogger(__name__)
 
@@ -191,11 +192,12 @@ class Demonstrations:
         rows = prompt_ids.prompts.rows
         if config.demo_path:
             traces = _read_traces(Path(config.demo_path))
-            missing = [i for i, row in enumerate(rows) if row["prompt"] not in traces]
+            keys = [prompt_key(row["prompt"]) for row in rows]
+            missing = [i for i, key in enumerate(keys) if key not in traces]
             if missing:
                 raise DatasetError(f"algorithm.rl_plus.demo_path={config.demo_path}: no trace for train row {missing[0]} "
-                                   f"({rows[missing[0]]['prompt']!r}) and {len(missing) - 1} more")
-            texts = [traces[row["prompt"]] for row in rows]
+                                   f"({keys[missing[0]]!r}) and {len(missing) - 1} more")
+            texts = [traces[key] for key in keys]
             source = f"algorithm.rl_plus.demo_path={config.demo_path}"
         else:
             texts = [_texts(row.get(config.demo_column)) for row in rows]
@@ -263,6 +265,7 @@ def _texts(value) -> list[str]:
 
 
 def _read_traces(path: Path) -> dict[str, list[str]]:
+    """Prompt (its ``prompt_key``: the text, or the messages as JSON) -> its traces' completions."""
     if not path.is_file():
         raise DatasetError(f"algorithm.rl_plus.demo_path: no file {path}")
     traces: dict[str, list[str]] = {}
@@ -270,10 +273,12 @@ def _read_traces(path: Path) -> dict[str, list[str]]:
         if not line.strip():
             continue
         record = json.loads(line)
-        if not isinstance(record.get("prompt"), str) or not isinstance(record.get("completion"), str):
-            raise DatasetError(f"{path} line {number + 1}: needs string fields 'prompt' and 'completion'")
-        if record["completion"].strip() and record["completion"] not in traces.setdefault(record["prompt"], []):
-            traces[record["prompt"]].append(record["completion"])
+        if not isinstance(record.get("prompt"), (str, list)) or not isinstance(record.get("completion"), str):
+            raise DatasetError(f"{path} line {number + 1}: needs a 'prompt' (text or messages) and a string "
+                               "'completion'")
+        completions = traces.setdefault(prompt_key(record["prompt"]), [])
+        if record["completion"].strip() and record["completion"] not in completions:
+            completions.append(record["completion"])
     return {prompt: texts for prompt, texts in traces.items() if texts}
 
 

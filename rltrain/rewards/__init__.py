@@ -1,7 +1,11 @@
-"""Reward functions with TRL's signature, ``fn(prompts, completions, **dataset_columns) -> list[float]``.
+"""Reward functions with TRL's signature, ``fn(prompts, completions, completion_ids, trainer_state, **dataset_columns)
+-> list[float | None]``, called as TRL calls them: every argument by keyword, every dataset column under its own name.
 
-A run combines several, each with a weight; the total is the weighted sum and each function's scores are kept as a
-component of the batch. Functions are named by import path (``package.module:function``).
+A run combines several, each with a weight. ``None`` is TRL's "this function does not apply to this sample": it
+leaves the sample's weighted sum, and the function's component (NaN there) and mean (over the samples it applies to);
+a sample is correct when it reaches the full reward of the functions that apply to it. Functions are named by import
+path (``package.module:function``). Samples of conversational prompts (lists of messages) get each completion as
+``[{"role": "assistant", "content": text}]``, as TRL passes it, and those of text prompts the text.
 
 Reward functions are user code, and user code fails; a failure costs only the samples it touches. Each call runs in
 a worker process (``rltrain.rewards.workers``) within the function's ``timeout_s``; a call still running then is
@@ -12,12 +16,14 @@ once, so k hanging samples cost about k / ``POOL_SIZE`` timeouts, not k; that pa
 timeouts, the samples it has not started by then failing as reward errors, so that a function that hangs on every
 sample costs a batch 1 + ``RETRY_TIMEOUTS`` timeouts, however large. A non-finite score fails its sample only.
 A result that is not a sequence of numbers (a dict, whose iteration gives its keys; a string; a set) fails the call.
-``None`` is TRL's "this function does not apply to this sample": it scores 0 and is no failure, unless no function
-scores any sample of a batch: then every sample is a reward error (warned once), not a batch of zeros. A failed sample
-scores 0 for that function (``task.on_reward_failure=zero``) or leaves the batch (``drop``). The first failure of
-each kind of each function is logged (logger ``rltrain.rewards``) with its traceback; later ones are only counted,
-in the stats ``score_batch`` returns. With ``task.reward_memory_mb`` a worker may map no more than that (its imports
-included): an allocation past it fails its call as a ``MemoryError``, a reward error, instead of exhausting the machine.
+``None`` is no failure, unless no function scores any sample of a batch: then every sample is a reward error (warned
+once), not a batch of zeros. A failed sample scores 0 for that function (``task.on_reward_failure=zero``) or leaves the
+batch (``drop``). A function whose signature refuses its arguments (a missing column, or an unexpected one and no
+``**kwargs``) would refuse them on every call: the first stops the run with a ``RewardError`` naming it. The first
+failure of each kind of each function is logged (logger ``rltrain.rewards``) with its traceback; later ones are only
+counted, in the stats ``score_batch`` returns. With ``task.reward_memory_mb`` a worker may map no more than that (its
+imports included): an allocation past it fails its call as a ``MemoryError``, a reward error, instead of exhausting the
+machine.
 
 Processes rather than threads, because Python can neither stop a thread nor deliver it a signal, and math-verify's
 ``parse``/``verify`` time themselves out with ``signal.alarm``, which works in a main thread only. The price: dataset
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +45,11 @@ from torch import Tensor
 
 from rltrain.batch import RolloutBatch
 from rltrain.config import RewardFailure, TaskConfig
-from rltrain.rewards.workers import (TIMED_OUT, Failure, Outcome, Request, RewardError, RewardFn, WorkerPool, call,
-                                     import_reward)
+from rltrain.rewards.workers import (TIMED_OUT, WRONG_ARGUMENTS, Failure, Outcome, Request, RewardError, RewardFn,
+                                     TrainerState, WorkerPool, call, import_reward)
 from rltrain.tasks.prompts import PromptSet
 
-__all__ = ["RewardError", "RewardScorer", "WeightedReward", "import_reward"]
+__all__ = ["RewardError", "RewardScorer", "TrainerState", "WeightedReward", "import_reward"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,23 +123,25 @@ class RewardScorer:
         """The total a sample gets when every function gives its maximum of 1.0; reaching it counts as correct."""
         return sum(max(r.weight, 0.0) for r in self.rewards)
 
-    def score(self, prompts: list[str], completions: list[str], columns: dict[str, list]
+    def score(self, prompts: list, completions: list, columns: dict[str, list], state: TrainerState = TrainerState()
               ) -> tuple[Tensor, dict[str, Tensor], Tensor, dict[str, float]]:
-        """Total reward [N] (weighted sum), each function's scores [N] (0 where it failed), failed_N (bool: some
-        function failed the sample), and ``reward_errors`` / ``reward_timeouts``: how many samples some function
-        failed by error (raised, died, wrong length, non-finite) / by timeout."""
+        """Total reward [N] (weighted sum of the scores that apply), each function's scores [N] (0 where it failed,
+        NaN where it does not apply), failed_N (bool: some function failed the sample), and ``reward_errors`` /
+        ``reward_timeouts``: how many samples some function failed by error (raised, died, wrong length,
+        non-finite) / by timeout. ``columns``: per-sample keyword arguments (the dataset's columns; ``score_batch``
+        adds ``completion_ids``); ``state`` is passed as ``trainer_state``."""
         n = len(completions)
         components: dict[str, Tensor] = {}
         total_N = torch.zeros(n, dtype=torch.float32)
         errors, timeouts, scored = set(), set(), set()
         for reward in self.rewards:
-            scores, failures = self._score_one(reward, prompts, completions, columns)
+            scores, failures = self._score_one(reward, (prompts, completions, columns, {"trainer_state": state}))
             for i, failure in enumerate(failures):
                 if failure is not None:
                     (timeouts if failure.kind == TIMED_OUT else errors).add(i)
             scored.update(i for i, score in enumerate(scores) if score is not None)
-            components[reward.name] = torch.tensor([0.0 if v is None else v for v in scores], dtype=torch.float32)
-            total_N += reward.weight * components[reward.name]
+            components[reward.name] = torch.tensor([math.nan if v is None else v for v in scores], dtype=torch.float32)
+            total_N += reward.weight * components[reward.name].masked_fill(components[reward.name].isnan(), 0.0)
         if n and not scored and not errors | timeouts:
             # every function said "does not apply" to every sample: a batch with no reward at all, which would train
             # on zeros as if they were scores (a reward written for other data, or a column it never finds)
@@ -146,34 +155,46 @@ class RewardScorer:
         stats = {"reward_errors": float(len(errors)), "reward_timeouts": float(len(timeouts))}
         return total_N, components, failed_N, stats
 
-    def score_batch(self, batch: RolloutBatch, tokenizer, prompt_set: PromptSet
+    def full_rewards(self, components: dict[str, Tensor]) -> Tensor:
+        """Per sample, the total it gets when every function that applies to it (a score, not NaN) gives 1.0; +inf
+        where none applies, so that such a sample is never correct."""
+        applies = {r.name: ~components[r.name].isnan() for r in self.rewards}
+        full_N = sum(max(r.weight, 0.0) * applies[r.name].float() for r in self.rewards)
+        return full_N.masked_fill(~torch.stack(list(applies.values())).any(0), math.inf)
+
+    def score_batch(self, batch: RolloutBatch, tokenizer, prompt_set: PromptSet, state: TrainerState = TrainerState()
                     ) -> tuple[RolloutBatch, list[str], dict[str, float]]:
         """The batch with rewards, its completions decoded, and the step's counts (``reward_errors``,
         ``reward_timeouts``, ``reward_dropped``; ``reward_failed`` of ``reward_samples``: samples some function
-        failed, each once, of those scored). Dataset columns reach each function by name. Under ``drop`` the failed
-        samples are gone from the batch and the completions: groups may shrink, vanish, or leave none."""
-        completions = tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
+        failed, each once, of those scored). Functions get TRL's arguments (the module docstring). Under ``drop`` the
+        failed samples are gone from the batch and the completions: groups may shrink, vanish, or leave none."""
+        texts = tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
         prompts = [prompt_set.rows[i]["prompt"] for i in batch.prompt_index]
-        total_N, components, failed_N, stats = self.score(prompts, completions, prompt_set.columns(batch.prompt_index))
-        batch = batch.with_rewards(total_N, components, self.full_reward)
-        stats.update(reward_samples=float(len(completions)), reward_failed=float(int(failed_N.sum())),
-                     reward_dropped=0.0)
+        completions = [text if isinstance(prompt, str) else as_messages(prompt, text)
+                       for prompt, text in zip(prompts, texts)]
+        columns = {**prompt_set.columns(batch.prompt_index), "completion_ids": [list(c) for c in batch.completion_ids]}
+        total_N, components, failed_N, stats = self.score(prompts, completions, columns, state)
+        batch = batch.with_rewards(total_N, components, self.full_rewards(components))
+        stats.update(reward_samples=float(len(texts)), reward_failed=float(int(failed_N.sum())), reward_dropped=0.0)
         if self.on_failure == RewardFailure.drop and failed_N.any():
             kept = (~failed_N).nonzero().squeeze(-1).tolist()
-            batch, completions = batch.select(kept), [completions[i] for i in kept]
+            batch, texts = batch.select(kept), [texts[i] for i in kept]
             stats["reward_dropped"] = float(int(failed_N.sum()))
-        return batch, completions, stats
+        return batch, texts, stats
 
-    def _score_one(self, reward: WeightedReward, prompts: list[str], completions: list[str], columns: dict[str, list]
+    def _score_one(self, reward: WeightedReward, request: Request
                    ) -> tuple[list[float | None], list[Failure | None]]:
         """One function's scores (0 where it failed, None where it does not apply) and, per sample, its failure or
         None."""
+        prompts, completions, columns, shared = request
         n = len(completions)
-        [outcome] = self._run(reward, [(prompts, completions, columns)])
+        [outcome] = self._run(reward, [request])
+        if isinstance(outcome, Failure) and outcome.kind == WRONG_ARGUMENTS:
+            raise RewardError(refused_message(reward, outcome, columns))
         if isinstance(outcome, Failure) and n > 1:
             self._log_once(reward, "batch", outcome, f"on a call with {n} samples, so they are scored one at a time")
-            singles = self._run(reward, [([prompts[i]], [completions[i]], {k: [v[i]] for k, v in columns.items()})
-                                         for i in range(n)], budget_s=RETRY_TIMEOUTS * reward.timeout_s)
+            singles = self._run(reward, [([prompts[i]], [completions[i]], {k: [v[i]] for k, v in columns.items()},
+                                          shared) for i in range(n)], budget_s=RETRY_TIMEOUTS * reward.timeout_s)
             outcome = [single if isinstance(single, Failure) else single[0] for single in singles]
         elif isinstance(outcome, Failure):
             outcome = [outcome] * n
@@ -203,3 +224,19 @@ class RewardScorer:
         counted = "reward_timeouts" if failure.kind == TIMED_OUT else "reward_errors"
         logger.warning("reward %s %s %s (logged once per run; later ones are only counted, in %s): %s", reward.name,
                        failure.kind, where, counted, failure.detail, exc_info=failure.error)
+
+
+def as_messages(prompt: list[dict], text: str) -> list[dict]:
+    """A completion of a conversational prompt as TRL passes it: one assistant message, which continues the
+    prompt's final assistant message when there is one (the prompt's prefill, then the text generated after it)."""
+    prefill = prompt[-1]["content"] if prompt[-1]["role"] == "assistant" else ""
+    return [{"role": "assistant", "content": prefill + text}]
+
+
+def refused_message(reward: WeightedReward, failure: Failure, columns: dict[str, list]) -> str:
+    """One line: which function refused which argument, and what it is called with."""
+    names = ", ".join(k for k in columns if k != "completion_ids")
+    return (f"reward function {reward.path or reward.name} does not take the arguments it is called with "
+            f"({failure.detail}): like TRL, rltrain passes prompts, completions, completion_ids, trainer_state and "
+            f"every dataset column by its name ({names or 'none'}); give it **kwargs for those it does not use, or "
+            "task.dataset.columns.ARGUMENT=COLUMN for a column under another name")

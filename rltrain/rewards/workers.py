@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import importlib
+import inspect
 import json
 import math
 import multiprocessing
@@ -43,11 +44,15 @@ from multiprocessing.connection import Connection, wait
 from typing import Callable
 
 RewardFn = Callable[..., list[float]]
-Request = tuple[list, list, dict[str, list]]  # prompts, completions, dataset columns (a tool: TOOL, TOOL, arguments)
+# prompts, completions, per-sample keyword arguments (dataset columns, completion_ids), and those every sample shares
+# (trainer_state); a tool call: (TOOL, TOOL, its arguments, {})
+Request = tuple[list, list, dict[str, list], dict[str, object]]
 
 TIMED_OUT = "timed out"  # the one kind of failure counted in reward_timeouts; every other kind is a reward_error
 DIED = "crashed"  # its worker process ended: a segfault, os._exit, the OOM killer
 NOT_RUN = "was not run"  # a request a bounded pass had no time left to start (``WorkerPool.run``'s ``budget_s``)
+WRONG_ARGUMENTS = "does not take its arguments"  # its signature refuses them: the same on every call, so no failure
+# that costs samples but a mistake that stops the run (``rltrain.rewards``)
 POOL_SIZE = 4  # workers for the one-sample-at-a-time pass: k hanging samples cost about k / POOL_SIZE timeouts
 READY_TIMEOUT_S = 300.0  # a worker's start: a fork and the reward modules' imports, if not preloaded
 EXIT_GRACE_S = 0.1  # how long after the deadline a busy worker has to dump its stack and exit before it is killed
@@ -76,6 +81,16 @@ def import_reward(path: str) -> RewardFn:
 
 
 @dataclass(frozen=True)
+class TrainerState:
+    """What a reward function gets as ``trainer_state``: TRL passes its ``transformers.TrainerState``; these are the
+    fields of it that mean something here, under its names."""
+
+    global_step: int = 0  # training steps done before the scored samples were generated (an evaluation: after)
+    max_steps: int = 0  # trainer.steps
+    epoch: float = 0.0  # passes over the train prompts drawn so far, the scored step's included (fractional)
+
+
+@dataclass(frozen=True)
 class Failure:
     kind: str  # TIMED_OUT, DIED, "raised", "returned the wrong number of scores", "returned a non-finite score", ...
     detail: str
@@ -86,13 +101,16 @@ Outcome = list[float | Failure | None] | Failure  # per sample a score, None (do
 # or why the whole call has none
 
 
-def call(fn: RewardFn, prompts: list, completions: list, columns: dict[str, list]) -> Outcome:
+def call(fn: RewardFn, prompts: list, completions: list, columns: dict[str, list], shared: dict[str, object]
+         ) -> Outcome:
     """One call of ``fn`` and what came of it."""
     n = len(completions)
+    arguments = {"prompts": prompts, "completions": completions, **columns, **shared}
     try:
-        result = fn(prompts=prompts, completions=completions, **columns)
+        result = fn(**arguments)
     except Exception as err:
-        return Failure("raised", f"{type(err).__name__}: {err}", err)
+        refused = isinstance(err, TypeError) and _refuses(fn, arguments)
+        return Failure(WRONG_ARGUMENTS if refused else "raised", f"{type(err).__name__}: {err}", err)
     if isinstance(result, (str, bytes, Mapping, Set)):  # iterable, but not scores: a dict would score its keys
         return Failure("returned a non-list", f"returned a {type(result).__name__}, not a list of {n} scores")
     try:
@@ -102,6 +120,18 @@ def call(fn: RewardFn, prompts: list, completions: list, columns: dict[str, list
     if len(raw) != n:
         return Failure("returned the wrong number of scores", f"returned {len(raw)} scores for {n} samples")
     return [_value(r) for r in raw]
+
+
+def _refuses(fn: RewardFn, arguments: dict[str, object]) -> bool:
+    """Whether ``fn``'s signature cannot take these keyword arguments (a TypeError from binding them, not from its
+    body)."""
+    try:
+        inspect.signature(fn).bind(**arguments)
+    except TypeError:
+        return True
+    except ValueError:  # a callable whose signature Python cannot read: its TypeError counts as raised
+        return False
+    return False
 
 
 def call_tool(fn: Callable, arguments: dict) -> str | Failure:
@@ -118,7 +148,7 @@ def call_tool(fn: Callable, arguments: dict) -> str | Failure:
         return str(result)
 
 
-TOOL = None  # a request's ``completions`` for a tool call: (TOOL, TOOL, arguments)
+TOOL = None  # a request's ``completions`` for a tool call: (TOOL, TOOL, arguments, {})
 
 
 def _value(raw: object) -> float | Failure | None:
@@ -349,10 +379,9 @@ def _serve(conn: Connection, stack: Connection, paths: list[str], memory_mb: int
     try:
         conn.send("ready")
         while True:
-            path, deadline, prompts, completions, columns = conn.recv()
+            path, deadline, *request = conn.recv()
             faulthandler.dump_traceback_later(max(deadline - time.monotonic(), 1e-3), exit=True, file=stack.fileno())
-            outcome = (call_tool(fns[path], columns) if completions is TOOL else
-                       call(fns[path], prompts, completions, columns))
+            outcome = call_tool(fns[path], request[2]) if request[1] is TOOL else call(fns[path], *request)
             faulthandler.cancel_dump_traceback_later()
             if isinstance(outcome, Failure) and outcome.error is not None:
                 outcome = Failure(outcome.kind, outcome.detail, _Raised(outcome.error))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from rltrain.batch import RolloutBatch, Source
 from rltrain.distributed import World
-from rltrain.rewards import RewardScorer
+from rltrain.rewards import RewardScorer, TrainerState
 from rltrain.rollout.base import RolloutEngine, SamplingParams
 from rltrain.rollout.collect import PromptIds, collect
 
@@ -34,9 +34,10 @@ class StepRollouts:
     """``rltrain.algorithms.base.Rollouts`` over an engine, the train prompts and the reward scorer."""
 
     def __init__(self, engine: RolloutEngine, prompts: PromptIds, sampling: SamplingParams, rewards: RewardScorer,
-                 tokenizer, world: World, tally: Tally) -> None:
+                 tokenizer, world: World, tally: Tally, state: TrainerState = TrainerState()) -> None:
         self.engine, self.prompts, self.sampling, self.rewards = engine, prompts, sampling, rewards
         self.tokenizer, self.world, self.tally = tokenizer, world, tally
+        self.state = state  # the reward functions' trainer_state
 
     def sample(self, rows: list[int], counts: list[int], group_ids: list[int],
                hints: list[str] | None = None) -> RolloutBatch:
@@ -53,7 +54,7 @@ class StepRollouts:
 
     def score(self, batch: RolloutBatch) -> RolloutBatch:
         start = time.perf_counter()
-        batch, _, reward_stats = self.rewards.score_batch(batch, self.tokenizer, self.prompts.prompts)
+        batch, _, reward_stats = self.rewards.score_batch(batch, self.tokenizer, self.prompts.prompts, self.state)
         batch, reward_stats = self.world.broadcast((batch, reward_stats))  # rank 0's scores: every rank the same
         self.tally.time_reward_s += time.perf_counter() - start
         for key, value in reward_stats.items():

@@ -1,8 +1,10 @@
 """Prompt sets: rows of a task (built-in or a dataset on disk) and how a row becomes prompt token ids.
 
-A row is a dict with at least ``prompt`` (text) and, for the built-in rewards, ``answer``; every other column is
-passed to reward functions by name, as in TRL. Dataset columns are renamed by ``task.dataset.columns``
-(rltrain name -> dataset column).
+A row is a dict with at least ``prompt``: text (TRL's standard format) or a list of ``{"role", "content"}`` messages
+(TRL's conversational format). Every other column is passed to reward functions under its own name, as in TRL.
+``task.dataset.columns`` (rltrain name -> dataset column) is needed only where rltrain reads a column under another
+name (``prompt``; ``answer`` for the built-in answer rewards and the tiny model's warm start): the row gets the
+column's values under that name too, and keeps the column.
 
 Rows are checked once the tokenizer exists (``validate_rows``): a row with a mapped column missing, an empty prompt,
 or a prompt that leaves no room for a completion stops the run with one line naming it, or is left out and counted.
@@ -18,11 +20,15 @@ from pathlib import Path
 
 from rltrain.config import InvalidRows, PromptStyle, TaskConfig, TaskSource
 from rltrain.errors import DatasetError, DatasetRowError
-from rltrain.tasks import arithmetic
+from rltrain.tasks import arithmetic, prompt_key
 
 EVAL_SEED_OFFSET = 1_000_003
+# What rltrain passes reward functions besides the dataset's columns (TRL's names): no column may take one of them.
+REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")
 
 logger = logging.getLogger(__name__)
+
+Prompt = str | list[dict]  # text, or messages
 
 
 @dataclass
@@ -41,32 +47,80 @@ class PromptSet:
 
 
 class PromptFormatter:
-    """Row text -> token ids: instruction appended, optional hint, optional system prompt, chat template."""
+    """A row's prompt -> the text and token ids the model sees (and a hint, Guide's, in the generation context).
+
+    A text prompt gets ``task.instruction`` appended (when null, a built-in task's ``task.builtin.instruction``, and
+    nothing for a dataset), then the hint (``task.hint_format``); with the chat template it becomes the user message,
+    after ``task.system_prompt``. ``task.chat_template`` null (the default) applies it to the built-in tasks' prompts
+    and leaves a dataset's text prompts as written, as TRL does. A conversational prompt always goes through the chat
+    template, as in TRL: the instruction and hint join its last user message, ``task.system_prompt`` leads where it has
+    no system message, and a final user (or tool) message gets the generation prompt, while a final assistant message is
+    continued.
+    """
 
     def __init__(self, tokenizer, task: TaskConfig) -> None:
         self.tokenizer = tokenizer
         self.task = task
+        builtin = task.source == TaskSource.builtin
+        self.chat = task.chat_template if task.chat_template is not None else builtin
+        self.instruction = (task.instruction if task.instruction is not None
+                            else task.builtin.instruction if builtin else "")
 
-    def text(self, prompt: str, hint: str | None = None) -> str:
-        content = prompt + self.task.instruction
-        if hint:
-            content = self.task.hint_format.format(prompt=content, hint=hint)
-        if not self.task.chat_template:
-            return content
-        messages = [{"role": "user", "content": content}]
-        if self.task.system_prompt is not None:
+    def text(self, prompt: Prompt, hint: str | None = None) -> str:
+        if isinstance(prompt, str):
+            if not self.chat:
+                return self._content(prompt, hint)
+            messages = [{"role": "user", "content": self._content(prompt, hint)}]
+        else:
+            messages = [dict(message) for message in prompt]
+            last_user = max(i for i, message in enumerate(messages) if message["role"] == "user")
+            messages[last_user]["content"] = self._content(messages[last_user]["content"], hint)
+        if self.task.system_prompt is not None and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.task.system_prompt})
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prefill = messages[-1]["role"] == "assistant"
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=not prefill,
+                                                  continue_final_message=prefill, tokenize=False)
 
-    def ids(self, prompt: str, hint: str | None = None) -> list[int]:
+    def _content(self, text: str, hint: str | None) -> str:
+        content = text + self.instruction
+        return self.task.hint_format.format(prompt=content, hint=hint) if hint else content
+
+    def ids(self, prompt: Prompt, hint: str | None = None) -> list[int]:
         return self.tokenizer(self.text(prompt, hint), add_special_tokens=False)["input_ids"]
 
-    def lengths(self, prompts: list[str], hints: list[str] | None = None) -> list[int]:
+    def lengths(self, prompts: list[Prompt], hints: list[str] | None = None) -> list[int]:
         """``len(ids(p, hint))`` for each prompt, tokenized in one call: start-up measures every row of a dataset."""
         if not prompts:
             return []
         texts = [self.text(p, h) for p, h in zip(prompts, hints or [None] * len(prompts))]
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def problem(self, prompt: object) -> str | None:
+        """Why ``prompt`` cannot be formatted (said of its column), or None."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                return "is empty"
+            return None if not self.chat or self.tokenizer.chat_template else _NO_TEMPLATE + " (task.chat_template)"
+        if not isinstance(prompt, list):
+            return f"holds {type(prompt).__name__}, not text or a list of {{'role', 'content'}} messages"
+        if not prompt:
+            return "is an empty list of messages"
+        for k, message in enumerate(prompt):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and (isinstance(message.get("content"), str)
+                         or message["role"] == "assistant" and message.get("tool_calls"))):
+                return f"message {k} is not a {{'role', 'content'}} message with text content: {message!r:.80}"
+        if not any(message["role"] == "user" and message["content"].strip() for message in prompt):
+            return "holds no user message with text"
+        if prompt[-1]["role"] not in ("user", "tool", "assistant"):
+            return (f"ends with a {prompt[-1]['role']!r} message; a prompt ends with the user's (or a tool's) message, "
+                    "or with an assistant message for the model to continue")
+        if self.task.chat_template is False:
+            return "is a list of messages, which only the chat template renders (task.chat_template=false)"
+        return None if self.tokenizer.chat_template else _NO_TEMPLATE
+
+
+_NO_TEMPLATE = "needs the model's chat template, and its tokenizer has none"
 
 
 def load_prompt_sets(task: TaskConfig) -> tuple[PromptSet, PromptSet]:
@@ -84,11 +138,12 @@ def load_prompt_sets(task: TaskConfig) -> tuple[PromptSet, PromptSet]:
     path = resolve_dataset_path(d.path)
     train_rows = _dataset_rows(_split_source(path, d.train_split, d), d.name, d.train_split, columns)
     eval_rows = _dataset_rows(_split_source(path, d.eval_split, d), d.name, d.eval_split, columns)
-    shared = {row["prompt"] for row in train_rows} & {row["prompt"] for row in eval_rows}
+    shared = {prompt_key(row["prompt"]) for row in train_rows} & {prompt_key(row["prompt"]) for row in eval_rows}
     if shared and not d.allow_eval_overlap:
-        first = next(i for i, row in enumerate(eval_rows) if row["prompt"] in shared)
+        first = next(i for i, row in enumerate(eval_rows) if prompt_key(row["prompt"]) in shared)
+        shown = prompt_key(eval_rows[first]["prompt"])[:60]
         raise DatasetError(f"task.dataset: {len(shared)} prompts of the eval split {d.eval_split!r} are also in the "
-                           f"train split {d.train_split!r} (eval row {first}: {eval_rows[first]['prompt'][:60]!r}), so "
+                           f"train split {d.train_split!r} (eval row {first}: {shown!r}), so "
                            "held-out numbers would come from training prompts; give a separate eval split, or "
                            "task.dataset.allow_eval_overlap=true")
     if task.eval_size:
@@ -134,13 +189,13 @@ def validate_rows(prompts: PromptSet, formatter: PromptFormatter, *, max_prompt_
                   ) -> tuple[PromptSet, list[int]]:
     """The rows fit to train on, and the indices (in ``prompts``) of those left out.
 
-    A row is unfit when a mapped column (``prompts.renamed``, and ``prompt`` always) is missing or null, its prompt is
-    not text or only whitespace, or the formatted prompt is longer than ``max_prompt_tokens``
-    (model.max_context - rollout.max_tokens), leaving no room for a full completion. ``policy=error`` raises
-    DatasetRowError for the first such row; ``skip`` leaves them out, renumbering the rest, and logs one warning.
-    Either way a set with no fit row is an error.
+    A row is unfit when a mapped column (``prompts.renamed``, and ``prompt`` always) is missing or null, its prompt
+    cannot be formatted (``PromptFormatter.problem``: blank text, malformed messages), or the formatted prompt is longer
+    than ``max_prompt_tokens`` (model.max_context - rollout.max_tokens), leaving no room for a full completion.
+    ``policy=error`` raises DatasetRowError for the first such row; ``skip`` leaves them out, renumbering the rest, and
+    logs one warning. Either way a set with no fit row is an error.
     """
-    problems = {i: p for i, row in enumerate(prompts.rows) if (p := _text_problem(prompts, row)) is not None}
+    problems = {i: p for i, row in enumerate(prompts.rows) if (p := _text_problem(prompts, row, formatter)) is not None}
     measured = [i for i in range(len(prompts)) if i not in problems]
     for index, length in zip(measured, formatter.lengths([prompts.rows[i]["prompt"] for i in measured])):
         if length > max_prompt_tokens:
@@ -160,16 +215,13 @@ def validate_rows(prompts: PromptSet, formatter: PromptFormatter, *, max_prompt_
     return PromptSet(kept, prompts.name, prompts.renamed), skipped
 
 
-def _text_problem(prompts: PromptSet, row: dict) -> str | None:
+def _text_problem(prompts: PromptSet, row: dict, formatter: PromptFormatter) -> str | None:
     """What keeps the row from being formatted at all, if anything."""
     for ours in ["prompt", *(c for c in prompts.renamed if c != "prompt")]:
         if row.get(ours) is None:
             return f"column {column_label(prompts, ours)} is missing or null"
-    if not isinstance(row["prompt"], str):
-        return f"column {column_label(prompts, 'prompt')} holds {type(row['prompt']).__name__}, not text"
-    if not row["prompt"].strip():
-        return f"column {column_label(prompts, 'prompt')} is empty"
-    return None
+    problem = formatter.problem(row["prompt"])
+    return None if problem is None else f"column {column_label(prompts, 'prompt')} {problem}"
 
 
 def column_label(prompts: PromptSet, ours: str) -> str:
@@ -198,15 +250,22 @@ def _dataset_rows(path: str, name: str | None, split: str, columns: dict[str, st
         records = [{key: record.get(key) for key in names} for record in records]  # a key a row lacks is null there
     else:
         records, names = _datasets_rows(path, name, split)
-    missing = {ours: theirs for ours, theirs in columns.items() if theirs not in names}
-    if missing:
-        ours, theirs = next(iter(missing.items()))
-        raise DatasetError(
-            f"dataset {path} [{split}]: column {theirs!r} (task.dataset.columns.{ours}) not found; "
-            f"columns are {names}"
-        )
-    renamed = {theirs: ours for ours, theirs in columns.items()}
-    return [{renamed.get(k, k): v for k, v in record.items()} for record in records]
+    where = f"dataset {path} [{split}]"
+    for ours, theirs in columns.items():
+        if theirs not in names:
+            raise DatasetError(f"{where}: column {theirs!r} (task.dataset.columns.{ours}) not found; columns are "
+                               f"{names}")
+        if ours != theirs and ours in names:  # reward functions get every column by its name: which one is `ours`?
+            raise DatasetError(f"{where}: task.dataset.columns.{ours}={theirs!r}, but the dataset has a column "
+                               f"{ours!r} too; rename one of them")
+    if "prompt" not in names and "prompt" not in columns:
+        raise DatasetError(f"{where}: no column 'prompt'; columns are {names}; name the prompts' column with "
+                           "task.dataset.columns.prompt=COLUMN")
+    taken = [c for c in [*names, *columns] if c in REWARD_ARGUMENTS]
+    if taken:
+        raise DatasetError(f"{where}: a column named {taken[0]!r} would collide with the argument of that name that "
+                           "reward functions get (TRL's); rename it")
+    return [{**record, **{ours: record[theirs] for ours, theirs in columns.items()}} for record in records]
 
 
 def json_rows(path: Path) -> list[dict]:
