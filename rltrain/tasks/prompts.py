@@ -18,9 +18,10 @@ from pathlib import Path
 
 from rltrain.config import InvalidRows, PromptStyle, TaskConfig, TaskSource
 from rltrain.errors import DatasetError, DatasetRowError
-from rltrain.tasks import arithmetic
+from rltrain.tasks import arithmetic, reasoning_gym
 
 EVAL_SEED_OFFSET = 1_000_003
+GENERATED_EVAL_SIZE = 200  # held-out rows a generated task (built-in, reasoning-gym) makes when task.eval_size is 0
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +71,17 @@ class PromptFormatter:
 
 
 def load_prompt_sets(task: TaskConfig) -> tuple[PromptSet, PromptSet]:
-    """(train, eval). Built-in eval items never share a prompt with train items."""
+    """(train, eval). Built-in and reasoning-gym eval items never share a prompt with train items."""
+    if task.source == TaskSource.reasoning_gym:
+        train, held_out = reasoning_gym.build_rows(task.reasoning_gym, task.eval_size or GENERATED_EVAL_SIZE)
+        return PromptSet(train, "reasoning_gym/train"), PromptSet(held_out, "reasoning_gym/eval")
     if task.source == TaskSource.builtin:
         b = task.builtin
         train = arithmetic.make_items(dict(b.mix), dict(b.digits), b.train_size, b.seed, min_digits=dict(b.min_digits),
                                       require=set(b.require))
-        held_out = arithmetic.make_items(dict(b.mix), dict(b.digits), task.eval_size or 200, b.seed + EVAL_SEED_OFFSET,
-                                         min_digits=dict(b.min_digits), exclude={i.prompt for i in train},
-                                         require=set(b.require))
+        held_out = arithmetic.make_items(dict(b.mix), dict(b.digits), task.eval_size or GENERATED_EVAL_SIZE,
+                                         b.seed + EVAL_SEED_OFFSET, min_digits=dict(b.min_digits),
+                                         exclude={i.prompt for i in train}, require=set(b.require))
         to_rows = _compact_rows if b.style == PromptStyle.compact else (lambda items: [i.as_row() for i in items])
         return PromptSet(to_rows(train), "builtin/train"), PromptSet(to_rows(held_out), "builtin/eval")
     d, columns = task.dataset, dict(task.dataset.columns)
