@@ -20,6 +20,7 @@ from rltrain.algorithms.guide import GammaKind, GammaScope, GuideConfig, GuideMo
 from rltrain.algorithms.rl_plus import ExternalTerm, MisUniform, RLPlusConfig  # noqa: F401 (re-exported)
 from rltrain.algorithms.registry import algorithm_class
 from rltrain.errors import ConfigError
+from rltrain.tasks.reasoning_gym import ReasoningGymConfig
 
 
 class ModelSource(str, enum.Enum):
@@ -36,6 +37,7 @@ class Precision(str, enum.Enum):
 class TaskSource(str, enum.Enum):
     builtin = "builtin"
     dataset = "dataset"
+    reasoning_gym = "reasoning_gym"  # the reasoning-gym suite's generators (rltrain/tasks/reasoning_gym.py)
 
 
 class PromptStyle(str, enum.Enum):
@@ -164,6 +166,7 @@ class TaskConfig:
     source: TaskSource = TaskSource.builtin
     builtin: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    reasoning_gym: ReasoningGymConfig = field(default_factory=ReasoningGymConfig)
     eval_size: int = 100  # held-out prompts evaluated (0 = the whole split)
     system_prompt: Optional[str] = None
     instruction: Optional[str] = None  # appended to every prompt's user text; null: task.builtin's (none for a dataset)
@@ -523,6 +526,8 @@ def check(config: Config) -> None:
         raise ConfigError("task.builtin.mix must give at least one task kind a positive weight")
     if config.task.source == TaskSource.dataset and not config.task.dataset.path:
         raise ConfigError("task.dataset.path must be set when task.source=dataset")
+    if config.task.source == TaskSource.reasoning_gym:
+        config.task.reasoning_gym.check()
     if not config.task.rewards:
         raise ConfigError("task.rewards must list at least one reward function")
     if t.checkpoint_every < 0 or t.keep_checkpoints < 1 or t.max_nonfinite_updates < 1:

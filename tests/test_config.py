@@ -41,6 +41,8 @@ def test_every_group_option_composes(group, option):
     overrides = [f"{group}={option}"]
     if group == "adapter" and option == "lora":
         overrides.append("model=tiny")
+    if group == "task" and option == "reasoning_gym":  # no dataset by default: a default would merge into the user's
+        overrides.append("task.reasoning_gym.datasets={chain_sum: 1.0}")
     compose(overrides)
 
 

@@ -20,9 +20,10 @@ from pathlib import Path
 
 from rltrain.config import InvalidRows, PromptStyle, TaskConfig, TaskSource
 from rltrain.errors import DatasetError, DatasetRowError
-from rltrain.tasks import arithmetic, prompt_key
+from rltrain.tasks import arithmetic, prompt_key, reasoning_gym
 
 EVAL_SEED_OFFSET = 1_000_003
+GENERATED_EVAL_SIZE = 200  # held-out rows a generated task (built-in, reasoning-gym) makes when task.eval_size is 0
 # What rltrain passes reward functions besides the dataset's columns (TRL's names): no column may take one of them.
 REWARD_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")
 
@@ -51,8 +52,8 @@ class PromptFormatter:
 
     A text prompt gets ``task.instruction`` appended (when null, a built-in task's ``task.builtin.instruction``, and
     nothing for a dataset), then the hint (``task.hint_format``); with the chat template it becomes the user message,
-    after ``task.system_prompt``. ``task.chat_template`` null (the default) applies it to the built-in tasks' prompts
-    and leaves a dataset's text prompts as written, as TRL does. A conversational prompt always goes through the chat
+    after ``task.system_prompt``. ``task.chat_template`` null (the default) applies it to the prompts rltrain generates
+    (built-in and reasoning-gym tasks) and leaves a dataset's text prompts as written, as TRL does. A conversational prompt always goes through the chat
     template, as in TRL: the instruction and hint join its last user message, ``task.system_prompt`` leads where it has
     no system message, and a final user (or tool) message gets the generation prompt, while a final assistant message is
     continued.
@@ -62,7 +63,8 @@ class PromptFormatter:
         self.tokenizer = tokenizer
         self.task = task
         builtin = task.source == TaskSource.builtin
-        self.chat = task.chat_template if task.chat_template is not None else builtin
+        generated = builtin or task.source == TaskSource.reasoning_gym  # rltrain's own questions, not a user's text
+        self.chat = task.chat_template if task.chat_template is not None else generated
         self.instruction = (task.instruction if task.instruction is not None
                             else task.builtin.instruction if builtin else "")
 
@@ -124,14 +126,17 @@ _NO_TEMPLATE = "needs the model's chat template, and its tokenizer has none"
 
 
 def load_prompt_sets(task: TaskConfig) -> tuple[PromptSet, PromptSet]:
-    """(train, eval). Built-in eval items never share a prompt with train items."""
+    """(train, eval). Built-in and reasoning-gym eval items never share a prompt with train items."""
+    if task.source == TaskSource.reasoning_gym:
+        train, held_out = reasoning_gym.build_rows(task.reasoning_gym, task.eval_size or GENERATED_EVAL_SIZE)
+        return PromptSet(train, "reasoning_gym/train"), PromptSet(held_out, "reasoning_gym/eval")
     if task.source == TaskSource.builtin:
         b = task.builtin
         train = arithmetic.make_items(dict(b.mix), dict(b.digits), b.train_size, b.seed, min_digits=dict(b.min_digits),
                                       require=set(b.require))
-        held_out = arithmetic.make_items(dict(b.mix), dict(b.digits), task.eval_size or 200, b.seed + EVAL_SEED_OFFSET,
-                                         min_digits=dict(b.min_digits), exclude={i.prompt for i in train},
-                                         require=set(b.require))
+        held_out = arithmetic.make_items(dict(b.mix), dict(b.digits), task.eval_size or GENERATED_EVAL_SIZE,
+                                         b.seed + EVAL_SEED_OFFSET, min_digits=dict(b.min_digits),
+                                         exclude={i.prompt for i in train}, require=set(b.require))
         to_rows = _compact_rows if b.style == PromptStyle.compact else (lambda items: [i.as_row() for i in items])
         return PromptSet(to_rows(train), "builtin/train"), PromptSet(to_rows(held_out), "builtin/eval")
     d, columns = task.dataset, dict(task.dataset.columns)
