@@ -173,3 +173,19 @@ def test_the_tiny_model_trains_two_steps_on_a_reasoning_gym_task(tmp_path):
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert all(s["prompt"].startswith("State the final answer to the following arithmetic") for s in samples)
     assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_its_prompts_go_through_the_chat_template_as_the_built_in_tasks_do():
+    """rltrain generates these questions (a user's dataset text is left as written): the instruct model gets them as a
+    user turn, as when its 11% -> 41% run was measured."""
+    from transformers import AutoTokenizer
+
+    from rltrain.cli import compose
+    from rltrain.models import smollm2_path
+    from rltrain.tasks.prompts import PromptFormatter
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    task = compose(["experiment=reasoning_gym_chain_sum"]).task
+    text = PromptFormatter(tokenizer, task).text("What is 3 + 4?")
+    assert text.endswith("<|im_start|>user\nWhat is 3 + 4? Answer with just the number.<|im_end|>\n"
+                          "<|im_start|>assistant\n")
