@@ -70,7 +70,8 @@ def compose(overrides: list[str], config_name: str = "config"):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from rltrain.config import register, to_config
+    from rltrain.config import register
+    from rltrain.config_checks import to_config
     from rltrain.paths import CONF_DIR
 
     register()

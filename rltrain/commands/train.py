@@ -29,7 +29,8 @@ def _hydra_entry():
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
 
-    from rltrain.config import register, to_config
+    from rltrain.config import register
+    from rltrain.config_checks import to_config
     from rltrain.paths import CONF_DIR
 
     register()
