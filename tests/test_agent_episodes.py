@@ -250,7 +250,8 @@ def _short_turn_model(tokenizer, eos_id: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    hidden = 64  # 2 heads of 32: a head size vLLM's CPU attention has kernels for
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval()
@@ -260,7 +261,9 @@ def _short_turn_model(tokenizer, eos_id: int):
             layer.self_attn.o_proj.weight[0] = 0.0
             layer.mlp.down_proj.weight[0] = 0.0
         model.lm_head.weight[:, 0] = 0.0
-        model.lm_head.weight[eos_id, 0] = 2.7  # about e^10.8 / (49152 + e^10.8): half the tokens end the turn
+        # RMS-normalised, dimension 0 reads about sqrt(hidden): the end-of-turn logit about 10.8, so that
+        # e^10.8 / (49152 + e^10.8): half the tokens end the turn
+        model.lm_head.weight[eos_id, 0] = 10.8 / hidden ** 0.5
     return model
 
 
