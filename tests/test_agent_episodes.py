@@ -1,11 +1,10 @@
-"""Multi-turn episodes, token in and token out, with real models and the real HF engine.
+"""Multi-turn episodes, token in and token out, with real models and real engines (HF; vLLM in the slow variant).
 
-The default tests sample (temperature 1) from a random tiny Llama with SmolLM2-135M-Instruct's tokenizer, built to
-end its turns after a few tokens, against an environment that answers each turn with a tool result, then a tool
-error, then ends; some episodes run out of their token budget. The slow one teaches a tiny Llama (SFT) to call an
-``add`` tool and answer, and runs it greedily. Both under two chat templates: SmolLM2's own (no tools section: the
-hermes format puts the tools in the system turn) and a Qwen2.5-style template with a tools section and tool results
-in user turns. Checked token for token: every turn's engine input is the prompt plus the episode's tokens so far,
+The tests sample (temperature 1) from a random tiny Llama with SmolLM2-135M-Instruct's tokenizer, built to end its
+turns after a few tokens, against an environment that answers each turn with a tool result, then a tool error, then
+ends; some episodes run out of their token budget. Under two chat templates: SmolLM2's own (no tools section: the
+hermes format puts the tools in the system turn) and a Qwen2.5-style template with a tools section and tool results in
+user turns. Checked token for token: every turn's engine input is the prompt plus the episode's tokens so far,
 environment tokens are the template's rendering, the mask marks exactly the sampled tokens, and the policy's
 log-probs of those tokens in the training context equal the generator's.
 """
@@ -52,14 +51,6 @@ def add(a: int, b: int) -> int:
 
 
 ROWS = [{"prompt": "What is 2 + 3?"}, {"prompt": "What is 7 + 1?"}, {"prompt": "What is 4 + 4?"}]
-# The replies the model learns, per prompt: a good call then the answer; a call of a tool that does not exist (a tool
-# error) then the answer; a call then a long answer (truncated by the episode's token budget).
-SCRIPT = {
-    "What is 2 + 3?": ['<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>', "It is 5."],
-    "What is 7 + 1?": ['<tool_call>{"name": "plus", "arguments": {"a": 7, "b": 1}}</tool_call>', "It is 8."],
-    "What is 4 + 4?": ['<tool_call>{"name": "add", "arguments": {"a": 4, "b": 4}}</tool_call>',
-                       "It is 8, " + "and eight is also two fours added together, " * 6],
-}
 
 
 @pytest.fixture(scope="module")
@@ -76,58 +67,6 @@ def _tokenizer_with(tokenizer, template: str | None):
     if template is not None:
         t.chat_template = template
     return t
-
-
-def _transcripts(chat: ChatTokens, native: bool) -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt ids, completion ids, mask) of each scripted episode, built the way episodes are: the SFT data."""
-    env = ToolEnvironment([add])
-    out = []
-    for row in ROWS:
-        messages, tools = with_tools(env.reset(row), env.tools(), native=native)
-        prompt = chat.start(messages, tools)
-        ids, mask = [], []
-        call, answer = SCRIPT[row["prompt"]]
-        call_ids = chat.encode(call)
-        ids += call_ids
-        mask += [1] * len(call_ids)
-        observation = env.step(call)
-        appended = chat.append(observation.messages, after_eos=False)
-        ids += appended
-        mask += [0] * len(appended)
-        answer_ids = chat.encode(answer) + [chat.eos_ids[0]]
-        ids += answer_ids
-        mask += [1] * len(answer_ids)
-        out.append((prompt, ids, mask))
-    return out
-
-
-def _taught_model(tokenizer, data, steps: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    width = max(len(p) + len(c) for p, c, _ in data)
-    ids = torch.full((len(data), width), tokenizer.pad_token_id)
-    labels = torch.full((len(data), width), -100)
-    attention = torch.zeros((len(data), width), dtype=torch.long)
-    for row, (prompt, completion, mask) in enumerate(data):
-        seq = prompt + completion
-        ids[row, : len(seq)] = torch.tensor(seq)
-        attention[row, : len(seq)] = 1
-        # the sampled tokens, and the closing token a stop string leaves out: greedy must reproduce the script
-        trained = [t if m else -100 for t, m in zip(completion, mask)]
-        labels[row, len(prompt): len(seq)] = torch.tensor(trained)
-    for _ in range(steps):
-        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
 
 
 def _assert_trained_tokens_have_the_behaviour_logprobs(model, batch, *, tolerance: float) -> None:
@@ -154,59 +93,6 @@ class Recording:
         out = self.engine.generate(prompts, params, counts, seeds)
         self.calls.append(([list(p) for p in prompts], counts, [c.token_ids for c in out]))
         return out
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("template", ["smollm2", "qwen_style"])
-def test_a_taught_model_calls_the_tool_reads_the_result_and_answers_token_for_token(tokenizer, template):
-    tok = _tokenizer_with(tokenizer, None if template == "smollm2" else QWEN_STYLE)
-    chat = ChatTokens(tok)
-    native = template_has_tools(tok)
-    assert native == (template == "qwen_style")
-    model = _taught_model(tok, _transcripts(chat, native), steps=300)
-    engine = Recording(HFEngine(model, eos_token_ids=chat.eos_ids, pad_token_id=tok.pad_token_id, batch_size=16,
-                                tokenizer=tok))
-    runner = EpisodeRunner(engine, chat, lambda row: ToolEnvironment([add]),
-                           EpisodeLimits(max_turns=3, max_episode_tokens=90), native_tools=native)
-    episodes = runner.start(ROWS, [0, 1, 2], [2, 2, 2], [10, 11, 12])
-    runner.run(episodes, SamplingParams(greedy=True, max_tokens=48))
-
-    by_prompt = {ROWS[e.row]["prompt"]: e for e in episodes if e.member == 0}
-    good, bad_tool, long = (by_prompt[p] for p in SCRIPT)
-    assert [m["role"] for m in good.messages] == ["assistant", "tool", "assistant"]
-    assert good.messages[1]["content"] == "5" and good.messages[2]["content"] == "It is 5."
-    assert good.ended == "done" and good.info == {"tool_calls": 1.0, "tool_errors": 0.0, "tool_timeouts": 0.0} and good.turns == 2
-    assert bad_tool.messages[1]["content"].startswith("error: there is no tool named 'plus'")
-    assert bad_tool.ended == "done" and bad_tool.info["tool_errors"] == 1.0
-    assert long.ended == "max_tokens" and long.truncated and len(long.ids) == 90
-
-    # Token for token: turn 0 is one prompt per group (counts), turn 1 each episode's prompt + its tokens so far.
-    (first_prompts, first_counts, _), (second_prompts, _, second_out) = engine.calls[:2]
-    assert first_counts == [2, 2, 2] and first_prompts == [by_prompt[p].gen_prompt_ids for p in SCRIPT]
-    for e in episodes:
-        opened = e.mask.index(0)  # the environment's first token: the end of turn 0
-        reopened = e.mask.index(1, opened)  # turn 1's first sampled token
-        call_text = tok.decode(e.ids[:opened])
-        assert call_text == SCRIPT[ROWS[e.row]["prompt"]][0]  # the sampled call, up to its stop string
-        observation = ToolEnvironment([add]).step(call_text).messages
-        assert e.ids[opened:reopened] == chat.append(observation, after_eos=False)  # the template's own tokens
-        k = next(i for i, p in enumerate(second_prompts) if p == e.gen_prompt_ids + e.ids[:reopened])
-        assert e.ids[reopened:] == second_out[k][: len(e.ids) - reopened]  # exactly what was sampled
-        assert e.mask == [1] * opened + [0] * (reopened - opened) + [1] * (len(e.ids) - reopened)
-        assert all(lp == 0.0 for lp, m in zip(e.logp, e.mask) if not m)
-    # The rendered transcript reads as the template renders the conversation (the env tokens are its turns).
-    messages, tools = with_tools(ToolEnvironment([add]).reset(ROWS[0]), ToolEnvironment([add]).tools(), native=native)
-    full = tok.apply_chat_template(messages + good.messages, tools=tools, tokenize=False)
-    assert tok.decode(good.gen_prompt_ids + good.ids) == full.rstrip("\n")
-
-    # The trainer's context is the generator's: the policy's log-probs of the sampled tokens equal the behaviour ones.
-    batch = episode_batch(episodes)
-    assert batch.num_tokens == sum(sum(e.mask) for e in episodes)
-    _assert_trained_tokens_have_the_behaviour_logprobs(model, batch, tolerance=1e-5)
-    metrics = episode_metrics(episodes)
-    assert metrics["episode_turns_mean"] == 2.0 and metrics["episode_tool_errors_mean"] == pytest.approx(1 / 3)
-    assert metrics["episode_ended_done"] == pytest.approx(2 / 3) and metrics["episode_ended_max_tokens"] == \
-        pytest.approx(1 / 3)
 
 
 def test_a_hinted_episode_carries_its_hint_in_the_first_user_turn_and_trains_without_it(tokenizer):
