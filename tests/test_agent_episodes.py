@@ -97,8 +97,10 @@ class Recording:
 
 def test_a_hinted_episode_carries_its_hint_in_the_first_user_turn_and_trains_without_it(tokenizer):
     chat = ChatTokens(tokenizer)
-    runner = EpisodeRunner(None, chat, lambda row: ToolEnvironment([add]), EpisodeLimits(), hint_format="{prompt} ({hint})")
-    (plain,), (hinted,) = runner.start(ROWS[:1], [0], [1], [5]), runner.start(ROWS[:1], [0], [1], [5], hints=["use add"])
+    runner = EpisodeRunner(None, chat, lambda row: ToolEnvironment([add]), EpisodeLimits(),
+                           hint_format="{prompt} ({hint})")
+    (plain,) = runner.start(ROWS[:1], [0], [1], [5])
+    (hinted,) = runner.start(ROWS[:1], [0], [1], [5], hints=["use add"])
     assert hinted.train_prompt_ids == plain.train_prompt_ids == plain.gen_prompt_ids != hinted.gen_prompt_ids
     assert "What is 2 + 3? (use add)<|im_end|>" in tokenizer.decode(hinted.gen_prompt_ids)
     assert json.dumps(ToolEnvironment([add]).tools()[0]["function"]) in tokenizer.decode(plain.gen_prompt_ids)
@@ -284,8 +286,8 @@ def test_tool_calls_run_in_worker_processes_and_their_failures_are_results():
     env = ToolEnvironment(fns, run_tool=run)
     try:
         call = '<tool_call>{{"name": "{}", "arguments": {}}}</tool_call>'.format
-        reply = "".join([call("add", '{"a": 2, "b": 40}'), call("sleepy", '{"seconds": 30}'), call("crash", '{"code": 3}'),
-                         call("lookup", '{"key": "abc"}'), call("add", '{"a": "x"}')])
+        reply = "".join([call("add", '{"a": 2, "b": 40}'), call("sleepy", '{"seconds": 30}'),
+                         call("crash", '{"code": 3}'), call("lookup", '{"key": "abc"}'), call("add", '{"a": "x"}')])
         observation = env.step(reply)
         contents = [m["content"] for m in observation.messages]
         assert contents[0] == "42" and contents[3] == '{"key": "abc", "value": 3}'

@@ -9,8 +9,9 @@ The first turn of a group shares its prompt (one prefill, ``counts``) and its se
 one-turn episode draws exactly the tokens ``rltrain.rollout.collect`` would; later turns seed each episode by its
 group, its place in the group and the turn, independent of batching.
 
-An episode ends when the environment says so (``done``: e.g. a reply without a tool call), after ``max_turns`` assistant turns (``max_turns``), or when its tokens reach ``max_episode_tokens`` or a
-turn reaches the per-turn token limit without ending (``max_tokens``, counted as truncated).
+An episode ends when the environment says so (``done``: e.g. a reply without a tool call), after ``max_turns``
+assistant turns (``max_turns``), or when its tokens reach ``max_episode_tokens`` or a turn reaches the per-turn
+token limit without ending (``max_tokens``, counted as truncated).
 """
 
 from __future__ import annotations
