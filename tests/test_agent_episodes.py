@@ -23,6 +23,7 @@ from rltrain.agents.tools import template_has_tools, with_tools
 from rltrain.models import smollm2_path
 from rltrain.rollout.base import SamplingParams
 from rltrain.rollout.hf import HFEngine
+from tests.tool_fixtures import add
 
 QWEN_STYLE = (
     "{%- if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
@@ -38,16 +39,6 @@ QWEN_STYLE = (
     "{%- else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{%- endif %}"
     "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
 )
-
-
-def add(a: int, b: int) -> int:
-    """Add two integers.
-
-    Args:
-        a: The first number.
-        b: The second number.
-    """
-    return a + b
 
 
 ROWS = [{"prompt": "What is 2 + 3?"}, {"prompt": "What is 7 + 1?"}, {"prompt": "What is 4 + 4?"}]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rltrain.rewards.workers import TIMED_OUT, TOOL, Failure, WorkerPool, import_reward
+from rltrain.rewards.workers import TIMED_OUT, TOOL, Failure, WorkerPool, import_path
 
 
 class ToolFailed(RuntimeError):
@@ -18,8 +18,8 @@ class ToolFailed(RuntimeError):
 
 def tool_path(fn: Callable) -> str:
     """The import path a worker loads ``fn`` by; a tool must be a module-level function."""
-    path = f"{fn.__module__}:{fn.__qualname__}"
-    if fn.__module__ in (None, "__main__") or "<" in fn.__qualname__ or import_reward(path) is not fn:
+    path = import_path(fn)
+    if path is None:
         raise ValueError(f"tool {fn.__qualname__!r} must be a module-level function of an importable module, as "
                          "its calls run in worker processes")
     return path

@@ -46,7 +46,7 @@ from torch import Tensor
 from rltrain.batch import RolloutBatch
 from rltrain.config import RewardFailure, TaskConfig
 from rltrain.rewards.workers import (TIMED_OUT, WRONG_ARGUMENTS, Failure, Outcome, Request, RewardError, RewardFn,
-                                     TrainerState, WorkerPool, call, import_reward)
+                                     TrainerState, WorkerPool, call, import_path, import_reward)
 from rltrain.tasks.prompts import PromptSet
 
 __all__ = ["RewardError", "RewardScorer", "TrainerState", "WeightedReward", "import_reward"]
@@ -67,15 +67,7 @@ class WeightedReward:
 
 def _worker_path(reward: WeightedReward) -> str | None:
     """The path a worker process imports ``reward.fn`` by, or None where it has none and runs in this process."""
-    if reward.path is not None:
-        return reward.path
-    module, name = getattr(reward.fn, "__module__", None), getattr(reward.fn, "__qualname__", None)
-    if module in (None, "__main__") or name is None:  # a worker's __main__ is not the trainer's
-        return None
-    try:
-        return f"{module}:{name}" if import_reward(f"{module}:{name}") is reward.fn else None
-    except ValueError:  # a lambda, a closure, a method
-        return None
+    return reward.path if reward.path is not None else import_path(reward.fn)
 
 
 class RewardScorer:

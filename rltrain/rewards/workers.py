@@ -80,6 +80,18 @@ def import_reward(path: str) -> RewardFn:
     return fn
 
 
+def import_path(fn: Callable) -> str | None:
+    """The ``module:name`` a worker process imports ``fn`` by, or None where there is none (``__main__``, a lambda, a
+    closure, a method): such a function cannot run in a worker."""
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if module in (None, "__main__") or name is None:  # a worker's __main__ is not the trainer's
+        return None
+    try:
+        return f"{module}:{name}" if import_reward(f"{module}:{name}") is fn else None
+    except ValueError:  # a lambda, a closure, a method
+        return None
+
+
 @dataclass(frozen=True)
 class TrainerState:
     """What a reward function gets as ``trainer_state``: TRL passes its ``transformers.TrainerState``; these are the
