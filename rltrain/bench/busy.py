@@ -10,13 +10,13 @@ step. Results go to a section of ``docs/benchmarks.md``.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from rltrain.bench.results import train_steps
 
 SECTION = "A busy machine: step time alone and beside a competing process (CPU, default experiment)"
 COMPETITOR = ("import torch\ntorch.set_num_threads(1)\na, b = torch.randn(576, 1536), torch.randn(32, 576)\n"
@@ -24,26 +24,20 @@ COMPETITOR = ("import torch\ntorch.set_num_threads(1)\na, b = torch.randn(576, 1
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run(code: Path, busy: bool, steps: int, overrides: list[str], work: Path) -> dict:
-    """One training run of ``steps`` steps with the rltrain at ``code``; beside the competitor when ``busy``."""
-    run_dir = work / f"{code.name}-{'busy' if busy else 'alone'}"
+def run(name: str, code: Path, busy: bool, steps: int, overrides: list[str], work: Path) -> dict:
+    """One training run (``name``) of ``steps`` steps with the rltrain at ``code``; beside the competitor when
+    ``busy``."""
+    run_dir = work / f"{name}-{'busy' if busy else 'alone'}"
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR], env=env) if busy else None
-    args = [sys.executable, "-m", "rltrain.train", f"trainer.steps={steps}", "trainer.eval_every=0",
-            "trainer.save_final=false", "logger.progress=false", "logger.report=false", "task.eval_size=4",
-            *overrides, f"hydra.run.dir={run_dir}"]
-    start = time.perf_counter()
     try:
-        done = subprocess.run(args, env={**env, "PYTHONPATH": str(code)}, cwd=code, capture_output=True, text=True)
+        records, wall_s = train_steps(name, steps, overrides, run_dir, code=code, env=env)
     finally:
         if competitor is not None:
             competitor.kill()
             competitor.wait()
-    if done.returncode:
-        raise SystemExit(f"rltrain bench busy: the run of {code} failed:\n{done.stderr[-3000:]}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    times = [r["time_step_s"] for r in records if "step" in r]
-    return {"times": times, "median": statistics.median(times[1:] or times), "wall_s": time.perf_counter() - start}
+    times = [r["time_step_s"] for r in records]
+    return {"times": times, "median": statistics.median(times[1:] or times), "wall_s": wall_s}
 
 
 def render(results: dict[tuple[str, bool], dict], labels: dict[str, str], command: str, started: str,

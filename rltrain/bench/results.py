@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 
@@ -36,3 +39,18 @@ def write_section(path: Path, section: str, heading: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
+
+
+def train_steps(name: str, steps: int, overrides: list[str], run_dir: Path, *, code: Path, env: dict[str, str]
+                ) -> tuple[list[dict], float]:
+    """A short training run in its own process with the rltrain at ``code`` (evaluating 4 prompts, saving nothing):
+    its step records and its wall time. A failed run ends the benchmark with its stderr."""
+    args = [sys.executable, "-m", "rltrain.train", f"trainer.steps={steps}", "trainer.eval_every=0",
+            "trainer.save_final=false", "logger.progress=false", "logger.report=false", "task.eval_size=4",
+            *overrides, f"hydra.run.dir={run_dir}"]
+    start = time.perf_counter()
+    done = subprocess.run(args, env={**env, "PYTHONPATH": str(code)}, cwd=code, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"rltrain bench: the {name} run failed:\n{done.stderr[-3000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "step" in r], time.perf_counter() - start

@@ -10,32 +10,19 @@ for vLLM) and ``time_step_s``; start-up (vLLM's engine start) is reported separa
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from rltrain.bench.results import machine
+from rltrain.bench.results import machine, train_steps
 
 SECTION = "Rollout engines: vLLM vs HF generate (CPU, default experiment)"
 
 
 def run_backend(backend: str, steps: int, overrides: list[str], work: Path) -> dict:
-    run_dir = work / backend
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}  # the repository
-    args = [sys.executable, "-m", "rltrain.train", f"rollout={backend}", f"trainer.steps={steps}",
-            "trainer.eval_every=0", "trainer.save_final=false", "logger.progress=false", "logger.report=false",
-            "task.eval_size=4", *overrides, f"hydra.run.dir={run_dir}"]
-    start = time.perf_counter()
-    done = subprocess.run(args, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"rltrain bench rollout: the {backend} run failed:\n{done.stderr[-3000:]}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps_ = [r for r in records if "step" in r]
-    return {"records": steps_, "wall_s": time.perf_counter() - start}
+    records, wall_s = train_steps(backend, steps, [f"rollout={backend}", *overrides], work / backend,
+                                  code=Path(__file__).resolve().parents[2], env=dict(os.environ))
+    return {"records": records, "wall_s": wall_s}
 
 
 def _median(records: list[dict], key: str) -> float:

@@ -193,7 +193,7 @@ def busy_main(argv: list[str]) -> None:
             for name, code in codes.items():
                 print(f"rltrain bench busy: {labels[name]}, {'beside a busy process' if loaded else 'alone'} ...",
                       flush=True)
-                results[(name, loaded)] = busy.run(code, loaded, args.steps, args.overrides, Path(work))
+                results[(name, loaded)] = busy.run(name, code, loaded, args.steps, args.overrides, Path(work))
                 print(f"  median {results[(name, loaded)]['median']:.2f} s/step", flush=True)
     section = busy.render(results, labels, "rltrain bench busy " + " ".join(argv), started, machine())
     if args.no_write:
