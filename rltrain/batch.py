@@ -41,6 +41,9 @@ class RolloutBatch:
     correct_N: Tensor = None  # bool, filled with the rewards: the sample earned the task's full reward
     advantages_N: Tensor = None  # float32, filled by the algorithm
     completion_mask: list[list[int]] = None  # 1 = token trained on; defaults to all ones
+    # Multi-turn samples (rltrain.agents.task): per sample its transcript after the prompt ("messages"), the
+    # environment's reward ("env_reward", None where it gave none), "turns", how it "ended", and its tool counts
+    episodes: list[dict] = None
 
     def __post_init__(self) -> None:
         if self.completion_mask is None:
@@ -65,6 +68,8 @@ class RolloutBatch:
             "group_ids_N": len(self.group_ids_N),
             "truncated_N": len(self.truncated_N),
         }
+        if self.episodes is not None:
+            per_sample["episodes"] = len(self.episodes)
         for tensor_name in ("rewards_N", "correct_N", "advantages_N"):
             if getattr(self, tensor_name) is not None:
                 per_sample[tensor_name] = len(getattr(self, tensor_name))
@@ -141,11 +146,11 @@ class RolloutBatch:
                 values[f.name] = None
             elif isinstance(parts[0], Tensor):
                 values[f.name] = torch.cat(parts)
-            elif isinstance(parts[0], dict):
-                keys = set(parts[0])
-                if any(set(p) != keys for p in parts):
-                    raise ValueError("cannot concat batches with different reward components")
-                values[f.name] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            elif isinstance(parts[0], dict):  # a component a batch lacks does not apply to its samples: NaN
+                keys = list(dict.fromkeys(k for p in parts for k in p))
+                sizes = [len(b) for b in batches]
+                values[f.name] = {k: torch.cat([p[k] if k in p else torch.full((size,), float("nan"))
+                                                for p, size in zip(parts, sizes)]) for k in keys}
             else:
                 values[f.name] = [x for p in parts for x in p]
         return RolloutBatch(**values)

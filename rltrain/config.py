@@ -36,6 +36,7 @@ class TaskSource(str, enum.Enum):
     builtin = "builtin"
     dataset = "dataset"
     reasoning_gym = "reasoning_gym"  # the reasoning-gym suite's generators (rltrain/tasks/reasoning_gym.py)
+    agent = "agent"  # a built-in agent task (task.agent.suite): questions that need tools (rltrain/tasks/agent_tasks.py)
 
 
 class PromptStyle(str, enum.Enum):
@@ -160,11 +161,35 @@ class RewardConfig:
 
 
 @dataclass
+class AgentConfig:
+    """Episodes: each rollout is up to ``max_turns`` assistant turns against an environment (docs/agents.md)."""
+
+    enabled: Optional[bool] = None  # null: on for task.source=agent; true: a dataset's rows are episodes too
+    suite: str = "calculator"  # task.source=agent: calculator | atlas
+    train_size: int = 1000  # task.source=agent: train questions (atlas has 200 countries in all)
+    seed: int = 0  # task.source=agent
+    env: str = ""  # an environment class by import path (module:Class); empty: tools only. A row's `env` column wins
+    tools: list[str] = field(default_factory=list)  # tool functions by import path, with a row's `tools` column's
+    tool_format: str = "hermes"  # hermes: schemas in the system turn (any ChatML model); native: the template's own
+    max_turns: int = 4  # assistant turns per episode
+    max_episode_tokens: int = 256  # tokens after the prompt (assistant and environment), the episode's context
+    tool_timeout_s: float = 10.0  # per tool call; a call past it is a tool error the model reads
+    use_tools: bool = True  # task.source=agent: false asks the same questions with no tools (a baseline)
+    # A supervised warm start on the `solution` transcripts of the first sft_rows train rows (0: all), before RL: a
+    # model that has never seen the tool-call format learns it from a few examples (docs/agents.md)
+    sft_steps: int = 0
+    sft_rows: int = 0
+    sft_lr: float = 1e-5
+    sft_batch_size: int = 8
+
+
+@dataclass
 class TaskConfig:
     source: TaskSource = TaskSource.builtin
     builtin: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     reasoning_gym: ReasoningGymConfig = field(default_factory=ReasoningGymConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
     eval_size: int = 100  # held-out prompts evaluated (0 = the whole split)
     system_prompt: Optional[str] = None
     instruction: Optional[str] = None  # appended to every prompt's user text; null: task.builtin's (none for a dataset)
@@ -175,6 +200,15 @@ class TaskConfig:
     max_failed_reward_steps: int = 3  # the run stops after this many steps in a row where every sample's reward failed
     reward_memory_mb: int = 0  # the address space (RLIMIT_AS) a reward worker may map, its imports too; 0: no limit
     invalid_rows: InvalidRows = InvalidRows.error  # missing column, empty prompt, prompt too long for the context
+
+    @property
+    def episodes(self) -> bool:
+        """Whether each rollout is a multi-turn episode: ``agent.enabled``, which null leaves on for source=agent."""
+        return self.agent.enabled if self.agent.enabled is not None else self.source == TaskSource.agent
+
+    def completion_tokens(self, max_tokens: int) -> int:
+        """The most tokens after a prompt: an episode's budget, else ``rollout.max_tokens`` (one reply)."""
+        return self.agent.max_episode_tokens if self.episodes else max_tokens
 
 
 @dataclass

@@ -76,7 +76,9 @@ def check(config: Config) -> None:
         raise ConfigError("task.dataset.path must be set when task.source=dataset")
     if config.task.source == TaskSource.reasoning_gym:
         config.task.reasoning_gym.check()
-    if not config.task.rewards:
+    if config.task.episodes:
+        _check_agent(config)
+    elif not config.task.rewards:
         raise ConfigError("task.rewards must list at least one reward function")
     if t.checkpoint_every < 0 or t.keep_checkpoints < 1 or t.max_nonfinite_updates < 1:
         raise ConfigError("trainer.checkpoint_every must be >= 0, trainer.keep_checkpoints and "
@@ -123,6 +125,23 @@ def check(config: Config) -> None:
                           "capabilities train adapters.yaml")
     if config.adapter.kind == AdapterKind.lora and not config.adapter.lora:
         raise ConfigError("adapter.lora must hold peft.LoraConfig settings when adapter.kind=lora")
+
+
+def _check_agent(config: Config) -> None:
+    a = config.task.agent
+    if config.task.source == TaskSource.agent and a.suite not in ("calculator", "atlas"):
+        raise ConfigError(f"task.agent.suite={a.suite!r}: choose calculator or atlas")
+    if a.tool_format not in ("hermes", "native"):
+        raise ConfigError(f"task.agent.tool_format={a.tool_format!r}: choose hermes (tools in the system turn, any "
+                          "chat model) or native (the chat template's own tools section)")
+    if a.max_turns < 1 or a.train_size < 1 or not a.tool_timeout_s > 0:
+        raise ConfigError("task.agent: max_turns and train_size must be >= 1, tool_timeout_s > 0")
+    if a.max_episode_tokens < config.rollout.max_tokens:
+        raise ConfigError(f"task.agent.max_episode_tokens={a.max_episode_tokens} must be at least rollout.max_tokens="
+                          f"{config.rollout.max_tokens} (one turn's most)")
+    if a.max_episode_tokens >= config.model.max_context:
+        raise ConfigError(f"task.agent.max_episode_tokens={a.max_episode_tokens} leaves no room for a prompt in "
+                          f"model.max_context={config.model.max_context}")
 
 
 def _floats(node, key: str):

@@ -93,6 +93,7 @@ class PromptOutcomes:
     correct_P: list[bool]
     successes_P: list[int] | None = None
     attempts_P: list[int] | None = None
+    episodes: list[dict] | None = None  # agent tasks: each greedy episode's record (messages, turns, tool counts)
 
 
 def _scored(batch, rewards: RewardScorer, tokenizer, prompt_set, state: TrainerState = TrainerState()):
@@ -114,7 +115,8 @@ def run_prompts(engine, prompt_ids: PromptIds, rewards: RewardScorer, tokenizer,
     greedy = collect(engine, prompt_ids, indices, [1] * len(indices),
                      SamplingParams(max_tokens=max_tokens, greedy=True))
     greedy, texts, correct_N = _scored(greedy, rewards, tokenizer, prompt_set, state)
-    out = PromptOutcomes(completions=texts, rewards_P=greedy.rewards_N.tolist(), correct_P=correct_N.tolist())
+    out = PromptOutcomes(completions=texts, rewards_P=greedy.rewards_N.tolist(), correct_P=correct_N.tolist(),
+                         episodes=greedy.episodes)
     if samples > 1:
         sampled = collect(engine, prompt_ids, indices, [samples] * len(indices),
                           SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed))
@@ -173,11 +175,17 @@ def evaluate(engine, prompt_ids: PromptIds, rewards: RewardScorer, tokenizer, *,
                     else [float(c) for c in outcomes.correct_P])
         out["eval_value_auc"] = auc(predicted, [r >= 0.5 for r in realised])
         out["eval_value_brier"] = sum((p - r) ** 2 for p, r in zip(predicted, realised)) / n
+    if outcomes.episodes:  # the greedy episodes' turns, tool calls and errors, endings
+        from rltrain.agents.episodes import episode_metrics
+
+        out.update({f"eval_{k}": v for k, v in episode_metrics(outcomes.episodes).items()})
     by_capability = breakdown(rows, outcomes, []).get("capabilities")
     if by_capability:
         out["eval_accuracy_by_capability"] = {tag: s["accuracy"] for tag, s in by_capability.items()}
     out["eval_samples"] = [{"prompt": rows[i]["prompt"], "completion": outcomes.completions[i],
-                            "reward": outcomes.rewards_P[i]} for i in range(min(3, n))]
+                            "reward": outcomes.rewards_P[i],
+                            **({"messages": outcomes.episodes[i]["messages"]} if outcomes.episodes else {})}
+                           for i in range(min(3, n))]
     return out
 
 
@@ -196,6 +204,7 @@ def report(rows: list[dict], outcomes: PromptOutcomes, ks: list[int], extrapolat
     out["per_prompt"] = [
         {"prompt": row["prompt"], **({"answer": row["answer"]} if "answer" in row else {}),
          "completion": outcomes.completions[p], "reward": outcomes.rewards_P[p], "correct": outcomes.correct_P[p],
+         **({"messages": outcomes.episodes[p]["messages"]} if outcomes.episodes else {}),
          **({"successes": outcomes.successes_P[p], "attempts": outcomes.attempts_P[p]}
             if outcomes.successes_P is not None else {})}
         for p, row in enumerate(rows)

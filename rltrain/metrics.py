@@ -85,9 +85,11 @@ class MetricsLogger:
         self.console.print(f"eval @ step {step}: accuracy {record['eval_accuracy']:.3f}{pass_at_k}")
 
     def log_samples(self, step: int, samples: list[dict]) -> None:
-        """Completions of one step ({prompt, completion, reward} each) to samples.jsonl, and the tracker's."""
+        """Completions of one step ({prompt, completion, reward} each, and an episode's ``messages``) to samples.jsonl,
+        and the tracker's."""
         for sample in samples:
-            self._samples_file.write(json.dumps({"step": step, **{k: sample[k] for k in SAMPLE_COLUMNS[1:]}}) + "\n")
+            kept = {k: sample[k] for k in (*SAMPLE_COLUMNS[1:], "messages") if k in sample}  # messages: an episode's
+            self._samples_file.write(json.dumps({"step": step, **kept}) + "\n")
         self._samples_file.flush()
         if self._tracker is not None and samples:
             self._tracker.log_samples("samples", step, samples)

@@ -279,14 +279,42 @@ def _html_table(header: list[str] | None, rows: list[list[str]], classes: str = 
 
 
 def _samples_table(samples: list[dict]) -> str:
+    if any("messages" in s for s in samples):
+        return _episodes_table(samples)
     rows = [[str(s.get("step", "")), str(s["prompt"]), str(s["completion"]), fmt(s["reward"])] for s in samples]
     return _html_table(["step", "prompt", "completion", "reward"], rows, "samples")
+
+
+def _episodes_table(samples: list[dict]) -> str:
+    """Episodes turn by turn: each assistant turn (its tool calls marked), each tool result (errors marked)."""
+    e = html.escape
+    rows = []
+    for s in samples:
+        turns = "".join(_turn_html(m) for m in s.get("messages", []))
+        calls = sum(m.get("role") == "assistant" and "<tool_call>" in (m.get("content") or "")
+                    for m in s.get("messages", []))
+        rows.append(f"<tr><td>{e(str(s.get('step', '')))}</td><td>{e(str(s['prompt']))}</td><td>{turns}</td>"
+                    f"<td>{e(fmt(s['reward']))}<br>{calls} tool calls</td></tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("step", "prompt", "episode", "reward"))
+    return f'<table class="episodes"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _turn_html(message: dict) -> str:
+    role, content = str(message.get("role")), str(message.get("content") or "")
+    kind = "tool error" if role == "tool" and content.startswith("error:") else role
+    kind += " call" if role == "assistant" and "<tool_call>" in content else ""
+    label = role + (f" {message['name']}" if message.get("name") else "")
+    return (f'<div class="turn {html.escape(kind)}"><span class="role">{html.escape(label)}</span>'
+            f"<pre>{html.escape(content)}</pre></div>")
 
 
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;
 vertical-align:top;font-size:0.9em}th{background:#f3f3f3}table.samples td{white-space:pre-wrap;font-family:monospace}
-pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:0.85em}img{max-width:100%}"""
+pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:0.85em}img{max-width:100%}
+.turn{margin:2px 0;padding:2px 6px;border-left:4px solid #bbb}.turn pre{margin:0;padding:2px;white-space:pre-wrap}
+.turn .role{font-size:0.8em;color:#555}.turn.assistant{border-color:#36c}.turn.call{background:#eef3ff}
+.turn.tool{border-color:#2a2}.turn.error{border-color:#c33;background:#fff0f0}"""
 
 
 def write_run_report(run_dir: Path) -> tuple[Path, Path]:

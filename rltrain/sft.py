@@ -15,24 +15,33 @@ from rltrain.tasks.prompts import PromptFormatter, PromptSet, column_label, load
 def warm_start(model: nn.Module, tokenizer, prompt_ids: list[list[int]], answers: list[str], *, steps: int,
                lr: float, batch_size: int, seed: int) -> float:
     """Cross-entropy on answer tokens (+ EOS) given the prompt; returns the last step's loss."""
-    rng = random.Random(seed)
     eos = tokenizer.eos_token_id
     targets = [tokenizer(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    return warm_start_sequences(model, tokenizer.pad_token_id, [(p, t, [1] * len(t)) for p, t in zip(prompt_ids, targets)],
+                                steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+
+
+def warm_start_sequences(model: nn.Module, pad_token_id: int, sequences: list[tuple[list[int], list[int], list[int]]],
+                         *, steps: int, lr: float, batch_size: int, seed: int) -> float:
+    """Cross-entropy on the tokens after each context that their mask marks (an episode's assistant tokens; an
+    answer's), ``batch_size`` sequences drawn per step; returns the last step's loss."""
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
-        rows = [rng.randrange(len(prompt_ids)) for _ in range(batch_size)]
-        width = max(len(prompt_ids[r]) + len(targets[r]) for r in rows)
-        input_ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
+        rows = [rng.randrange(len(sequences)) for _ in range(batch_size)]
+        width = max(len(sequences[r][0]) + len(sequences[r][1]) for r in rows)
+        input_ids = torch.full((batch_size, width), pad_token_id, dtype=torch.long)
         labels = torch.full((batch_size, width), -100, dtype=torch.long)
         attention = torch.zeros((batch_size, width), dtype=torch.long)
         for b, r in enumerate(rows):
-            p, t = prompt_ids[r], targets[r]
+            p, t, m = sequences[r]
             input_ids[b, : len(p) + len(t)] = torch.tensor(p + t)
-            labels[b, len(p) : len(p) + len(t)] = torch.tensor(t)
+            labels[b, len(p) : len(p) + len(t)] = torch.tensor([tok if keep else -100 for tok, keep in zip(t, m)])
             attention[b, : len(p) + len(t)] = 1
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        device = next(model.parameters()).device
+        loss = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), labels=labels.to(device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -34,7 +34,7 @@ from rltrain.errors import TrainingDiverged
 from rltrain.evaluation import evaluate
 from rltrain.metrics import MetricsLogger, NullLogger
 from rltrain.policy import OptimSettings, PolicyWorker
-from rltrain.rewards import RewardError, RewardScorer, TrainerState
+from rltrain.rewards import RewardError, RewardScorer, TrainerState, transcript_text
 from rltrain.rollout.base import SamplingParams
 from rltrain.rollout.build import build_engine, save_engine_init
 from rltrain.rollout.collect import PromptIds
@@ -97,7 +97,7 @@ def build(config: Config, world: World = World()) -> Components:
     engine = build_engine(config, model=model, tokenizer=tokenizer, train_ids=train_ids, policy=policy, world=world,
                           engine_init=engine_init)
     setup = Setup(prompts=train_ids, tokenizer=tokenizer, vocab_size=model.config.vocab_size,
-                  rollouts_per_prompt=t.rollouts_per_prompt, max_tokens=r.max_tokens,
+                  rollouts_per_prompt=t.rollouts_per_prompt, max_tokens=config.task.completion_tokens(r.max_tokens),
                   max_prompt_tokens=start.max_prompt_tokens, skip_invalid=config.task.invalid_rows == InvalidRows.skip)
     components = Components(
         policy=policy, engine=engine, algorithm=algorithm_class(config.algorithm.name)(config.algorithm, setup),
@@ -280,6 +280,8 @@ def train(config: Config, ctx: RunContext) -> dict:
         finally:
             c.rewards.close()
             c.engine.close()
+            if c.train_ids.episodes is not None:
+                c.train_ids.episodes.close()
 
 
 def _check_fresh_start(config: Config, run_dir: Path, source: Path | None) -> None:
@@ -457,11 +459,16 @@ def _check_rewards(record: dict, loop: LoopState, limit: int, log: MetricsLogger
 
 
 def _samples(c: Components, batch: RolloutBatch, count: int) -> list[dict]:
-    """One completion from each of the first ``count`` groups, for the report."""
+    """One completion from each of the first ``count`` groups, for the report (an episode: its transcript too)."""
     firsts = [members[0] for members in list(batch.groups().values())[:count]]
-    texts = c.tokenizer.batch_decode([batch.completion_ids[i] for i in firsts], skip_special_tokens=True)
+    if batch.episodes is not None:
+        texts = [transcript_text(batch.episodes[i]["messages"]) for i in firsts]
+    else:
+        texts = c.tokenizer.batch_decode([batch.completion_ids[i] for i in firsts], skip_special_tokens=True)
     return [{"prompt": c.train_ids.prompts.rows[batch.prompt_index[i]]["prompt"], "completion": text,
-             "reward": float(batch.rewards_N[i])} for i, text in zip(firsts, texts)]
+             "reward": float(batch.rewards_N[i]),
+             **({"messages": batch.episodes[i]["messages"]} if batch.episodes is not None else {})}
+            for i, text in zip(firsts, texts)]
 
 
 def summarize(metrics_path: Path, *, wall_time_s: float) -> dict:

@@ -229,7 +229,7 @@ def _check_episodes(inner, model, tok, chat: ChatTokens, template: str, *, toler
     batch = episode_batch(episodes)
     assert batch.num_tokens == sum(sum(e.mask) for e in episodes) and batch.truncated_N.any()
     _assert_trained_tokens_have_the_behaviour_logprobs(model, batch, tolerance=tolerance)
-    metrics = episode_metrics(episodes)
+    metrics = episode_metrics(batch.episodes)
     assert metrics["episode_ended_done"] + metrics["episode_ended_max_tokens"] + metrics["episode_ended_max_turns"] \
         == pytest.approx(1.0)
 
@@ -318,7 +318,7 @@ def test_the_built_in_agent_tasks_are_seeded_and_their_solutions_are_what_the_to
             env = ToolEnvironment(list(tools.values()))
             assert env.reset(row) == [{"role": "user", "content": row["prompt"]}]
             solution = row["solution"]
-            assert row["hint"] == solution[0]["content"]
+            assert row["hints"][0] == solution[0]["content"]
             for turn, message in enumerate(solution):
                 if message["role"] != "assistant":
                     continue

@@ -158,6 +158,15 @@ def test_concat_rejects_inconsistent_batches():
         RolloutBatch.concat([])
     with pytest.raises(ValueError, match="advantages_N"):
         RolloutBatch.concat([b.select([0]), make_batch(advantages_N=None).select([1])])
+
+
+
+def test_a_reward_component_one_batch_lacks_does_not_apply_to_its_samples():
+    """E.g. an environment's reward, which demonstrations it never played may lack: NaN, TRL's "not applicable"."""
+    b = make_batch()
     other = make_batch(reward_components={"format": torch.ones(5)})
-    with pytest.raises(ValueError, match="reward components"):
-        RolloutBatch.concat([b.select([0]), other.select([1])])
+    joined = RolloutBatch.concat([b.select([0, 1]), other.select([2])])
+    assert set(joined.reward_components) == set(b.reward_components) | {"format"}
+    assert joined.reward_components["format"][:2].isnan().all() and joined.reward_components["format"][2] == 1.0
+    for name in b.reward_components:
+        assert joined.reward_components[name][2].isnan()

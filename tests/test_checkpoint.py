@@ -248,6 +248,10 @@ METHODS = {
     "grpo": [],
     "v0_guide": ["algorithm=guide", *V0],
     "v0_rl_plus": ["algorithm=rl_plus", "algorithm.rl_plus.demo_column=answer", *V0],
+    # multi-turn episodes against a stateful environment (tests/tool_fixtures.py), rewarded by it
+    "agent": ["task=calculator", "task.agent.env=tests.tool_fixtures:Countdown", "task.rewards=[]",
+              "task.agent.max_turns=3", "task.agent.max_episode_tokens=40", "model.max_context=256",
+              "task.agent.train_size=64", "logger.samples_per_step=2"],
 }
 
 
@@ -309,7 +313,11 @@ def _assert_same_run(killed_dir: Path, reference_dir: Path, resumed_from: int, k
         assert evals[step]["eval_accuracy"] == ref_evals[step]["eval_accuracy"]
     assert [(s["step"], s["completion"], s["reward"]) for s in samples] == \
         [(s["step"], s["completion"], s["reward"]) for s in ref_samples]
-    if extra:  # the budget's per-prompt log, and each method's own path acted
+    if method == "agent":  # the episodes' transcripts, as logged, and their metrics
+        assert [s["messages"] for s in samples] == [s["messages"] for s in ref_samples]
+        assert all(steps[s]["episode_turns_mean"] == ref_steps[s]["episode_turns_mean"] for s in steps)
+        assert max(r["episode_turns_mean"] for r in steps.values()) > 1.0
+    elif extra:  # the budget's per-prompt log, and each method's own path acted
         assert (killed_dir / "value.jsonl").read_text() == (reference_dir / "value.jsonl").read_text()
         assert sum(steps[s].get("guided_token_share", 0) > 0 for s in steps) >= 5 or method != "v0_guide"
         assert sum("loss" in r for r in steps.values()) >= 20  # most steps learned from something

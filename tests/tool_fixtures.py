@@ -40,3 +40,40 @@ def lookup(key: str) -> dict:
         key: The key.
     """
     return {"key": key, "value": len(key)}
+
+
+class Countdown:
+    """A stateful environment that the tiny char-level model can play: each turn is answered with how many are left
+    (as a tuple, the form a user's environment may return), the third turn or a reply with no digit ends it, and the
+    reward is the share of the ten digits the replies used."""
+
+    def __init__(self) -> None:
+        self.turns, self.digits = 0, set()
+
+    def reset(self, row: dict) -> list[dict]:
+        return [{"role": "user", "content": row["prompt"].split("?")[0] + "?"}]
+
+    def tools(self) -> list[dict]:
+        return []
+
+    def step(self, reply: str):
+        from rltrain.agents.environment import Observation
+
+        self.turns += 1
+        self.digits |= {c for c in reply if c.isdigit()}
+        if self.turns == 3 or not any(c.isdigit() for c in reply):
+            return Observation([], done=True, reward=len(self.digits) / 10)
+        return f"left {3 - self.turns}", False, None
+
+    def finish(self, ended: str) -> float:
+        return len(self.digits) / 10
+
+
+class Unscored(Countdown):
+    """Countdown whose episodes end without a reward."""
+
+    def step(self, reply: str):
+        return [], True, None
+
+    def finish(self, ended: str) -> None:
+        return None

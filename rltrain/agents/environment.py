@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from rltrain.agents.tools import BadCall, ToolCall, parse_calls, schema
+from rltrain.errors import ConfigError
 
 
 @dataclass
@@ -32,6 +33,9 @@ class Environment(Protocol):
 
     def step(self, reply: str) -> Observation:
         """The environment's answer to one assistant reply."""
+
+    # Optional: ``finish(ended) -> float | None``, the reward of an episode that a limit ended (``ended`` is
+    # "max_turns" or "max_tokens"); without it such an episode has no reward from the environment.
 
 
 class ToolEnvironment:
@@ -73,6 +77,21 @@ class ToolEnvironment:
             results.append({"role": "tool", "name": call.name, "content": content})
         return Observation(results, done=False, info={"tool_calls": float(len(calls)), "tool_errors": float(errors),
                                                       "tool_timeouts": float(timeouts)})
+
+
+def as_observation(value, where: str) -> Observation:
+    """An environment's answer to a turn: an ``Observation``, or a tuple ``(messages, done, reward)`` whose messages
+    may be one text (a user turn)."""
+    if isinstance(value, Observation):
+        return value
+    if isinstance(value, tuple) and len(value) == 3:
+        messages, done, reward = value
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if isinstance(messages, list) and all(isinstance(m, dict) and "role" in m for m in messages):
+            return Observation(list(messages), bool(done), None if reward is None else float(reward))
+    raise ConfigError(f"environment {where}: step(reply) must return an Observation or (messages, done, reward), got "
+                      f"{value!r:.80}")
 
 
 def run_here(fn: Callable, arguments: dict[str, Any]) -> str:

@@ -58,9 +58,13 @@ class EpisodeLimits:
     max_episode_tokens: int = 512  # completion tokens of an episode (assistant and environment), its context budget
 
 
-def first_messages(env: Environment, row: dict, hint: str, hint_format: str) -> list[dict]:
-    """The environment's first messages; with a hint, the last user turn carries it (Guide)."""
+def first_messages(env: Environment, row: dict, hint: str, hint_format: str, system_prompt: str | None = None
+                   ) -> list[dict]:
+    """The environment's first messages, led by ``system_prompt`` where they have no system turn; with a hint, the
+    last user turn carries it (Guide)."""
     messages = [dict(m) for m in env.reset(row)]
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
     if hint:
         last = max(i for i, m in enumerate(messages) if m["role"] == "user")
         messages[last]["content"] = hint_format.format(prompt=messages[last]["content"], hint=hint)
@@ -69,9 +73,10 @@ def first_messages(env: Environment, row: dict, hint: str, hint_format: str) -> 
 
 class EpisodeRunner:
     def __init__(self, engine: RolloutEngine, chat: ChatTokens, make_env: Callable[[dict], Environment],
-                 limits: EpisodeLimits, *, native_tools: bool = False, hint_format: str = "{prompt}\n{hint}") -> None:
+                 limits: EpisodeLimits, *, native_tools: bool = False, hint_format: str = "{prompt}\n{hint}",
+                 system_prompt: str | None = None) -> None:
         self.engine, self.chat, self.make_env, self.limits = engine, chat, make_env, limits
-        self.native_tools, self.hint_format = native_tools, hint_format
+        self.native_tools, self.hint_format, self.system_prompt = native_tools, hint_format, system_prompt
 
     def start(self, rows: list[dict], row_ids: list[int], counts: list[int], group_ids: list[int],
               hints: list[str] | None = None) -> list[Episode]:
@@ -80,13 +85,14 @@ class EpisodeRunner:
         for row, row_id, count, group, hint in zip(rows, row_ids, counts, group_ids, hints):
             for member in range(count):
                 env = self.make_env(row)
-                train = self._prompt_ids(env, row, "")
-                gen = self._prompt_ids(env, row, hint) if hint else train
+                train = self.prompt_ids(env, row, "")
+                gen = self.prompt_ids(env, row, hint) if hint else train
                 episodes.append(Episode(row_id, group, member, hint, env, train, gen))
         return episodes
 
-    def _prompt_ids(self, env: Environment, row: dict, hint: str) -> list[int]:
-        messages, tools = with_tools(first_messages(env, row, hint, self.hint_format), env.tools(),
+    def prompt_ids(self, env: Environment, row: dict, hint: str) -> list[int]:
+        """The episode's first messages (with its tools) as the first turn's context."""
+        messages, tools = with_tools(first_messages(env, row, hint, self.hint_format, self.system_prompt), env.tools(),
                                      native=self.native_tools)
         return self.chat.start(messages, tools)
 
@@ -104,6 +110,8 @@ class EpisodeRunner:
         for episode in episodes:
             if episode.ended is None:
                 episode.ended = "max_turns"
+            if episode.ended != "done" and hasattr(episode.env, "finish"):  # a limit ended it: the env's last say
+                episode.reward = episode.env.finish(episode.ended)
         return episodes
 
     def _turn_inputs(self, active: list[Episode], turn: int, params: SamplingParams):
@@ -164,14 +172,25 @@ def episode_batch(episodes: list[Episode]) -> RolloutBatch:
         sources=[Source.HINTED if e.hint else Source.ON_POLICY for e in episodes],
         prompt_index=[e.row for e in episodes],
         truncated_N=[e.truncated for e in episodes],
+        episodes=[episode_record(e) for e in episodes],
     )
 
 
-def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
-    """Per step: turns per episode, tool calls and errors per episode, and the share of episodes by how they ended."""
-    n = max(len(episodes), 1)
-    out = {"episode_turns_mean": sum(e.turns for e in episodes) / n}
-    keys = sorted({k for e in episodes for k in e.info})
-    out.update({f"episode_{k}_mean": sum(e.info.get(k, 0.0) for e in episodes) / n for k in keys})
-    out.update({f"episode_ended_{how}": sum(e.ended == how for e in episodes) / n for how in ENDINGS})
+def episode_record(e: Episode) -> dict:
+    """What a sample keeps of its episode (``RolloutBatch.episodes``): the transcript after the first messages, the
+    environment's reward (None where it gave none), its turns, how it ended, and its summed counts."""
+    return {"messages": e.messages, "env_reward": e.reward, "turns": e.turns, "ended": e.ended, **e.info}
+
+
+def episode_metrics(records: list[dict]) -> dict[str, float]:
+    """Per step, over episode records: turns per episode, tool calls and errors per episode, and the share of
+    episodes by how they ended."""
+    n = max(len(records), 1)
+    out = {"episode_turns_mean": sum(r["turns"] for r in records) / n}
+    keys = sorted({k for r in records for k in r if k not in RECORD_KEYS})
+    out.update({f"episode_{k}_mean": sum(r.get(k, 0.0) for r in records) / n for k in keys})
+    out.update({f"episode_ended_{how}": sum(r["ended"] == how for r in records) / n for how in ENDINGS})
     return out
+
+
+RECORD_KEYS = ("messages", "env_reward", "turns", "ended")

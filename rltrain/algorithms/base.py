@@ -79,6 +79,8 @@ class PromptTokens(Protocol):
 
     def hinted(self, row: int, hint: str) -> list[int]: ...
 
+    def hinted_lengths(self, pairs: list[tuple[int, str]]) -> list[int]: ...
+
 
 class Rollouts(Protocol):
     """Generation and scoring, as one step's ``produce`` may use them. Every call is counted in the step's metrics
@@ -101,7 +103,7 @@ class Setup:
     tokenizer: Any
     vocab_size: int
     rollouts_per_prompt: int  # trainer.rollouts_per_prompt: the size of a group when the selector does not say
-    max_tokens: int  # rollout.max_tokens: the longest completion
+    max_tokens: int  # the longest completion: rollout.max_tokens (an episode's: task.agent.max_episode_tokens)
     max_prompt_tokens: int  # the longest prompt that leaves room for a completion in the model's context
     skip_invalid: bool  # task.invalid_rows=skip: leave out unusable rows (counted, warned) instead of stopping
 

@@ -239,13 +239,15 @@ def hint_levels(value) -> list[str]:
     return [h for h in ([value] if isinstance(value, str) else list(value or [])) if isinstance(h, str) and h.strip()]
 
 
-def unfit_hints(prompts, formatter, column: str, *, max_prompt_tokens: int, skip: bool = False
+def unfit_hints(prompts, formatter, column: str, *, max_prompt_tokens: int, skip: bool = False, measure=None
                 ) -> dict[int, set[str]]:
     """Row -> the hints of ``column`` (a string or a list of them) that make its formatted prompt longer than
     ``max_prompt_tokens``, so a hinted group would have no room for its completion. Raises DatasetRowError for the
-    first; with ``skip`` (task.invalid_rows=skip) returns them (Guide never uses them) and logs one warning."""
+    first; with ``skip`` (task.invalid_rows=skip) returns them (Guide never uses them) and logs one warning.
+    ``measure([(row, hint), ...]) -> lengths``: how long the hinted prompts are (default: the formatter's count)."""
     pairs = [(i, h) for i, row in enumerate(prompts.rows) for h in hint_levels(row.get(column))]
-    lengths = formatter.lengths([prompts.rows[i]["prompt"] for i, _ in pairs], [h for _, h in pairs])
+    lengths = (measure(pairs) if measure is not None
+               else formatter.lengths([prompts.rows[i]["prompt"] for i, _ in pairs], [h for _, h in pairs]))
     unfit: dict[int, set[str]] = {}
     for (i, hint), length in zip(pairs, lengths):
         if length <= max_prompt_tokens:
@@ -361,7 +363,8 @@ class Guide(GRPO):
             raise DatasetError(f"algorithm.guide.hint_column={g.hint_column!r}: the train rows have no such column "
                                f"(they have {list(rows[0])}); Guide reads each prompt's hints from it")
         unfit = unfit_hints(setup.prompts.prompts, setup.prompts.formatter, g.hint_column,
-                            max_prompt_tokens=setup.max_prompt_tokens, skip=setup.skip_invalid)
+                            max_prompt_tokens=setup.max_prompt_tokens, skip=setup.skip_invalid,
+                            measure=setup.prompts.hinted_lengths)
         self.guidance = HintGuidance(g, setup.prompts.prompts.rows, setup.rollouts_per_prompt, unfit=unfit)
 
     def build_loss(self) -> GuideLoss:

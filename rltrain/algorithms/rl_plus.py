@@ -199,37 +199,40 @@ class Demonstrations:
                                    f"({keys[missing[0]]!r}) and {len(missing) - 1} more")
             texts = [traces[key] for key in keys]
             source = f"algorithm.rl_plus.demo_path={config.demo_path}"
+        elif prompt_ids.episodes is not None:  # an agent task: a demonstration is a whole episode's transcript
+            texts = [_transcripts(row.get(config.demo_column)) for row in rows]
+            source = f"algorithm.rl_plus.demo_column={config.demo_column!r}"
         else:
             texts = [_texts(row.get(config.demo_column)) for row in rows]
-            absent = [i for i, t in enumerate(texts) if not t]
-            if absent:
-                raise DatasetError(f"algorithm.rl_plus.demo_column={config.demo_column!r}: train row {absent[0]} has no "
-                                   f"demonstration ({len(absent)} rows in all)")
             source = f"algorithm.rl_plus.demo_column={config.demo_column!r}"
-        unk, eos = tokenizer.unk_token_id, tokenizer.eos_token_id
+        absent = [i for i, t in enumerate(texts) if not t]
+        if absent and not config.demo_path:
+            raise DatasetError(f"algorithm.rl_plus.demo_column={config.demo_column!r}: train row {absent[0]} has no "
+                               f"demonstration ({len(absent)} rows in all)")
         self.ids: list[list[list[int]]] = []  # row -> its usable demonstrations' token ids (EOS included)
+        self.masks: list[list[list[int]]] = []  # the same, 1 where the demonstration's own (assistant) tokens are
+        self.transcripts: list[list[list[dict] | None]] = []  # an episode's messages (agent tasks), else None
         problems: dict[int, str] = {}
-        flat = [text for row_texts in texts for text in row_texts]
-        encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])  # one call for all
-        for i, row_texts in enumerate(texts):
-            usable = []
-            for _ in row_texts:
-                ids = list(next(encoded)) + [eos]
-                if len(ids) > max_tokens:
-                    problems.setdefault(i, f"a demonstration is {len(ids)} tokens with its EOS, more than "
-                                           f"rollout.max_tokens={max_tokens} lets a rollout have")
-                elif unk is not None and unk in ids[:-1]:
-                    problems.setdefault(i, f"a demonstration has text the tokenizer cannot encode "
-                                           f"({tokenizer.decode(ids[:-1], skip_special_tokens=False)!r})")
+        key = "rollout.max_tokens" if prompt_ids.episodes is None else "task.agent.max_episode_tokens"
+        for i, (row_texts, encoded) in enumerate(zip(texts, self._encoded(texts, rows, tokenizer))):
+            usable, masks, transcripts = [], [], []
+            for demo, (ids, mask) in zip(row_texts, encoded):
+                problem = _unusable(ids, mask, tokenizer, max_tokens, key)
+                if problem:
+                    problems.setdefault(i, problem)
                 else:
                     usable.append(ids)
+                    masks.append(mask)
+                    transcripts.append(demo if prompt_ids.episodes is not None else None)
             self.ids.append(usable)
+            self.masks.append(masks)
+            self.transcripts.append(transcripts)
         if problems:
             first = min(problems)
             message = f"{source}: train row {first}: {problems[first]}"
             if not skip:
                 raise DatasetRowError(f"{message} (task.invalid_rows=skip leaves such demonstrations out"
-                                      + ("; or raise rollout.max_tokens)" if "max_tokens" in problems[first] else ")"))
+                                      + (f"; or raise {key})" if "with its EOS" in problems[first] else ")"))
             logger.warning("%s; %d rows have such demonstrations, left out (task.invalid_rows=skip); %d rows have none "
                            "left and get rollouts only", message, len(problems), sum(not ids for ids in self.ids))
         repeated = sum(0 < len(ids) < self.count for ids in self.ids)
@@ -241,21 +244,64 @@ class Demonstrations:
         """Demonstrations in prompt ``index``'s group (0 for a row whose every demonstration was left out)."""
         return self.count if self.ids[index] else 0
 
+    def _encoded(self, demos: list[list], rows: list[dict], tokenizer) -> list[list[tuple[list[int], list[int]]]]:
+        """Each row's demonstrations as (token ids, mask): a text's tokens and the EOS (one tokenizer call for all),
+        or an episode transcript's tokens (``EpisodeTask.transcript_tokens``)."""
+        if self.prompt_ids.episodes is not None:
+            return [[self.prompt_ids.episodes.transcript_tokens(row, demo) for demo in row_demos]
+                    for row, row_demos in zip(rows, demos)]
+        flat = [text for row_texts in demos for text in row_texts]
+        encoded = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+        out = []
+        for row_texts in demos:
+            ids = [list(next(encoded)) + [tokenizer.eos_token_id] for _ in row_texts]
+            out.append([(x, [1] * len(x)) for x in ids])
+        return out
+
     def batch(self, indices: list[int], group_ids: list[int]) -> RolloutBatch:
         """``count_for(i)`` demonstrations of each prompt ``i = indices[k]``, in group ``group_ids[k]``."""
-        contexts, completions, groups, rows = [], [], [], []
+        contexts, completions, masks, transcripts, groups, rows = [], [], [], [], [], []
         for index, group in zip(indices, group_ids):
             for k in range(self.count_for(index)):
+                which = k % len(self.ids[index])
                 contexts.append(self.prompt_ids[index])
-                completions.append(list(self.ids[index][k % len(self.ids[index])]))
+                completions.append(list(self.ids[index][which]))
+                masks.append(list(self.masks[index][which]))
+                transcripts.append(self.transcripts[index][which])
                 groups.append(group)
                 rows.append(index)
         n = len(completions)
+        episodes = None
+        task = self.prompt_ids.episodes
+        if task is not None:  # rewarded as an episode: the environment replays it, the functions read it
+            rows_ = self.prompt_ids.prompts.rows
+            episodes = [{"messages": t, "env_reward": task.replayed_reward(rows_[r], t),
+                         "turns": sum(m["role"] == "assistant" for m in t), "ended": "done"}
+                        for t, r in zip(transcripts, rows)]
         return RolloutBatch(
             train_prompt_ids=contexts, gen_prompt_ids=contexts, completion_ids=completions,
             behaviour_logp=[[0.0] * len(c) for c in completions], group_ids_N=groups,
-            sources=[Source.EXTERNAL] * n, prompt_index=rows, truncated_N=[False] * n,
+            sources=[Source.EXTERNAL] * n, prompt_index=rows, truncated_N=[False] * n, completion_mask=masks,
+            episodes=episodes,
         )
+
+
+def _unusable(ids: list[int], mask: list[int], tokenizer, max_tokens: int, key: str) -> str | None:
+    """Why a demonstration cannot join a group, or None (``key``: the setting that limits a rollout's length)."""
+    unk = tokenizer.unk_token_id
+    if len(ids) > max_tokens:
+        return f"a demonstration is {len(ids)} tokens with its EOS, more than {key}={max_tokens} lets a rollout have"
+    if unk is not None and unk in [t for t, m in zip(ids[:-1], mask) if m]:
+        return (f"a demonstration has text the tokenizer cannot encode "
+                f"({tokenizer.decode(ids[:-1], skip_special_tokens=False)!r})")
+    return None
+
+
+def _transcripts(value) -> list[list[dict]]:
+    """A row's episode demonstrations: one transcript (a list of messages) or a list of them."""
+    if not value:
+        return []
+    return [value] if isinstance(value[0], dict) else [list(t) for t in value if t]
 
 
 def _texts(value) -> list[str]:

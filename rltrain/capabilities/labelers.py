@@ -118,14 +118,21 @@ class TagLabeler:
     runs = 1
 
     def __init__(self, capabilities: Sequence[str]) -> None:
-        unknown = sorted(set(capabilities) - set(DEFINITIONS))
+        from rltrain.agents.capabilities import AGENT_DEFINITIONS
+
+        known = {**DEFINITIONS, **AGENT_DEFINITIONS}
+        unknown = sorted(set(capabilities) - set(known))
         if unknown:
-            raise ValueError(f"no programmatic check for capabilities {unknown}; known: {sorted(DEFINITIONS)}")
+            raise ValueError(f"no programmatic check for capabilities {unknown}; known: {sorted(known)}")
         self.capabilities = list(capabilities)
 
-    def label(self, rows: Sequence[dict], completions: Sequence[str], run: int = 0,
+    def label(self, rows: Sequence[dict], completions: Sequence, run: int = 0,
               passed: Sequence[bool] | None = None) -> list[list[str]]:
-        return [label_item(row, text, self.capabilities) for row, text in zip(rows, completions)]
+        """``completions``: texts, or episodes' messages (``rltrain.agents.capabilities.label_episode``)."""
+        from rltrain.agents.capabilities import label_episode
+
+        return [label_episode(row, c, self.capabilities) if isinstance(c, list) else
+                label_item(row, c, self.capabilities) for row, c in zip(rows, completions)]
 
 
 JUDGE_REPLIES = (NA, PRESENT, LACKING)
@@ -189,7 +196,11 @@ class JudgeLabeler:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def scores(self, rows: Sequence[dict], completions: Sequence[str], passed: Sequence[bool]) -> torch.Tensor:
-        """[trajectories, capabilities, 3]: the judge's mean log-probability of NA, PRESENT, LACKING."""
+        """[trajectories, capabilities, 3]: the judge's mean log-probability of NA, PRESENT, LACKING. An episode (a
+        list of messages) is read as its transcript, turn by turn."""
+        from rltrain.rewards import transcript_text
+
+        completions = [transcript_text(c) if isinstance(c, list) else c for c in completions]
         key = hash((tuple(r["prompt"] for r in rows), tuple(completions), tuple(passed)))
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]

@@ -105,8 +105,7 @@ def run_routed(model, tokenizer, prompt_ids, rows: Sequence[int], routes: Sequen
     from rltrain.rollout.collect import collect
     from rltrain.rollout.hf import HFEngine
 
-    engine = HFEngine(model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
-                      batch_size=256)
+    engine = HFEngine.for_tokenizer(model, tokenizer, 256)
     params = (SamplingParams(max_tokens=max_tokens, greedy=True) if samples == 1
               else SamplingParams(temperature=temperature, max_tokens=max_tokens))
     groups: dict[object, list[int]] = {}

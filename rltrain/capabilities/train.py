@@ -57,8 +57,7 @@ def train_adapters(config: Config, names: list[str], out: Path, definitions: dic
     # calibration samples the base (the starting model, no adapter) with the HF engine: nothing to close
     base = starting_model(config)
     tokenizer = base.tokenizer
-    engine = HFEngine(base.model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
-                      batch_size=config.rollout.batch_size)
+    engine = HFEngine.for_tokenizer(base.model, tokenizer, config.rollout.batch_size)
     r, cap = config.rollout, config.capabilities
     sampling = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens)
     out.mkdir(parents=True, exist_ok=True)

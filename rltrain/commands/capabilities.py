@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from rltrain.agents.capabilities import AGENT_DEFINITIONS
 from rltrain.capabilities.analyze import analyze, load_judge, per_capability_accuracy, write
 from rltrain.capabilities.environments import BUILTIN, has_environment
 from rltrain.capabilities.labelers import DEFINITIONS, JudgeLabeler, TagLabeler
@@ -32,9 +33,10 @@ def analyze_main(args: list[str]) -> None:
     from rltrain.evaluation import CheckpointPathError, _scored
     from rltrain.rewards import RewardError, RewardScorer
     from rltrain.rollout.base import SamplingParams
-    from rltrain.rollout.collect import PromptIds, collect
+    from rltrain.rollout.collect import collect
     from rltrain.rollout.hf import HFEngine
-    from rltrain.tasks.prompts import DatasetError, load_prompt_sets, validate_rows
+    from rltrain.start import checked_ids, episode_task
+    from rltrain.tasks.prompts import DatasetError, load_prompt_sets
 
     config = command_config(args, USAGE)
     if config is None:
@@ -48,8 +50,9 @@ def analyze_main(args: list[str]) -> None:
         train_set, eval_set = load_prompt_sets(config.task)
         prompt_set = train_set if cap.split == "train" else eval_set
         prompt_set.rows = prompt_set.rows[: cap.prompts]
-        prompt_set, _ = validate_rows(prompt_set, formatter, policy=config.task.invalid_rows,
-                                      max_prompt_tokens=config.model.max_context - r.max_tokens)
+        episodes = episode_task(config, tokenizer, prompt_set.rows)  # an agent task: trajectories are episodes
+        ids = checked_ids(config, formatter, prompt_set, episodes)
+        prompt_set = ids.prompts
     except DatasetError as err:
         exit_error(err)
     tagged = bool(prompt_set.rows) and "capabilities" in prompt_set.rows[0]
@@ -59,7 +62,7 @@ def analyze_main(args: list[str]) -> None:
     if not cap.names and not tagged:
         fail("capabilities.names: name the candidate capabilities (the task's rows carry no tags)")
     names = list(cap.names) or sorted({t for row in prompt_set.rows for t in row["capabilities"]})
-    definitions = {**DEFINITIONS, **cap.definitions}
+    definitions = {**DEFINITIONS, **AGENT_DEFINITIONS, **cap.definitions}
     try:
         if cap.labeler == "judge":
             judge, judge_tokenizer = load_judge(cap.judge, model, tokenizer, config.model)
@@ -71,9 +74,7 @@ def analyze_main(args: list[str]) -> None:
         fail(f"capabilities.judge: {err}")
     except ValueError as err:
         fail(f"capabilities.names: {err}")
-    engine = HFEngine(model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
-                      batch_size=r.batch_size)
-    ids = PromptIds(formatter, prompt_set)
+    engine = HFEngine.for_tokenizer(model, tokenizer, r.batch_size)
     indices = list(range(len(prompt_set)))
     batch = collect(engine, ids, indices, [cap.samples] * len(indices),
                     SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens))
@@ -84,10 +85,13 @@ def analyze_main(args: list[str]) -> None:
         exit_error(err)
     finally:
         scorer.close()
+        if episodes is not None:
+            episodes.close()
     rows = [prompt_set.rows[i] for i in batch.prompt_index]
+    trajectories = [e["messages"] for e in batch.episodes] if batch.episodes is not None else texts
     passed = passed_N.tolist()
     runs, k = (1, 1) if cap.labeler == "tags" else (cap.runs, cap.k)
-    scores, labels = analyze(rows, texts, passed, names, labeler=labeler, runs=runs, rho=cap.rho, delta=cap.delta,
+    scores, labels = analyze(rows, trajectories, passed, names, labeler=labeler, runs=runs, rho=cap.rho, delta=cap.delta,
                              k=k)
     accuracy = per_capability_accuracy(rows, passed, names)
     out = Path(cap.output)
@@ -133,7 +137,7 @@ def train_main(args: list[str]) -> None:
     if taken:
         fail(f"capabilities.output={cap.output}: {out / taken[0]} exists from an earlier run; choose another "
              "capabilities.output or remove it")
-    definitions = {**DEFINITIONS, **cap.definitions}
+    definitions = {**DEFINITIONS, **AGENT_DEFINITIONS, **cap.definitions}
     try:
         records = train_adapters(config, names, out, definitions)
     except CalibrationError as err:

@@ -38,25 +38,28 @@ def main(args: list[str]) -> None:
               + ", ".join(f"{n} {s['accuracy']:.3f}" for n, s in result["single"].items()) + f"; wrote {output}")
         return
     from rltrain.rewards import RewardError, RewardScorer
-    from rltrain.rollout.collect import PromptIds
     from rltrain.rollout.hf import HFEngine
-    from rltrain.tasks.prompts import DatasetError, validate_rows
+    from rltrain.start import checked_ids, episode_task
+    from rltrain.tasks.prompts import DatasetError
 
     output = Path(e.output) if e.output else Path(e.checkpoint or ".") / "eval.json"
     r = config.rollout
     try:
         loaded = load_model(config, e.checkpoint, "eval.checkpoint")  # no checkpoint: a start that reads the rows
         location, model, tokenizer, formatter = loaded.location, loaded.model, loaded.tokenizer, loaded.formatter
-        engine = HFEngine(model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
-                          batch_size=r.batch_size)
-        prompt_set, _ = validate_rows(eval_prompt_set(config), formatter, policy=config.task.invalid_rows,
-                                      max_prompt_tokens=config.model.max_context - r.max_tokens)
+        engine = HFEngine.for_tokenizer(model, tokenizer, r.batch_size)
+        rows = eval_prompt_set(config)
+        episodes = episode_task(config, tokenizer, rows.rows)  # an agent task: each rollout an episode
+        prompt_ids = checked_ids(config, formatter, rows, episodes)
+        prompt_set = prompt_ids.prompts
         scorer = RewardScorer.from_config(config.task)
         try:
-            outcomes = run_prompts(engine, PromptIds(formatter, prompt_set), scorer, tokenizer, max_tokens=r.max_tokens,
+            outcomes = run_prompts(engine, prompt_ids, scorer, tokenizer, max_tokens=r.max_tokens,
                                    samples=e.samples, temperature=r.temperature, top_p=r.top_p)
         finally:
             scorer.close()
+            if episodes is not None:
+                episodes.close()
     except (DatasetError, RewardError) as err:
         exit_error(err)
     ks = sorted(set(e.ks)) or default_ks(e.samples)

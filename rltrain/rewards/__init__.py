@@ -134,7 +134,7 @@ class RewardScorer:
             scored.update(i for i, score in enumerate(scores) if score is not None)
             components[reward.name] = torch.tensor([math.nan if v is None else v for v in scores], dtype=torch.float32)
             total_N += reward.weight * components[reward.name].masked_fill(components[reward.name].isnan(), 0.0)
-        if n and not scored and not errors | timeouts:
+        if self.rewards and n and not scored and not errors | timeouts:
             # every function said "does not apply" to every sample: a batch with no reward at all, which would train
             # on zeros as if they were scores (a reward written for other data, or a column it never finds)
             errors.update(range(n))
@@ -147,11 +147,16 @@ class RewardScorer:
         stats = {"reward_errors": float(len(errors)), "reward_timeouts": float(len(timeouts))}
         return total_N, components, failed_N, stats
 
-    def full_rewards(self, components: dict[str, Tensor]) -> Tensor:
+    def full_rewards(self, components: dict[str, Tensor], n: int) -> Tensor:
         """Per sample, the total it gets when every function that applies to it (a score, not NaN) gives 1.0; +inf
         where none applies, so that such a sample is never correct."""
-        applies = {r.name: ~components[r.name].isnan() for r in self.rewards}
-        full_N = sum(max(r.weight, 0.0) * applies[r.name].float() for r in self.rewards)
+        weights = {r.name: max(r.weight, 0.0) for r in self.rewards}
+        if ENV_REWARD in components:
+            weights[ENV_REWARD] = 1.0
+        applies = {name: ~components[name].isnan() for name in weights}
+        full_N = sum((w * applies[name].float() for name, w in weights.items()), torch.zeros(n))
+        if not applies:
+            return full_N.fill_(math.inf)
         return full_N.masked_fill(~torch.stack(list(applies.values())).any(0), math.inf)
 
     def score_batch(self, batch: RolloutBatch, tokenizer, prompt_set: PromptSet, state: TrainerState = TrainerState()
@@ -160,13 +165,26 @@ class RewardScorer:
         ``reward_timeouts``, ``reward_dropped``; ``reward_failed`` of ``reward_samples``: samples some function
         failed, each once, of those scored). Functions get TRL's arguments (the module docstring). Under ``drop`` the
         failed samples are gone from the batch and the completions: groups may shrink, vanish, or leave none."""
-        texts = tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
         prompts = [prompt_set.rows[i]["prompt"] for i in batch.prompt_index]
-        completions = [text if isinstance(prompt, str) else as_messages(prompt, text)
-                       for prompt, text in zip(prompts, texts)]
+        if batch.episodes is not None:  # TRL's multi-turn completions: the messages after the prompt
+            completions = [e["messages"] for e in batch.episodes]
+            texts = [transcript_text(c) for c in completions]
+        else:
+            texts = tokenizer.batch_decode(batch.completion_ids, skip_special_tokens=True)
+            completions = [text if isinstance(prompt, str) else as_messages(prompt, text)
+                           for prompt, text in zip(prompts, texts)]
         columns = {**prompt_set.columns(batch.prompt_index), "completion_ids": [list(c) for c in batch.completion_ids]}
         total_N, components, failed_N, stats = self.score(prompts, completions, columns, state)
-        batch = batch.with_rewards(total_N, components, self.full_rewards(components))
+        if batch.episodes is not None:
+            total_N, components = _with_env_rewards(total_N, components, batch.episodes)
+            if not self.rewards and ENV_REWARD not in components and len(batch):  # nothing scored any episode
+                failed_N[:] = True
+                stats["reward_errors"] = float(len(batch))
+                if ("environment", "batch", "none") not in self._logged:
+                    self._logged.add(("environment", "batch", "none"))
+                    logger.warning("no episode of a batch has a reward: task.rewards is empty and the environment "
+                                   "gave none, so they count as reward errors")
+        batch = batch.with_rewards(total_N, components, self.full_rewards(components, len(total_N)))
         stats.update(reward_samples=float(len(texts)), reward_failed=float(int(failed_N.sum())), reward_dropped=0.0)
         if self.on_failure == RewardFailure.drop and failed_N.any():
             kept = (~failed_N).nonzero().squeeze(-1).tolist()
@@ -216,6 +234,25 @@ class RewardScorer:
         counted = "reward_timeouts" if failure.kind == TIMED_OUT else "reward_errors"
         logger.warning("reward %s %s %s (logged once per run; later ones are only counted, in %s): %s", reward.name,
                        failure.kind, where, counted, failure.detail, exc_info=failure.error)
+
+
+ENV_REWARD = "environment"  # the component of an environment's own rewards (weight 1)
+
+
+def _with_env_rewards(total_N: Tensor, components: dict[str, Tensor], episodes: list[dict]
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
+    """The environment's rewards added to the functions': a component of weight 1, NaN where it gave none."""
+    values = [e.get("env_reward") for e in episodes]
+    if all(v is None for v in values):
+        return total_N, components
+    env_N = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
+    return total_N + env_N.nan_to_num(0.0), {**components, ENV_REWARD: env_N}
+
+
+def transcript_text(messages: list[dict]) -> str:
+    """An episode's messages as one text, each turn under its role (for logs, reports and eval results)."""
+    return "\n".join(f"[{m.get('role')}{' ' + m['name'] if m.get('name') else ''}] {m.get('content') or ''}"
+                     for m in messages)
 
 
 def as_messages(prompt: list[dict], text: str) -> list[dict]:

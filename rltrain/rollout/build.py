@@ -49,8 +49,7 @@ def build_engine(config: Config, *, model: torch.nn.Module, tokenizer, train_ids
     """``model``: the policy's module (the HF engine generates with it); ``engine_init``: ``save_engine_init``'s."""
     r, eos = config.rollout, [tokenizer.eos_token_id]
     if r.backend != "vllm":
-        return ShardedEngine(HFEngine(model, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id,
-                                      batch_size=r.batch_size, tokenizer=tokenizer), world, policy.gathered)
+        return ShardedEngine(HFEngine.for_tokenizer(model, tokenizer, r.batch_size), world, policy.gathered)
     sync = sync_settings(config, tokenizer, train_ids, world)
     if r.vllm.mode == "server":  # one server for every rank: rank 0 sends
         from rltrain.rollout.server import VLLMServerEngine

@@ -8,20 +8,31 @@ from rltrain.tasks.prompts import PromptFormatter, PromptSet
 
 
 class PromptIds:
-    """Token ids of each row's prompt, rendered once."""
+    """Token ids of each row's prompt, rendered once. With ``episodes`` (an agent task,
+    ``rltrain.agents.task.EpisodeTask``) a row's prompt is its episode's first messages and its rollouts are
+    episodes."""
 
-    def __init__(self, formatter: PromptFormatter, prompts: PromptSet) -> None:
-        self.formatter, self.prompts = formatter, prompts
+    def __init__(self, formatter: PromptFormatter, prompts: PromptSet, episodes=None) -> None:
+        self.formatter, self.prompts, self.episodes = formatter, prompts, episodes
         self._cache: dict[int, list[int]] = {}
 
     def __getitem__(self, index: int) -> list[int]:
         if index not in self._cache:
-            self._cache[index] = self.formatter.ids(self.prompts.rows[index]["prompt"])
+            self._cache[index] = self.hinted(index, "")
         return self._cache[index]
 
     def hinted(self, index: int, hint: str) -> list[int]:
         """The generation context of row ``index`` with ``hint`` (not cached: hints change as they escalate)."""
-        return self.formatter.ids(self.prompts.rows[index]["prompt"], hint)
+        if self.episodes is not None:
+            return self.episodes.prompt_ids(self.prompts.rows[index], hint)
+        return self.formatter.ids(self.prompts.rows[index]["prompt"], hint or None)
+
+
+    def hinted_lengths(self, pairs: list[tuple[int, str]]) -> list[int]:
+        """``len(hinted(row, hint))`` for each pair (text prompts counted in one tokenizer call)."""
+        if self.episodes is not None:
+            return [len(self.hinted(row, hint)) for row, hint in pairs]
+        return self.formatter.lengths([self.prompts.rows[row]["prompt"] for row, _ in pairs], [h for _, h in pairs])
 
 
 def prompt_seed(seed: int, group_id: int, hinted: bool) -> int:
@@ -50,9 +61,13 @@ def collect(
 ) -> RolloutBatch:
     """``counts[k]`` completions of prompt ``indices[k]``, one group per prompt (sizes may differ), numbered from
     ``first_group_id`` unless ``group_ids`` says. With ``hints[k]``, prompt k is generated from its hinted context
-    (Guide) and trained for the plain one; those samples are ``Source.HINTED``."""
+    (Guide) and trained for the plain one; those samples are ``Source.HINTED``. For an agent task each sample is an
+    episode (``PromptIds.episodes``)."""
     hints = hints or [""] * len(indices)
     groups_k = group_ids if group_ids is not None else [first_group_id + k for k in range(len(indices))]
+    if prompt_ids.episodes is not None:
+        return prompt_ids.episodes.collect(engine, [prompt_ids.prompts.rows[i] for i in indices], indices, counts,
+                                           params, group_ids=groups_k, hints=hints)
     gen_k = [prompt_ids.hinted(i, h) if h else prompt_ids[i] for i, h in zip(indices, hints)]
     contexts, gen_contexts, groups, rows, sources = [], [], [], [], []
     for index, count, gen, group, hint in zip(indices, counts, gen_k, groups_k, hints):

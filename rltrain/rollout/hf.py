@@ -25,6 +25,13 @@ class HFEngine:
         self.batch_size = batch_size  # sequences generated at once (a prompt's copies count one each)
         self.tokenizer = tokenizer  # decodes completions for stop strings (needed only with them)
 
+    @classmethod
+    def for_tokenizer(cls, model: nn.Module, tokenizer, batch_size: int) -> HFEngine:
+        """The engine for a model and its tokenizer: ends at its EOS, pads with its pad token, decodes stop strings
+        (an agent's episodes stop at ``</tool_call>``)."""
+        return cls(model, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+                   batch_size=batch_size, tokenizer=tokenizer)
+
     @torch.no_grad()
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, counts: list[int] | None = None,

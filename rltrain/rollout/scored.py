@@ -24,10 +24,16 @@ class Tally:
     time_reward_s: float = 0.0
     reward: dict[str, float] = field(default_factory=dict)  # the scorer's counts (errors, timeouts, dropped)
     outcomes: dict[int, list[int]] = field(default_factory=dict)  # group id -> [correct, scored] of on-policy samples
+    episodes: list[dict] = field(default_factory=list)  # the records of the episodes generated (agent tasks)
 
     def metrics(self) -> dict[str, float]:
-        return {"rollouts": self.rollouts, "tokens_generated": self.tokens_generated,
-                "time_reward_s": self.time_reward_s, **self.reward}
+        out = {"rollouts": self.rollouts, "tokens_generated": self.tokens_generated,
+               "time_reward_s": self.time_reward_s, **self.reward}
+        if self.episodes:
+            from rltrain.agents.episodes import episode_metrics
+
+            out.update(episode_metrics(self.episodes))
+        return out
 
 
 class StepRollouts:
@@ -43,7 +49,8 @@ class StepRollouts:
                hints: list[str] | None = None) -> RolloutBatch:
         batch = collect(self.engine, self.prompts, rows, counts, self.sampling, hints=hints, group_ids=group_ids)
         self.tally.rollouts += len(batch)
-        self.tally.tokens_generated += sum(len(x) for x in batch.completion_ids)
+        self.tally.tokens_generated += sum(sum(m) for m in batch.completion_mask)  # the policy's, not a tool's
+        self.tally.episodes += batch.episodes or []
         batch = self.score(batch)
         for group, source, ok in zip(batch.group_ids_N.tolist(), batch.sources, batch.correct_N.tolist()):
             if source == Source.ON_POLICY:  # samples whose reward failed are gone (task.on_reward_failure=drop)

@@ -4,7 +4,7 @@
 the answer. ``atlas``: questions about an invented world ("What is the population of the capital of Veloria?") that
 need two calls whose results feed each other (``capital_of`` then ``population_of``); nothing about the world can be
 known without the tools. Each row carries ``answer`` (an integer as text, scored on the final reply), ``hint`` (the
-first tool call, for Guide), ``solution`` (the whole episode as messages, for RL-PLUS demonstrations) and ``tools``
+first tool call, then more, for Guide), ``solution`` (the whole episode as messages, for RL-PLUS demonstrations) and ``tools``
 (the import paths of the tools the episode offers).
 
 Tools are module-level functions with typed, documented arguments, so that their schemas come from their signatures
@@ -53,9 +53,9 @@ def _call(name: str, **arguments) -> str:
     return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
 
 
-def calculator_rows(count: int, seed: int, *, digits: tuple[int, int] = (3, 2)) -> list[dict]:
+def calculator_rows(count: int, seed: int, *, digits: tuple[int, int] = (3, 2), tools: bool = True) -> list[dict]:
     """``count`` distinct questions: products of a ``digits[0]``-digit and a ``digits[1]``-digit number, and sums of
-    two 4-digit numbers, half each."""
+    two 4-digit numbers, half each. ``tools=False``: the same questions with no tool (answered in the head)."""
     rng, rows, seen = random.Random(seed), [], set()
     while len(rows) < count:
         if len(rows) % 2 == 0:
@@ -69,10 +69,14 @@ def calculator_rows(count: int, seed: int, *, digits: tuple[int, int] = (3, 2)) 
             continue
         seen.add(expression)
         call = _call("calculator", expression=expression)
+        if not tools:
+            rows.append({"prompt": f"What is {expression}? Answer with just the number.", "answer": str(result),
+                         "kind": kind, "tools": [], "solution": [{"role": "assistant", "content": str(result)}]})
+            continue
         rows.append({
             "prompt": f"What is {expression}? Use the calculator, then answer with just the number.",
-            "answer": str(result), "hint": call, "kind": kind, "tools": CALCULATOR_TOOLS,
-            "capabilities": ["calls_tool", "uses_result"],
+            "answer": str(result), "hints": [call], "kind": kind, "tools": CALCULATOR_TOOLS,
+            "capabilities": ["calls_tool", "well_formed_call", "uses_result", "answer_format"],
             "solution": [{"role": "assistant", "content": call}, {"role": "tool", "name": "calculator",
                                                                  "content": str(result)},
                          {"role": "assistant", "content": str(result)}],
@@ -141,8 +145,8 @@ def atlas_rows(count: int, seed: int) -> list[dict]:
         rows.append({
             "prompt": f"What is the population of the capital of {country}? Use the tools, then answer with just "
                       "the number.",
-            "answer": str(population), "hint": first, "kind": "two_calls", "tools": ATLAS_TOOLS,
-            "capabilities": ["calls_tool", "chains_calls", "uses_result"],
+            "answer": str(population), "hints": [first, f"{first} then {second}"], "kind": "two_calls", "tools": ATLAS_TOOLS,
+            "capabilities": ["calls_tool", "well_formed_call", "chains_calls", "uses_result", "answer_format"],
             "solution": [{"role": "assistant", "content": first},
                          {"role": "tool", "name": "capital_of", "content": capital},
                          {"role": "assistant", "content": second},
@@ -150,3 +154,25 @@ def atlas_rows(count: int, seed: int) -> list[dict]:
                          {"role": "assistant", "content": str(population)}],
         })
     return rows
+
+
+SUITES = ("calculator", "atlas")
+
+
+def build_rows(suite: str, train_size: int, eval_size: int, seed: int, *, tools: bool = True
+               ) -> tuple[list[dict], list[dict]]:
+    """(train, eval) rows of a built-in suite, disjoint by construction: one seeded draw of distinct questions, the
+    first ``eval_size`` held out (so the held-out set does not change with ``train_size``). ``tools=False``: the
+    calculator's questions without the tool."""
+    if suite == "calculator":
+        rows = calculator_rows(eval_size + train_size, seed, tools=tools)
+    elif not tools:
+        raise ValueError(f"task.agent.use_tools=false: the {suite} task cannot be answered without its tools")
+    elif suite == "atlas":
+        if eval_size >= len(CAPITALS):
+            raise ValueError(f"task.eval_size={eval_size}: the atlas world has {len(CAPITALS)} countries, and training "
+                             "needs some")
+        rows = atlas_rows(min(eval_size + train_size, len(CAPITALS)), seed)
+    else:
+        raise ValueError(f"task.agent.suite={suite!r}: choose one of {', '.join(SUITES)}")
+    return rows[eval_size:], rows[:eval_size]

@@ -206,8 +206,7 @@ def build_screener(config: Config, *, unguided_groups: int) -> tuple[Screener, s
     seen = {row["prompt"] for row in start.train_set.rows} if config.model.source == ModelSource.tiny else set()
     rewards = RewardScorer.from_config(config.task)
     r, tokenizer = config.rollout, start.tokenizer
-    engine = HFEngine(start.model.eval(), eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
-                      batch_size=r.batch_size)
+    engine = HFEngine.for_tokenizer(start.model.eval(), tokenizer, r.batch_size)
     screener = Screener(engine, PromptFormatter(tokenizer, config.task), rewards, tokenizer,
                         SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens),
                         samples=config.trainer.rollouts_per_prompt, unguided_groups=unguided_groups,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rltrain.config import InvalidRows, PromptStyle, TaskConfig, TaskSource
 from rltrain.errors import DatasetError, DatasetRowError
-from rltrain.tasks import arithmetic, prompt_key, reasoning_gym
+from rltrain.tasks import agent_tasks, arithmetic, prompt_key, reasoning_gym
 
 EVAL_SEED_OFFSET = 1_000_003
 GENERATED_EVAL_SIZE = 200  # held-out rows a generated task (built-in, reasoning-gym) makes when task.eval_size is 0
@@ -63,7 +63,7 @@ class PromptFormatter:
         self.tokenizer = tokenizer
         self.task = task
         builtin = task.source == TaskSource.builtin
-        generated = builtin or task.source == TaskSource.reasoning_gym  # rltrain's own questions, not a user's text
+        generated = builtin or task.source in (TaskSource.reasoning_gym, TaskSource.agent)  # rltrain's own questions
         self.chat = task.chat_template if task.chat_template is not None else generated
         self.instruction = (task.instruction if task.instruction is not None
                             else task.builtin.instruction if builtin else "")
@@ -130,6 +130,11 @@ def load_prompt_sets(task: TaskConfig) -> tuple[PromptSet, PromptSet]:
     if task.source == TaskSource.reasoning_gym:
         train, held_out = reasoning_gym.build_rows(task.reasoning_gym, task.eval_size or GENERATED_EVAL_SIZE)
         return PromptSet(train, "reasoning_gym/train"), PromptSet(held_out, "reasoning_gym/eval")
+    if task.source == TaskSource.agent:
+        a = task.agent
+        train, held_out = agent_tasks.build_rows(a.suite, a.train_size, task.eval_size or GENERATED_EVAL_SIZE, a.seed,
+                                                 tools=a.use_tools)
+        return PromptSet(train, f"agent/{a.suite}/train"), PromptSet(held_out, f"agent/{a.suite}/eval")
     if task.source == TaskSource.builtin:
         b = task.builtin
         train = arithmetic.make_items(dict(b.mix), dict(b.digits), b.train_size, b.seed, min_digits=dict(b.min_digits),
@@ -190,8 +195,8 @@ def resolve_dataset_path(path: str) -> str:
     return str(resolved)
 
 
-def validate_rows(prompts: PromptSet, formatter: PromptFormatter, *, max_prompt_tokens: int, policy: InvalidRows
-                  ) -> tuple[PromptSet, list[int]]:
+def validate_rows(prompts: PromptSet, formatter: PromptFormatter, *, max_prompt_tokens: int, policy: InvalidRows,
+                  measure=None) -> tuple[PromptSet, list[int]]:
     """The rows fit to train on, and the indices (in ``prompts``) of those left out.
 
     A row is unfit when a mapped column (``prompts.renamed``, and ``prompt`` always) is missing or null, its prompt
@@ -202,10 +207,13 @@ def validate_rows(prompts: PromptSet, formatter: PromptFormatter, *, max_prompt_
     """
     problems = {i: p for i, row in enumerate(prompts.rows) if (p := _text_problem(prompts, row, formatter)) is not None}
     measured = [i for i in range(len(prompts)) if i not in problems]
-    for index, length in zip(measured, formatter.lengths([prompts.rows[i]["prompt"] for i in measured])):
+    rows = [prompts.rows[i] for i in measured]
+    lengths = measure(rows) if measure is not None else formatter.lengths([row["prompt"] for row in rows])
+    room = "task.agent.max_episode_tokens" if measure is not None else "rollout.max_tokens"
+    for index, length in zip(measured, lengths):
         if length > max_prompt_tokens:
             problems[index] = (f"column {column_label(prompts, 'prompt')} is {length} tokens once formatted, more "
-                               f"than the {max_prompt_tokens} that model.max_context - rollout.max_tokens leaves")
+                               f"than the {max_prompt_tokens} that model.max_context - {room} leaves")
     skipped = sorted(problems)
     first = f"row {skipped[0]}: {problems[skipped[0]]}" if skipped else ""
     if skipped and policy == InvalidRows.error:
