@@ -5,11 +5,9 @@ the tool-call rate of the held-out episodes, and the reward over training.
 Each arm is a label and Hydra overrides, trained with ``rltrain train`` once per seed in a directory of its own
 (finished runs are reused).
 
-    python bench/agent_tools.py --work /tmp/agent_tools --seeds 0 1 2 \\
-        --common task=calculator task.agent.sft_steps=2 task.agent.sft_rows=8 task.agent.sft_batch_size=4 \\
-                 task.agent.sft_lr=2.5e-5 rollout.max_tokens=48 trainer.steps=12 trainer.rollouts_per_prompt=8 \\
-                 task.eval_size=50 trainer.eval_every=6 \\
+    python bench/agent_tools.py --work /tmp/agent_tools --seeds 0 1 2 --common experiment=agent_calculator \\
         --arm tool --arm no_tool task.agent.use_tools=false
+    python bench/agent_tools.py --work /tmp/agent_tools --seeds 0 --common experiment=agent_atlas --arm atlas
 """
 
 from __future__ import annotations

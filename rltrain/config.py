@@ -175,6 +175,7 @@ class AgentConfig:
     max_episode_tokens: int = 256  # tokens after the prompt (assistant and environment), the episode's context
     tool_timeout_s: float = 10.0  # per tool call; a call past it is a tool error the model reads
     use_tools: bool = True  # task.source=agent: false asks the same questions with no tools (a baseline)
+    digits: list[int] = field(default_factory=lambda: [3, 2])  # calculator: the products' operand digits
     # A supervised warm start on the `solution` transcripts of the first sft_rows train rows (0: all), before RL: a
     # model that has never seen the tool-call format learns it from a few examples (docs/agents.md)
     sft_steps: int = 0

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rltrain.config import AdapterKind, Config, ModelSource
+from rltrain.config import AdapterKind, Config, ModelSource, TaskConfig
 from rltrain.distributed import World
 from rltrain.models import load_model, wrap_lora
 from rltrain.rollout.collect import PromptIds
@@ -63,7 +63,7 @@ def starting_model(config: Config, world: World = World()) -> Start:
         torch.manual_seed(base_seed)
     model, tokenizer = load_model(config.model)
     formatter = PromptFormatter(tokenizer, config.task)
-    episodes = episode_task(config, tokenizer, train_set.rows + eval_set.rows)
+    episodes = episode_task(config.task, tokenizer, train_set.rows + eval_set.rows)
     train_ids, eval_ids = (checked_ids(config, formatter, rows, episodes) for rows in (train_set, eval_set))
     train_set, max_prompt = train_ids.prompts, max_prompt_tokens(config)
     if config.model.source == ModelSource.tiny:
@@ -105,14 +105,13 @@ def checked_ids(config: Config, formatter: PromptFormatter, prompts: PromptSet, 
     return PromptIds(formatter, kept, episodes)
 
 
-def episode_task(config: Config, tokenizer, rows: list[dict]):
+def episode_task(task: TaskConfig, tokenizer, rows: list[dict]):
     """The agent task that makes each rollout an episode (``rltrain.agents.task``), or None for single replies."""
-    if not config.task.episodes:
+    if not task.episodes:
         return None
     from rltrain.agents.task import EpisodeTask
 
-    return EpisodeTask(config.task.agent, tokenizer, rows, hint_format=config.task.hint_format,
-                       system_prompt=config.task.system_prompt)
+    return EpisodeTask(task.agent, tokenizer, rows, hint_format=task.hint_format, system_prompt=task.system_prompt)
 
 
 def with_adapter(config: Config, model: nn.Module) -> tuple[nn.Module, nn.Module | None]:

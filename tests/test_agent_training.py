@@ -114,15 +114,16 @@ def countdown_rows(tmp_path) -> list[str]:
     return ["task.source=dataset", f"task.dataset.path={tmp_path / 'train.jsonl'}", "task.agent.enabled=true"]
 
 
-@pytest.mark.parametrize("method", ["guide", "rl_plus", "v0"])
+@pytest.mark.parametrize("method", ["guide", "rl_plus", "v0", "lora"])
 def test_guide_rl_plus_and_the_value_predictor_work_on_episodes(method, tmp_path):
     """Guide regenerates failed groups with the row's hint in the first user turn; RL-PLUS joins each group with the
     row's solution transcript as a demonstration (its environment turn masked); the value predictor plans the
-    episodes."""
+    episodes; a LoRA adapter trains on them."""
     from rltrain.batch import Source
     from rltrain.train import build, train_step
 
     extra = {"guide": ["algorithm=guide"], "v0": V0,
+             "lora": ["adapter=lora", "adapter.lora.r=4", "adapter.lora.target_modules=[q_proj,v_proj]"],
              "rl_plus": ["algorithm=rl_plus", "algorithm.rl_plus.n_external=1", *countdown_rows(tmp_path)]}[method]
     config = compose(AGENT + extra + ["trainer.steps=2"])
     c = build(config)
@@ -146,8 +147,10 @@ def test_guide_rl_plus_and_the_value_predictor_work_on_episodes(method, tmp_path
             row = c.train_ids.prompts.rows[batch.prompt_index[i]]
             assert batch.episodes[i]["messages"] == row["solution"]
             assert 0 < sum(batch.completion_mask[i]) < len(batch.completion_ids[i])  # the tool turn is context
-    else:
+    elif method == "v0":
         assert record["budget_counts"] and sum(record["budget_counts"]) == record["rollouts"]
+    else:  # LoRA: the adapter learned from the episodes
+        assert record["grad_norm"] > 0 and record["skipped_update"] == 0.0
 
 
 def test_rltrain_eval_plays_episodes_and_reports_pass_at_k(tmp_path):
@@ -183,3 +186,28 @@ def test_agent_capabilities_are_labelled_from_the_transcript():
     assert label_episode(calc, calc["solution"], names) == [PRESENT, PRESENT, NA, PRESENT, PRESENT]
     labeler = TagLabeler(names)  # texts and episodes in one call
     assert labeler.label([row, calc], [row["solution"], "7"])[0] == [PRESENT] * 5
+
+
+def test_agent_capabilities_have_targeted_environments_that_calibrate_on_episodes():
+    """``capabilities train`` on agents: each agent capability's environment is a built-in agent task with a
+    difficulty knob, and calibration plays its episodes with the base model."""
+    from rltrain.capabilities.environments import calibrate, candidate_levels, environment, has_environment
+    from rltrain.config import TaskSource
+    from rltrain.rollout.base import SamplingParams
+    from rltrain.rollout.hf import HFEngine
+
+    config = compose(["task=calculator", "task.eval_size=2", "task.agent.train_size=2", "task.agent.sft_steps=3"])
+    calls = environment("calls_tool", config.task, 2)
+    assert calls.source == TaskSource.agent and calls.agent.suite == "calculator" and calls.agent.digits == [3, 2]
+    assert calls.agent.sft_steps == 0 and calls.rewards[0].fn == "rltrain.agents.rewards:final_answer"
+    assert environment("chains_calls", config.task, 1).agent.suite == "atlas"
+    assert all(has_environment(n) for n in ("calls_tool", "well_formed_call", "uses_result", "chains_calls",
+                                            "answer_format"))
+    assert candidate_levels("uses_result", config.task) == (1, 2, 3) and candidate_levels("chains_calls",
+                                                                                         config.task) == (1,)
+    start = starting_model(compose(["task=calculator", "task.eval_size=2", "task.agent.train_size=2"]))
+    start.train_ids.episodes.close()
+    engine = HFEngine.for_tokenizer(start.model.eval(), start.tokenizer, 8)
+    level, table = calibrate("calls_tool", config.task, engine, start.tokenizer, levels=(1,), prompts=2, group=2,
+                             sampling=SamplingParams(temperature=1.0, max_tokens=24, seed=0))
+    assert level == 1 and len(table) == 1 and 0.0 <= table[0].reward_mean <= 1.0

@@ -270,3 +270,23 @@ def test_weights_that_fail_are_rolled_back_and_the_server_keeps_serving(served):
     # good weights still go through
     assert send(moved).status_code == 200 and client.post("/weights/done").status_code == 200
     assert _outputs(client) != before
+
+
+def test_agent_episodes_against_a_server(served, tmp_path):
+    """Multi-turn episodes (tests/tool_fixtures.py:Countdown) generated turn by turn by the server, with its stop
+    strings: the trainer's log-probs of the server's tokens agree with the server's."""
+    agent = ["task=calculator", "task.agent.env=tests.tool_fixtures:Countdown", "task.rewards=[]",
+             "task.agent.max_turns=3", "task.agent.max_episode_tokens=40", "task.agent.train_size=32",
+             "model.tiny.sft_steps=0"]
+    done = subprocess.run([sys.executable, "-m", "rltrain.train", *TRAIN[:-1], *agent, f"model.path={served.directory}",
+                           "model.max_context=64", f"rollout.vllm.url={served.url}",
+                           f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=REPO, env={**ENV, TOKEN_ENV: served.token}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "step" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert max(r["episode_turns_mean"] for r in steps) > 1.0
+    assert all(r["vllm_probe_diff"] < 1e-4 for r in steps)
+    scored = [r["behaviour_logp_abs_diff"] for r in steps if "behaviour_logp_abs_diff" in r]  # steps with an update
+    assert scored and max(scored) < 1e-4

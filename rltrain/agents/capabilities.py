@@ -34,6 +34,29 @@ _FORMAT_ERRORS = ("error: the tool call is not valid JSON", "error: a tool call 
                   "error: there is no tool named", "error: the \"arguments\"", "error: TypeError")
 
 
+def agent_task(capability: str, base, level: int):
+    """The targeted environment of an agent capability at difficulty ``level`` (``rltrain capabilities train``): the
+    calculator's questions with ``level + 1``- by ``level``-digit products (``chains_calls``: the atlas questions, one
+    level), rewarded by ``final_answer``. Each adapter starts from the configured model (no warm start of its own):
+    save a warm-started model first and name it as ``model.path``."""
+    import copy
+    import dataclasses
+
+    from rltrain.config import RewardConfig, TaskSource
+
+    task = copy.deepcopy(base)
+    task.source = TaskSource.agent
+    suite = "atlas" if capability == "chains_calls" else "calculator"
+    task.agent = dataclasses.replace(base.agent, enabled=None, suite=suite, digits=[level + 1, level], sft_steps=0,
+                                     env="", use_tools=True)
+    task.rewards = [RewardConfig(fn="rltrain.agents.rewards:final_answer", weight=1.0)]
+    return task
+
+
+def agent_levels(capability: str) -> tuple[int, ...]:
+    return (1,) if capability == "chains_calls" else (1, 2, 3)
+
+
 def label_episode(row: dict, messages: list[dict], capabilities: list[str]) -> list[str]:
     """Labels of one episode for each of ``capabilities`` (NA for a capability the row is not tagged with)."""
     tags = set(row.get("capabilities") or [])

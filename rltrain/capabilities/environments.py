@@ -56,14 +56,20 @@ def builtin_task(capability: str, base: TaskConfig, level: int) -> TaskConfig:
 
 
 def has_environment(capability: str) -> bool:
-    return capability in _REGISTRY or capability in BUILTIN
+    from rltrain.agents.capabilities import AGENT_DEFINITIONS
+
+    return capability in _REGISTRY or capability in BUILTIN or capability in AGENT_DEFINITIONS
 
 
 def environment(capability: str, base: TaskConfig, level: int) -> TaskConfig:
+    from rltrain.agents.capabilities import AGENT_DEFINITIONS, agent_task
+
     if capability in _REGISTRY:
         return _REGISTRY[capability](base, level)
     if capability in BUILTIN:
         return builtin_task(capability, base, level)
+    if capability in AGENT_DEFINITIONS:
+        return agent_task(capability, base, level)
     raise ValueError(f"no environment for capability {capability!r}: register one with "
                      f"rltrain.capabilities.environments.register (built in: {sorted(BUILTIN)})")
 
@@ -82,21 +88,26 @@ def measure(engine, tokenizer, task: TaskConfig, *, prompts: int, group: int, sa
     each; None when the task cannot make that many prompts (e.g. too few 1-digit sums with a carry)."""
     from rltrain.rewards import RewardScorer
     from rltrain.rollout.collect import PromptIds, collect
+    from rltrain.start import episode_task
     from rltrain.tasks.prompts import PromptFormatter, load_prompt_sets
 
-    task = dataclasses.replace(task, builtin=dataclasses.replace(task.builtin, train_size=prompts), eval_size=1)
+    task = dataclasses.replace(task, builtin=dataclasses.replace(task.builtin, train_size=prompts),
+                               agent=dataclasses.replace(task.agent, train_size=prompts), eval_size=1)
     try:
         train_set, _ = load_prompt_sets(task)
     except ValueError:
         return None
     train_set.rows = train_set.rows[:prompts]
-    ids = PromptIds(PromptFormatter(tokenizer, task), train_set)
-    batch = collect(engine, ids, list(range(len(train_set))), [group] * len(train_set), sampling)
+    episodes = episode_task(task, tokenizer, train_set.rows)  # an agent capability's environment: episodes
+    ids = PromptIds(PromptFormatter(tokenizer, task), train_set, episodes)
     scorer = RewardScorer.from_config(task)
     try:
+        batch = collect(engine, ids, list(range(len(train_set))), [group] * len(train_set), sampling)
         batch, _, _ = scorer.score_batch(batch, tokenizer, train_set)
     finally:
         scorer.close()
+        if episodes is not None:
+            episodes.close()
     rewards = batch.rewards_N.view(len(train_set), group) if len(batch) == len(train_set) * group else None
     if rewards is None:
         return None
@@ -107,7 +118,12 @@ def measure(engine, tokenizer, task: TaskConfig, *, prompts: int, group: int, sa
 
 def candidate_levels(capability: str, base: TaskConfig) -> tuple[int, ...]:
     """The levels calibration tries: for a built-in capability whose kind the target task holds, the target's digit
-    count and one either side (an environment far harder than the target teaches it little); otherwise 1 to 4."""
+    count and one either side (an environment far harder than the target teaches it little); an agent capability's
+    (rltrain/agents/capabilities.py); otherwise 1 to 4."""
+    from rltrain.agents.capabilities import AGENT_DEFINITIONS, agent_levels
+
+    if capability in AGENT_DEFINITIONS and capability not in _REGISTRY:
+        return agent_levels(capability)
     if capability in BUILTIN and capability not in _REGISTRY:
         kind = BUILTIN[capability][0]
         if base.source == TaskSource.builtin and kind in base.builtin.mix:

@@ -50,7 +50,7 @@ def analyze_main(args: list[str]) -> None:
         train_set, eval_set = load_prompt_sets(config.task)
         prompt_set = train_set if cap.split == "train" else eval_set
         prompt_set.rows = prompt_set.rows[: cap.prompts]
-        episodes = episode_task(config, tokenizer, prompt_set.rows)  # an agent task: trajectories are episodes
+        episodes = episode_task(config.task, tokenizer, prompt_set.rows)  # an agent task: trajectories are episodes
         ids = checked_ids(config, formatter, prompt_set, episodes)
         prompt_set = ids.prompts
     except DatasetError as err:
@@ -122,12 +122,16 @@ def train_main(args: list[str]) -> None:
     unknown = [n for n in names if not has_environment(n)]
     if unknown:
         fail(f"no environment for capability {unknown[0]!r}: register one with "
-             f"rltrain.capabilities.environments.register (built in: {sorted(BUILTIN)})")
+             f"rltrain.capabilities.environments.register (built in: {sorted({*BUILTIN, *AGENT_DEFINITIONS})})")
     if cap.checkpoint:
         fail("capabilities.checkpoint is the model `capabilities analyze` reads; `capabilities train` trains on the "
              "model the config describes: point model.* at that checkpoint instead")
     if config.resume != "none":
         fail("capabilities train starts fresh runs: resume is not supported here (remove resume=...)")
+    if config.task.episodes and config.task.agent.sft_steps:
+        fail("task.agent.sft_steps: every adapter must sit on the analysed base, which a warm start per environment "
+             "would change; save the warm-started model (rltrain train ... trainer.steps=0) and give its final/ as "
+             "model.path with task.agent.sft_steps=0")
     step_rollouts = config.trainer.prompts_per_step * config.trainer.rollouts_per_prompt
     if cap.rollouts and cap.rollouts // len(names) < step_rollouts:
         fail(f"capabilities.rollouts={cap.rollouts} gives each of {len(names)} adapters {cap.rollouts // len(names)} "

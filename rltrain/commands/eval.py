@@ -49,7 +49,7 @@ def main(args: list[str]) -> None:
         location, model, tokenizer, formatter = loaded.location, loaded.model, loaded.tokenizer, loaded.formatter
         engine = HFEngine.for_tokenizer(model, tokenizer, r.batch_size)
         rows = eval_prompt_set(config)
-        episodes = episode_task(config, tokenizer, rows.rows)  # an agent task: each rollout an episode
+        episodes = episode_task(config.task, tokenizer, rows.rows)  # an agent task: each rollout an episode
         prompt_ids = checked_ids(config, formatter, rows, episodes)
         prompt_set = prompt_ids.prompts
         scorer = RewardScorer.from_config(config.task)

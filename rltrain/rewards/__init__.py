@@ -5,7 +5,9 @@ A run combines several, each with a weight. ``None`` is TRL's "this function doe
 leaves the sample's weighted sum, and the function's component (NaN there) and mean (over the samples it applies to);
 a sample is correct when it reaches the full reward of the functions that apply to it. Functions are named by import
 path (``package.module:function``). Samples of conversational prompts (lists of messages) get each completion as
-``[{"role": "assistant", "content": text}]``, as TRL passes it, and those of text prompts the text.
+``[{"role": "assistant", "content": text}]``, as TRL passes it, and those of text prompts the text. An agent's episode
+(``RolloutBatch.episodes``) is passed as its messages after the prompt (TRL's multi-turn completion), and the
+environment's own reward joins the functions' as the component ``environment`` (weight 1).
 
 Reward functions are user code, and user code fails; a failure costs only the samples it touches. Each call runs in
 a worker process (``rltrain.rewards.workers``) within the function's ``timeout_s``; a call still running then is

@@ -159,13 +159,13 @@ def atlas_rows(count: int, seed: int) -> list[dict]:
 SUITES = ("calculator", "atlas")
 
 
-def build_rows(suite: str, train_size: int, eval_size: int, seed: int, *, tools: bool = True
-               ) -> tuple[list[dict], list[dict]]:
+def build_rows(suite: str, train_size: int, eval_size: int, seed: int, *, tools: bool = True,
+               digits: tuple[int, int] = (3, 2)) -> tuple[list[dict], list[dict]]:
     """(train, eval) rows of a built-in suite, disjoint by construction: one seeded draw of distinct questions, the
     first ``eval_size`` held out (so the held-out set does not change with ``train_size``). ``tools=False``: the
-    calculator's questions without the tool."""
+    calculator's questions without the tool; ``digits``: its products' operand digits."""
     if suite == "calculator":
-        rows = calculator_rows(eval_size + train_size, seed, tools=tools)
+        rows = calculator_rows(eval_size + train_size, seed, tools=tools, digits=digits)
     elif not tools:
         raise ValueError(f"task.agent.use_tools=false: the {suite} task cannot be answered without its tools")
     elif suite == "atlas":

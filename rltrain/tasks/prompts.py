@@ -133,7 +133,7 @@ def load_prompt_sets(task: TaskConfig) -> tuple[PromptSet, PromptSet]:
     if task.source == TaskSource.agent:
         a = task.agent
         train, held_out = agent_tasks.build_rows(a.suite, a.train_size, task.eval_size or GENERATED_EVAL_SIZE, a.seed,
-                                                 tools=a.use_tools)
+                                                 tools=a.use_tools, digits=tuple(a.digits))
         return PromptSet(train, f"agent/{a.suite}/train"), PromptSet(held_out, f"agent/{a.suite}/eval")
     if task.source == TaskSource.builtin:
         b = task.builtin
