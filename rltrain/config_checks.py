@@ -137,7 +137,8 @@ def _check_agent(config: Config) -> None:
     if a.max_turns < 1 or a.train_size < 1 or not a.tool_timeout_s > 0:
         raise ConfigError("task.agent: max_turns and train_size must be >= 1, tool_timeout_s > 0")
     if len(a.digits) != 2 or min(a.digits) < 1:
-        raise ConfigError(f"task.agent.digits must be two digit counts >= 1 (a product's operands), got {list(a.digits)}")
+        raise ConfigError(f"task.agent.digits must be two digit counts >= 1 (a product's operands), got "
+                          f"{list(a.digits)}")
     if a.max_episode_tokens < config.rollout.max_tokens:
         raise ConfigError(f"task.agent.max_episode_tokens={a.max_episode_tokens} must be at least rollout.max_tokens="
                           f"{config.rollout.max_tokens} (one turn's most)")

@@ -17,8 +17,9 @@ def warm_start(model: nn.Module, tokenizer, prompt_ids: list[list[int]], answers
     """Cross-entropy on answer tokens (+ EOS) given the prompt; returns the last step's loss."""
     eos = tokenizer.eos_token_id
     targets = [tokenizer(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
-    return warm_start_sequences(model, tokenizer.pad_token_id, [(p, t, [1] * len(t)) for p, t in zip(prompt_ids, targets)],
-                                steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+    sequences = [(p, t, [1] * len(t)) for p, t in zip(prompt_ids, targets)]
+    return warm_start_sequences(model, tokenizer.pad_token_id, sequences, steps=steps, lr=lr, batch_size=batch_size,
+                                seed=seed)
 
 
 def warm_start_sequences(model: nn.Module, pad_token_id: int, sequences: list[tuple[list[int], list[int], list[int]]],

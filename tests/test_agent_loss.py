@@ -15,7 +15,7 @@ from rltrain.agents.episodes import EpisodeLimits, EpisodeRunner, episode_batch
 from rltrain.algorithms.grpo import GRPOLoss, group_advantages
 from rltrain.rollout.base import SamplingParams
 from rltrain.rollout.hf import HFEngine
-from tests.test_policy_gradients import MODES, TEMPERATURE, build_model, max_diff, sequence_logp, worker_step
+from tests.test_policy_gradients import MODES, build_model, max_diff, sequence_logp, worker_step
 
 pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 MAX_LEN = 64  # Dr.GRPO's normaliser: more than the longest episode here
@@ -62,7 +62,8 @@ def episodes_batch():
                            EpisodeLimits(max_turns=3, max_episode_tokens=40))
     rows = [{"prompt": "12+7"}, {"prompt": "30-4"}, {"prompt": "9*8"}]
     episodes = runner.start(rows, [0, 1, 2], [3, 1, 4], [11, 4, 20])
-    runner.run(episodes, SamplingParams(temperature=1.0, max_tokens=8, seed=1, stop=("a", "e", "i", "o", "1", "5", " ", "=")))
+    stops = ("a", "e", "i", "o", "1", "5", " ", "=")  # turns end early and finished, so episodes go on
+    runner.run(episodes, SamplingParams(temperature=1.0, max_tokens=8, seed=1, stop=stops))
     batch = episode_batch(episodes)
     rewards = torch.tensor([e.reward if e.reward is not None else 0.0 for e in episodes])
     batch = batch.with_rewards(rewards, {})

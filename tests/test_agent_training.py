@@ -17,7 +17,8 @@ from rltrain.tasks.agent_tasks import build_rows
 from rltrain.train import RunContext, train
 
 AGENT = ["experiment=tiny", "task=calculator", "task.agent.env=tests.tool_fixtures:Countdown", "task.rewards=[]",
-         "task.agent.max_turns=3", "task.agent.max_episode_tokens=40", "model.max_context=256", "task.agent.train_size=64", "task.eval_size=8",
+         "task.agent.max_turns=3", "task.agent.max_episode_tokens=40", "model.max_context=256",
+         "task.agent.train_size=64", "task.eval_size=8",
          "model.tiny.sft_steps=20", "trainer.prompts_per_step=4", "trainer.rollouts_per_prompt=4",
          "trainer.micro_batch_size_per_device=8", "logger.progress=false", "logger.samples_per_step=2"]
 

@@ -86,15 +86,19 @@ def _client(s) -> httpx.Client:
         time.sleep(0.5)
 
 
-def test_training_against_a_server_syncs_its_weights(served, tmp_path):
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "rltrain.train", *TRAIN, f"model.path={served.directory}",
-                           "model.max_context=64", f"rollout.vllm.url={served.url}",
-                           f"hydra.run.dir={tmp_path / 'run'}"],
+def _train_against(served, run_dir, *overrides: str) -> list[dict]:
+    """A training run whose rollouts come from the served model (its token from the environment); its step records."""
+    done = subprocess.run([sys.executable, "-m", "rltrain.train", *overrides, f"model.path={served.directory}",
+                           "model.max_context=64", f"rollout.vllm.url={served.url}", f"hydra.run.dir={run_dir}"],
                           cwd=REPO, env={**ENV, TOKEN_ENV: served.token}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "step" in r]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "step" in r]
+
+
+def test_training_against_a_server_syncs_its_weights(served, tmp_path):
+    started = time.monotonic()
+    steps = _train_against(served, tmp_path / "run", *TRAIN)
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(r["vllm_probe_diff"] < 1e-4 for r in steps)  # the server scores like the updated policy
     assert all(r["skipped_update"] == 0.0 and r["grad_norm"] > 0 for r in steps)  # new weights at every sync
@@ -278,13 +282,7 @@ def test_agent_episodes_against_a_server(served, tmp_path):
     agent = ["task=calculator", "task.agent.env=tests.tool_fixtures:Countdown", "task.rewards=[]",
              "task.agent.max_turns=3", "task.agent.max_episode_tokens=40", "task.agent.train_size=32",
              "model.tiny.sft_steps=0"]
-    done = subprocess.run([sys.executable, "-m", "rltrain.train", *TRAIN[:-1], *agent, f"model.path={served.directory}",
-                           "model.max_context=64", f"rollout.vllm.url={served.url}",
-                           f"hydra.run.dir={tmp_path / 'run'}"],
-                          cwd=REPO, env={**ENV, TOKEN_ENV: served.token}, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in steps if "step" in r]
+    steps = _train_against(served, tmp_path / "run", *TRAIN[:-1], *agent)
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert max(r["episode_turns_mean"] for r in steps) > 1.0
     assert all(r["vllm_probe_diff"] < 1e-4 for r in steps)

@@ -91,8 +91,8 @@ def analyze_main(args: list[str]) -> None:
     trajectories = [e["messages"] for e in batch.episodes] if batch.episodes is not None else texts
     passed = passed_N.tolist()
     runs, k = (1, 1) if cap.labeler == "tags" else (cap.runs, cap.k)
-    scores, labels = analyze(rows, trajectories, passed, names, labeler=labeler, runs=runs, rho=cap.rho, delta=cap.delta,
-                             k=k)
+    scores, labels = analyze(rows, trajectories, passed, names, labeler=labeler, runs=runs, rho=cap.rho,
+                             delta=cap.delta, k=k)
     accuracy = per_capability_accuracy(rows, passed, names)
     out = Path(cap.output)
     meta = {"checkpoint": cap.checkpoint, "labeler": cap.labeler, "runs": runs, "k": k, "rho": cap.rho,

@@ -69,16 +69,16 @@ def import_reward(path: str, what: str = "reward function") -> RewardFn:
     """``'package.module:function'`` -> the function (or any callable: a tool, an environment class), with an error
     that names ``what`` it is and what is missing."""
     module_name, sep, attr = path.partition(":")
+    kind = "class" if "class" in what else "function"
     if not sep or not module_name or not attr:
-        raise RewardError(f"{what} {path!r} must be written 'package.module:{'Class' if 'class' in what else 'function'}'")
+        raise RewardError(f"{what} {path!r} must be written 'package.module:{'Class' if kind == 'class' else kind}'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise RewardError(f"{what} {path!r}: cannot import module {module_name!r} ({err})") from err
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise RewardError(f"{what} {path!r}: module {module_name!r} has no {'class' if 'class' in what else 'function'} "
-                          f"{attr!r}")
+        raise RewardError(f"{what} {path!r}: module {module_name!r} has no {kind} {attr!r}")
     return fn
 
 

@@ -3,9 +3,9 @@
 ``calculator``: 3-4 digit products and sums that a small model gets wrong in its head; one ``calculator`` call gives
 the answer. ``atlas``: questions about an invented world ("What is the population of the capital of Veloria?") that
 need two calls whose results feed each other (``capital_of`` then ``population_of``); nothing about the world can be
-known without the tools. Each row carries ``answer`` (an integer as text, scored on the final reply), ``hint`` (the
-first tool call, then more, for Guide), ``solution`` (the whole episode as messages, for RL-PLUS demonstrations) and ``tools``
-(the import paths of the tools the episode offers).
+known without the tools. Each row carries ``answer`` (an integer as text, scored on the final reply), ``hints`` (the
+first tool call, then more, for Guide), ``solution`` (the whole episode as messages, for RL-PLUS demonstrations and
+the warm start) and ``tools`` (the import paths of the tools the episode offers).
 
 Tools are module-level functions with typed, documented arguments, so that their schemas come from their signatures
 and their calls run in worker processes (``rltrain.agents.sandbox``).
@@ -145,7 +145,8 @@ def atlas_rows(count: int, seed: int) -> list[dict]:
         rows.append({
             "prompt": f"What is the population of the capital of {country}? Use the tools, then answer with just "
                       "the number.",
-            "answer": str(population), "hints": [first, f"{first} then {second}"], "kind": "two_calls", "tools": ATLAS_TOOLS,
+            "answer": str(population), "hints": [first, f"{first} then {second}"], "kind": "two_calls",
+            "tools": ATLAS_TOOLS,
             "capabilities": ["calls_tool", "well_formed_call", "chains_calls", "uses_result", "answer_format"],
             "solution": [{"role": "assistant", "content": first},
                          {"role": "tool", "name": "capital_of", "content": capital},
