@@ -10,6 +10,7 @@ and reads its result in a ``tool`` turn.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -27,8 +28,10 @@ HERMES_SYSTEM = (
 )
 
 
+@functools.cache  # an environment is made per episode: each tool's docstring is parsed once per process
 def schema(fn: Callable) -> dict:
-    """The JSON schema of a tool function (its name, docstring summary and typed, documented arguments)."""
+    """The JSON schema of a tool function (its name, docstring summary and typed, documented arguments); read-only,
+    shared by every caller."""
     from transformers.utils import get_json_schema
 
     try:
