@@ -15,6 +15,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from rltrain.algorithms.corrections import Correction, CorrectionMode  # noqa: F401 (re-exported)
 from rltrain.algorithms.guide import GammaKind, GammaScope, GuideConfig, GuideMode  # noqa: F401 (re-exported)
 from rltrain.algorithms.rl_plus import ExternalTerm, MisUniform, RLPlusConfig  # noqa: F401 (re-exported)
 from rltrain.errors import ConfigError  # noqa: F401 (re-exported)
@@ -223,9 +224,6 @@ class VLLMConfig:
     sync_bucket_mb: int = 256  # full-weight sync sends (and under ZeRO-3 gathers) at most this much at a time
     probe_tolerance: float = 0.05  # after a sync, engine vs policy log-prob of a fixed probe; above: stop the run
     weight_check_every: int = 0  # every N syncs also compare all weights (vllm_weight_max_diff); 0: never
-    # Truncated importance sampling for the engine-vs-trainer mismatch: each on-policy token's loss is weighted by
-    # min(pi_trainer / pi_vllm, tis_cap). 0: off (the mismatch is still logged: behaviour_logp_abs_diff).
-    tis_cap: float = 0.0
     # Server mode: vLLM on its own devices behind `rltrain serve` (same settings there: host, port, model).
     mode: str = "colocate"  # colocate | server
     url: str = "http://127.0.0.1:8000"  # server mode: where `rltrain serve` listens
@@ -240,6 +238,9 @@ class VLLMConfig:
 class RolloutConfig:
     backend: str = "hf"  # hf: the policy's own module; vllm: a vLLM engine (rollout=vllm)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    # The off-policy correction of on-policy tokens by pi_trainer / pi_generator (mismatch, staleness); none: off
+    # (the mismatch is still logged: behaviour_logp_abs_diff, mismatch_kl). rltrain/algorithms/corrections.py.
+    correction: Correction = field(default_factory=Correction)
     temperature: float = 0.7
     top_p: float = 1.0
     max_tokens: int = 24

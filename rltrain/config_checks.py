@@ -9,8 +9,8 @@ import math
 from omegaconf import DictConfig, OmegaConf
 
 from rltrain.algorithms.registry import algorithm_class
-from rltrain.config import (_SCHEMAS, AdapterKind, Config, DistributedKind, ModelSource, Precision, PredictorKind,
-                            TaskSource)
+from rltrain.config import (_SCHEMAS, AdapterKind, Config, CorrectionMode, DistributedKind, ModelSource, Precision,
+                            PredictorKind, TaskSource)
 from rltrain.errors import ConfigError
 
 
@@ -55,10 +55,14 @@ def check(config: Config) -> None:
     v = r.vllm
     if r.backend == "vllm" and v.mode not in ("colocate", "server"):
         raise ConfigError(f"rollout.vllm.mode={v.mode!r}: choose colocate or server")
-    if r.backend == "vllm" and (not 0 < v.gpu_memory_utilization < 1 or v.sync_bucket_mb < 1 or v.tis_cap < 0
+    if r.backend == "vllm" and (not 0 < v.gpu_memory_utilization < 1 or v.sync_bucket_mb < 1
                                 or v.probe_tolerance <= 0 or v.cpu_kv_cache_gb <= 0):
         raise ConfigError("rollout.vllm: gpu_memory_utilization must be in (0, 1), sync_bucket_mb >= 1, "
-                          "tis_cap >= 0, probe_tolerance and cpu_kv_cache_gb > 0")
+                          "probe_tolerance and cpu_kv_cache_gb > 0")
+    c = r.correction
+    if c.mode != CorrectionMode.none and not 0 <= c.low <= 1 <= c.high:
+        raise ConfigError(f"rollout.correction: low={c.low} and high={c.high} must bound the on-policy ratio 1 "
+                          "(0 <= low <= 1 <= high)")
     algorithm_class(config.algorithm.name).check(config)  # the algorithm's own checks (an unknown name fails here)
     if config.distributed.kind != DistributedKind.none:
         stage = config.distributed.deepspeed.get("zero_optimization", {}).get("stage")

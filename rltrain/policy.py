@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from rltrain.algorithms import aggregation
 from rltrain.algorithms.base import LossInputs, PolicyLoss  # noqa: F401 (the loss contract, re-exported)
+from rltrain.algorithms.corrections import Correction, correction_weights, mismatch_kl
 from rltrain.batch import RolloutBatch, Source
 from rltrain.distributed import World, without_zero3_hooks
 
@@ -36,9 +37,25 @@ class OptimSettings:
     updates_per_step: int
     temperature: float
     precision: str  # "fp32" | "bf16"
-    tis_cap: float = 0.0  # > 0: on-policy token losses weighted by min(pi_old / pi_behaviour, tis_cap)
+    correction: Correction = field(default_factory=Correction)  # on-policy token losses x pi_old / pi_behaviour
+    top_p: float = 1.0  # < 1: log-probs under the nucleus the generator sampled from (``nucleus_logp``)
     lr_schedule: str = "constant"  # | "linear" | "cosine": decay by the run's progress (``update``'s argument)
     min_lr_ratio: float = 0.0
+
+
+def nucleus_logp(logits_BTV: Tensor, targets_BT: Tensor, top_p: float) -> Tensor:
+    """Log-prob of each target under the top-p nucleus of its (temperature-scaled) logits, renormalised: what the
+    engines sample from and report (``rltrain.rollout.hf.sample``; vLLM's processed log-probs). A token stays if
+    the tokens more likely than it hold less than ``top_p``; the target always stays, so that a token the policy
+    has since pushed out of its nucleus keeps a finite log-prob. The nucleus is chosen without gradient; the
+    log-prob is differentiable in the logits it keeps."""
+    with torch.no_grad():
+        probs_BTV, order_BTV = torch.softmax(logits_BTV, -1).sort(-1, descending=True)
+        outside_BTV = (probs_BTV.cumsum(-1) - probs_BTV) >= top_p
+        outside_BTV = outside_BTV.scatter(-1, order_BTV, outside_BTV)
+        outside_BTV.scatter_(-1, targets_BT.unsqueeze(-1), False)
+    kept_BTV = logits_BTV.masked_fill(outside_BTV, float("-inf"))
+    return logits_BTV.gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(kept_BTV, -1)
 
 
 def lr_multiplier(schedule: str, optimizer_step: int, progress: float, *, warmup: int, floor: float) -> float:
@@ -174,12 +191,15 @@ class PolicyWorker:
                 ).logits
                 logits_BTV = torch.cat([logits_BTV, rest_BTV], dim=1)
         logits_BTV = logits_BTV.float() / (self.settings.temperature if temperature is None else temperature)
-        log_norm_BT = torch.logsumexp(logits_BTV, dim=-1)
-        logp_BT = logits_BTV.gather(-1, targets_BT.to(self.device).unsqueeze(-1)).squeeze(-1) - log_norm_BT
+        targets_BT = targets_BT.to(self.device)
+        if temperature is None and self.settings.top_p < 1.0:  # the sampling distribution: the nucleus, renormalised
+            logp_BT = nucleus_logp(logits_BTV, targets_BT, self.settings.top_p)
+        else:
+            logp_BT = logits_BTV.gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits_BTV, -1)
         entropy_BT = None
         if want_entropy:
             probs_BTV = torch.softmax(logits_BTV, dim=-1)
-            entropy_BT = (log_norm_BT - (probs_BTV * logits_BTV).sum(-1))[:, :width]
+            entropy_BT = (torch.logsumexp(logits_BTV, -1) - (probs_BTV * logits_BTV).sum(-1))[:, :width]
         return logp_BT[:, :width], entropy_BT
 
     def _micro_batches(
@@ -377,18 +397,24 @@ class PolicyWorker:
 
     def _behaviour_correction(self, inputs: LossInputs, loss_BT: Tensor, token_metrics: dict[str, Tensor]
                               ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The generator-vs-trainer mismatch on on-policy tokens: always measured (|log pi_old - log pi_behaviour|,
-        ~1e-6 for the HF engine, larger for vLLM's kernels or bf16), and with ``tis_cap`` corrected by truncated
-        importance sampling: the token's loss times min(pi_old / pi_behaviour, cap), detached."""
+        """The generator-vs-trainer mismatch on on-policy tokens: always measured (|log pi_old - log pi_behaviour|
+        and the mismatch KL; ~1e-6 for the HF engine, larger for vLLM's kernels, bf16 or stale weights), and
+        corrected by ``settings.correction`` (rltrain.algorithms.corrections): the token's loss times its weight."""
         on_B = torch.tensor([s == Source.ON_POLICY for s in inputs.sources], device=loss_BT.device)
         log_ratio_BT = (inputs.old_logp_BT - inputs.behaviour_logp_BT).detach()
         on_BT = on_B.unsqueeze(-1).expand_as(log_ratio_BT).to(loss_BT.dtype)
-        metrics = dict(token_metrics, behaviour_logp_abs_diff=(log_ratio_BT.abs(), on_BT))
-        if self.settings.tis_cap > 0:
-            weight_BT = torch.where(on_BT > 0, log_ratio_BT.exp().clamp(max=self.settings.tis_cap),
-                                    torch.ones_like(log_ratio_BT))
+        metrics = dict(token_metrics, behaviour_logp_abs_diff=(log_ratio_BT.abs(), on_BT),
+                       mismatch_kl=(mismatch_kl(log_ratio_BT), on_BT))
+        if self.settings.correction.on:
+            weight_BT, masked_BT = correction_weights(log_ratio_BT, inputs.mask_BT, self.settings.correction)
+            weight_BT = torch.where(on_BT > 0, weight_BT, torch.ones_like(weight_BT))
             loss_BT = loss_BT * weight_BT
-            metrics["tis_weight"] = (weight_BT, on_BT)
+            first_BT = torch.zeros_like(on_BT)  # one token per on-policy sequence: a per-sequence share
+            first_BT[:, 0] = on_B.to(on_BT.dtype)
+            metrics.update(correction_weight=(weight_BT, on_BT),
+                           correction_masked_tokens=(masked_BT.to(on_BT.dtype), on_BT),
+                           correction_masked_seqs=(masked_BT.any(-1, keepdim=True).to(on_BT.dtype)
+                                                   .expand_as(on_BT), first_BT))
         return loss_BT, metrics
 
     def _backward(self, loss: Tensor) -> None:

@@ -88,9 +88,9 @@ def build(config: Config, world: World = World()) -> Components:
     settings = OptimSettings(
         lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.adam_betas), max_grad_norm=t.max_grad_norm,
         warmup_steps=t.warmup_steps, micro_batch_size=t.micro_batch_size_per_device,
-        updates_per_step=t.updates_per_step, temperature=r.temperature, precision=config.model.precision.value,
-        tis_cap=r.vllm.tis_cap if r.backend == "vllm" else 0.0,
-        lr_schedule=t.lr_schedule.value, min_lr_ratio=t.min_lr_ratio,
+        updates_per_step=t.updates_per_step, temperature=r.temperature, top_p=r.top_p,
+        precision=config.model.precision.value, correction=r.correction, lr_schedule=t.lr_schedule.value,
+        min_lr_ratio=t.min_lr_ratio,
     )
     policy = PolicyWorker(model, settings, pad_token_id=tokenizer.pad_token_id, reference=reference, world=world,
                           deepspeed=deepspeed_config(config, world))

@@ -1,5 +1,5 @@
 """The generator-vs-trainer mismatch on on-policy tokens (vLLM's kernels differ from the trainer's): always measured
-as ``behaviour_logp_abs_diff``, and with ``tis_cap`` corrected by truncated importance sampling — each on-policy
+as ``behaviour_logp_abs_diff``, and with ``rollout.correction.mode=token_truncate`` corrected by truncated importance sampling — each on-policy
 token's loss times min(pi_trainer / pi_behaviour, cap), detached. Checked against the closed form of GRPO's loss at
 pi_old = pi_theta (each token contributes -A_b x weight, token-mean over the step), with behaviour log-probs offset
 so that some ratios exceed the cap and some do not.
@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from rltrain.algorithms.corrections import Correction, CorrectionMode
 from rltrain.algorithms.grpo import GRPOLoss
 from rltrain.batch import Source
 from rltrain.policy import PolicyWorker
@@ -23,7 +24,9 @@ CAP = 2.0
 
 
 def _update(model, batch, cap: float) -> dict:
-    worker = PolicyWorker(copy.deepcopy(model), dataclasses.replace(settings(4), tis_cap=cap), pad_token_id=0)
+    correction = Correction(CorrectionMode.token_truncate, high=cap) if cap else Correction()
+    worker = PolicyWorker(copy.deepcopy(model), dataclasses.replace(settings(4), correction=correction),
+                          pad_token_id=0)
     worker.optimizer.step = lambda *a, **k: None  # measure the loss; keep the weights
     return worker.update(batch, GRPOLoss(aggregation="token_mean"))
 
@@ -56,7 +59,7 @@ def test_truncated_importance_sampling_weights_on_policy_tokens(models):
     assert corrected["loss"] == pytest.approx(numerator[CAP] / tokens, abs=1e-5)
     assert abs(corrected["loss"] - plain["loss"]) > 1e-3  # the correction bites
     assert plain["behaviour_logp_abs_diff"] == pytest.approx(diff / trained, abs=1e-5)  # logged with the cap off too
-    assert "tis_weight" in corrected and "tis_weight" not in plain
+    assert "correction_weight" in corrected and "correction_weight" not in plain
     assert corrected["grad_norm"] != pytest.approx(plain["grad_norm"], rel=1e-3)
 
 

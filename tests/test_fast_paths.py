@@ -271,6 +271,38 @@ def test_top_p_never_samples_outside_the_nucleus():
     assert max(nucleus_sizes) < VOCAB // 2 and max(nucleus_sizes) > 1  # the filter bites, and leaves a choice
 
 
+def test_with_top_p_the_trainer_scores_the_nucleus_the_engine_sampled_from():
+    """rollout.top_p < 1: the engine reports log-probs renormalised over the nucleus; the trainer's (at the sampling
+    temperature) now are too, so pi_old / pi_behaviour is 1 on-policy. Before, the trainer applied the temperature
+    alone and every ratio was off by the nucleus's mass."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = qwen2().eval()
+    params = SamplingParams(temperature=TEMPERATURE, top_p=0.9, max_tokens=8, seed=5)
+    out = engine_for(model, [1], batch_size=16).generate(PROMPTS, params, COUNTS)
+    prompts = [p for p, n in zip(PROMPTS, COUNTS) for _ in range(n)]
+    completions = [c.token_ids for c in out]
+    nucleus = PolicyWorker(model, dataclasses.replace(settings(4), top_p=0.9), pad_token_id=PAD)
+    plain = PolicyWorker(model, settings(4), pad_token_id=PAD)
+    worst = max(abs(a - b) for c, r in zip(out, nucleus.logprobs(prompts, completions)) for a, b in zip(c.logprobs, r))
+    off = max(abs(a - b) for c, r in zip(out, plain.logprobs(prompts, completions)) for a, b in zip(c.logprobs, r))
+    assert worst < 1e-4 and off > 1e-2, (worst, off)
+
+
+def test_a_token_outside_the_current_nucleus_keeps_a_finite_log_prob_and_gradient():
+    from rltrain.policy import nucleus_logp
+
+    logits = torch.tensor([[[4.0, 3.0, 0.0, -2.0]]], requires_grad=True)
+    target = torch.tensor([[3]])  # far outside a 0.9 nucleus of these logits
+    logp = nucleus_logp(logits, target, 0.9)
+    # kept: tokens 0, 1 (the nucleus) and the target itself
+    expected = -2.0 - torch.logsumexp(torch.tensor([4.0, 3.0, -2.0]), 0)
+    assert float(logp) == pytest.approx(float(expected), abs=1e-6)
+    logp.sum().backward()
+    assert torch.isfinite(logits.grad).all() and float(logits.grad[0, 0, 2]) == 0.0  # token 2 left the nucleus
+
+
 def test_sample_draws_from_the_nucleus_distribution():
     """Frequencies of 40k draws against the renormalised nucleus (HF's warper), within 4 standard errors."""
     from transformers.generation.logits_process import TopPLogitsWarper

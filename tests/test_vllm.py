@@ -75,6 +75,22 @@ def test_behaviour_logprobs_seeds_and_greedy(setup):
                                                                                                             greedy)]
 
 
+def test_top_p_logprobs_are_the_nucleus_the_trainer_scores(setup):
+    """rollout.top_p=0.9: vLLM's processed log-probs are renormalised over the nucleus, and so are the trainer's
+    (``PolicyWorker`` with ``top_p``): the two agree on vLLM's tokens; the temperature alone would not."""
+    s = setup
+    out = s.engine.generate(s.prompts, SamplingParams(temperature=0.7, top_p=0.9, max_tokens=6), [4, 4, 4],
+                            seeds=[1, 2, 3])
+    prompts = [p for p in s.prompts for _ in range(4)]
+    completions = [c.token_ids for c in out]
+    diffs = {}
+    for top_p in (0.9, 1.0):
+        policy = PolicyWorker(s.model, dataclasses.replace(SETTINGS, temperature=0.7, top_p=top_p), pad_token_id=0)
+        diffs[top_p] = max(abs(a - b) for c, r in zip(out, policy.logprobs(prompts, completions))
+                           for a, b in zip(c.logprobs, r))
+    assert diffs[0.9] < 1e-4 and diffs[1.0] > 1e-2, diffs
+
+
 def test_full_weight_sync_in_buckets_matches_the_policy(setup):
     s = setup
     model = copy.deepcopy(s.model)
