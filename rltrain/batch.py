@@ -44,6 +44,7 @@ class RolloutBatch:
     # Multi-turn samples (rltrain.agents.task): per sample its transcript after the prompt ("messages"), the
     # environment's reward ("env_reward", None where it gave none), "turns", how it "ended", and its tool counts
     episodes: list[dict] = None
+    versions_N: Tensor = None  # long: the policy version (updates so far) that generated each sample; -1: none did
 
     def __post_init__(self) -> None:
         if self.completion_mask is None:
@@ -51,6 +52,8 @@ class RolloutBatch:
         self.group_ids_N = torch.as_tensor(self.group_ids_N, dtype=torch.long)
         self.truncated_N = torch.as_tensor(self.truncated_N, dtype=torch.bool)
         self.sources = [Source(s) for s in self.sources]
+        if self.versions_N is not None:
+            self.versions_N = torch.as_tensor(self.versions_N, dtype=torch.long)
         self.validate()
 
     def __len__(self) -> int:
@@ -70,7 +73,7 @@ class RolloutBatch:
         }
         if self.episodes is not None:
             per_sample["episodes"] = len(self.episodes)
-        for tensor_name in ("rewards_N", "correct_N", "advantages_N"):
+        for tensor_name in ("rewards_N", "correct_N", "advantages_N", "versions_N"):
             if getattr(self, tensor_name) is not None:
                 per_sample[tensor_name] = len(getattr(self, tensor_name))
         per_sample.update({f"reward_components[{k}]": len(v) for k, v in self.reward_components.items()})

@@ -59,6 +59,12 @@ def check(config: Config) -> None:
                                 or v.probe_tolerance <= 0 or v.cpu_kv_cache_gb <= 0):
         raise ConfigError("rollout.vllm: gpu_memory_utilization must be in (0, 1), sync_bucket_mb >= 1, "
                           "probe_tolerance and cpu_kv_cache_gb > 0")
+    if config.trainer.max_staleness < 0 or r.worker_threads < 0:
+        raise ConfigError("trainer.max_staleness and rollout.worker_threads must be >= 0")
+    if config.trainer.max_staleness > 0 and r.backend != "hf":
+        raise ConfigError(f"trainer.max_staleness={config.trainer.max_staleness} generates with the HF engine in a "
+                          f"rollout worker process; rollout.backend={r.backend} ahead of training is not built yet "
+                          "(docs/async.md): use rollout=hf, or trainer.max_staleness=0")
     c = r.correction
     if c.mode != CorrectionMode.none and not 0 <= c.low <= 1 <= c.high:
         raise ConfigError(f"rollout.correction: low={c.low} and high={c.high} must bound the on-policy ratio 1 "

@@ -21,7 +21,7 @@ from rltrain.rollout.collect import PromptIds
 from rltrain.errors import DatasetRowError
 from rltrain.sft import tiny_warm_start, warm_start_sequences
 from rltrain.tasks.prompts import PromptFormatter, PromptSet, load_prompt_sets, validate_rows
-from rltrain.threads import set_torch_threads
+from rltrain.threads import set_torch_threads, worker_split
 
 logger = logging.getLogger("rltrain")
 
@@ -55,7 +55,9 @@ def starting_model(config: Config, world: World = World()) -> Start:
     """Seed and threads from ``trainer``; the task's prompts; the model. A tiny model is built and warm-started here,
     from ``model.tiny.seed`` when set (one base for every RL seed, the run's own randomness resumed after it)."""
     seed_everything(config.trainer.seed)
-    set_torch_threads(config.trainer.num_threads)
+    t = config.trainer  # with a rollout worker beside it, the trainer leaves it its threads
+    set_torch_threads((worker_split(t.num_threads, config.rollout.worker_threads)[0] or 0) if t.max_staleness
+                      else t.num_threads)
     train_set, eval_set = load_prompt_sets(config.task)
     own_base_seed = config.model.source == ModelSource.tiny and config.model.tiny.seed is not None
     base_seed = config.model.tiny.seed if own_base_seed else config.trainer.seed

@@ -52,6 +52,17 @@ def torch_threads(requested: int, root: Path = CGROUP) -> int | None:
     return max(1, available_cores(root) // max(local_ranks, 1))
 
 
+def worker_split(trainer: int, worker: int, root: Path = CGROUP) -> tuple[int | None, int]:
+    """Threads when a rollout worker process shares the cores (``trainer.max_staleness > 0``): the trainer's
+    (``trainer.num_threads``; 0: what the worker leaves, None: OMP_NUM_THREADS keeps it) and the worker's
+    (``rollout.worker_threads``; 0: half this process's share, at least one)."""
+    share = max(1, available_cores(root) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1))
+    worker = worker or max(1, share // 2)
+    if trainer:
+        return trainer, worker
+    return (None if os.environ.get("OMP_NUM_THREADS") else max(1, share - worker)), worker
+
+
 def set_torch_threads(requested: int) -> None:
     import torch
 

@@ -27,17 +27,19 @@ from rltrain.budget.features import Projection, pooled_hidden_states
 from rltrain.budget.plan import RolloutPlanner
 from rltrain.budget.predictor import ValuePredictor
 from rltrain.checkpoint import Checkpointer, CheckpointError, config_changes, resume_source, truncate_jsonl
-from rltrain.config import AdapterKind, Config, InvalidRows, PredictorKind, TrainerConfig
+from rltrain.config import AdapterKind, Config, ConfigError, InvalidRows, PredictorKind, TrainerConfig
 from rltrain.data import PromptSampler
 from rltrain.distributed import ShardedEngine, World, deepspeed_config
 from rltrain.errors import TrainingDiverged
 from rltrain.evaluation import evaluate
 from rltrain.metrics import MetricsLogger, NullLogger
+from rltrain.pipeline import RolloutsAhead
 from rltrain.policy import OptimSettings, PolicyWorker
 from rltrain.rewards import RewardError, RewardScorer, TrainerState, transcript_text
 from rltrain.rollout.base import SamplingParams
 from rltrain.rollout.build import build_engine, save_engine_init
 from rltrain.rollout.collect import PromptIds
+from rltrain.rollout.hf import HFEngine
 from rltrain.rollout.scored import StepRollouts, Tally
 from rltrain.rundir import RunDirLock
 from rltrain.selection import PlannedSelector, UniformSelector
@@ -69,6 +71,11 @@ class Components:
     sampling: SamplingParams
     adapter_base: torch.nn.Module | None = None  # a base that exists only in this run (tiny + LoRA), saved once
     world: World = World()
+    eval_engine: ShardedEngine | None = None  # None: ``engine``; with rollouts ahead, the policy's own module
+    ahead: RolloutsAhead | None = None  # trainer.max_staleness > 0: later steps' samples produced during updates
+
+    def __post_init__(self) -> None:
+        self.eval_engine = self.eval_engine or self.engine
 
 
 def build(config: Config, world: World = World()) -> Components:
@@ -105,8 +112,16 @@ def build(config: Config, world: World = World()) -> Components:
         eval_ids=eval_ids, adapter_base=adapter_base, world=world,
         sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=t.seed),
     )
-    if r.backend == "vllm" and r.vllm.mode == "server":  # the server may hold other weights: send the policy's
-        components.engine.sync_from(policy, step=0)
+    if t.max_staleness > 0:  # the worker generates; evaluation runs here, on the current weights
+        if world.size > 1:
+            raise ConfigError("trainer.max_staleness > 0 runs with one trainer process for now (docs/async.md); "
+                              f"this run has {world.size}")
+        components.eval_engine = ShardedEngine(HFEngine.for_tokenizer(model, tokenizer, r.batch_size), world)
+        components.ahead = RolloutsAhead(lambda step: generate_step(components, config, step),
+                                         version=lambda: components.engine.engine.version,
+                                         staleness=t.max_staleness, last_step=t.steps)
+    if r.backend == "vllm" and r.vllm.mode == "server" or t.max_staleness > 0:  # an engine with other weights (a
+        components.engine.sync_from(policy, step=0)  # server's, a fresh LoRA adapter): send the policy's
     return components
 
 
@@ -192,7 +207,7 @@ def _group_fraction(batch: RolloutBatch, flag_N: torch.Tensor) -> float:
 
 def run_eval(c: Components, config: Config, step: int, log: MetricsLogger) -> dict:
     start = time.perf_counter()
-    result = evaluate(c.engine, c.eval_ids, c.rewards, c.tokenizer, max_tokens=config.rollout.max_tokens,
+    result = evaluate(c.eval_engine, c.eval_ids, c.rewards, c.tokenizer, max_tokens=config.rollout.max_tokens,
                       samples=config.rollout.eval_samples, temperature=config.rollout.temperature,
                       top_p=config.rollout.top_p, seed=config.trainer.seed,
                       predicted=c.selector.predict_eval(),
@@ -240,12 +255,20 @@ def train_step(c: Components, config: Config, step: int, rollouts_before: int = 
     start = time.perf_counter()
     c.engine.wake()  # vLLM on a GPU reclaims its KV cache (a no-op where the sync already woke it)
     try:
-        batch, stats, selector_log = generate_step(c, config, step)
+        if c.ahead is None:
+            batch, stats, selector_log = generate_step(c, config, step)
+        else:  # produced during an earlier update (or now, at the start); the next one starts now
+            produced, waited = c.ahead.take(step)
+            batch, stats, selector_log = produced.batch, produced.stats, produced.log
+            c.ahead.submit(step)
     except TrainingDiverged as err:  # the sampler met non-finite logits: weights lost to an earlier update
         raise TrainingDiverged(f"step {step}: {err}. {DIVERGED_ADVICE}") from None
     c.engine.sleep()  # vLLM on a GPU frees its KV cache for the update
     generated = time.perf_counter()
     record = {"step": step, **stats, "time_generate_s": generated - start - stats["time_reward_s"]}
+    if c.ahead is not None:  # the production's own time; the trainer only waited for what was not ready
+        record.update(time_generate_s=produced.time_s - stats["time_reward_s"], time_wait_s=waited,
+                      staleness=step - 1 - produced.version)
     if batch is None:  # nothing to learn from (see generate_step)
         record.update(reward_mean=float("nan"), accuracy=float("nan"), empty_batch=1.0)
     else:
@@ -263,6 +286,8 @@ def train_step(c: Components, config: Config, step: int, rollouts_before: int = 
         record.update(c.policy.update(batch, c.algorithm.loss, progress=progress))
     updated = time.perf_counter()
     record["time_update_s"] = updated - generated
+    if c.ahead is not None:  # the schedule: version ``step`` generates nothing before step + k's samples are made
+        record["time_wait_s"] += c.ahead.wait()
     record.update(c.engine.sync_from(c.policy, step=step))
     record["time_sync_s"] = time.perf_counter() - updated
     record["time_step_s"] = time.perf_counter() - start
@@ -278,6 +303,8 @@ def train(config: Config, ctx: RunContext) -> dict:
         try:
             return _train(config, ctx, c, source)
         finally:
+            if c.ahead is not None:
+                c.ahead.close()
             c.rewards.close()
             c.engine.close()
             if c.train_ids.episodes is not None:
@@ -301,7 +328,8 @@ def _train(config: Config, ctx: RunContext, c: Components, source: Path | None) 
     loop = LoopState()
     world = ctx.world
     checkpoints = Checkpointer(ctx.run_dir / "checkpoints", keep=t.keep_checkpoints, world=world)
-    components = {"policy": c.policy, **c.selector.checkpointed(), "loop": loop, "algorithm": c.algorithm}
+    components = {"policy": c.policy, **c.selector.checkpointed(), "loop": loop, "algorithm": c.algorithm,
+                  **({"ahead": c.ahead} if c.ahead is not None else {})}
     for name, component in components.items():
         checkpoints.register(name, component)
     config_dict = json.loads(json.dumps(dataclasses.asdict(config), default=str))

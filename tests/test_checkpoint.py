@@ -252,6 +252,9 @@ METHODS = {
     "agent": ["task=calculator", "task.agent.env=tests.tool_fixtures:Countdown", "task.rewards=[]",
               "task.agent.max_turns=3", "task.agent.max_episode_tokens=40", "model.max_context=256",
               "task.agent.train_size=64", "logger.samples_per_step=2"],
+    # rollouts ahead (rltrain/pipeline.py): a checkpoint holds the steps produced ahead, the worker resyncs
+    "async": ["trainer.max_staleness=1"],
+    "async_v0_guide": ["trainer.max_staleness=2", "algorithm=guide", *V0],
 }
 
 
@@ -270,7 +273,8 @@ def uninterrupted(tmp_path_factory) -> dict[str, Path]:
     return run
 
 
-@pytest.mark.parametrize("method", [m if m == "grpo" else pytest.param(m, marks=pytest.mark.slow) for m in METHODS])
+@pytest.mark.parametrize("method", [m if m in ("grpo", "async") else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in METHODS])
 def test_sigkill_mid_training_then_resume_reproduces_the_uninterrupted_run(method, tmp_path, uninterrupted):
     extra = METHODS[method]
     reference_dir = uninterrupted(method)
@@ -317,16 +321,24 @@ def _assert_same_run(killed_dir: Path, reference_dir: Path, resumed_from: int, k
         assert [s["messages"] for s in samples] == [s["messages"] for s in ref_samples]
         assert all(steps[s]["episode_turns_mean"] == ref_steps[s]["episode_turns_mean"] for s in steps)
         assert max(r["episode_turns_mean"] for r in steps.values()) > 1.0
-    elif extra:  # the budget's per-prompt log, and each method's own path acted
+    if method.startswith("async"):  # trained on samples of the version the schedule says, resumed ones too
+        k = int(extra[0].partition("=")[2])
+        assert [steps[s]["staleness"] for s in range(1, 41)] == [min(s - 1, k) for s in range(1, 41)]
+        assert all(steps[s]["rollout_worker_probe_diff"] < 1e-4 for s in steps)
+    if extra and method != "async":  # the budget's per-prompt log, and each method's own path acted
         assert (killed_dir / "value.jsonl").read_text() == (reference_dir / "value.jsonl").read_text()
         assert sum(steps[s].get("guided_token_share", 0) > 0 for s in steps) >= 5 or method != "v0_guide"
         assert sum("loss" in r for r in steps.values()) >= 20  # most steps learned from something
         assert all(steps[s].get("external_samples", 0) > 0 for s in steps) or method != "v0_rl_plus"
         assert len({tuple(r["budget_counts"]) for r in steps.values()}) > 1  # the planner's counts vary
-    final = "final/model.safetensors"
-    assert (killed_dir / final).read_bytes() == (reference_dir / final).read_bytes()
+    _assert_same_weights(killed_dir, reference_dir)
     # Steps up to the checkpoint come from the killed session, every later one was recomputed after the kill.
     assert all((steps[s]["time"] < kill_time) == (s <= resumed_from) for s in steps)
+
+
+def _assert_same_weights(killed_dir: Path, reference_dir: Path) -> None:
+    final = "final/model.safetensors"
+    assert (killed_dir / final).read_bytes() == (reference_dir / final).read_bytes()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow),

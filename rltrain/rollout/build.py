@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from rltrain.config import Config, ModelSource
+from rltrain.config import AdapterKind, Config, ModelSource
 from rltrain.distributed import ShardedEngine, World
 from rltrain.rollout.collect import PromptIds
 from rltrain.rollout.hf import HFEngine
@@ -20,8 +20,10 @@ from rltrain.rollout.sync import SyncSettings
 def save_engine_init(config: Config, model: torch.nn.Module, tokenizer, world: World) -> Path | None:
     """Where a colocated vLLM engine loads its first weights and its tokenizer from: the model directory itself when
     the policy starts from one unchanged, else a copy of the starting weights (a tiny model's warm start, a converted
-    GGUF) that rank 0 writes and every rank's engine reads. None for other engines."""
-    if not (config.rollout.backend == "vllm" and config.rollout.vllm.mode == "colocate"):
+    GGUF) that rank 0 writes and every rank's engine reads. The rollout worker of ``trainer.max_staleness`` starts
+    from it too. None for other engines."""
+    if not (config.rollout.backend == "vllm" and config.rollout.vllm.mode == "colocate"
+            or config.trainer.max_staleness > 0):
         return None
     if config.model.source == ModelSource.hf:
         return Path(config.model.path)
@@ -48,6 +50,15 @@ def build_engine(config: Config, *, model: torch.nn.Module, tokenizer, train_ids
                  world: World, engine_init: Path | None) -> ShardedEngine:
     """``model``: the policy's module (the HF engine generates with it); ``engine_init``: ``save_engine_init``'s."""
     r, eos = config.rollout, [tokenizer.eos_token_id]
+    if config.trainer.max_staleness > 0:  # the HF engine in its own process, ahead of the trainer
+        from rltrain.rollout.remote import RemoteHFEngine
+        from rltrain.threads import worker_split
+
+        lora = dict(config.adapter.lora) if config.adapter.kind == AdapterKind.lora else None
+        return ShardedEngine(RemoteHFEngine.start(
+            engine_init, lora=lora, batch_size=r.batch_size, cleanup=config.model.source != ModelSource.hf,
+            threads=worker_split(config.trainer.num_threads, r.worker_threads)[1],
+            sync=sync_settings(config, tokenizer, train_ids, world)), world)
     if r.backend != "vllm":
         return ShardedEngine(HFEngine.for_tokenizer(model, tokenizer, r.batch_size), world, policy.gathered)
     sync = sync_settings(config, tokenizer, train_ids, world)

@@ -52,37 +52,49 @@ class SyncedEngine(ABC):
     can be read in this process, ``max_weight_diff(named_parameters)``."""
 
     sync: SyncSettings | None = None
+    label = "vLLM"  # names the engine in the sync's metrics (``vllm_probe_diff``) and errors
+
+    @property
+    def _metric(self) -> str:
+        return self.label.lower().replace(" ", "_")
 
     def sync_from(self, policy: PolicyWorker, *, step: int) -> dict:
         s = self.sync
         if s is None:
             raise ValueError(f"{type(self).__name__} was built without SyncSettings: sync_from needs its probe")
         stats = {}
-        if policy.is_peft:
-            if s.send:
-                self.load_adapter(policy.save_adapter_here)
-        else:
-            for bucket in policy.weight_buckets(s.bucket_bytes):  # every rank: ZeRO-3 gathers collectively
-                if s.send:
-                    self.load_weights(bucket)
-            if s.send:
-                self.finish_sync()
-            if s.weight_check_every and step % s.weight_check_every == 0 and policy.zero_stage != 3:
-                diff = self.max_weight_diff(policy.model.named_parameters())
-                if diff is not None:
-                    stats["vllm_weight_max_diff"] = max(s.world.gather(diff[0]))
+        self.send_weights(policy, step)
+        if not policy.is_peft and s.weight_check_every and step % s.weight_check_every == 0 \
+                and policy.zero_stage != 3:
+            diff = self.max_weight_diff(policy.model.named_parameters())
+            if diff is not None:
+                stats[f"{self._metric}_weight_max_diff"] = max(s.world.gather(diff[0]))
         s.world.barrier()
         prompt, completion = list(s.probe_prompt), list(s.probe_completion)
         engine_logp = self.probe_logprobs(prompt, completion)
         policy_logp = policy.logprobs([prompt], [completion], temperature=1.0)[0]
         diff = max(abs(a - b) for a, b in zip(engine_logp, policy_logp))
-        stats["vllm_probe_diff"] = max(s.world.gather(diff))  # the worst rank's engine
-        if not stats["vllm_probe_diff"] <= s.tolerance:
+        probe = stats[f"{self._metric}_probe_diff"] = max(s.world.gather(diff))  # the worst rank's engine
+        if not probe <= s.tolerance:
             raise EngineOutOfSync(
-                f"step {step}: after the weight sync vLLM scores a probe {stats['vllm_probe_diff']:.3g} nats away from "
+                f"step {step}: after the weight sync {self.label} scores a probe {probe:.3g} nats away from "
                 f"the policy (rollout.vllm.probe_tolerance={s.tolerance}): it is not generating with the current "
                 f"{'adapter' if policy.is_peft else 'weights'}")
         return stats
+
+    def send_weights(self, policy: PolicyWorker, step: int) -> None:
+        """The adapter alone for LoRA (``load_adapter``), else the full weights in buckets (``load_weights``, then
+        ``finish_sync``). Every rank walks the buckets (ZeRO-3 gathers collectively); the sender sends them."""
+        s = self.sync
+        if policy.is_peft:
+            if s.send:
+                self.load_adapter(policy.save_adapter_here)
+            return
+        for bucket in policy.weight_buckets(s.bucket_bytes):
+            if s.send:
+                self.load_weights(bucket)
+        if s.send:
+            self.finish_sync()
 
     # ---- the primitives an engine provides ----------------------------------------------------------------------
 

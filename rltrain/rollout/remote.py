@@ -1,0 +1,227 @@
+"""The HF engine in its own process: rollouts that run beside the update (``trainer.max_staleness > 0``) on their own
+copy of the weights, for CPU machines and for tests (on GPUs the same role is vLLM's, behind ``rltrain serve``).
+
+The trainer holds a ``RemoteHFEngine``; the worker process (``_serve``) loads the starting weights from a
+safetensors directory, wraps the same LoRA adapter when the run has one, and answers four requests over a pipe:
+generate, load (weights that follow over the process group), probe (log-probs of the sync check), close. Weights
+travel over ``torch.distributed`` (a gloo group of two: the trainer's rank 0 and the worker, separate from any
+torchrun group), flattened into buckets per dtype; for LoRA only the adapter's tensors move. Every reply carries the
+worker's weight ``version`` (the number of updates its weights have seen), so each sample records the policy that
+made it. The sync check is the vLLM engines' (``SyncedEngine``): after every load the worker and the policy score a
+probe, and the run stops above the tolerance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import shutil
+import socket
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from rltrain.rollout.base import Completion, SamplingParams
+from rltrain.rollout.sync import SyncedEngine, SyncSettings
+
+TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def _group(rank: int, port: int):
+    store = torch.distributed.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=TIMEOUT)
+    return torch.distributed.ProcessGroupGloo(store, rank, 2, TIMEOUT)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _trained(model: torch.nn.Module, adapter_only: bool) -> list[tuple[str, torch.Tensor]]:
+    """The tensors a sync moves: LoRA's (the parameters that train) or every parameter, by name."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad or not adapter_only]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """What the worker process builds its engine from."""
+
+    model_dir: str  # safetensors weights and the tokenizer (stop strings need it)
+    lora: dict | None  # the run's adapter.lora (its weights arrive with the first sync), None: full weights
+    batch_size: int
+    threads: int  # torch CPU threads in the worker
+    port: int
+
+
+def _serve(spec: WorkerSpec, conn) -> None:  # the worker process
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rltrain.rollout.hf import HFEngine
+
+    torch.set_num_threads(spec.threads)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32)
+        if spec.lora is not None:
+            from rltrain.models import wrap_lora
+
+            model = wrap_lora(model, spec.lora)
+        model.eval().requires_grad_(False)
+        tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
+        engine = HFEngine.for_tokenizer(model, tokenizer, spec.batch_size)
+        params = dict(_trained(model, False))
+        conn.send(("ok", None))
+    except Exception:  # noqa: BLE001 - the trainer reports it
+        conn.send(("error", traceback.format_exc()))
+        return
+    group = _group(1, spec.port)  # the trainer opens it once the worker is up
+    version = 0
+    while True:
+        try:
+            kind, *args = conn.recv()
+        except (EOFError, OSError):  # the trainer is gone (killed): nothing left to generate for
+            return
+        try:
+            if kind == "close":
+                return
+            if kind == "generate":
+                prompts, sampling, counts, seeds = args
+                out = engine.generate(prompts, SamplingParams(**sampling), counts, seeds)
+                conn.send(("ok", ([(c.token_ids, c.logprobs, c.finished) for c in out], version)))
+            elif kind == "load":  # one bucket: names, then one flat tensor per dtype over the group
+                for names in args[0]:
+                    tensors = [params[n] for n in names]
+                    flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype)
+                    group.broadcast(flat, 0).wait()
+                    with torch.no_grad():
+                        for t, part in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+                            t.copy_(part)
+            elif kind == "finish":
+                version = args[0]
+                conn.send(("ok", version))
+            elif kind == "probe":
+                prompt, completion = args
+                ids = torch.tensor([list(prompt) + list(completion)])
+                with torch.no_grad():
+                    logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1].float()
+                logp = torch.log_softmax(logits, -1)[torch.arange(len(completion)), torch.tensor(completion)]
+                conn.send(("ok", logp.tolist()))
+        except Exception:  # noqa: BLE001
+            conn.send(("error", traceback.format_exc()))
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class RemoteHFEngine(SyncedEngine):
+    """The trainer's handle on the worker: ``generate`` as any engine, ``sync_from`` sends the policy's weights (or
+    adapter) over the group and checks the probe. ``version``: the weights the worker generates with now;
+    ``last_version``: those the last ``generate`` used."""
+
+    label = "rollout worker"
+
+    def __init__(self, spec: WorkerSpec, sync: SyncSettings) -> None:
+        import torch.multiprocessing as mp
+
+        self.spec, self.sync = spec, sync
+        self.conn, child = mp.get_context("spawn").Pipe()
+        self.process = mp.get_context("spawn").Process(target=_serve, args=(spec, child), daemon=True,
+                                                       name="rltrain-rollout-worker")
+        self.process.start()
+        self._reply("starting")
+        self.group = _group(0, spec.port)
+        self.version = self.last_version = 0
+        self.time_sync_s, self.sent_bytes = 0.0, 0
+
+    @classmethod
+    def start(cls, model_dir: Path, *, lora: dict | None, batch_size: int, threads: int, sync: SyncSettings,
+              cleanup: bool = False) -> RemoteHFEngine:
+        """A worker on the weights in ``model_dir``; ``cleanup``: a temporary copy, removed once the worker read it."""
+        engine = cls(WorkerSpec(str(model_dir), lora, batch_size, threads, _free_port()), sync)
+        if cleanup:
+            shutil.rmtree(model_dir, ignore_errors=True)
+        return engine
+
+    def _reply(self, doing: str):
+        deadline = time.monotonic() + TIMEOUT.total_seconds()
+        while not self.conn.poll(1.0):
+            if not self.process.is_alive():
+                raise WorkerError(f"the rollout worker died (exit code {self.process.exitcode}) while {doing}")
+            if time.monotonic() > deadline:
+                raise WorkerError(f"the rollout worker did not answer in {TIMEOUT} while {doing}")
+        status, value = self.conn.recv()
+        if status == "error":
+            raise WorkerError(f"the rollout worker failed while {doing}:\n{value}")
+        return value
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, counts: list[int] | None = None,
+                 seeds: list[int] | None = None) -> list[Completion]:
+        self.conn.send(("generate", prompts, dataclasses.asdict(params), counts, seeds))
+        out, self.last_version = self._reply("generating")
+        return [Completion(ids, logp, finished) for ids, logp, finished in out]
+
+    def send_weights(self, policy, step: int) -> None:
+        """The adapter's tensors (LoRA) or all weights, in buckets of ``sync.bucket_bytes``, flattened per dtype."""
+        start, self.sent_bytes = time.perf_counter(), 0
+        named = _trained(policy.model, policy.is_peft)
+        for bucket in _buckets(named, self.sync.bucket_bytes):
+            by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+            for name, tensor in bucket:
+                by_dtype.setdefault(tensor.dtype, []).append((name, tensor.detach().cpu()))
+            self.conn.send(("load", [[n for n, _ in part] for part in by_dtype.values()]))
+            for part in by_dtype.values():
+                flat = torch._utils._flatten_dense_tensors([t for _, t in part])
+                self.group.broadcast(flat, 0).wait()
+                self.sent_bytes += flat.numel() * flat.element_size()
+        self.conn.send(("finish", step))
+        self.version = self._reply("loading weights")
+        self.time_sync_s = time.perf_counter() - start
+
+    def sync_from(self, policy, *, step: int) -> dict:
+        stats = super().sync_from(policy, step=step)
+        return {**stats, "time_weight_transfer_s": self.time_sync_s, "weight_transfer_mb": self.sent_bytes / 2**20}
+
+    def probe_logprobs(self, prompt: list[int], completion: list[int]) -> list[float]:
+        self.conn.send(("probe", list(prompt), list(completion)))
+        return self._reply("scoring the probe")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        raise NotImplementedError("send_weights moves the weights")
+
+    def finish_sync(self) -> None:
+        raise NotImplementedError("send_weights moves the weights")
+
+    def load_adapter(self, save_adapter: Callable[[Path], None]) -> None:
+        raise NotImplementedError("send_weights moves the adapter")
+
+    def sleep(self) -> None:
+        """The worker keeps its memory: it generates while the trainer updates."""
+
+    def wake(self) -> None:
+        """Nothing to reclaim."""
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.conn.send(("close",))
+            except (BrokenPipeError, OSError):
+                pass
+            self.process.join(timeout=30)
+            if self.process.is_alive():
+                self.process.kill()
+
+
+def _buckets(named: list[tuple[str, torch.Tensor]], max_bytes: int):
+    bucket, size = [], 0
+    for name, tensor in named:
+        if bucket and size + tensor.numel() * tensor.element_size() > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+    if bucket:
+        yield bucket
