@@ -22,6 +22,7 @@ USAGE = ("usage: rltrain {train,eval,route,capabilities,export,push,report,bench
          "  bench trl            rollout+update speed against TRL, written to docs/benchmarks.md\n"
          "  bench rollout        rollout time per step, vLLM vs the HF engine, written to docs/benchmarks.md\n"
          "  bench busy --baseline DIR  step time alone and beside a busy process, against another checkout\n"
+         "  bench async          steps/hour with rollouts ahead (trainer.max_staleness) against the synchronous loop\n"
          "  serve [overrides]    vLLM behind an HTTP API for rollout.vllm.mode=server (docs/scale.md)\n"
          "  route [overrides]    route prompts among models/adapters by predicted success and cost (--help)\n"
          "  export [overrides]    adapters (+ router.json) as a hub-ready folder: export.adapters=[{name, path}]\n"
@@ -40,6 +41,7 @@ COMMANDS = {
     ("serve", None): ("serve", "main"),
     ("bench", "rollout"): ("bench", "rollout_main"),
     ("bench", "busy"): ("bench", "busy_main"),
+    ("bench", "async"): ("bench", "async_main"),
     ("bench", None): ("bench", "trl_main"),  # its arguments start with "trl"
     ("export", None): ("export", "main"),
     ("push", None): ("push", "main"),

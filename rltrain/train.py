@@ -206,6 +206,8 @@ def _group_fraction(batch: RolloutBatch, flag_N: torch.Tensor) -> float:
 
 
 def run_eval(c: Components, config: Config, step: int, log: MetricsLogger) -> dict:
+    if c.ahead is not None:  # the selector's predictions are read here: no production may be changing them
+        c.ahead.wait()
     start = time.perf_counter()
     result = evaluate(c.eval_engine, c.eval_ids, c.rewards, c.tokenizer, max_tokens=config.rollout.max_tokens,
                       samples=config.rollout.eval_samples, temperature=config.rollout.temperature,
@@ -258,8 +260,8 @@ def train_step(c: Components, config: Config, step: int, rollouts_before: int = 
         if c.ahead is None:
             batch, stats, selector_log = generate_step(c, config, step)
         else:  # produced during an earlier update (or now, at the start); the next one starts now
-            produced, waited = c.ahead.take(step)
-            batch, stats, selector_log = produced.batch, produced.stats, produced.log
+            produced, waited, synced = c.ahead.take(step)
+            batch, stats, selector_log = produced.batch, {**produced.stats, **synced}, produced.log
             c.ahead.submit(step)
     except TrainingDiverged as err:  # the sampler met non-finite logits: weights lost to an earlier update
         raise TrainingDiverged(f"step {step}: {err}. {DIVERGED_ADVICE}") from None
@@ -286,9 +288,10 @@ def train_step(c: Components, config: Config, step: int, rollouts_before: int = 
         record.update(c.policy.update(batch, c.algorithm.loss, progress=progress))
     updated = time.perf_counter()
     record["time_update_s"] = updated - generated
-    if c.ahead is not None:  # the schedule: version ``step`` generates nothing before step + k's samples are made
-        record["time_wait_s"] += c.ahead.wait()
-    record.update(c.engine.sync_from(c.policy, step=step))
+    if c.ahead is None:
+        record.update(c.engine.sync_from(c.policy, step=step))
+    else:  # copied now, sent once step + k's samples are made (its metrics come with a later step's)
+        c.ahead.sync(c.engine.engine.sync_later(c.policy, step))
     record["time_sync_s"] = time.perf_counter() - updated
     record["time_step_s"] = time.perf_counter() - start
     return record, batch, selector_log

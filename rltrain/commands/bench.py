@@ -1,5 +1,5 @@
-"""``rltrain bench trl`` (seconds per GRPO step against TRL's GRPOTrainer) and ``rltrain bench rollout`` (rollout
-time per step, vLLM vs the HF engine): arguments, the order of the work and its progress lines; the harnesses are
+"""``rltrain bench trl`` (seconds per GRPO step against TRL's GRPOTrainer), ``rltrain bench rollout`` (rollout
+time per step, vLLM vs the HF engine), ``busy`` and ``async`` (rollouts ahead of training): arguments, the order of the work and its progress lines; the harnesses are
 rltrain/bench/, which writes the results as sections of docs/benchmarks.md."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rltrain.bench import busy, rollout, trl
+from rltrain.bench import ahead, busy, rollout, trl
 from rltrain.bench import trl_report as report
 from rltrain.bench.results import machine, write_section
 from rltrain.commands.setup import compose
@@ -201,3 +201,44 @@ def busy_main(argv: list[str]) -> None:
         return
     write_section(Path(args.out), section, busy.SECTION)
     print(f"rltrain bench busy: wrote section '{busy.SECTION}' of {args.out}", flush=True)
+
+
+def async_main(argv: list[str]) -> None:
+    """``rltrain bench async [options] [overrides]``: the synchronous loop against ``trainer.max_staleness`` k."""
+    from rltrain.threads import available_cores
+
+    p = argparse.ArgumentParser(prog="rltrain bench async", description=ahead.__doc__.split("\n\n")[0])
+    p.add_argument("--experiments", default="default,tiny", help="default (the embedded one) or conf/experiment names")
+    p.add_argument("--steps", default="12,200", help="steps per run, one per experiment")
+    p.add_argument("--staleness", default="1,2")
+    p.add_argument("--split", default="1,1", help="trainer,worker threads with rollouts ahead")
+    p.add_argument("--threads", type=int, default=0, help="the synchronous loop's (0: every usable core)")
+    p.add_argument("--out", default="docs/benchmarks.md")
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("overrides", nargs="*", help="hydra overrides for every run")
+    args = p.parse_args(argv)
+    names, steps = args.experiments.split(","), [int(n) for n in args.steps.split(",")]
+    if len(steps) != len(names):
+        p.error("--steps needs one count per experiment")
+    split = tuple(int(n) for n in args.split.split(","))
+    sync_threads = args.threads or available_cores()
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    started = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    experiments: dict[str, dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="rltrain-bench-async-") as work:
+        for name, count in zip(names, steps):
+            overrides = ([] if name == "default" else [f"experiment={name}"]) + list(args.overrides)
+            rows = experiments.setdefault(f"{name} experiment, {count} steps", {})
+            loops = [("synchronous", 0, (sync_threads, 0))] + [
+                (f"max_staleness={k}", int(k), split) for k in args.staleness.split(",")]
+            for label, k, threads in loops:
+                print(f"rltrain bench async: {name}, {label} ...", flush=True)
+                row = ahead.run(f"{name} {label}", k, threads, count, overrides, Path(work), busy.REPO, env)
+                rows[label] = {**row, "threads": f"{threads[0]}" if k == 0 else f"{threads[0]} + {threads[1]}"}
+    section = ahead.render(experiments, "rltrain bench async " + " ".join(argv), started, machine())
+    if args.no_write:
+        print(section)
+        return
+    write_section(Path(args.out), section, ahead.SECTION)
+    print(f"rltrain bench async: wrote section '{ahead.SECTION}' of {args.out}", flush=True)
+

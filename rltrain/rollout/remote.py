@@ -20,6 +20,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -136,6 +137,8 @@ class RemoteHFEngine(SyncedEngine):
         self.group = _group(0, spec.port)
         self.version = self.last_version = 0
         self.time_sync_s, self.sent_bytes = 0.0, 0
+        self._buffers: list[torch.Tensor] = []  # the last snapshot's flat copies, refilled by the next one
+        self._sending: Future | None = None  # set once that snapshot has been sent
 
     @classmethod
     def start(cls, model_dir: Path, *, lora: dict | None, batch_size: int, threads: int, sync: SyncSettings,
@@ -166,24 +169,64 @@ class RemoteHFEngine(SyncedEngine):
 
     def send_weights(self, policy, step: int) -> None:
         """The adapter's tensors (LoRA) or all weights, in buckets of ``sync.bucket_bytes``, flattened per dtype."""
-        start, self.sent_bytes = time.perf_counter(), 0
-        named = _trained(policy.model, policy.is_peft)
-        for bucket in _buckets(named, self.sync.bucket_bytes):
+        self._send(self._snapshot(policy), step)
+
+    def sync_later(self, policy, step: int) -> Callable[[], dict]:
+        """The sync of version ``step`` in two halves, so that the trainer need not wait for it: now, a copy of the
+        weights to send (the next update changes them) and the policy's log-probs of the probe; when the returned
+        job runs, the transfer, the worker's probe and the check (``EngineOutOfSync`` from the job)."""
+        parts = self._snapshot(policy)
+        s, is_peft = self.sync, policy.is_peft
+        policy_logp = policy.logprobs([list(s.probe_prompt)], [list(s.probe_completion)], temperature=1.0)[0]
+
+        sent: Future = Future()
+        self._sending = sent
+
+        def job() -> dict:
+            try:
+                self._send(parts, step)
+            finally:
+                sent.set_result(None)  # the buffers may be refilled
+            return {**self.check_probe(step, policy_logp, is_peft), **self._sent()}
+        return job
+
+    def _snapshot(self, policy) -> list[list[tuple[list[str], torch.Tensor]]]:
+        """Per bucket, per dtype: the names and one flat copy of their tensors. The copies go into the buffers of
+        the previous snapshot (allocating 0.5 GB afresh cost 0.27 s a sync for SmolLM2-135M; refilling, a fraction),
+        once that snapshot has been sent."""
+        if self._sending is not None:
+            self._sending.result()
+        parts, buffers = [], iter(self._buffers)
+        for bucket in _buckets(_trained(policy.model, policy.is_peft), self.sync.bucket_bytes):
             by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
             for name, tensor in bucket:
-                by_dtype.setdefault(tensor.dtype, []).append((name, tensor.detach().cpu()))
-            self.conn.send(("load", [[n for n, _ in part] for part in by_dtype.values()]))
+                by_dtype.setdefault(tensor.dtype, []).append((name, tensor.detach()))
             for part in by_dtype.values():
-                flat = torch._utils._flatten_dense_tensors([t for _, t in part])
+                size, dtype = sum(t.numel() for _, t in part), part[0][1].dtype
+                flat = next(buffers, None)
+                if flat is None or flat.numel() != size or flat.dtype != dtype:
+                    flat = torch.empty(size, dtype=dtype)
+                torch.cat([t.reshape(-1).cpu() for _, t in part], out=flat)
+                parts.append(([n for n, _ in part], flat))
+        self._buffers = [flat for _, flat in parts]
+        return [[part] for part in parts]
+
+    def _send(self, parts: list[list[tuple[list[str], torch.Tensor]]], step: int) -> None:
+        start, self.sent_bytes = time.perf_counter(), 0
+        for bucket in parts:
+            self.conn.send(("load", [names for names, _ in bucket]))
+            for _, flat in bucket:
                 self.group.broadcast(flat, 0).wait()
                 self.sent_bytes += flat.numel() * flat.element_size()
         self.conn.send(("finish", step))
         self.version = self._reply("loading weights")
         self.time_sync_s = time.perf_counter() - start
 
+    def _sent(self) -> dict:
+        return {"time_weight_transfer_s": self.time_sync_s, "weight_transfer_mb": self.sent_bytes / 2**20}
+
     def sync_from(self, policy, *, step: int) -> dict:
-        stats = super().sync_from(policy, step=step)
-        return {**stats, "time_weight_transfer_s": self.time_sync_s, "weight_transfer_mb": self.sent_bytes / 2**20}
+        return {**super().sync_from(policy, step=step), **self._sent()}
 
     def probe_logprobs(self, prompt: list[int], completion: list[int]) -> list[float]:
         self.conn.send(("probe", list(prompt), list(completion)))

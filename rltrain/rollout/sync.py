@@ -70,17 +70,22 @@ class SyncedEngine(ABC):
             if diff is not None:
                 stats[f"{self._metric}_weight_max_diff"] = max(s.world.gather(diff[0]))
         s.world.barrier()
-        prompt, completion = list(s.probe_prompt), list(s.probe_completion)
-        engine_logp = self.probe_logprobs(prompt, completion)
-        policy_logp = policy.logprobs([prompt], [completion], temperature=1.0)[0]
+        policy_logp = policy.logprobs([list(s.probe_prompt)], [list(s.probe_completion)], temperature=1.0)[0]
+        return {**stats, **self.check_probe(step, policy_logp, policy.is_peft)}
+
+    def check_probe(self, step: int, policy_logp: list[float], is_peft: bool) -> dict:
+        """The engine's log-probs of the probe against the policy's (``policy_logp``): the worst rank's largest
+        difference, or ``EngineOutOfSync`` above the tolerance."""
+        s = self.sync
+        engine_logp = self.probe_logprobs(list(s.probe_prompt), list(s.probe_completion))
         diff = max(abs(a - b) for a, b in zip(engine_logp, policy_logp))
-        probe = stats[f"{self._metric}_probe_diff"] = max(s.world.gather(diff))  # the worst rank's engine
+        probe = max(s.world.gather(diff))  # the worst rank's engine
         if not probe <= s.tolerance:
             raise EngineOutOfSync(
                 f"step {step}: after the weight sync {self.label} scores a probe {probe:.3g} nats away from "
                 f"the policy (rollout.vllm.probe_tolerance={s.tolerance}): it is not generating with the current "
-                f"{'adapter' if policy.is_peft else 'weights'}")
-        return stats
+                f"{'adapter' if is_peft else 'weights'}")
+        return {f"{self._metric}_probe_diff": probe}
 
     def send_weights(self, policy: PolicyWorker, step: int) -> None:
         """The adapter alone for LoRA (``load_adapter``), else the full weights in buckets (``load_weights``, then
