@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,30 @@ def test_torchrun_two_ranks_equal_one_process_and_resume(stage, single, tmp_path
     assert resumed[3]["loss"] == got[3]["loss"] and resumed[3]["grad_norm"] == got[3]["grad_norm"]
     assert resumed[3]["reward_mean"] == got[3]["reward_mean"]
     shutil.rmtree(tmp_path)
+
+
+def _run_nodes(run_dir: Path, *extra: str) -> dict[int, dict]:
+    """launch/slurm.sbatch's launch on this machine's loopback: two torchrun agents ("nodes", one rank each) meeting
+    at a c10d rendezvous, as srun starts one per node; its per-step records."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=rehearsal",
+                               "-m", "rltrain.train", *SMALL, *extra, f"hydra.run.dir={run_dir}"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=900)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(out[-3000:] for out in outputs)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records if "step" in r}
+
+
+def test_two_nodes_on_loopback_equal_one_process(single, tmp_path):
+    """The multi-node path (c10d rendezvous across torchrun agents, ranks given by the rendezvous) trains as one
+    process does: the same samples, losses and gradient norms."""
+    _assert_same(_run_nodes(tmp_path / "run", "distributed=zero2"), single["full"])
 
 
 def test_lora_under_zero3_equals_one_process(single, tmp_path):
