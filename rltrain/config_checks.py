@@ -61,10 +61,10 @@ def check(config: Config) -> None:
                           "probe_tolerance and cpu_kv_cache_gb > 0")
     if config.trainer.max_staleness < 0 or r.worker_threads < 0:
         raise ConfigError("trainer.max_staleness and rollout.worker_threads must be >= 0")
-    if config.trainer.max_staleness > 0 and r.backend != "hf":
-        raise ConfigError(f"trainer.max_staleness={config.trainer.max_staleness} generates with the HF engine in a "
-                          f"rollout worker process; rollout.backend={r.backend} ahead of training is not built yet "
-                          "(docs/async.md): use rollout=hf, or trainer.max_staleness=0")
+    if config.trainer.max_staleness > 0 and r.backend == "vllm" and v.mode != "server":
+        raise ConfigError(f"trainer.max_staleness={config.trainer.max_staleness} generates on a rollout worker: the HF "
+                          "engine in its own process (rollout=hf) or `rltrain serve` (rollout.vllm.mode=server); "
+                          "colocated vLLM ahead of training is not built yet (docs/async.md)")
     c = r.correction
     if c.mode != CorrectionMode.none and not 0 <= c.low <= 1 <= c.high:
         raise ConfigError(f"rollout.correction: low={c.low} and high={c.high} must bound the on-policy ratio 1 "

@@ -21,9 +21,10 @@ from torch import Tensor, nn
 
 from rltrain.algorithms import aggregation
 from rltrain.algorithms.base import LossInputs, PolicyLoss  # noqa: F401 (the loss contract, re-exported)
-from rltrain.algorithms.corrections import Correction, correction_weights, mismatch_kl
+from rltrain.algorithms.corrections import Correction, correct
 from rltrain.batch import RolloutBatch, Source
 from rltrain.distributed import World, without_zero3_hooks
+from rltrain.rollout.hf import nucleus_logp
 
 
 @dataclass(frozen=True)
@@ -41,21 +42,6 @@ class OptimSettings:
     top_p: float = 1.0  # < 1: log-probs under the nucleus the generator sampled from (``nucleus_logp``)
     lr_schedule: str = "constant"  # | "linear" | "cosine": decay by the run's progress (``update``'s argument)
     min_lr_ratio: float = 0.0
-
-
-def nucleus_logp(logits_BTV: Tensor, targets_BT: Tensor, top_p: float) -> Tensor:
-    """Log-prob of each target under the top-p nucleus of its (temperature-scaled) logits, renormalised: what the
-    engines sample from and report (``rltrain.rollout.hf.sample``; vLLM's processed log-probs). A token stays if
-    the tokens more likely than it hold less than ``top_p``; the target always stays, so that a token the policy
-    has since pushed out of its nucleus keeps a finite log-prob. The nucleus is chosen without gradient; the
-    log-prob is differentiable in the logits it keeps."""
-    with torch.no_grad():
-        probs_BTV, order_BTV = torch.softmax(logits_BTV, -1).sort(-1, descending=True)
-        outside_BTV = (probs_BTV.cumsum(-1) - probs_BTV) >= top_p
-        outside_BTV = outside_BTV.scatter(-1, order_BTV, outside_BTV)
-        outside_BTV.scatter_(-1, targets_BT.unsqueeze(-1), False)
-    kept_BTV = logits_BTV.masked_fill(outside_BTV, float("-inf"))
-    return logits_BTV.gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(kept_BTV, -1)
 
 
 def lr_multiplier(schedule: str, optimizer_step: int, progress: float, *, warmup: int, floor: float) -> float:
@@ -397,25 +383,12 @@ class PolicyWorker:
 
     def _behaviour_correction(self, inputs: LossInputs, loss_BT: Tensor, token_metrics: dict[str, Tensor]
                               ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The generator-vs-trainer mismatch on on-policy tokens: always measured (|log pi_old - log pi_behaviour|
-        and the mismatch KL; ~1e-6 for the HF engine, larger for vLLM's kernels, bf16 or stale weights), and
-        corrected by ``settings.correction`` (rltrain.algorithms.corrections): the token's loss times its weight."""
+        """The generator-vs-trainer mismatch on on-policy tokens (vLLM's kernels, bf16, stale weights): measured,
+        and corrected by ``settings.correction`` (rltrain.algorithms.corrections.correct)."""
         on_B = torch.tensor([s == Source.ON_POLICY for s in inputs.sources], device=loss_BT.device)
-        log_ratio_BT = (inputs.old_logp_BT - inputs.behaviour_logp_BT).detach()
-        on_BT = on_B.unsqueeze(-1).expand_as(log_ratio_BT).to(loss_BT.dtype)
-        metrics = dict(token_metrics, behaviour_logp_abs_diff=(log_ratio_BT.abs(), on_BT),
-                       mismatch_kl=(mismatch_kl(log_ratio_BT), on_BT))
-        if self.settings.correction.on:
-            weight_BT, masked_BT = correction_weights(log_ratio_BT, inputs.mask_BT, self.settings.correction)
-            weight_BT = torch.where(on_BT > 0, weight_BT, torch.ones_like(weight_BT))
-            loss_BT = loss_BT * weight_BT
-            first_BT = torch.zeros_like(on_BT)  # one token per on-policy sequence: a per-sequence share
-            first_BT[:, 0] = on_B.to(on_BT.dtype)
-            metrics.update(correction_weight=(weight_BT, on_BT),
-                           correction_masked_tokens=(masked_BT.to(on_BT.dtype), on_BT),
-                           correction_masked_seqs=(masked_BT.any(-1, keepdim=True).to(on_BT.dtype)
-                                                   .expand_as(on_BT), first_BT))
-        return loss_BT, metrics
+        loss_BT, metrics = correct(loss_BT, inputs.old_logp_BT - inputs.behaviour_logp_BT, inputs.mask_BT, on_B,
+                                   self.settings.correction)
+        return loss_BT, {**token_metrics, **metrics}
 
     def _backward(self, loss: Tensor) -> None:
         if self.engine is not None:

@@ -118,7 +118,7 @@ def build(config: Config, world: World = World()) -> Components:
                               f"this run has {world.size}")
         components.eval_engine = ShardedEngine(HFEngine.for_tokenizer(model, tokenizer, r.batch_size), world)
         components.ahead = RolloutsAhead(lambda step: generate_step(components, config, step),
-                                         version=lambda: components.engine.engine.version,
+                                         version=lambda: components.engine.engine.version,  # a SyncedEngine
                                          staleness=t.max_staleness, last_step=t.steps)
     if r.backend == "vllm" and r.vllm.mode == "server" or t.max_staleness > 0:  # an engine with other weights (a
         components.engine.sync_from(policy, step=0)  # server's, a fresh LoRA adapter): send the policy's
@@ -446,7 +446,10 @@ def resume(config: Config, ctx: RunContext, checkpoints: Checkpointer, c: Compon
 
 def _checkpoint(checkpoints: Checkpointer, step: int, c: Components, loop: LoopState, session_start: float,
                 config_dict: dict) -> float:
-    """Save, with the wall time so far in the loop state; returns the new session start."""
+    """Save, with the wall time so far in the loop state; returns the new session start. Productions ahead finish
+    first: the selector's and the algorithm's state must include every step already produced."""
+    if c.ahead is not None:
+        c.ahead.wait()
     now = time.perf_counter()
     loop.wall_time_s += now - session_start
     checkpoints.save(step, policy=c.policy, tokenizer=c.tokenizer, meta={"config": config_dict})

@@ -150,3 +150,13 @@ def allocates_on_big(prompts, completions, answer, **_):
         held = bytes(2 << 30)
         del held
     return reference(prompts, completions, answer)
+
+
+def slow_answer_only(prompts, completions, answer, **kwargs):
+    """The tiny experiment's reward, a quarter of a second late: scoring outlasts the update."""
+    import time
+
+    from rltrain.rewards.answers import answer_only
+
+    time.sleep(0.25)
+    return answer_only(prompts, completions, answer=answer, **kwargs)

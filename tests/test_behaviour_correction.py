@@ -1,8 +1,8 @@
 """The generator-vs-trainer mismatch on on-policy tokens (vLLM's kernels differ from the trainer's): always measured
-as ``behaviour_logp_abs_diff``, and with ``rollout.correction.mode=token_truncate`` corrected by truncated importance sampling — each on-policy
-token's loss times min(pi_trainer / pi_behaviour, cap), detached. Checked against the closed form of GRPO's loss at
-pi_old = pi_theta (each token contributes -A_b x weight, token-mean over the step), with behaviour log-probs offset
-so that some ratios exceed the cap and some do not.
+as ``behaviour_logp_abs_diff``, and with ``rollout.correction.mode=token_truncate`` corrected by truncated importance
+sampling — each on-policy token's loss times min(pi_trainer / pi_behaviour, cap), detached. Checked against the
+closed form of GRPO's loss at pi_old = pi_theta (each token contributes -A_b x weight, token-mean over the step),
+with behaviour log-probs offset so that some ratios exceed the cap and some do not.
 """
 
 from __future__ import annotations

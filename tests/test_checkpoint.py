@@ -252,8 +252,10 @@ METHODS = {
     "agent": ["task=calculator", "task.agent.env=tests.tool_fixtures:Countdown", "task.rewards=[]",
               "task.agent.max_turns=3", "task.agent.max_episode_tokens=40", "model.max_context=256",
               "task.agent.train_size=64", "logger.samples_per_step=2"],
-    # rollouts ahead (rltrain/pipeline.py): a checkpoint holds the steps produced ahead, the worker resyncs
-    "async": ["trainer.max_staleness=1"],
+    # rollouts ahead (rltrain/pipeline.py): a checkpoint holds the steps produced ahead, the worker resyncs; a slow
+    # reward keeps the production ahead (and the planner's update after it) running as the step's checkpoint starts
+    "async": ["trainer.max_staleness=1", *V0,
+              "task.rewards=[{fn: tests.reward_fixtures:slow_answer_only, weight: 1.0}]"],
     "async_v0_guide": ["trainer.max_staleness=2", "algorithm=guide", *V0],
 }
 
@@ -325,7 +327,7 @@ def _assert_same_run(killed_dir: Path, reference_dir: Path, resumed_from: int, k
         k = int(extra[0].partition("=")[2])
         assert [steps[s]["staleness"] for s in range(1, 41)] == [min(s - 1, k) for s in range(1, 41)]
         assert all(steps[s]["rollout_worker_probe_diff"] < 1e-4 for s in steps)
-    if extra and method != "async":  # the budget's per-prompt log, and each method's own path acted
+    if extra:  # the budget's per-prompt log, and each method's own path acted
         assert (killed_dir / "value.jsonl").read_text() == (reference_dir / "value.jsonl").read_text()
         assert sum(steps[s].get("guided_token_share", 0) > 0 for s in steps) >= 5 or method != "v0_guide"
         assert sum("loss" in r for r in steps.values()) >= 20  # most steps learned from something

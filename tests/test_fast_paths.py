@@ -291,7 +291,7 @@ def test_with_top_p_the_trainer_scores_the_nucleus_the_engine_sampled_from():
 
 
 def test_a_token_outside_the_current_nucleus_keeps_a_finite_log_prob_and_gradient():
-    from rltrain.policy import nucleus_logp
+    from rltrain.rollout.hf import nucleus_logp
 
     logits = torch.tensor([[[4.0, 3.0, 0.0, -2.0]]], requires_grad=True)
     target = torch.tensor([[3]])  # far outside a 0.9 nucleus of these logits

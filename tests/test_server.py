@@ -107,6 +107,16 @@ def test_training_against_a_server_syncs_its_weights(served, tmp_path):
     assert written and not [p for p in written if served.token.encode() in p.read_bytes()]  # the token stays out
 
 
+def test_rollouts_ahead_of_training_against_a_server(served, tmp_path):
+    """``rltrain serve`` as the rollout side of trainer.max_staleness=1: it generates step s+1 while the trainer
+    updates on step s, and its weights follow one version behind, each sync checked by the probe."""
+    steps = _train_against(served, tmp_path / "run", *TRAIN, "trainer.steps=4", "trainer.max_staleness=1")
+    assert [r["staleness"] for r in steps] == [0, 1, 1, 1]
+    synced = [r for r in steps if "vllm_probe_diff" in r]
+    assert len(synced) >= 2 and all(r["vllm_probe_diff"] < 1e-4 for r in synced)
+    assert all(r["mismatch_kl"] > 0 for r in steps[1:])  # samples of the version before
+
+
 def test_an_unreachable_server_fails_fast_with_the_url():
     url = f"http://127.0.0.1:{_free_port()}"
     started = time.monotonic()

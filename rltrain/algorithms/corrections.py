@@ -67,3 +67,24 @@ def mismatch_kl(log_ratio_BT: Tensor) -> Tensor:
     r = pi_old / pi_behaviour (>= 0, unbiased; 0 where the two agree)."""
     log_ratio_BT = log_ratio_BT.detach()
     return log_ratio_BT.exp() - 1.0 - log_ratio_BT
+
+
+def correct(loss_BT: Tensor, log_ratio_BT: Tensor, mask_BT: Tensor, on_B: Tensor, correction: Correction
+            ) -> tuple[Tensor, dict[str, Tensor | tuple[Tensor, Tensor]]]:
+    """The per-token loss weighted on on-policy samples (``on_B``) by ``correction``, and the metrics of the
+    mismatch on their tokens (value, weight pairs: ``rltrain.algorithms.base.PolicyLoss``): always
+    ``behaviour_logp_abs_diff`` and ``mismatch_kl``; with a correction its mean weight and the shares of tokens and
+    of sequences it masked."""
+    log_ratio_BT = log_ratio_BT.detach()
+    on_BT = on_B.unsqueeze(-1).expand_as(log_ratio_BT).to(loss_BT.dtype)
+    metrics = {"behaviour_logp_abs_diff": (log_ratio_BT.abs(), on_BT),
+               "mismatch_kl": (mismatch_kl(log_ratio_BT), on_BT)}
+    if not correction.on:
+        return loss_BT, metrics
+    weight_BT, masked_BT = correction_weights(log_ratio_BT, mask_BT, correction)
+    weight_BT = torch.where(on_BT > 0, weight_BT, torch.ones_like(weight_BT))
+    first_BT = torch.zeros_like(on_BT)  # one token per on-policy sequence: a per-sequence share
+    first_BT[:, 0] = on_B.to(on_BT.dtype)
+    metrics.update(correction_weight=(weight_BT, on_BT), correction_masked_tokens=(masked_BT.to(on_BT.dtype), on_BT),
+                   correction_masked_seqs=(masked_BT.any(-1, keepdim=True).to(on_BT.dtype).expand_as(on_BT), first_BT))
+    return loss_BT * weight_BT, metrics

@@ -62,8 +62,8 @@ def render(experiments: dict[str, dict[str, dict]], command: str, started: str, 
         if probes:
             lines += ["", f"Rollout worker's probe after every sync: at most {max(probes):.2g} nats from the policy."]
         lines.append("")
-    lines += ["Phases are medians per step. With rollouts ahead, *generate* is the production's own time (in the worker "
-              "and the background thread, beside the update), *wait* the time the trainer waited for samples not yet "
-              "made, *sync* the trainer's share of the weight sync (copying the weights, scoring the probe), "
+    lines += ["Phases are medians per step. With rollouts ahead, *generate* is the production's own time (in the "
+              "worker and the background thread, beside the update), *wait* the time the trainer waited for samples "
+              "not yet made, *sync* the trainer's share of the weight sync (copying the weights, scoring the probe), "
               "*weight transfer* the background send over the gloo group."]
     return "\n".join(lines) + "\n"

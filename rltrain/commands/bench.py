@@ -1,6 +1,7 @@
 """``rltrain bench trl`` (seconds per GRPO step against TRL's GRPOTrainer), ``rltrain bench rollout`` (rollout
-time per step, vLLM vs the HF engine), ``busy`` and ``async`` (rollouts ahead of training): arguments, the order of the work and its progress lines; the harnesses are
-rltrain/bench/, which writes the results as sections of docs/benchmarks.md."""
+time per step, vLLM vs the HF engine), ``busy`` and ``async`` (rollouts ahead of training): arguments, the order of
+the work and its progress lines; the harnesses are rltrain/bench/, which writes the results as sections of
+docs/benchmarks.md."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ def save_engine_init(config: Config, model: torch.nn.Module, tokenizer, world: W
     GGUF) that rank 0 writes and every rank's engine reads. The rollout worker of ``trainer.max_staleness`` starts
     from it too. None for other engines."""
     if not (config.rollout.backend == "vllm" and config.rollout.vllm.mode == "colocate"
-            or config.trainer.max_staleness > 0):
+            or config.rollout.backend != "vllm" and config.trainer.max_staleness > 0):
         return None
     if config.model.source == ModelSource.hf:
         return Path(config.model.path)
@@ -50,13 +50,14 @@ def build_engine(config: Config, *, model: torch.nn.Module, tokenizer, train_ids
                  world: World, engine_init: Path | None) -> ShardedEngine:
     """``model``: the policy's module (the HF engine generates with it); ``engine_init``: ``save_engine_init``'s."""
     r, eos = config.rollout, [tokenizer.eos_token_id]
-    if config.trainer.max_staleness > 0:  # the HF engine in its own process, ahead of the trainer
+    if config.trainer.max_staleness > 0 and r.backend != "vllm":  # the HF engine in its own process, ahead of it
         from rltrain.rollout.remote import RemoteHFEngine
         from rltrain.threads import worker_split
 
         lora = dict(config.adapter.lora) if config.adapter.kind == AdapterKind.lora else None
         return ShardedEngine(RemoteHFEngine.start(
             engine_init, lora=lora, batch_size=r.batch_size, cleanup=config.model.source != ModelSource.hf,
+            device=str(next(model.parameters()).device),
             threads=worker_split(config.trainer.num_threads, r.worker_threads)[1],
             sync=sync_settings(config, tokenizer, train_ids, world)), world)
     if r.backend != "vllm":

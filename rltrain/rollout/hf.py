@@ -213,10 +213,7 @@ def sample(logits_BV: Tensor, params: SamplingParams, u_B: Tensor | None = None)
         return token_B, torch.log_softmax(logits_BV, -1).gather(-1, token_B.unsqueeze(-1)).squeeze(-1)
     logits_BV = logits_BV / params.temperature
     if params.top_p < 1.0:
-        probs_BV, order_BV = torch.softmax(logits_BV, -1).sort(-1, descending=True)
-        # A token stays if the tokens more likely than it hold less than top_p; the most likely always stays.
-        outside_BV = (probs_BV.cumsum(-1) - probs_BV) >= params.top_p
-        logits_BV = logits_BV.masked_fill(outside_BV.scatter(-1, order_BV, outside_BV), float("-inf"))
+        logits_BV = logits_BV.masked_fill(outside_nucleus(logits_BV, params.top_p), float("-inf"))
     logp_BV = torch.log_softmax(logits_BV, -1)
     # Inverse-CDF sampling: one uniform per row, where ``torch.multinomial`` draws one exponential per vocabulary
     # entry (10x slower here). ``right=True`` returns the first token whose cumulative mass exceeds u, never one
@@ -227,6 +224,26 @@ def sample(logits_BV: Tensor, params: SamplingParams, u_B: Tensor | None = None)
     # (NaN logits make every comparison false and the index V: kept in range, its NaN log-prob reports it)
     token_B = torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(-1).clamp_(max=cdf_BV.shape[-1] - 1)
     return token_B, logp_BV.gather(-1, token_B.unsqueeze(-1)).squeeze(-1)
+
+
+def outside_nucleus(logits_XV: Tensor, top_p: float) -> Tensor:
+    """Which tokens lie outside the top-p nucleus of each row's distribution: a token stays if the tokens more likely
+    than it hold less than ``top_p`` (the most likely always stays). HF's ``TopPLogitsWarper`` and vLLM's top-p keep
+    the same tokens."""
+    with torch.no_grad():
+        probs_XV, order_XV = torch.softmax(logits_XV.float(), -1).sort(-1, descending=True)
+        outside_XV = (probs_XV.cumsum(-1) - probs_XV) >= top_p
+        return outside_XV.scatter(-1, order_XV, outside_XV)
+
+
+def nucleus_logp(logits_BTV: Tensor, targets_BT: Tensor, top_p: float) -> Tensor:
+    """Log-prob of each target under the renormalised top-p nucleus of its (temperature-scaled) logits: what
+    ``sample`` draws from and reports (and vLLM's processed log-probs), for the trainer. The target always stays,
+    so that a token the policy has since pushed out of its nucleus keeps a finite log-prob; the nucleus is chosen
+    without gradient, and the log-prob is differentiable in the logits it keeps."""
+    outside_BTV = outside_nucleus(logits_BTV, top_p).scatter_(-1, targets_BT.unsqueeze(-1), False)
+    kept_BTV = logits_BTV.masked_fill(outside_BTV, float("-inf"))
+    return logits_BTV.gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(kept_BTV, -1)
 
 
 _GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # SplitMix64's increment, as a signed 64-bit integer

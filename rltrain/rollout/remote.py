@@ -56,6 +56,7 @@ class WorkerSpec:
     batch_size: int
     threads: int  # torch CPU threads in the worker
     port: int
+    device: str = "cpu"  # where the worker generates (the policy's device; the weights arrive on the CPU)
 
 
 def _serve(spec: WorkerSpec, conn) -> None:  # the worker process
@@ -70,7 +71,7 @@ def _serve(spec: WorkerSpec, conn) -> None:  # the worker process
             from rltrain.models import wrap_lora
 
             model = wrap_lora(model, spec.lora)
-        model.eval().requires_grad_(False)
+        model.to(spec.device).eval().requires_grad_(False)
         tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
         engine = HFEngine.for_tokenizer(model, tokenizer, spec.batch_size)
         params = dict(_trained(model, False))
@@ -105,10 +106,10 @@ def _serve(spec: WorkerSpec, conn) -> None:  # the worker process
                 conn.send(("ok", version))
             elif kind == "probe":
                 prompt, completion = args
-                ids = torch.tensor([list(prompt) + list(completion)])
+                ids = torch.tensor([list(prompt) + list(completion)], device=spec.device)
                 with torch.no_grad():
                     logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1].float()
-                logp = torch.log_softmax(logits, -1)[torch.arange(len(completion)), torch.tensor(completion)]
+                logp = torch.log_softmax(logits.cpu(), -1)[torch.arange(len(completion)), torch.tensor(completion)]
                 conn.send(("ok", logp.tolist()))
         except Exception:  # noqa: BLE001
             conn.send(("error", traceback.format_exc()))
@@ -142,9 +143,9 @@ class RemoteHFEngine(SyncedEngine):
 
     @classmethod
     def start(cls, model_dir: Path, *, lora: dict | None, batch_size: int, threads: int, sync: SyncSettings,
-              cleanup: bool = False) -> RemoteHFEngine:
+              cleanup: bool = False, device: str = "cpu") -> RemoteHFEngine:
         """A worker on the weights in ``model_dir``; ``cleanup``: a temporary copy, removed once the worker read it."""
-        engine = cls(WorkerSpec(str(model_dir), lora, batch_size, threads, _free_port()), sync)
+        engine = cls(WorkerSpec(str(model_dir), lora, batch_size, threads, _free_port(), device), sync)
         if cleanup:
             shutil.rmtree(model_dir, ignore_errors=True)
         return engine

@@ -10,6 +10,8 @@ policy; the largest log-prob difference over the ranks is ``vllm_probe_diff``, a
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -52,6 +54,7 @@ class SyncedEngine(ABC):
     can be read in this process, ``max_weight_diff(named_parameters)``."""
 
     sync: SyncSettings | None = None
+    version = 0  # the policy version (updates) whose weights the engine holds: the ``step`` of the last sync
     label = "vLLM"  # names the engine in the sync's metrics (``vllm_probe_diff``) and errors
 
     @property
@@ -70,8 +73,36 @@ class SyncedEngine(ABC):
             if diff is not None:
                 stats[f"{self._metric}_weight_max_diff"] = max(s.world.gather(diff[0]))
         s.world.barrier()
+        self.version = step
         policy_logp = policy.logprobs([list(s.probe_prompt)], [list(s.probe_completion)], temperature=1.0)[0]
         return {**stats, **self.check_probe(step, policy_logp, policy.is_peft)}
+
+    def sync_later(self, policy: PolicyWorker, step: int) -> Callable[[], dict]:
+        """The sync of version ``step`` for a trainer that goes on updating meanwhile (rollouts ahead, one process):
+        now, a copy of what it sends (the weights, or the adapter saved) and the policy's log-probs of the probe;
+        the transfer and the check when the returned job runs (``EngineOutOfSync`` from the job)."""
+        s, is_peft = self.sync, policy.is_peft
+        policy_logp = policy.logprobs([list(s.probe_prompt)], [list(s.probe_completion)], temperature=1.0)[0]
+        if is_peft:
+            saved = Path(tempfile.mkdtemp(prefix="rltrain-adapter-"))
+            policy.save_adapter_here(saved)
+        else:
+            buckets = [[(name, t.detach().to("cpu", copy=True)) for name, t in bucket]
+                       for bucket in policy.weight_buckets(s.bucket_bytes)]
+
+        def job() -> dict:
+            if is_peft:
+                try:
+                    self.load_adapter(lambda directory: shutil.copytree(saved, directory, dirs_exist_ok=True))
+                finally:
+                    shutil.rmtree(saved, ignore_errors=True)
+            else:
+                for bucket in buckets:
+                    self.load_weights(bucket)
+                self.finish_sync()
+            self.version = step
+            return self.check_probe(step, policy_logp, is_peft)
+        return job
 
     def check_probe(self, step: int, policy_logp: list[float], is_peft: bool) -> dict:
         """The engine's log-probs of the probe against the policy's (``policy_logp``): the worst rank's largest
