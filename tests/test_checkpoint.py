@@ -254,7 +254,8 @@ METHODS = {
               "task.agent.train_size=64", "logger.samples_per_step=2"],
     # rollouts ahead (rltrain/pipeline.py): a checkpoint holds the steps produced ahead, the worker resyncs; a slow
     # reward keeps the production ahead (and the planner's update after it) running as the step's checkpoint starts
-    "async": ["trainer.max_staleness=1", *V0,
+    # (every 3 steps: the run resumes from one without an evaluation, which would have waited for it)
+    "async": ["trainer.max_staleness=1", *V0, "trainer.checkpoint_every=3",
               "task.rewards=[{fn: tests.reward_fixtures:slow_answer_only, weight: 1.0}]"],
     "async_v0_guide": ["trainer.max_staleness=2", "algorithm=guide", *V0],
 }
@@ -326,7 +327,8 @@ def _assert_same_run(killed_dir: Path, reference_dir: Path, resumed_from: int, k
     if method.startswith("async"):  # trained on samples of the version the schedule says, resumed ones too
         k = int(extra[0].partition("=")[2])
         assert [steps[s]["staleness"] for s in range(1, 41)] == [min(s - 1, k) for s in range(1, 41)]
-        assert all(steps[s]["rollout_worker_probe_diff"] < 1e-4 for s in steps)
+        probes = [r["rollout_worker_probe_diff"] for r in steps.values() if "rollout_worker_probe_diff" in r]
+        assert len(probes) >= 10 and max(probes) < 1e-4  # a sync reports with the first step after it is done
     if extra:  # the budget's per-prompt log, and each method's own path acted
         assert (killed_dir / "value.jsonl").read_text() == (reference_dir / "value.jsonl").read_text()
         assert sum(steps[s].get("guided_token_share", 0) > 0 for s in steps) >= 5 or method != "v0_guide"
