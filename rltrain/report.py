@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator
 from rich.console import Console
 from rich.table import Table
 
-PHASES = ("time_generate_s", "time_reward_s", "time_update_s", "time_sync_s", "time_eval_s")
+PHASES = ("time_generate_s", "time_reward_s", "time_wait_s", "time_update_s", "time_sync_s", "time_eval_s")
 LAST_STEPS = 5  # a sweep job's final reward is the mean reward_mean of its last 5 steps
 PANEL_W, PANEL_H = 4.2, 3.0  # inches per small plot
 
@@ -173,6 +173,8 @@ def _run_panels(steps: list[dict], evals: list[dict]) -> list:
             ax.legend(handles=handles, fontsize=7, loc="best")
         panels.append(("completion length", draw_length))
     phases = [k for k in PHASES if any(finite(r.get(k)) for r in steps)]
+    ahead = [k for k in ("time_generate_s", "time_reward_s") if any("time_wait_s" in r for r in steps) and k in phases]
+    phases = [k for k in phases if k not in ahead]  # rollouts ahead: production runs beside the update, not in line
     if phases or any(finite(r.get("time_step_s")) for r in steps):
         def draw_time(ax):
             x = np.array([r["step"] for r in steps], dtype=float)
@@ -182,6 +184,8 @@ def _run_panels(steps: list[dict], evals: list[dict]) -> list:
                              alpha=0.8)
             if any(finite(r.get("time_step_s")) for r in steps):
                 ax.plot(*series(steps, "time_step_s"), "-", color="black", linewidth=1, label="whole step")
+            for key in ahead:
+                ax.plot(*series(steps, key), ":", linewidth=1, label=f"{key[5:-2]} (ahead)")
             eval_x, eval_y = series(evals, "time_eval_s", x="eval_step")
             if len(eval_x):
                 ax.plot(eval_x, eval_y, "v", color="tab:purple", label="eval")
@@ -198,6 +202,17 @@ def _run_panels(steps: list[dict], evals: list[dict]) -> list:
         panels.append(("reward function failures", draw_failures))
     if any(finite(r.get("loss")) for r in steps):
         panels.append(curve("loss", "loss", "tab:olive"))
+    if any(r.get("staleness") for r in steps):  # rollouts ahead: how old each step's samples were, how far they drifted
+        def draw_staleness(ax):
+            _raw_and_smooth(ax, *series(steps, "mismatch_kl"), window, "tab:red", "mismatch_kl")
+            twin = ax.twinx()
+            handles = ax.get_legend_handles_labels()[0] + twin.step(
+                *series(steps, "staleness"), where="post", color="tab:gray", linewidth=1,
+                label="staleness, versions (right axis)")
+            twin.set_ylim(-0.1, max(r.get("staleness", 0) for r in steps) + 0.5)
+            twin.tick_params(labelsize=8)
+            ax.legend(handles=handles, fontsize=7, loc="best")
+        panels.append(("off-policy: staleness and mismatch KL", draw_staleness))
     if any(finite(r.get("value_auc")) for r in steps):
         def draw_value(ax):
             for key, color in (("value_auc", "tab:blue"), ("value_auc_unseen", "tab:cyan")):

@@ -182,3 +182,21 @@ def test_main_on_a_run_dir_writes_the_report(tmp_path, capsys):
     make_run(tmp_path / "run", steps=10)
     main([str(tmp_path / "run")])
     assert (tmp_path / "run" / "report.html").exists() and "report.png" in capsys.readouterr().out
+
+
+def test_a_run_with_rollouts_ahead_gets_an_off_policy_panel_and_its_wait_time(tmp_path):
+    """trainer.max_staleness > 0: staleness and the mismatch KL in one panel, the time waited among the phases; a
+    synchronous run (staleness absent or 0) has no such panel."""
+    from rltrain.report import _run_panels
+
+    steps = [{**step_record(s), "staleness": min(s - 1, 2), "mismatch_kl": 0.01 * min(s - 1, 2),
+              "time_wait_s": 0.1} for s in range(1, 11)]
+    titles = [panel[0] for panel in _run_panels(steps, [eval_record(0)])]
+    assert "off-policy: staleness and mismatch KL" in titles
+    assert "off-policy: staleness and mismatch KL" not in [p[0] for p in _run_panels(
+        [{**r, "staleness": 0} for r in steps], [eval_record(0)])]
+    run_dir = tmp_path / "run"
+    make_run(run_dir, steps=10)
+    write_jsonl(run_dir / "metrics.jsonl", [eval_record(0), *steps, eval_record(10)])
+    png, _ = write_run_report(run_dir)
+    assert_png(png, 1000, 800)
