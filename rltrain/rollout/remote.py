@@ -138,8 +138,11 @@ class RemoteHFEngine(SyncedEngine):
         self.group = _group(0, spec.port)
         self.version = self.last_version = 0
         self.time_sync_s, self.sent_bytes = 0.0, 0
-        self._buffers: list[torch.Tensor] = []  # the last snapshot's flat copies, refilled by the next one
-        self._sending: Future | None = None  # set once that snapshot has been sent
+        # Up to two sets of send buffers for ``sync_later``: each the flat copies of a snapshot and a future set once
+        # it has been sent. One is refilled while its snapshot is sent; the second exists only when the previous sync
+        # still waits behind a production (k >= 2) as the next one starts.
+        self._slots: list[tuple[list[torch.Tensor], Future | None]] = [([], None), ([], None)]
+        self._last_slot = 1
 
     @classmethod
     def start(cls, model_dir: Path, *, lora: dict | None, batch_size: int, threads: int, sync: SyncSettings,
@@ -170,18 +173,19 @@ class RemoteHFEngine(SyncedEngine):
 
     def send_weights(self, policy, step: int) -> None:
         """The adapter's tensors (LoRA) or all weights, in buckets of ``sync.bucket_bytes``, flattened per dtype."""
-        self._send(self._snapshot(policy), step)
+        self._send(self._snapshot(policy, None), step)
 
     def sync_later(self, policy, step: int) -> Callable[[], dict]:
         """The sync of version ``step`` in two halves, so that the trainer need not wait for it: now, a copy of the
         weights to send (the next update changes them) and the policy's log-probs of the probe; when the returned
         job runs, the transfer, the worker's probe and the check (``EngineOutOfSync`` from the job)."""
-        parts = self._snapshot(policy)
+        done = [i for i, (_, sent) in enumerate(self._slots) if sent is None or sent.done()]
+        slot = self._last_slot = ([i for i in done if self._slots[i][0]] or done or [1 - self._last_slot])[0]
+        parts = self._snapshot(policy, slot)
         s, is_peft = self.sync, policy.is_peft
         policy_logp = policy.logprobs([list(s.probe_prompt)], [list(s.probe_completion)], temperature=1.0)[0]
-
         sent: Future = Future()
-        self._sending = sent
+        self._slots[slot] = (self._slots[slot][0], sent)
 
         def job() -> dict:
             try:
@@ -191,13 +195,16 @@ class RemoteHFEngine(SyncedEngine):
             return {**self.check_probe(step, policy_logp, is_peft), **self._sent()}
         return job
 
-    def _snapshot(self, policy) -> list[list[tuple[list[str], torch.Tensor]]]:
+    def _snapshot(self, policy, slot: int | None) -> list[list[tuple[list[str], torch.Tensor]]]:
         """Per bucket, per dtype: the names and one flat copy of their tensors. The copies go into the buffers of
-        the previous snapshot (allocating 0.5 GB afresh cost 0.27 s a sync for SmolLM2-135M; refilling, a fraction),
-        once that snapshot has been sent."""
-        if self._sending is not None:
-            self._sending.result()
-        parts, buffers = [], iter(self._buffers)
+        ``slot`` (allocating 0.5 GB afresh cost 0.27 s a sync for SmolLM2-135M; refilling, a fraction), once the
+        snapshot they last held has been sent; ``slot`` None: new buffers."""
+        buffers: list[torch.Tensor] = []
+        if slot is not None:
+            buffers, sending = self._slots[slot]
+            if sending is not None:
+                sending.result()
+        parts, buffers = [], iter(buffers)
         for bucket in _buckets(_trained(policy.model, policy.is_peft), self.sync.bucket_bytes):
             by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
             for name, tensor in bucket:
@@ -209,7 +216,8 @@ class RemoteHFEngine(SyncedEngine):
                     flat = torch.empty(size, dtype=dtype)
                 torch.cat([t.reshape(-1).cpu() for _, t in part], out=flat)
                 parts.append(([n for n, _ in part], flat))
-        self._buffers = [flat for _, flat in parts]
+        if slot is not None:
+            self._slots[slot] = ([flat for _, flat in parts], None)
         return [[part] for part in parts]
 
     def _send(self, parts: list[list[tuple[list[str], torch.Tensor]]], step: int) -> None:
