@@ -472,13 +472,13 @@ class PolicyWorker:
         extra = {"save_embedding_layers": False} if self.is_peft else {}
         self.model.save_pretrained(str(directory), safe_serialization=True, **extra)
 
-    def weight_buckets(self, max_bytes: int):
-        """The full weights by Hugging Face name, in lists of at most ``max_bytes`` (one tensor may exceed it); under
-        ZeRO-3 each list is gathered while it is consumed and released after, so no rank holds more than a bucket
-        beyond its shard. Every rank must consume every bucket."""
+    def weight_buckets(self, max_bytes: int, adapter_only: bool = False):
+        """The full weights (``adapter_only``: the trained ones, LoRA's) by Hugging Face name, in lists of at most
+        ``max_bytes`` (one tensor may exceed it); under ZeRO-3 each list is gathered while it is consumed and released
+        after, so no rank holds more than a bucket beyond its shard. Every rank must consume every bucket."""
         bucket: list[tuple[str, nn.Parameter]] = []
         size = 0
-        for name, param in self.model.named_parameters():
+        for name, param in [(n, p) for n, p in self.model.named_parameters() if p.requires_grad or not adapter_only]:
             numel = param.ds_numel if hasattr(param, "ds_numel") else param.numel()
             if bucket and size + numel * param.element_size() > max_bytes:
                 yield from self._gathered_bucket(bucket)

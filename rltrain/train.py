@@ -118,7 +118,7 @@ def build(config: Config, world: World = World()) -> Components:
                               f"this run has {world.size}")
         components.eval_engine = ShardedEngine(HFEngine.for_tokenizer(model, tokenizer, r.batch_size), world)
         components.ahead = RolloutsAhead(lambda step: generate_step(components, config, step),
-                                         version=lambda: components.engine.engine.version,  # a SyncedEngine
+                                         version=lambda: components.engine.engine.version,  # a SyncedEngine's
                                          staleness=t.max_staleness, last_step=t.steps)
     if r.backend == "vllm" and r.vllm.mode == "server" or t.max_staleness > 0:  # an engine with other weights (a
         components.engine.sync_from(policy, step=0)  # server's, a fresh LoRA adapter): send the policy's

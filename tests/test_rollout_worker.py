@@ -67,7 +67,7 @@ def test_full_sync_and_generation_match_the_policy(base):
         assert max(abs(a - b) for c, e in zip(out, expected) for a, b in zip(c.logprobs, e.logprobs)) < 1e-5
 
         _shift(policy.model)
-        worker.send_weights = lambda policy, step: None  # a sync that silently sends nothing
+        worker.send_weights = lambda policy: None  # a sync that silently sends nothing
         with pytest.raises(EngineOutOfSync, match="rollout worker scores a probe"):
             worker.sync_from(policy, step=4)
     finally:

@@ -2,13 +2,13 @@
 copy of the weights, for CPU machines and for tests (on GPUs the same role is vLLM's, behind ``rltrain serve``).
 
 The trainer holds a ``RemoteHFEngine``; the worker process (``_serve``) loads the starting weights from a
-safetensors directory, wraps the same LoRA adapter when the run has one, and answers four requests over a pipe:
-generate, load (weights that follow over the process group), probe (log-probs of the sync check), close. Weights
-travel over ``torch.distributed`` (a gloo group of two: the trainer's rank 0 and the worker, separate from any
-torchrun group), flattened into buckets per dtype; for LoRA only the adapter's tensors move. Every reply carries the
-worker's weight ``version`` (the number of updates its weights have seen), so each sample records the policy that
-made it. The sync check is the vLLM engines' (``SyncedEngine``): after every load the worker and the policy score a
-probe, and the run stops above the tolerance.
+safetensors directory, wraps the same LoRA adapter when the run has one, and answers five requests over a pipe:
+generate, load (a flat tensor that follows over the process group), finish, probe (log-probs of the sync check),
+close. Weights travel over ``torch.distributed`` (a gloo group of two: the trainer's rank 0 and the worker, separate
+from any torchrun group), flattened into buckets per dtype; for LoRA only the adapter's tensors move. The handle
+knows the weight ``version`` the worker holds (the number of updates they have seen), so each sample records the
+policy that made it. The sync check is every engine's (``SyncedEngine``): after every load the worker and the policy
+score a probe, and the run stops above the tolerance.
 """
 
 from __future__ import annotations
@@ -16,17 +16,16 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import shutil
-import socket
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 
 from rltrain.rollout.base import Completion, SamplingParams
-from rltrain.rollout.sync import SyncedEngine, SyncSettings
+from rltrain.rollout.sync import SyncedEngine, SyncSettings, free_port
 
 TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -34,17 +33,6 @@ TIMEOUT = datetime.timedelta(minutes=30)
 def _group(rank: int, port: int):
     store = torch.distributed.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=TIMEOUT)
     return torch.distributed.ProcessGroupGloo(store, rank, 2, TIMEOUT)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _trained(model: torch.nn.Module, adapter_only: bool) -> list[tuple[str, torch.Tensor]]:
-    """The tensors a sync moves: LoRA's (the parameters that train) or every parameter, by name."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad or not adapter_only]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +62,12 @@ def _serve(spec: WorkerSpec, conn) -> None:  # the worker process
         model.to(spec.device).eval().requires_grad_(False)
         tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
         engine = HFEngine.for_tokenizer(model, tokenizer, spec.batch_size)
-        params = dict(_trained(model, False))
+        params = dict(model.named_parameters())
         conn.send(("ok", None))
     except Exception:  # noqa: BLE001 - the trainer reports it
         conn.send(("error", traceback.format_exc()))
         return
     group = _group(1, spec.port)  # the trainer opens it once the worker is up
-    version = 0
     while True:
         try:
             kind, *args = conn.recv()
@@ -92,18 +79,16 @@ def _serve(spec: WorkerSpec, conn) -> None:  # the worker process
             if kind == "generate":
                 prompts, sampling, counts, seeds = args
                 out = engine.generate(prompts, SamplingParams(**sampling), counts, seeds)
-                conn.send(("ok", ([(c.token_ids, c.logprobs, c.finished) for c in out], version)))
-            elif kind == "load":  # one bucket: names, then one flat tensor per dtype over the group
-                for names in args[0]:
-                    tensors = [params[n] for n in names]
-                    flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype)
-                    group.broadcast(flat, 0).wait()
-                    with torch.no_grad():
-                        for t, part in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
-                            t.copy_(part)
+                conn.send(("ok", [(c.token_ids, c.logprobs, c.finished) for c in out]))
+            elif kind == "load":  # the names of one flat tensor (a bucket's of one dtype), then it over the group
+                tensors = [params[n] for n in args[0]]
+                flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype)
+                group.broadcast(flat, 0).wait()
+                with torch.no_grad():
+                    for t, part in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+                        t.copy_(part)
             elif kind == "finish":
-                version = args[0]
-                conn.send(("ok", version))
+                conn.send(("ok", None))
             elif kind == "probe":
                 prompt, completion = args
                 ids = torch.tensor([list(prompt) + list(completion)], device=spec.device)
@@ -148,7 +133,7 @@ class RemoteHFEngine(SyncedEngine):
     def start(cls, model_dir: Path, *, lora: dict | None, batch_size: int, threads: int, sync: SyncSettings,
               cleanup: bool = False, device: str = "cpu") -> RemoteHFEngine:
         """A worker on the weights in ``model_dir``; ``cleanup``: a temporary copy, removed once the worker read it."""
-        engine = cls(WorkerSpec(str(model_dir), lora, batch_size, threads, _free_port(), device), sync)
+        engine = cls(WorkerSpec(str(model_dir), lora, batch_size, threads, free_port(), device), sync)
         if cleanup:
             shutil.rmtree(model_dir, ignore_errors=True)
         return engine
@@ -168,35 +153,31 @@ class RemoteHFEngine(SyncedEngine):
     def generate(self, prompts: list[list[int]], params: SamplingParams, counts: list[int] | None = None,
                  seeds: list[int] | None = None) -> list[Completion]:
         self.conn.send(("generate", prompts, dataclasses.asdict(params), counts, seeds))
-        out, self.last_version = self._reply("generating")
+        out, self.last_version = self._reply("generating"), self.version
         return [Completion(ids, logp, finished) for ids, logp, finished in out]
 
-    def send_weights(self, policy, step: int) -> None:
+    def send_weights(self, policy) -> None:
         """The adapter's tensors (LoRA) or all weights, in buckets of ``sync.bucket_bytes``, flattened per dtype."""
-        self._send(self._snapshot(policy, None), step)
+        self._send(self._snapshot(policy, None))
 
-    def sync_later(self, policy, step: int) -> Callable[[], dict]:
-        """The sync of version ``step`` in two halves, so that the trainer need not wait for it: now, a copy of the
-        weights to send (the next update changes them) and the policy's log-probs of the probe; when the returned
-        job runs, the transfer, the worker's probe and the check (``EngineOutOfSync`` from the job)."""
+    def copy_weights(self, policy) -> Callable[[], None]:
+        """The flat copies in a set of reused buffers: one while its snapshot is sent, a second only when the
+        previous sync still waits behind a production (k >= 2) as the next one starts."""
         done = [i for i, (_, sent) in enumerate(self._slots) if sent is None or sent.done()]
         slot = self._last_slot = ([i for i in done if self._slots[i][0]] or done or [1 - self._last_slot])[0]
         parts = self._snapshot(policy, slot)
-        s, is_peft = self.sync, policy.is_peft
-        policy_logp = policy.logprobs([list(s.probe_prompt)], [list(s.probe_completion)], temperature=1.0)[0]
         sent: Future = Future()
         self._slots[slot] = (self._slots[slot][0], sent)
 
-        def job() -> dict:
+        def send() -> None:
             try:
-                self._send(parts, step)
+                self._send(parts)
             finally:
                 sent.set_result(None)  # the buffers may be refilled
-            return {**self.check_probe(step, policy_logp, is_peft), **self._sent()}
-        return job
+        return send
 
-    def _snapshot(self, policy, slot: int | None) -> list[list[tuple[list[str], torch.Tensor]]]:
-        """Per bucket, per dtype: the names and one flat copy of their tensors. The copies go into the buffers of
+    def _snapshot(self, policy, slot: int | None) -> list[tuple[list[str], torch.Tensor]]:
+        """Per bucket and dtype: the names and one flat copy of their tensors. The copies go into the buffers of
         ``slot`` (allocating 0.5 GB afresh cost 0.27 s a sync for SmolLM2-135M; refilling, a fraction), once the
         snapshot they last held has been sent; ``slot`` None: new buffers."""
         buffers: list[torch.Tensor] = []
@@ -205,10 +186,10 @@ class RemoteHFEngine(SyncedEngine):
             if sending is not None:
                 sending.result()
         parts, buffers = [], iter(buffers)
-        for bucket in _buckets(_trained(policy.model, policy.is_peft), self.sync.bucket_bytes):
+        for bucket in policy.weight_buckets(self.sync.bucket_bytes, adapter_only=policy.is_peft):
             by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
             for name, tensor in bucket:
-                by_dtype.setdefault(tensor.dtype, []).append((name, tensor.detach()))
+                by_dtype.setdefault(tensor.dtype, []).append((name, tensor))
             for part in by_dtype.values():
                 size, dtype = sum(t.numel() for _, t in part), part[0][1].dtype
                 flat = next(buffers, None)
@@ -218,37 +199,24 @@ class RemoteHFEngine(SyncedEngine):
                 parts.append(([n for n, _ in part], flat))
         if slot is not None:
             self._slots[slot] = ([flat for _, flat in parts], None)
-        return [[part] for part in parts]
+        return parts
 
-    def _send(self, parts: list[list[tuple[list[str], torch.Tensor]]], step: int) -> None:
+    def _send(self, parts: list[tuple[list[str], torch.Tensor]]) -> None:
         start, self.sent_bytes = time.perf_counter(), 0
-        for bucket in parts:
-            self.conn.send(("load", [names for names, _ in bucket]))
-            for _, flat in bucket:
-                self.group.broadcast(flat, 0).wait()
-                self.sent_bytes += flat.numel() * flat.element_size()
-        self.conn.send(("finish", step))
-        self.version = self._reply("loading weights")
+        for names, flat in parts:
+            self.conn.send(("load", names))
+            self.group.broadcast(flat, 0).wait()
+            self.sent_bytes += flat.numel() * flat.element_size()
+        self.conn.send(("finish",))
+        self._reply("loading weights")
         self.time_sync_s = time.perf_counter() - start
 
-    def _sent(self) -> dict:
+    def sync_metrics(self) -> dict:
         return {"time_weight_transfer_s": self.time_sync_s, "weight_transfer_mb": self.sent_bytes / 2**20}
-
-    def sync_from(self, policy, *, step: int) -> dict:
-        return {**super().sync_from(policy, step=step), **self._sent()}
 
     def probe_logprobs(self, prompt: list[int], completion: list[int]) -> list[float]:
         self.conn.send(("probe", list(prompt), list(completion)))
         return self._reply("scoring the probe")
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        raise NotImplementedError("send_weights moves the weights")
-
-    def finish_sync(self) -> None:
-        raise NotImplementedError("send_weights moves the weights")
-
-    def load_adapter(self, save_adapter: Callable[[Path], None]) -> None:
-        raise NotImplementedError("send_weights moves the adapter")
 
     def sleep(self) -> None:
         """The worker keeps its memory: it generates while the trainer updates."""
@@ -265,15 +233,3 @@ class RemoteHFEngine(SyncedEngine):
             self.process.join(timeout=30)
             if self.process.is_alive():
                 self.process.kill()
-
-
-def _buckets(named: list[tuple[str, torch.Tensor]], max_bytes: int):
-    bucket, size = [], 0
-    for name, tensor in named:
-        if bucket and size + tensor.numel() * tensor.element_size() > max_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += tensor.numel() * tensor.element_size()
-    if bucket:
-        yield bucket

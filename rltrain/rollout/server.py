@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from rltrain.rollout.base import Completion, SamplingParams
-from rltrain.rollout.sync import LoadRejected, SyncedEngine, SyncSettings
+from rltrain.rollout.sync import LoadRejected, LoadingEngine, SyncSettings
 
 logger = logging.getLogger("rltrain")
 
@@ -51,7 +51,7 @@ class ServerError(RuntimeError):
     pass
 
 
-class VLLMServerEngine(SyncedEngine):
+class VLLMServerEngine(LoadingEngine):
     """The trainer's handle on ``rltrain serve``. Every rank talks to the same server, so weights and adapters are
     sent by one rank alone (``sync.send``); every rank checks the probe."""
 

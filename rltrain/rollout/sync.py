@@ -49,9 +49,9 @@ class SyncSettings:
 
 
 class SyncedEngine(ABC):
-    """``sync_from`` for an engine with its own weights, built on its primitives: ``load_weights(bucket)``,
-    ``finish_sync()``, ``load_adapter(save_adapter)``, ``probe_logprobs(prompt, completion)`` and, where the weights
-    can be read in this process, ``max_weight_diff(named_parameters)``."""
+    """``sync_from`` (now) and ``sync_later`` (behind the next update) for an engine with its own weights, built on
+    ``send_weights`` (what the policy has now), ``copy_weights`` (a copy to send later), ``probe_logprobs`` and,
+    where the weights can be read in this process, ``max_weight_diff``."""
 
     sync: SyncSettings | None = None
     version = 0  # the policy version (updates) whose weights the engine holds: the ``step`` of the last sync
@@ -66,7 +66,7 @@ class SyncedEngine(ABC):
         if s is None:
             raise ValueError(f"{type(self).__name__} was built without SyncSettings: sync_from needs its probe")
         stats = {}
-        self.send_weights(policy, step)
+        self.send_weights(policy)
         if not policy.is_peft and s.weight_check_every and step % s.weight_check_every == 0 \
                 and policy.zero_stage != 3:
             diff = self.max_weight_diff(policy.model.named_parameters())
@@ -74,35 +74,23 @@ class SyncedEngine(ABC):
                 stats[f"{self._metric}_weight_max_diff"] = max(s.world.gather(diff[0]))
         s.world.barrier()
         self.version = step
-        policy_logp = policy.logprobs([list(s.probe_prompt)], [list(s.probe_completion)], temperature=1.0)[0]
-        return {**stats, **self.check_probe(step, policy_logp, policy.is_peft)}
+        return {**stats, **self.check_probe(step, self._policy_probe(policy), policy.is_peft), **self.sync_metrics()}
 
     def sync_later(self, policy: PolicyWorker, step: int) -> Callable[[], dict]:
         """The sync of version ``step`` for a trainer that goes on updating meanwhile (rollouts ahead, one process):
-        now, a copy of what it sends (the weights, or the adapter saved) and the policy's log-probs of the probe;
-        the transfer and the check when the returned job runs (``EngineOutOfSync`` from the job)."""
-        s, is_peft = self.sync, policy.is_peft
-        policy_logp = policy.logprobs([list(s.probe_prompt)], [list(s.probe_completion)], temperature=1.0)[0]
-        if is_peft:
-            saved = Path(tempfile.mkdtemp(prefix="rltrain-adapter-"))
-            policy.save_adapter_here(saved)
-        else:
-            buckets = [[(name, t.detach().to("cpu", copy=True)) for name, t in bucket]
-                       for bucket in policy.weight_buckets(s.bucket_bytes)]
+        now, a copy of what it sends and the policy's log-probs of the probe; the transfer and the check when the
+        returned job runs (``EngineOutOfSync`` from the job)."""
+        send, policy_logp, is_peft = self.copy_weights(policy), self._policy_probe(policy), policy.is_peft
 
         def job() -> dict:
-            if is_peft:
-                try:
-                    self.load_adapter(lambda directory: shutil.copytree(saved, directory, dirs_exist_ok=True))
-                finally:
-                    shutil.rmtree(saved, ignore_errors=True)
-            else:
-                for bucket in buckets:
-                    self.load_weights(bucket)
-                self.finish_sync()
+            send()
             self.version = step
-            return self.check_probe(step, policy_logp, is_peft)
+            return {**self.check_probe(step, policy_logp, is_peft), **self.sync_metrics()}
         return job
+
+    def _policy_probe(self, policy: PolicyWorker) -> list[float]:
+        s = self.sync
+        return policy.logprobs([list(s.probe_prompt)], [list(s.probe_completion)], temperature=1.0)[0]
 
     def check_probe(self, step: int, policy_logp: list[float], is_peft: bool) -> dict:
         """The engine's log-probs of the probe against the policy's (``policy_logp``): the worst rank's largest
@@ -118,9 +106,35 @@ class SyncedEngine(ABC):
                 f"{'adapter' if is_peft else 'weights'}")
         return {f"{self._metric}_probe_diff": probe}
 
-    def send_weights(self, policy: PolicyWorker, step: int) -> None:
-        """The adapter alone for LoRA (``load_adapter``), else the full weights in buckets (``load_weights``, then
-        ``finish_sync``). Every rank walks the buckets (ZeRO-3 gathers collectively); the sender sends them."""
+    def sync_metrics(self) -> dict:
+        """The engine's own figures of the last transfer (none by default)."""
+        return {}
+
+    @abstractmethod
+    def send_weights(self, policy: PolicyWorker) -> None:
+        """Bring the engine to the policy's weights (or adapter) as they are now; every rank calls it."""
+
+    @abstractmethod
+    def copy_weights(self, policy: PolicyWorker) -> Callable[[], None]:
+        """A copy of what ``send_weights`` would send, taken now; the returned call sends it."""
+
+    @abstractmethod
+    def probe_logprobs(self, prompt: list[int], completion: list[int]) -> list[float]:
+        """Implemented by each engine."""
+
+    def max_weight_diff(self, named: Iterable[tuple[str, torch.Tensor]]) -> tuple[float, int] | None:
+        """Largest |engine - policy| weight and how many engine parameters were compared; None where the engine's
+        weights are not in this process (a server's)."""
+        return None
+
+
+class LoadingEngine(SyncedEngine):
+    """An engine that takes weights through three primitives (vLLM in this process or behind ``rltrain serve``):
+    ``load_weights(bucket)`` then ``finish_sync()`` for full weights, ``load_adapter(save_adapter)`` for LoRA."""
+
+    def send_weights(self, policy: PolicyWorker) -> None:
+        """The adapter alone for LoRA, else the full weights in buckets. Every rank walks the buckets (ZeRO-3 gathers
+        collectively); the sender sends them."""
         s = self.sync
         if policy.is_peft:
             if s.send:
@@ -132,7 +146,26 @@ class SyncedEngine(ABC):
         if s.send:
             self.finish_sync()
 
-    # ---- the primitives an engine provides ----------------------------------------------------------------------
+    def copy_weights(self, policy: PolicyWorker) -> Callable[[], None]:
+        """The adapter saved to a temporary directory, or the full weights copied to the CPU."""
+        if policy.is_peft:
+            saved = Path(tempfile.mkdtemp(prefix="rltrain-adapter-"))
+            policy.save_adapter_here(saved)
+
+            def send_adapter() -> None:
+                try:
+                    self.load_adapter(lambda directory: shutil.copytree(saved, directory, dirs_exist_ok=True))
+                finally:
+                    shutil.rmtree(saved, ignore_errors=True)
+            return send_adapter
+        buckets = [[(name, t.detach().to("cpu", copy=True)) for name, t in bucket]
+                   for bucket in policy.weight_buckets(self.sync.bucket_bytes)]
+
+        def send_buckets() -> None:
+            for bucket in buckets:
+                self.load_weights(bucket)
+            self.finish_sync()
+        return send_buckets
 
     @abstractmethod
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -146,11 +179,11 @@ class SyncedEngine(ABC):
     def load_adapter(self, save_adapter: Callable[[Path], None]) -> None:
         """Implemented by each engine."""
 
-    @abstractmethod
-    def probe_logprobs(self, prompt: list[int], completion: list[int]) -> list[float]:
-        """Implemented by each engine."""
 
-    def max_weight_diff(self, named: Iterable[tuple[str, torch.Tensor]]) -> tuple[float, int] | None:
-        """Largest |engine - policy| weight and how many engine parameters were compared; None where the engine's
-        weights are not in this process (a server's)."""
-        return None
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a process group's store)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from rltrain.rollout.base import Completion, SamplingParams
-from rltrain.rollout.sync import LoadRejected, SyncedEngine, SyncSettings
+from rltrain.rollout.sync import LoadingEngine, LoadRejected, SyncSettings, free_port
 
 logger = logging.getLogger("rltrain")
 
@@ -48,7 +48,7 @@ def _plain_cpu_linears() -> None:
     utils.dispatch_cpu_unquantized_gemm = plain
 
 
-class VLLMEngine(SyncedEngine):
+class VLLMEngine(LoadingEngine):
     """``tokenizer``: a directory holding the tokenizer, for stop strings (vLLM then detokenizes the requests that
     have some); None: token ids only. ``sync``: what ``sync_from`` needs (rltrain.rollout.sync)."""
 
@@ -64,7 +64,7 @@ class VLLMEngine(SyncedEngine):
         self.sleep_mode = sleep_mode and torch.cuda.is_available()  # vLLM's sleep mode needs CUDA
         # vLLM's in-process executor reads torchrun's variables; without torchrun they are set for its start only
         # (left behind, a child process would inherit a port this process holds).
-        defaults = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "LOCAL_RANK": "0",
+        defaults = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
                     "WORLD_SIZE": "1", "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(cpu_kv_cache_gb)))}
         added = [key for key in defaults if key not in os.environ]
         os.environ.update({key: defaults[key] for key in added})
@@ -266,11 +266,3 @@ def _rebuild(name: str, hf: dict[str, torch.Tensor]) -> torch.Tensor | None:
             if all(p is not None for p in pieces):
                 return torch.cat(pieces, dim=0)
     return None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
