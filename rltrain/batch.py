@@ -45,6 +45,9 @@ class RolloutBatch:
     # environment's reward ("env_reward", None where it gave none), "turns", how it "ended", and its tool counts
     episodes: list[dict] = None
     versions_N: Tensor = None  # long: the policy version (updates so far) that generated each sample; -1: none did
+    # Partial rollouts (rollout.ahead.partial_tokens): per completion token the version that generated it (the
+    # weights may change between pieces of one completion); None for a sample made whole (versions_N says)
+    token_versions: list[list[int] | None] = None
 
     def __post_init__(self) -> None:
         if self.completion_mask is None:
@@ -73,6 +76,8 @@ class RolloutBatch:
         }
         if self.episodes is not None:
             per_sample["episodes"] = len(self.episodes)
+        if self.token_versions is not None:
+            per_sample["token_versions"] = len(self.token_versions)
         for tensor_name in ("rewards_N", "correct_N", "advantages_N", "versions_N"):
             if getattr(self, tensor_name) is not None:
                 per_sample[tensor_name] = len(getattr(self, tensor_name))
@@ -143,6 +148,8 @@ class RolloutBatch:
         values: dict[str, Any] = {}
         for f in fields(RolloutBatch):
             parts = [getattr(b, f.name) for b in batches]
+            if f.name == "token_versions" and not all(p is None for p in parts):  # some samples made whole
+                parts = [[None] * len(b) if p is None else p for p, b in zip(parts, batches)]
             if any(p is None for p in parts):
                 if not all(p is None for p in parts):
                     raise ValueError(f"cannot concat batches where only some have {f.name}")

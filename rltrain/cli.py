@@ -15,7 +15,7 @@ from rltrain.commands.setup import compose
 
 __all__ = ["COMMANDS", "USAGE", "compose", "main"]
 
-USAGE = ("usage: rltrain {train,eval,route,capabilities,export,push,report,bench,serve,tasks} [args...]\n"
+USAGE = ("usage: rltrain {train,eval,route,capabilities,export,push,report,bench,serve,worker,tasks} [args...]\n"
          "  train [overrides]    GRPO run (rltrain train --help for Hydra's options; -m for sweeps)\n"
          "  eval [overrides]     accuracy and pass@k of eval.checkpoint=PATH on a split\n"
          "  report DIR           report.png/report.html of a run dir, or the summary table of a multirun dir\n"
@@ -24,6 +24,7 @@ USAGE = ("usage: rltrain {train,eval,route,capabilities,export,push,report,bench
          "  bench busy --baseline DIR  step time alone and beside a busy process, against another checkout\n"
          "  bench async          steps/hour with rollouts ahead (trainer.max_staleness) against the synchronous loop\n"
          "  serve [overrides]    vLLM behind an HTTP API for rollout.vllm.mode=server (docs/scale.md)\n"
+         "  worker --connect H:P  a rollout worker for a trainer on another machine (rollout.worker_address)\n"
          "  route [overrides]    route prompts among models/adapters by predicted success and cost (--help)\n"
          "  export [overrides]    adapters (+ router.json) as a hub-ready folder: export.adapters=[{name, path}]\n"
          "  push [overrides]     upload it: push.folder=DIR push.repo_id=owner/name (or local:PATH)\n"
@@ -39,6 +40,7 @@ COMMANDS = {
     ("route", None): ("route", "main"),
     ("report", None): ("report", "main"),
     ("serve", None): ("serve", "main"),
+    ("worker", None): ("worker", "main"),
     ("bench", "rollout"): ("bench", "rollout_main"),
     ("bench", "busy"): ("bench", "busy_main"),
     ("bench", "async"): ("bench", "async_main"),

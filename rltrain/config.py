@@ -234,6 +234,30 @@ class VLLMConfig:
     server_gpu_memory_utilization: float = 0.9  # rltrain serve: the server's GPUs are its own
 
 
+class AheadSchedule(str, enum.Enum):
+    deterministic = "deterministic"  # step s trains on samples of version s - 1 - k exactly: reproducible, resumable
+    continuous = "continuous"  # each production starts with the newest weights synced: timing decides the versions
+
+
+class StalePolicy(str, enum.Enum):
+    drop = "drop"  # samples older than trainer.max_staleness are dropped (counted) and the step produced afresh
+    regenerate = "regenerate"  # ... generated again for the same prompts with the current weights
+
+
+@dataclass
+class AheadConfig:
+    """Rollouts ahead of training (trainer.max_staleness > 0): docs/async.md."""
+
+    schedule: AheadSchedule = AheadSchedule.deterministic
+    # continuous: steps produced ahead at most; 0: trainer.max_staleness. Further ahead than the staleness allows,
+    # the generator never waits for the trainer, and samples that grew too old meanwhile go as ``stale`` says
+    queue: int = 0
+    stale: StalePolicy = StalePolicy.drop
+    # continuous: generate in pieces of this many tokens and take new weights between pieces (partial rollouts:
+    # tokens after a swap come from the new weights; each token's version is recorded); 0: whole completions
+    partial_tokens: int = 0
+
+
 @dataclass
 class RolloutConfig:
     backend: str = "hf"  # hf: the policy's own module; vllm: a vLLM engine (rollout=vllm)
@@ -248,6 +272,10 @@ class RolloutConfig:
     # trainer.max_staleness > 0: torch threads of the rollout worker process (the HF engine on its own copy of the
     # weights); 0: half the cores this process may use, and the trainer takes the rest (trainer.num_threads=0)
     worker_threads: int = 0
+    # HOST:PORT: wait there for a rollout worker started on another machine (`rltrain worker --connect HOST:PORT`,
+    # RLTRAIN_WORKER_TOKEN on both); "": the trainer spawns its own
+    worker_address: str = ""
+    ahead: AheadConfig = field(default_factory=AheadConfig)
     eval_samples: int = 0  # > 1: also sample this many per eval prompt for pass@k
 
 

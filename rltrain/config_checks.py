@@ -9,8 +9,8 @@ import math
 from omegaconf import DictConfig, OmegaConf
 
 from rltrain.algorithms.registry import algorithm_class
-from rltrain.config import (_SCHEMAS, AdapterKind, Config, CorrectionMode, DistributedKind, ModelSource, Precision,
-                            PredictorKind, TaskSource)
+from rltrain.config import (_SCHEMAS, AdapterKind, AheadSchedule, Config, CorrectionMode, DistributedKind,
+                            ModelSource, Precision, PredictorKind, TaskSource)
 from rltrain.errors import ConfigError
 
 
@@ -65,6 +65,7 @@ def check(config: Config) -> None:
         raise ConfigError(f"trainer.max_staleness={config.trainer.max_staleness} generates on a rollout worker: the HF "
                           "engine in its own process (rollout=hf) or `rltrain serve` (rollout.vllm.mode=server); "
                           "colocated vLLM ahead of training is not built yet (docs/async.md)")
+    _check_ahead(config)
     c = r.correction
     if c.mode != CorrectionMode.none and not 0 <= c.low <= 1 <= c.high:
         raise ConfigError(f"rollout.correction: low={c.low} and high={c.high} must bound the on-policy ratio 1 "
@@ -192,3 +193,20 @@ def to_config(cfg: DictConfig) -> Config:
     config: Config = OmegaConf.to_object(merged)
     check(config)
     return config
+
+
+def _check_ahead(config: Config) -> None:
+    a, k = config.rollout.ahead, config.trainer.max_staleness
+    if a.queue < 0 or a.partial_tokens < 0:
+        raise ConfigError("rollout.ahead.queue and rollout.ahead.partial_tokens must be >= 0")
+    if a.schedule == AheadSchedule.deterministic and (a.queue or a.partial_tokens):
+        raise ConfigError("rollout.ahead.queue and partial_tokens apply to rollout.ahead.schedule=continuous: the "
+                          "deterministic schedule produces exactly trainer.max_staleness steps ahead, whole")
+    if a.partial_tokens and config.rollout.backend == "vllm":
+        raise ConfigError("rollout.ahead.partial_tokens: partial rollouts run on the HF rollout worker (rollout=hf); "
+                          "`rltrain serve` generates whole completions")
+    if config.rollout.worker_address and (k == 0 or config.rollout.backend == "vllm"):
+        raise ConfigError("rollout.worker_address: a rollout worker generates ahead of training with the HF engine "
+                          "(trainer.max_staleness > 0, rollout=hf)")
+    if k == 0 and (a.schedule != AheadSchedule.deterministic or a.queue or a.partial_tokens):
+        raise ConfigError("rollout.ahead applies to rollouts ahead of training: set trainer.max_staleness > 0")

@@ -12,6 +12,10 @@ uninterrupted one would have.
 
 Generation itself happens in the worker process and rewards in their own processes, so the thread mostly waits while
 the update runs here.
+
+Under torchrun rank 0 alone produces (it holds the worker, or the server's handle) and every rank receives a step's
+samples when it takes them; the collective part of each sync (ZeRO-3 gathering the weights, the probe's forward) runs
+on every rank in the trainer's thread, so the production thread never enters a collective.
 """
 
 from __future__ import annotations
@@ -19,72 +23,129 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields
+import threading
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from rltrain.algorithms.base import Selection
 from rltrain.batch import RolloutBatch, Source
+from rltrain.config import StalePolicy
+from rltrain.distributed import World
 
 
 @dataclass
 class Produced:
-    """One step's samples as ``generate_step`` made them, the weight version that generated them, and how long the
-    production took (generation and rewards together)."""
+    """One step's samples as ``generate_step`` made them, the weight version that started them, how long the
+    production took (generation and rewards together), and the prompts each generation round chose (``stale`` =
+    regenerate makes them again)."""
 
     batch: RolloutBatch | None
     stats: dict
     log: list[dict]
     version: int
     time_s: float
+    selections: list[Selection] = field(default_factory=list)
+
+    def oldest(self) -> int | None:
+        """The oldest version any of its generated tokens came from (None: nothing generated)."""
+        if self.batch is None or self.batch.versions_N is None:
+            return None
+        made = self.batch.versions_N[self.batch.versions_N >= 0]
+        return int(made.min()) if len(made) else None
+
+
+Produce = Callable[[int, "list[Selection] | None"], tuple[RolloutBatch | None, dict, list[dict], list[Selection]]]
 
 
 class RolloutsAhead:
-    def __init__(self, produce: Callable[[int], tuple[RolloutBatch | None, dict, list[dict]]],
-                 version: Callable[[], int], staleness: int, last_step: int) -> None:
+    def __init__(self, produce: Produce, version: Callable[[], int], staleness: int, last_step: int,
+                 world: World = World(), *, continuous: bool = False, queue: int = 0,
+                 stale: StalePolicy = StalePolicy.drop) -> None:
         self._produce, self._version = produce, version
-        self.staleness, self.last_step = staleness, last_step
+        self.staleness, self.last_step, self.world = staleness, last_step, world
+        self.continuous, self.queue, self.stale = continuous, queue or staleness, stale
         self.pending: dict[int, Future | Produced] = {}
-        self.syncs: list[Future] = []  # weight syncs queued or done, not yet reported
+        self.syncs: list[Future] = []  # the jobs that apply queued weight syncs; errors surface at take or wait
+        self._jobs: list[Callable[[], dict]] = []  # weight syncs queued, not yet applied
+        self._synced: list[dict] = []  # metrics of the syncs applied since the last take
+        self._lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rltrain-rollouts")
 
-    def _run(self, step: int) -> Produced:
+    def _run(self, step: int, replay: list[Selection] | None = None) -> Produced:
+        if self.continuous:  # the newest weights synced so far
+            self.apply_syncs()
         start, version = time.perf_counter(), self._version()
-        batch, stats, log = self._produce(step)
-        if batch is not None:  # each sample's generator; a demonstration (RL-PLUS) was made by none: -1
-            batch.versions_N = torch.tensor([-1 if s == Source.EXTERNAL else version for s in batch.sources])
-        return Produced(batch, stats, log, version, time.perf_counter() - start)
+        batch, stats, log, selections = self._produce(step, replay)
+        if batch is not None:  # each sample's generator (its oldest token's); a demonstration (RL-PLUS): -1
+            batch.versions_N = torch.tensor([
+                -1 if src == Source.EXTERNAL else min(tokens) if tokens else version
+                for src, tokens in zip(batch.sources, batch.token_versions or [None] * len(batch))])
+        return Produced(batch, stats, log, version, time.perf_counter() - start, selections)
+
+    def apply_syncs(self, limit: int | None = None) -> None:
+        """Apply the weight syncs queued so far (at most ``limit``), oldest first, in the production thread:
+        between productions, and with partial rollouts between the pieces of one."""
+        while limit is None or limit > 0:
+            with self._lock:
+                if not self._jobs:
+                    return
+                job = self._jobs.pop(0)
+            self._synced.append(job())
+            limit = None if limit is None else limit - 1
 
     def take(self, step: int) -> tuple[Produced, float, dict]:
         """Step ``step``'s samples (produced now if nothing was ahead: the first step, a resumed run without them),
-        how long the trainer waited for them, and the metrics of the weight syncs finished since the last take (a
-        failed sync's error is raised here)."""
+        how long the trainer waited for them, and the metrics of the weight syncs applied since the last take (a
+        failed sync's error is raised here). Samples older than the staleness allows (a continuous queue longer
+        than it) are dropped or regenerated (``stale``), counted in ``stale_dropped`` / ``stale_regenerated``.
+        Under torchrun rank 0 produces and every rank gets its samples."""
         start = time.perf_counter()
-        item = self.pending.pop(step, None)
-        if item is None:
-            self.wait()
-            produced = self._run(step)
-        else:
-            produced = item.result() if isinstance(item, Future) else item
-        waited, synced = time.perf_counter() - start, {}
-        while self.syncs and self.syncs[0].done():
-            synced.update(self.syncs.pop(0).result())
-        return produced, waited, synced
+        produced, synced = None, {}
+        if self.world.is_main:
+            item = self.pending.pop(step, None)
+            produced = self._result(item) if item is not None else self.pool.submit(self._run, step).result()
+            stale = 0
+            while (oldest := produced.oldest()) is not None and step - 1 - oldest > self.staleness:
+                stale += len(produced.batch)
+                replay = produced.selections if self.stale == StalePolicy.regenerate else None
+                produced = self.pool.submit(self._run, step, replay).result()  # behind the productions queued
+            if stale:
+                name = "stale_dropped" if self.stale == StalePolicy.drop else "stale_regenerated"
+                produced.stats = {**produced.stats, name: stale}
+            while self.syncs and self.syncs[0].done():
+                self.syncs.pop(0).result()
+            while self._synced:
+                synced.update(self._synced.pop(0))
+        produced = self.world.broadcast(produced)
+        return produced, time.perf_counter() - start, synced
+
+    @staticmethod
+    def _result(item: Future | Produced) -> Produced:
+        return item.result() if isinstance(item, Future) else item
 
     def sync(self, job: Callable[[], dict]) -> None:
-        """Queue a weight sync (``RemoteHFEngine.sync_later``'s job) behind the productions already queued."""
-        self.syncs.append(self.pool.submit(job))
+        """Queue a weight sync (``SyncedEngine.sync_later``'s job). The deterministic schedule applies it behind the
+        productions already queued; the continuous one as soon as a production starts (or a piece of one)."""
+        if self.world.is_main:
+            with self._lock:
+                self._jobs.append(job)
+            # deterministic: each sync in its place, after the productions queued before it, so that which version
+            # generates which step depends on the step alone; continuous: whatever is queued when this job runs
+            self.syncs.append(self.pool.submit(self.apply_syncs, None if self.continuous else 1))
 
     def submit(self, step: int) -> None:
-        """Start producing the steps up to ``step + staleness`` not yet under way (one each step once running)."""
-        for ahead in range(step + 1, min(step + self.staleness, self.last_step) + 1):
+        """Start producing the steps up to ``step + queue`` not yet under way (one each step once running)."""
+        if not self.world.is_main:
+            return
+        for ahead in range(step + 1, min(step + self.queue, self.last_step) + 1):
             if ahead not in self.pending:
                 self.pending[ahead] = self.pool.submit(self._run, ahead)
 
     def wait(self) -> None:
         """Finish every job queued (before an evaluation or a checkpoint); a job's error is raised here."""
         for step, item in list(self.pending.items()):
-            if isinstance(item, Future):
-                self.pending[step] = item.result()
+            self.pending[step] = self._result(item)
         for job in self.syncs:
             job.result()
 
@@ -101,14 +162,35 @@ class RolloutsAhead:
         self.pending = {int(step): _produced_from(p) for step, p in state.get("pending", {}).items()}
 
 
+def staleness_metrics(produced: Produced, step: int) -> dict:
+    """How old step ``step``'s samples are, in versions behind the policy it updates (step - 1): ``staleness`` of the
+    oldest token. With partial rollouts also the newest, the share of samples whose tokens come from more than one
+    version, and the tokens' ages as shares (``token_staleness/AGE``)."""
+    oldest = produced.oldest()
+    metrics = {"staleness": step - 1 - (produced.version if oldest is None else oldest)}
+    batch = produced.batch
+    if batch is None or batch.token_versions is None:
+        return metrics
+    made = [v for v in batch.token_versions if v]
+    ages = torch.tensor([step - 1 - v for versions in made for v in versions], dtype=torch.long)
+    if len(ages):
+        metrics["staleness_newest"] = int(ages.min())
+        metrics["mixed_version_samples"] = sum(len(set(v)) > 1 for v in made) / len(made)
+        metrics.update({f"token_staleness/{age}": float((ages == age).float().mean())
+                        for age in ages.unique().tolist()})
+    return metrics
+
+
 def _produced_state(p: Produced) -> dict:
     batch = None
     if p.batch is not None:
         batch = {f.name: getattr(p.batch, f.name) for f in fields(RolloutBatch)}
         batch["sources"] = [s.value for s in p.batch.sources]
-    return {"batch": batch, "stats": p.stats, "log": p.log, "version": p.version, "time_s": p.time_s}
+    return {"batch": batch, "stats": p.stats, "log": p.log, "version": p.version, "time_s": p.time_s,
+            "selections": [asdict(x) for x in p.selections]}
 
 
 def _produced_from(state: dict) -> Produced:
     batch = None if state["batch"] is None else RolloutBatch(**state["batch"])
-    return Produced(batch, state["stats"], state["log"], state["version"], state["time_s"])
+    return Produced(batch, state["stats"], state["log"], state["version"], state["time_s"],
+                    [Selection(**x) for x in state.get("selections", [])])

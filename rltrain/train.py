@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from rltrain.algorithms.base import Algorithm, Setup
+from rltrain.algorithms.base import Algorithm, Selection, Setup
 from rltrain.algorithms.grpo import constant_groups
 from rltrain.algorithms.registry import algorithm_class
 from rltrain.batch import RolloutBatch, Source
@@ -27,13 +27,13 @@ from rltrain.budget.features import Projection, pooled_hidden_states
 from rltrain.budget.plan import RolloutPlanner
 from rltrain.budget.predictor import ValuePredictor
 from rltrain.checkpoint import Checkpointer, CheckpointError, config_changes, resume_source, truncate_jsonl
-from rltrain.config import AdapterKind, Config, ConfigError, InvalidRows, PredictorKind, TrainerConfig
+from rltrain.config import AdapterKind, AheadSchedule, Config, InvalidRows, PredictorKind, TrainerConfig
 from rltrain.data import PromptSampler
 from rltrain.distributed import ShardedEngine, World, deepspeed_config
 from rltrain.errors import TrainingDiverged
 from rltrain.evaluation import evaluate
 from rltrain.metrics import MetricsLogger, NullLogger
-from rltrain.pipeline import RolloutsAhead
+from rltrain.pipeline import RolloutsAhead, staleness_metrics
 from rltrain.policy import OptimSettings, PolicyWorker
 from rltrain.rewards import RewardError, RewardScorer, TrainerState, transcript_text
 from rltrain.rollout.base import SamplingParams
@@ -112,17 +112,33 @@ def build(config: Config, world: World = World()) -> Components:
         eval_ids=eval_ids, adapter_base=adapter_base, world=world,
         sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=t.seed),
     )
-    if t.max_staleness > 0:  # the worker generates; evaluation runs here, on the current weights
-        if world.size > 1:
-            raise ConfigError("trainer.max_staleness > 0 runs with one trainer process for now (docs/async.md); "
-                              f"this run has {world.size}")
-        components.eval_engine = ShardedEngine(HFEngine.for_tokenizer(model, tokenizer, r.batch_size), world)
-        components.ahead = RolloutsAhead(lambda step: generate_step(components, config, step),
-                                         version=lambda: components.engine.engine.version,  # a SyncedEngine's
-                                         staleness=t.max_staleness, last_step=t.steps)
+    if t.max_staleness > 0:  # rank 0's engine generates; evaluation runs here, on the current weights
+        components.eval_engine = ShardedEngine(HFEngine.for_tokenizer(model, tokenizer, r.batch_size), world,
+                                               policy.gathered)
+        components.ahead = ahead = rollouts_ahead(components, config)
+        if r.ahead.partial_tokens and world.is_main:  # pieces of completions, new weights between them
+            from rltrain.rollout.partial import PartialRollouts
+
+            worker = components.engine.engine
+            components.engine.engine = PartialRollouts(worker, r.ahead.partial_tokens, between=ahead.apply_syncs,
+                                                       version=lambda: worker.version, tokenizer=tokenizer,
+                                                       eos_token_ids=[tokenizer.eos_token_id])
     if r.backend == "vllm" and r.vllm.mode == "server" or t.max_staleness > 0:  # an engine with other weights (a
         components.engine.sync_from(policy, step=0)  # server's, a fresh LoRA adapter): send the policy's
     return components
+
+
+def rollouts_ahead(c: Components, config: Config) -> RolloutsAhead:
+    """The productions ahead of training: ``generate_step`` in their thread, stamped with the engine's version."""
+    a = config.rollout.ahead
+
+    def produce(step: int, replay: list[Selection] | None):
+        selections: list[Selection] = []
+        batch, stats, log = generate_step(c, config, step, replay=replay, selections=selections)
+        return batch, stats, log, selections
+    return RolloutsAhead(produce, version=lambda: c.engine.engine.version,  # a SyncedEngine's
+                         staleness=config.trainer.max_staleness, last_step=config.trainer.steps, world=c.world,
+                         continuous=a.schedule == AheadSchedule.continuous, queue=a.queue, stale=a.stale)
 
 
 def build_planner(config: Config, model: torch.nn.Module, tokenizer, train_ids: PromptIds,
@@ -144,22 +160,31 @@ def build_planner(config: Config, model: torch.nn.Module, tokenizer, train_ids: 
                           seed=t.seed, eval_features=project(raw_eval))
 
 
-def generate_step(c: Components, config: Config, step: int) -> tuple[RolloutBatch | None, dict, list[dict]]:
+def generate_step(c: Components, config: Config, step: int, *, replay: list[Selection] | None = None,
+                  selections: list[Selection] | None = None) -> tuple[RolloutBatch | None, dict, list[dict]]:
     """The step's samples, scored, as the algorithm produces them from the selector's prompts; constant-reward groups
     dropped and refilled when the config asks. Also the step's metrics and the selector's per-prompt log. The batch
-    is None when nothing is left to learn from (every sample dropped by failing rewards, or every group filtered)."""
+    is None when nothing is left to learn from (every sample dropped by failing rewards, or every group filtered).
+    ``replay``: the rounds' prompts chosen already (samples regenerated with newer weights; the selector neither
+    chooses nor records them again); ``selections`` receives each round's."""
     a = config.algorithm
     wanted = config.trainer.prompts_per_step
     tally, counts, stats, log = Tally(), {}, {"refill_rounds": 0}, []
 
     def round_(number: int) -> RolloutBatch:
-        selection = c.selector.select(wanted, step, number, group_id_base(step, number, wanted, a.max_refill_rounds))
+        replayed = replay is not None and number < len(replay)
+        selection = replay[number] if replayed else c.selector.select(
+            wanted, step, number, group_id_base(step, number, wanted, a.max_refill_rounds))
+        if selections is not None:
+            selections.append(selection)
         state = TrainerState(global_step=step - 1, max_steps=config.trainer.steps, epoch=c.selector.sampler.epochs)
-        rollouts = StepRollouts(c.engine, c.train_ids, c.sampling, c.rewards, c.tokenizer, c.world, tally, state)
+        # the engine's ranks generate and score (every rank; rank 0 alone with rollouts ahead, in their thread)
+        rollouts = StepRollouts(c.engine, c.train_ids, c.sampling, c.rewards, c.tokenizer, c.engine.world, tally,
+                                state)
         batch, produced = c.algorithm.produce(rollouts, selection, step)
         for key, value in produced.items():  # summed over rounds
             counts[key] = counts.get(key, 0.0) + value
-        selected, rows = c.selector.record(selection, tally)
+        selected, rows = c.selector.record(selection, tally) if not replayed else ({}, [])
         for key, value in selected.items():  # a later round's figures replace the first's; lists accumulate
             stats[key] = stats.get(key, []) + value if isinstance(value, list) else value
         log.extend(rows)
@@ -270,7 +295,7 @@ def train_step(c: Components, config: Config, step: int, rollouts_before: int = 
     record = {"step": step, **stats, "time_generate_s": generated - start - stats["time_reward_s"]}
     if c.ahead is not None:  # the production's own time; the trainer only waited for what was not ready
         record.update(time_generate_s=produced.time_s - stats["time_reward_s"], time_wait_s=waited,
-                      staleness=step - 1 - produced.version)
+                      **staleness_metrics(produced, step))
     if batch is None:  # nothing to learn from (see generate_step)
         record.update(reward_mean=float("nan"), accuracy=float("nan"), empty_batch=1.0)
     else:

@@ -32,6 +32,24 @@ CASES = {
 }
 
 
+def test_continuous_partial_rollouts_stay_within_the_staleness(tmp_path):
+    """The continuous schedule with partial rollouts (pieces of 3 tokens) and a queue three steps deep at staleness
+    1: timing decides the versions, but no trained token is older than one version or newer than the policy, each
+    token's version is recorded, and the probe holds after every sync."""
+    records = _train(tmp_path / "run", "trainer.steps=6", "rollout.ahead.schedule=continuous",
+                     "rollout.ahead.partial_tokens=3", "rollout.ahead.queue=3", "rollout.ahead.stale=regenerate",
+                     "rollout.max_tokens=10", DENSE)
+    steps = [r for r in records if "step" in r]
+    assert len(steps) == 6 and steps[0]["staleness"] == 0
+    for r in steps:
+        assert 0 <= r["staleness_newest"] <= r["staleness"] <= 1
+        shares = {k: v for k, v in r.items() if k.startswith("token_staleness/")}
+        assert set(shares) <= {"token_staleness/0", "token_staleness/1"}
+        assert sum(shares.values()) == pytest.approx(1.0)
+    synced = [r for r in steps if "rollout_worker_probe_diff" in r]
+    assert len(synced) >= 3 and all(r["rollout_worker_probe_diff"] < 1e-4 for r in synced)
+
+
 def _train(run_dir: Path, *extra: str) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "rltrain.train", *SMALL, *extra, f"hydra.run.dir={run_dir}"],
@@ -61,6 +79,10 @@ def test_rollouts_ahead_compose(case, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["rollout=vllm"], "colocated vLLM ahead of training is not built yet"),
     (["trainer.max_staleness=-1"], "must be >= 0"),
+    (["rollout.ahead.partial_tokens=4"], "apply to rollout.ahead.schedule=continuous"),
+    (["rollout.ahead.schedule=continuous", "rollout.ahead.partial_tokens=4", "rollout=vllm",
+      "rollout.vllm.mode=server"], "partial rollouts run on the HF rollout worker"),
+    (["trainer.max_staleness=0", "rollout.ahead.schedule=continuous"], "set trainer.max_staleness > 0"),
 ])
 def test_what_is_not_built_is_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message):

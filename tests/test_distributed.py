@@ -110,7 +110,11 @@ def _run(run_dir: Path, *extra: str, ranks: int = 0) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
-    return {"full": _run(root / "full"), "lora": _run(root / "lora", "adapter=lora", "trainer.lr=1e-3")}
+    return {"full": _run(root / "full"), "lora": _run(root / "lora", "adapter=lora", "trainer.lr=1e-3"),
+            "ahead": _run(root / "ahead", *AHEAD)}
+
+
+AHEAD = ["trainer.max_staleness=1", "trainer.checkpoint_every=2"]
 
 
 def _assert_same(got: dict[int, dict], want: dict[int, dict]) -> None:
@@ -140,18 +144,30 @@ def test_torchrun_two_ranks_equal_one_process_and_resume(stage, single, tmp_path
     shutil.rmtree(tmp_path)
 
 
-def _run_nodes(run_dir: Path, *extra: str) -> dict[int, dict]:
-    """launch/slurm.sbatch's launch on this machine's loopback: two torchrun agents ("nodes", one rank each) meeting
-    at a c10d rendezvous, as srun starts one per node; its per-step records."""
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        return s.getsockname()[1]
+
+
+def _run_nodes(run_dir: Path, *extra: str, rollout_node: bool = False) -> dict[int, dict]:
+    """launch/slurm.sbatch's launch on this machine's loopback: two torchrun agents ("nodes", one rank each) meeting
+    at a c10d rendezvous, as srun starts one per node; with ``rollout_node`` a third "node" runs ``rltrain worker``,
+    which the trainer's rank 0 waits for (launch/slurm_async.sbatch's layout). Its per-step records."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RLTRAIN_WORKER_TOKEN": "rehearsal-secret"}
+    if rollout_node:
+        worker_port = _free_port()
+        extra = (*extra, f"rollout.worker_address=127.0.0.1:{worker_port}")
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=rehearsal",
                                "-m", "rltrain.train", *SMALL, *extra, f"hydra.run.dir={run_dir}"],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
+    if rollout_node:
+        nodes.append(subprocess.Popen([sys.executable, "-m", "rltrain.cli", "worker", "--connect",
+                                       f"127.0.0.1:{worker_port}", "--threads", "1"], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [node.communicate(timeout=900)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), "\n".join(out[-3000:] for out in outputs)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -162,6 +178,43 @@ def test_two_nodes_on_loopback_equal_one_process(single, tmp_path):
     """The multi-node path (c10d rendezvous across torchrun agents, ranks given by the rendezvous) trains as one
     process does: the same samples, losses and gradient norms."""
     _assert_same(_run_nodes(tmp_path / "run", "distributed=zero2"), single["full"])
+
+
+def test_async_layout_on_three_nodes_equals_one_process(single, tmp_path):
+    """Rollouts ahead across machines, rehearsed on loopback: the trainer on two torchrun nodes (c10d rendezvous,
+    ZeRO-2) and the rollout worker on a third (``rltrain worker --connect``, token from the environment) train on the
+    samples, losses and gradient norms of one process with its own worker."""
+    got = _run_nodes(tmp_path / "run", *AHEAD, "distributed=zero2", rollout_node=True)
+    _assert_same(got, single["ahead"])
+    assert [got[s]["staleness"] for s in (1, 2, 3)] == [0, 1, 1]
+    assert all(r["rollout_worker_probe_diff"] < 1e-4 for r in got.values() if "rollout_worker_probe_diff" in r)
+
+
+def test_rollouts_ahead_under_torchrun_equal_one_process_and_resume(single, tmp_path):
+    """Rollouts ahead of training with two trainer ranks (ZeRO-2): rank 0 holds the rollout worker and produces every
+    step's samples, each rank joins the sync; the run trains as the single process with its own worker does, on
+    samples one version old, and its step-2 checkpoint (with step 3's samples already produced) resumes exactly."""
+    run = tmp_path / "run"
+    got = _run(run, *AHEAD, "distributed=zero2", ranks=2)
+    _assert_same(got, single["ahead"])
+    assert [got[s]["staleness"] for s in (1, 2, 3)] == [0, 1, 1]
+    assert all(r["rollout_worker_probe_diff"] < 1e-4 for r in got.values() if "rollout_worker_probe_diff" in r)
+    resumed = _run(tmp_path / "resumed", *AHEAD, "distributed=zero2", f"resume={run / 'checkpoints' / 'step_000002'}",
+                   ranks=2)
+    assert resumed[3]["loss"] == got[3]["loss"] and resumed[3]["grad_norm"] == got[3]["grad_norm"]
+    assert resumed[3]["reward_mean"] == got[3]["reward_mean"] and resumed[3]["staleness"] == 1
+    shutil.rmtree(tmp_path)
+
+
+@pytest.mark.slow
+def test_lora_ahead_under_zero3_sends_the_adapter_and_equals_one_process(single, tmp_path):
+    """LoRA under ZeRO-3 with rollouts ahead: every rank gathers the adapter collectively, rank 0 sends it alone."""
+    lora = ["adapter=lora", "trainer.lr=1e-3", "trainer.max_staleness=1"]
+    alone = _run(tmp_path / "alone", *lora)
+    got = _run(tmp_path / "run", *lora, "distributed=zero3", ranks=2)
+    _assert_same(got, alone)
+    synced = [r for r in got.values() if "weight_transfer_mb" in r]
+    assert synced and all(r["weight_transfer_mb"] < 0.5 and r["rollout_worker_probe_diff"] < 1e-4 for r in synced)
 
 
 def test_lora_under_zero3_equals_one_process(single, tmp_path):

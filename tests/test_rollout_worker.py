@@ -8,6 +8,10 @@ nothing is caught by the probe check; a worker that fails says why.
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,14 +20,15 @@ from rltrain.models import wrap_lora
 from rltrain.policy import OptimSettings, PolicyWorker
 from rltrain.rollout.base import SamplingParams
 from rltrain.rollout.hf import HFEngine
-from rltrain.rollout.remote import RemoteHFEngine, WorkerError
-from rltrain.rollout.sync import EngineOutOfSync, SyncSettings
+from rltrain.rollout.remote import TOKEN_ENV, RemoteHFEngine, WorkerError
+from rltrain.rollout.sync import EngineOutOfSync, SyncSettings, free_port
 from tests.tiny_engines import noisy_tiny
 
 SETTINGS = OptimSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), max_grad_norm=1.0, warmup_steps=0,
                          micro_batch_size=16, updates_per_step=1, temperature=1.0, precision="fp32")
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj", "up_proj"]}
 PARAMS = SamplingParams(temperature=0.9, max_tokens=8, seed=1)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +106,50 @@ def test_a_worker_that_cannot_start_says_why(tmp_path, base):
     _, tokenizer, _, prompts = base
     with pytest.raises(WorkerError, match="failed while starting"):
         RemoteHFEngine.start(tmp_path / "missing", lora=None, batch_size=8, threads=1, sync=_sync(prompts, tokenizer))
+
+
+def _dial(port: int, token: str) -> subprocess.Popen:
+    """``rltrain worker`` in its own process, as on another machine, dialing the trainer at ``port``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", TOKEN_ENV: token}
+    return subprocess.Popen([sys.executable, "-m", "rltrain.cli", "worker", "--connect", f"127.0.0.1:{port}",
+                             "--threads", "1", "--wait", "60"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_a_worker_started_elsewhere_dials_in_and_serves_as_a_spawned_one(base, monkeypatch):
+    """``rltrain worker --connect`` (started before the trainer listens: it waits) generates what the policy's own
+    engine does, and takes a sync with the probe in tolerance; the trainer's close ends it."""
+    model, tokenizer, directory, prompts = base
+    monkeypatch.setenv(TOKEN_ENV, "a-shared-secret")
+    port = free_port()
+    process = _dial(port, "a-shared-secret")
+    worker = RemoteHFEngine.listen(f"127.0.0.1:{port}", directory, lora=None, batch_size=8,
+                                   sync=_sync(prompts, tokenizer), connect_timeout_s=60)
+    try:
+        policy = PolicyWorker(copy.deepcopy(model), SETTINGS, pad_token_id=0)
+        _shift(policy.model)
+        stats = worker.sync_from(policy, step=1)
+        assert stats["rollout_worker_probe_diff"] < 1e-4 and worker.version == 1
+        local = HFEngine.for_tokenizer(policy.model, tokenizer, 8)
+        out = worker.generate(prompts, PARAMS, [3, 2], seeds=[5, 6])
+        assert [c.token_ids for c in out] == [c.token_ids for c in local.generate(prompts, PARAMS, [3, 2], [5, 6])]
+    finally:
+        worker.close()
+    assert process.wait(timeout=30) == 0
+
+
+def test_a_worker_with_another_token_is_refused_on_both_sides(base, monkeypatch):
+    _, tokenizer, directory, prompts = base
+    monkeypatch.setenv(TOKEN_ENV, "the-trainers-secret")
+    port = free_port()
+    process = _dial(port, "another-secret")
+    with pytest.raises(WorkerError, match="no rollout worker connected"):
+        RemoteHFEngine.listen(f"127.0.0.1:{port}", directory, lora=None, batch_size=8,
+                              sync=_sync(prompts, tokenizer), connect_timeout_s=60)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 2 and err.strip().splitlines() == [
+        f"rltrain: the trainer at 127.0.0.1:{port} holds another {TOKEN_ENV}"]
+    monkeypatch.delenv(TOKEN_ENV)
+    with pytest.raises(WorkerError, match=f"set {TOKEN_ENV} on both sides"):
+        RemoteHFEngine.listen(f"127.0.0.1:{port}", directory, lora=None, batch_size=8,
+                              sync=_sync(prompts, tokenizer), connect_timeout_s=1)

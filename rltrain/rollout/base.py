@@ -26,6 +26,7 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]  # log-prob of each sampled token under the sampling distribution
     finished: bool  # True when generation stopped at EOS (included in token_ids) or at a stop string
+    versions: list[int] | None = None  # partial rollouts: the weight version of each token (None: made whole)
 
 
 class RolloutEngine(Protocol):

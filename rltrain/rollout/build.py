@@ -5,6 +5,7 @@ the tolerance, the buckets, whether this rank sends): rltrain.rollout.sync."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -50,27 +51,54 @@ def build_engine(config: Config, *, model: torch.nn.Module, tokenizer, train_ids
                  world: World, engine_init: Path | None) -> ShardedEngine:
     """``model``: the policy's module (the HF engine generates with it); ``engine_init``: ``save_engine_init``'s."""
     r, eos = config.rollout, [tokenizer.eos_token_id]
-    if config.trainer.max_staleness > 0 and r.backend != "vllm":  # the HF engine in its own process, ahead of it
-        from rltrain.rollout.remote import RemoteHFEngine
-        from rltrain.threads import worker_split
-
-        lora = dict(config.adapter.lora) if config.adapter.kind == AdapterKind.lora else None
-        return ShardedEngine(RemoteHFEngine.start(
-            engine_init, lora=lora, batch_size=r.batch_size, cleanup=config.model.source != ModelSource.hf,
-            device=str(next(model.parameters()).device),
-            threads=worker_split(config.trainer.num_threads, r.worker_threads)[1],
-            sync=sync_settings(config, tokenizer, train_ids, world)), world)
+    if config.trainer.max_staleness > 0:  # rank 0's engine makes every sample, ahead of the update (rltrain.pipeline)
+        device = next(model.parameters()).device
+        return ShardedEngine(ahead_engine(config, tokenizer, train_ids, world, model_device=device,
+                                          engine_init=engine_init), World())
     if r.backend != "vllm":
         return ShardedEngine(HFEngine.for_tokenizer(model, tokenizer, r.batch_size), world, policy.gathered)
     sync = sync_settings(config, tokenizer, train_ids, world)
     if r.vllm.mode == "server":  # one server for every rank: rank 0 sends
-        from rltrain.rollout.server import VLLMServerEngine
-
-        return ShardedEngine(VLLMServerEngine(r.vllm.url, connect_timeout_s=r.vllm.connect_timeout_s,
-                                              request_timeout_s=r.vllm.request_timeout_s, sync=sync), world)
+        return ShardedEngine(server_engine(config, sync), world)
     from rltrain.rollout.vllm import build_vllm_engine
 
     cleanup = engine_init if config.model.source != ModelSource.hf and world.is_main else None  # a temporary copy
     engine = build_vllm_engine(config, engine_init, eos, gpu_memory_utilization=r.vllm.gpu_memory_utilization,
                                sleep=r.vllm.sleep, cleanup=cleanup, tokenizer=engine_init, sync=sync)
     return ShardedEngine(engine, world)
+
+
+def server_engine(config: Config, sync: SyncSettings):
+    from rltrain.rollout.server import VLLMServerEngine
+
+    v = config.rollout.vllm
+    return VLLMServerEngine(v.url, connect_timeout_s=v.connect_timeout_s, request_timeout_s=v.request_timeout_s,
+                            sync=sync)
+
+
+def ahead_engine(config: Config, tokenizer, train_ids: PromptIds, world: World, *, model_device: torch.device,
+                 engine_init: Path | None):
+    """The engine of rollouts ahead of training (``trainer.max_staleness``) on this rank: on rank 0 a rollout worker
+    process (the HF engine on its own weights) or the handle on a ``rltrain serve`` server; on the other ranks a
+    ``FollowingEngine``, which joins each sync's collective part. Its checks are rank 0's alone: they run in the
+    production thread, where no collective may."""
+    r = config.rollout
+    sync = sync_settings(config, tokenizer, train_ids, World())
+    if not world.is_main:
+        from rltrain.rollout.sync import FollowingEngine
+
+        return FollowingEngine(sync)
+    if r.backend == "vllm":
+        return server_engine(config, sync)
+    from rltrain.rollout.remote import RemoteHFEngine
+    from rltrain.threads import worker_split
+
+    lora = dict(config.adapter.lora) if config.adapter.kind == AdapterKind.lora else None
+    if r.worker_address:  # started on another machine: it dials in
+        engine = RemoteHFEngine.listen(r.worker_address, engine_init, lora=lora, batch_size=r.batch_size, sync=sync)
+        if config.model.source != ModelSource.hf:  # a temporary copy, read by now
+            shutil.rmtree(engine_init, ignore_errors=True)
+        return engine
+    return RemoteHFEngine.start(engine_init, lora=lora, batch_size=r.batch_size, device=str(model_device),
+                                cleanup=config.model.source != ModelSource.hf,
+                                threads=worker_split(config.trainer.num_threads, r.worker_threads)[1], sync=sync)

@@ -89,4 +89,5 @@ def collect(
         sources=sources,
         prompt_index=rows,
         truncated_N=[not c.finished for c in completions],
+        token_versions=[c.versions for c in completions] if any(c.versions for c in completions) else None,
     )

@@ -40,6 +40,18 @@ class HFEngine:
         """``counts[k]`` completions of ``prompts[k]`` (default one each), prompt by prompt in the caller's order.
         With ``seeds``, copy j of prompt k draws its random numbers from (seeds[k], j) alone."""
         counts = [1] * len(prompts) if counts is None else counts
+        key = None if seeds is None else (lambda k, copy: row_key(seeds[k], copy))
+        return self._generate(prompts, params, counts, key)
+
+    def generate_rows(self, prompts: list[list[int]], params: SamplingParams,
+                      keys: list[int] | None = None) -> list[Completion]:
+        """One completion per prompt, row k drawing its random numbers from ``keys[k]``: a ``row_key``, or one moved
+        past the tokens already drawn (``advance_key``), so that a completion continued in pieces (partial rollouts)
+        draws what one whole generation would have."""
+        return self._generate(prompts, params, [1] * len(prompts), None if keys is None else (lambda k, _: keys[k]))
+
+    @torch.no_grad()
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, counts: list[int], key) -> list[Completion]:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need the engine's tokenizer: build HFEngine with tokenizer=...")
         was_training = self.model.training
@@ -47,8 +59,7 @@ class HFEngine:
         try:
             by_prompt: list[list[Completion]] = [[] for _ in prompts]
             for chunk in self._chunks(prompts, counts):
-                keys = None if seeds is None else [row_key(seeds[k], first + j) for k, first, n in chunk
-                                                   for j in range(n)]
+                keys = None if key is None else [key(k, first + j) for k, first, n in chunk for j in range(n)]
                 completions = iter(self._generate_chunk([prompts[k] for k, _, _ in chunk], [n for _, _, n in chunk],
                                                         params, keys))
                 for k, _, n in chunk:
@@ -172,21 +183,29 @@ class StopStrings:
     def feed(self, tokens: list[int]) -> list[bool]:
         """Add each row's next token; which rows' text now contains a stop string."""
         for row, token in enumerate(tokens):
-            if self.done[row]:
-                continue
-            ids = self.ids[row]
-            ids.append(token)
-            if token in self.eos:
-                self.done[row] = True
-                continue
-            new = self._new_text(row)
-            if not new:
-                continue
-            start = max(0, len(self.text[row]) - self.longest + 1)  # a new match ends in the new text
-            self.text[row] += new
-            if any(s in self.text[row][start:] for s in self.stop):
-                self.done[row], self.end[row] = True, len(ids)
+            self._feed(row, token)
         return [end is not None for end in self.end]
+
+    def feed_all(self, row: int, tokens: list[int]) -> None:
+        """Add several tokens to one row (partial rollouts: a piece's tokens)."""
+        for token in tokens:
+            self._feed(row, token)
+
+    def _feed(self, row: int, token: int) -> None:
+        if self.done[row]:
+            return
+        ids = self.ids[row]
+        ids.append(token)
+        if token in self.eos:
+            self.done[row] = True
+            return
+        new = self._new_text(row)
+        if not new:
+            return
+        start = max(0, len(self.text[row]) - self.longest + 1)  # a new match ends in the new text
+        self.text[row] += new
+        if any(s in self.text[row][start:] for s in self.stop):
+            self.done[row], self.end[row] = True, len(ids)
 
     def _new_text(self, row: int) -> str:
         ids, (prefix, read) = self.ids[row], self.offsets[row]
@@ -255,6 +274,12 @@ def row_key(seed: int, copy: int) -> int:
     from rltrain.rollout.collect import mix64
 
     return mix64((seed + copy) & 0xFFFFFFFFFFFFFFFF)
+
+
+def advance_key(key: int, tokens: int) -> int:
+    """The key that continues ``key``'s stream after ``tokens`` draws: ``uniforms`` at step t of the advanced key is
+    the original's at step tokens + t."""
+    return (key + tokens * (_GOLDEN + 2**64)) % 2**64
 
 
 def _signed(x: int) -> int:

@@ -1,21 +1,31 @@
 """The HF engine in its own process: rollouts that run beside the update (``trainer.max_staleness > 0``) on their own
 copy of the weights, for CPU machines and for tests (on GPUs the same role is vLLM's, behind ``rltrain serve``).
 
-The trainer holds a ``RemoteHFEngine``; the worker process (``_serve``) loads the starting weights from a
-safetensors directory, wraps the same LoRA adapter when the run has one, and answers five requests over a pipe:
-generate, load (a flat tensor that follows over the process group), finish, probe (log-probs of the sync check),
-close. Weights travel over ``torch.distributed`` (a gloo group of two: the trainer's rank 0 and the worker, separate
-from any torchrun group), flattened into buckets per dtype; for LoRA only the adapter's tensors move. The handle
-knows the weight ``version`` the worker holds (the number of updates they have seen), so each sample records the
-policy that made it. The sync check is every engine's (``SyncedEngine``): after every load the worker and the policy
-score a probe, and the run stops above the tolerance.
+The trainer holds a ``RemoteHFEngine``; the worker (``_serve``) loads the starting weights from a safetensors
+directory, wraps the same LoRA adapter when the run has one, and answers six requests: generate, rows (partial
+rollouts' continuations), load (a flat tensor that follows over the process group), finish, probe (log-probs of the
+sync check), close. Weights travel over ``torch.distributed`` (a gloo group of two: the trainer's rank 0 and the
+worker, separate from any torchrun group), flattened into buckets per dtype; for LoRA only the adapter's tensors
+move. The handle knows the weight ``version`` the worker holds (the number of updates they have seen), so each sample
+records the policy that made it. The sync check is every engine's (``SyncedEngine``): after every load the worker and
+the policy score a probe, and the run stops above the tolerance.
+
+The worker is a process the trainer spawns (``start``), or one started on another machine with ``rltrain worker
+--connect HOST:PORT`` that dials the trainer (``listen``, ``rollout.worker_address``). Requests then travel over
+``multiprocessing.connection``, whose handshake authenticates both sides with ``RLTRAIN_WORKER_TOKEN`` before any
+message is unpickled; the weights' group meets at the trainer's address. The worker reads the starting weights from
+``model.path`` (a directory both machines reach).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
+import os
 import shutil
+import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -28,10 +38,14 @@ from rltrain.rollout.base import Completion, SamplingParams
 from rltrain.rollout.sync import SyncedEngine, SyncSettings, free_port
 
 TIMEOUT = datetime.timedelta(minutes=30)
+logger = logging.getLogger("rltrain")
 
 
-def _group(rank: int, port: int):
-    store = torch.distributed.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=TIMEOUT)
+TOKEN_ENV = "RLTRAIN_WORKER_TOKEN"  # authenticates the trainer and a worker on another machine to each other
+
+
+def _group(rank: int, host: str, port: int):
+    store = torch.distributed.TCPStore(host, port, 2, rank == 0, timeout=TIMEOUT)
     return torch.distributed.ProcessGroupGloo(store, rank, 2, TIMEOUT)
 
 
@@ -43,8 +57,9 @@ class WorkerSpec:
     lora: dict | None  # the run's adapter.lora (its weights arrive with the first sync), None: full weights
     batch_size: int
     threads: int  # torch CPU threads in the worker
-    port: int
+    port: int  # of the weights' group store, at ``host``
     device: str = "cpu"  # where the worker generates (the policy's device; the weights arrive on the CPU)
+    host: str = "127.0.0.1"  # the trainer's address, as the worker reaches it
 
 
 def _serve(spec: WorkerSpec, conn) -> None:  # the worker process
@@ -53,6 +68,10 @@ def _serve(spec: WorkerSpec, conn) -> None:  # the worker process
     from rltrain.rollout.hf import HFEngine
 
     torch.set_num_threads(spec.threads)
+    if not Path(spec.model_dir).is_dir():
+        conn.send(("error", f"{spec.model_dir} is not a directory on the worker's machine ({socket.gethostname()}): "
+                            "the worker reads the starting weights from model.path, which both machines must reach"))
+        return
     try:
         model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32)
         if spec.lora is not None:
@@ -67,7 +86,7 @@ def _serve(spec: WorkerSpec, conn) -> None:  # the worker process
     except Exception:  # noqa: BLE001 - the trainer reports it
         conn.send(("error", traceback.format_exc()))
         return
-    group = _group(1, spec.port)  # the trainer opens it once the worker is up
+    group = _group(1, spec.host, spec.port)  # the trainer opens it once the worker is up
     while True:
         try:
             kind, *args = conn.recv()
@@ -79,6 +98,10 @@ def _serve(spec: WorkerSpec, conn) -> None:  # the worker process
             if kind == "generate":
                 prompts, sampling, counts, seeds = args
                 out = engine.generate(prompts, SamplingParams(**sampling), counts, seeds)
+                conn.send(("ok", [(c.token_ids, c.logprobs, c.finished) for c in out]))
+            elif kind == "rows":  # partial rollouts: completions continued from their own keys
+                prompts, sampling, keys = args
+                out = engine.generate_rows(prompts, SamplingParams(**sampling), keys)
                 conn.send(("ok", [(c.token_ids, c.logprobs, c.finished) for c in out]))
             elif kind == "load":  # the names of one flat tensor (a bucket's of one dtype), then it over the group
                 tensors = [params[n] for n in args[0]]
@@ -111,16 +134,10 @@ class RemoteHFEngine(SyncedEngine):
 
     label = "rollout worker"
 
-    def __init__(self, spec: WorkerSpec, sync: SyncSettings) -> None:
-        import torch.multiprocessing as mp
-
-        self.spec, self.sync = spec, sync
-        self.conn, child = mp.get_context("spawn").Pipe()
-        self.process = mp.get_context("spawn").Process(target=_serve, args=(spec, child), daemon=True,
-                                                       name="rltrain-rollout-worker")
-        self.process.start()
+    def __init__(self, spec: WorkerSpec, sync: SyncSettings, conn, process=None, listener=None) -> None:
+        self.spec, self.sync, self.conn, self.process, self.listener = spec, sync, conn, process, listener
         self._reply("starting")
-        self.group = _group(0, spec.port)
+        self.group = _group(0, spec.host, spec.port)
         self.version = self.last_version = 0
         self.time_sync_s, self.sent_bytes = 0.0, 0
         # Up to two sets of send buffers for ``sync_later``: each the flat copies of a snapshot and a future set once
@@ -132,20 +149,57 @@ class RemoteHFEngine(SyncedEngine):
     @classmethod
     def start(cls, model_dir: Path, *, lora: dict | None, batch_size: int, threads: int, sync: SyncSettings,
               cleanup: bool = False, device: str = "cpu") -> RemoteHFEngine:
-        """A worker on the weights in ``model_dir``; ``cleanup``: a temporary copy, removed once the worker read it."""
-        engine = cls(WorkerSpec(str(model_dir), lora, batch_size, threads, free_port(), device), sync)
+        """A worker process on the weights in ``model_dir``; ``cleanup``: a temporary copy, removed once the worker
+        read it."""
+        import torch.multiprocessing as mp
+
+        spec = WorkerSpec(str(model_dir), lora, batch_size, threads, free_port(), device)
+        conn, child = mp.get_context("spawn").Pipe()
+        process = mp.get_context("spawn").Process(target=_serve, args=(spec, child), daemon=True,
+                                                  name="rltrain-rollout-worker")
+        process.start()
+        engine = cls(spec, sync, conn, process=process)
         if cleanup:
             shutil.rmtree(model_dir, ignore_errors=True)
         return engine
 
+    @classmethod
+    def listen(cls, address: str, model_dir: Path, *, lora: dict | None, batch_size: int, sync: SyncSettings,
+               connect_timeout_s: float = 600.0) -> RemoteHFEngine:
+        """Wait at ``address`` (HOST:PORT) for a worker started elsewhere with ``rltrain worker --connect
+        HOST:PORT``; both sides hold the token of ``RLTRAIN_WORKER_TOKEN``. The worker picks its own threads and
+        device, and reads the starting weights from ``model_dir`` (a directory it must reach too)."""
+        from multiprocessing.connection import Listener
+
+        host, port = _address(address)
+        listener = Listener((host, port), authkey=worker_token().encode())
+        accepted: list = []
+        waiter = threading.Thread(target=lambda: accepted.append(_accept(listener)), daemon=True)
+        waiter.start()
+        logger.warning("waiting for a rollout worker at %s:%d (on its machine: %s=... rltrain worker --connect "
+                       "%s:%d)", host, port, TOKEN_ENV, host, port)
+        waiter.join(connect_timeout_s)
+        if not accepted or isinstance(accepted[0], Exception):
+            listener.close()
+            why = f": {accepted[0]}" if accepted else f" in {connect_timeout_s:.0f} s"
+            raise WorkerError(f"no rollout worker connected at {host}:{port}{why}")
+        # threads 0 and no device: the worker's own choice; it reaches the weights' group where it reached us
+        spec = WorkerSpec(str(model_dir), lora, batch_size, threads=0, port=free_port(), device="", host=host)
+        accepted[0].send(spec)
+        return cls(spec, sync, accepted[0], listener=listener)
+
     def _reply(self, doing: str):
         deadline = time.monotonic() + TIMEOUT.total_seconds()
-        while not self.conn.poll(1.0):
-            if not self.process.is_alive():
-                raise WorkerError(f"the rollout worker died (exit code {self.process.exitcode}) while {doing}")
-            if time.monotonic() > deadline:
-                raise WorkerError(f"the rollout worker did not answer in {TIMEOUT} while {doing}")
-        status, value = self.conn.recv()
+        try:
+            while not self.conn.poll(1.0):
+                if self.process is not None and not self.process.is_alive():
+                    raise WorkerError(f"the rollout worker died (exit code {self.process.exitcode}) while {doing}")
+                if time.monotonic() > deadline:
+                    raise WorkerError(f"the rollout worker did not answer in {TIMEOUT} while {doing}")
+            status, value = self.conn.recv()
+        except (EOFError, OSError) as err:
+            raise WorkerError(f"the rollout worker closed its connection while {doing} "
+                              f"({type(err).__name__})") from None
         if status == "error":
             raise WorkerError(f"the rollout worker failed while {doing}:\n{value}")
         return value
@@ -153,6 +207,13 @@ class RemoteHFEngine(SyncedEngine):
     def generate(self, prompts: list[list[int]], params: SamplingParams, counts: list[int] | None = None,
                  seeds: list[int] | None = None) -> list[Completion]:
         self.conn.send(("generate", prompts, dataclasses.asdict(params), counts, seeds))
+        out, self.last_version = self._reply("generating"), self.version
+        return [Completion(ids, logp, finished) for ids, logp, finished in out]
+
+    def generate_rows(self, prompts: list[list[int]], params: SamplingParams,
+                      keys: list[int] | None = None) -> list[Completion]:
+        """``HFEngine.generate_rows`` in the worker."""
+        self.conn.send(("rows", prompts, dataclasses.asdict(params), keys))
         out, self.last_version = self._reply("generating"), self.version
         return [Completion(ids, logp, finished) for ids, logp, finished in out]
 
@@ -225,11 +286,59 @@ class RemoteHFEngine(SyncedEngine):
         """Nothing to reclaim."""
 
     def close(self) -> None:
-        if self.process.is_alive():
+        if self.process is None or self.process.is_alive():
             try:
                 self.conn.send(("close",))
             except (BrokenPipeError, OSError):
                 pass
+        if self.process is not None:
             self.process.join(timeout=30)
             if self.process.is_alive():
                 self.process.kill()
+        else:
+            self.conn.close()
+            self.listener.close()
+
+
+def _address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"rollout.worker_address={address!r}: give HOST:PORT")
+    return host, int(port)
+
+
+def _accept(listener):
+    try:
+        return listener.accept()
+    except Exception as err:  # noqa: BLE001 - a worker with the wrong token, or none: reported by ``listen``
+        return err
+
+
+def worker_token() -> str:
+    token = os.environ.get(TOKEN_ENV, "")
+    if not token:
+        raise WorkerError(f"a rollout worker on another machine needs a shared secret: set {TOKEN_ENV} on both sides "
+                          "(the same value; it never appears in a config or a log)")
+    return token
+
+
+def connect_and_serve(address: str, *, threads: int, device: str, wait_s: float = 600.0) -> None:
+    """The worker's side of ``listen`` (``rltrain worker``): dial the trainer (until it listens, at most ``wait_s``),
+    take its spec, serve until it closes."""
+    from multiprocessing.connection import AuthenticationError, Client
+
+    host, port = _address(address)
+    token, deadline = worker_token().encode(), time.monotonic() + wait_s
+    while True:
+        try:
+            conn = Client((host, port), authkey=token)
+            break
+        except ConnectionRefusedError:  # the trainer is not listening yet (it loads its model first)
+            if time.monotonic() > deadline:
+                raise WorkerError(f"no trainer listened at {host}:{port} in {wait_s:.0f} s") from None
+            time.sleep(1.0)
+        except AuthenticationError:
+            raise WorkerError(f"the trainer at {host}:{port} holds another {TOKEN_ENV}") from None
+    spec = conn.recv()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _serve(dataclasses.replace(spec, threads=threads or torch.get_num_threads(), device=device, host=host), conn)

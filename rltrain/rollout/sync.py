@@ -128,6 +128,41 @@ class SyncedEngine(ABC):
         return None
 
 
+class FollowingEngine(SyncedEngine):
+    """The engine of a rank that generates nothing itself (rollouts ahead under torchrun: rank 0 alone holds the
+    rollout worker or the server's handle and produces every step's samples). It joins the collective part of each
+    sync, so that ZeRO-3 can gather the weights and score the probe on every rank, and sends nothing."""
+
+    def __init__(self, sync: SyncSettings) -> None:
+        self.sync = sync
+
+    def send_weights(self, policy: PolicyWorker) -> None:
+        for _ in policy.weight_buckets(self.sync.bucket_bytes, adapter_only=policy.is_peft):
+            pass
+
+    def copy_weights(self, policy: PolicyWorker) -> Callable[[], None]:
+        self.send_weights(policy)
+        return lambda: None
+
+    def check_probe(self, step: int, policy_logp: list[float], is_peft: bool) -> dict:
+        return {}  # rank 0 checks the engine it holds
+
+    def probe_logprobs(self, prompt: list[int], completion: list[int]) -> list[float]:
+        raise NotImplementedError("a following rank holds no engine")  # never called: check_probe is rank 0's
+
+    def generate(self, prompts, params, counts=None, seeds=None):
+        raise RuntimeError("a following rank generates nothing: rank 0 produces every step's samples")
+
+    def sleep(self) -> None:
+        """Nothing held."""
+
+    def wake(self) -> None:
+        """Nothing held."""
+
+    def close(self) -> None:
+        """Nothing held."""
+
+
 class LoadingEngine(SyncedEngine):
     """An engine that takes weights through three primitives (vLLM in this process or behind ``rltrain serve``):
     ``load_weights(bucket)`` then ``finish_sync()`` for full weights, ``load_adapter(save_adapter)`` for LoRA."""
