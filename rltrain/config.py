@@ -229,6 +229,9 @@ class VLLMConfig:
     url: str = "http://127.0.0.1:8000"  # server mode: where `rltrain serve` listens
     connect_timeout_s: float = 300.0  # server mode: wait this long for /health at start-up
     request_timeout_s: float = 600.0  # server mode: any one request
+    # server mode: how full weights reach the server: http (safetensors buckets in requests) or gloo (a process group
+    # the trainer opens and the server joins at the trainer's address; docs/async.md). Adapters go over HTTP
+    weight_transport: str = "http"
     host: str = "127.0.0.1"  # rltrain serve: the interface to bind (0.0.0.0: other machines; needs RLTRAIN_SERVE_TOKEN)
     port: int = 8000  # rltrain serve
     server_gpu_memory_utilization: float = 0.9  # rltrain serve: the server's GPUs are its own

@@ -59,6 +59,8 @@ def check(config: Config) -> None:
                                 or v.probe_tolerance <= 0 or v.cpu_kv_cache_gb <= 0):
         raise ConfigError("rollout.vllm: gpu_memory_utilization must be in (0, 1), sync_bucket_mb >= 1, "
                           "probe_tolerance and cpu_kv_cache_gb > 0")
+    if v.weight_transport not in ("http", "gloo"):
+        raise ConfigError(f"rollout.vllm.weight_transport={v.weight_transport!r}: choose http or gloo")
     if config.trainer.max_staleness < 0 or r.worker_threads < 0:
         raise ConfigError("trainer.max_staleness and rollout.worker_threads must be >= 0")
     if config.trainer.max_staleness > 0 and r.backend == "vllm" and v.mode != "server":

@@ -25,6 +25,7 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import load_file, save
+from transformers import AutoModelForCausalLM
 
 from rltrain.config import ModelConfig, ModelSource, TinyModelConfig
 from rltrain.models import tiny_model, tiny_tokenizer, wrap_lora
@@ -115,6 +116,35 @@ def test_rollouts_ahead_of_training_against_a_server(served, tmp_path):
     synced = [r for r in steps if "vllm_probe_diff" in r]
     assert len(synced) >= 2 and all(r["vllm_probe_diff"] < 1e-4 for r in synced)
     assert all(r["mismatch_kl"] > 0 for r in steps[1:])  # samples of the version before
+
+
+def test_full_weights_over_a_gloo_group(served, tmp_path):
+    """``rollout.vllm.weight_transport=gloo``: the trainer opens a weight group at its own address and the server
+    joins it; every sync's full weights arrive (the probe holds after each update), synchronous and ahead of training
+    (the production thread sends)."""
+    for extra in ([], ["trainer.steps=4", "trainer.max_staleness=1"]):
+        steps = _train_against(served, tmp_path / f"run{len(extra)}", *TRAIN, "rollout.vllm.weight_transport=gloo",
+                               *extra)
+        synced = [r for r in steps if "vllm_probe_diff" in r]  # ahead: a sync's figures come with a later step
+        assert len(synced) >= len(steps) - 2 and all(r["vllm_probe_diff"] < 1e-4 for r in synced)
+        assert all(r["grad_norm"] > 0 for r in steps)  # new weights at every sync
+
+
+def test_a_flat_tensor_over_the_limit_is_refused_before_it_is_sent(served, monkeypatch):
+    """The announcement of a flat tensor larger than the server takes is refused with 413 before anything is sent:
+    the trainer's side fails at once, and the group carries the next tensor as before."""
+    monkeypatch.setenv(TOKEN_ENV, served.token)
+    engine = VLLMServerEngine(served.url, connect_timeout_s=60, weight_transport="gloo")
+    model = AutoModelForCausalLM.from_pretrained(str(served.directory))
+    engine.load_weights(list(model.named_parameters())[:1])  # opens the group; a real tensor of the model
+    huge = torch.zeros(600 << 20, dtype=torch.uint8).view(torch.float32)  # 600 MiB: over the tiny model's limit
+    started = time.monotonic()
+    with pytest.raises(ServerError, match="HTTP 413"):
+        engine.load_weights([("model.embed_tokens.weight", huge)])
+    assert time.monotonic() - started < 60
+    engine.load_weights(list(model.named_parameters())[:1])
+    engine.finish_sync()
+    engine.close()
 
 
 def test_an_unreachable_server_fails_fast_with_the_url():

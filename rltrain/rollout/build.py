@@ -73,7 +73,7 @@ def server_engine(config: Config, sync: SyncSettings):
 
     v = config.rollout.vllm
     return VLLMServerEngine(v.url, connect_timeout_s=v.connect_timeout_s, request_timeout_s=v.request_timeout_s,
-                            sync=sync)
+                            sync=sync, weight_transport=v.weight_transport)
 
 
 def ahead_engine(config: Config, tokenizer, train_ids: PromptIds, world: World, *, model_device: torch.device,

@@ -35,18 +35,13 @@ from pathlib import Path
 import torch
 
 from rltrain.rollout.base import Completion, SamplingParams
-from rltrain.rollout.sync import SyncedEngine, SyncSettings, free_port
+from rltrain.rollout.sync import SyncedEngine, SyncSettings, free_port, weight_group
 
 TIMEOUT = datetime.timedelta(minutes=30)
 logger = logging.getLogger("rltrain")
 
 
 TOKEN_ENV = "RLTRAIN_WORKER_TOKEN"  # authenticates the trainer and a worker on another machine to each other
-
-
-def _group(rank: int, host: str, port: int):
-    store = torch.distributed.TCPStore(host, port, 2, rank == 0, timeout=TIMEOUT)
-    return torch.distributed.ProcessGroupGloo(store, rank, 2, TIMEOUT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +81,7 @@ def _serve(spec: WorkerSpec, conn) -> None:  # the worker process
     except Exception:  # noqa: BLE001 - the trainer reports it
         conn.send(("error", traceback.format_exc()))
         return
-    group = _group(1, spec.host, spec.port)  # the trainer opens it once the worker is up
+    group = weight_group(1, spec.host, spec.port, TIMEOUT.total_seconds())  # the trainer opens it once we are up
     while True:
         try:
             kind, *args = conn.recv()
@@ -137,7 +132,7 @@ class RemoteHFEngine(SyncedEngine):
     def __init__(self, spec: WorkerSpec, sync: SyncSettings, conn, process=None, listener=None) -> None:
         self.spec, self.sync, self.conn, self.process, self.listener = spec, sync, conn, process, listener
         self._reply("starting")
-        self.group = _group(0, spec.host, spec.port)
+        self.group = weight_group(0, spec.host, spec.port, TIMEOUT.total_seconds())
         self.version = self.last_version = 0
         self.time_sync_s, self.sent_bytes = 0.0, 0
         # Up to two sets of send buffers for ``sync_later``: each the flat copies of a snapshot and a future set once

@@ -1,12 +1,15 @@
 """vLLM on its own devices (server mode): ``rltrain serve`` runs the engine behind a small HTTP API, and
 ``VLLMServerEngine`` is the trainer's side, with the same verbs as the colocated engine.
 
-The protocol is rltrain's own, five JSON/bytes endpoints over HTTP: ``GET /health``, ``POST /generate`` (token-id
+The protocol is rltrain's own, JSON/bytes endpoints over HTTP: ``GET /health``, ``POST /generate`` (token-id
 prompts, counts, per-prompt seeds, sampling settings, stop strings -> token ids, behaviour log-probs, finished flags),
 ``POST /weights`` (a bucket of tensors as safetensors bytes, never pickle) and ``POST /weights/done``,
 ``POST /adapter`` (a PEFT adapter directory's files), ``POST /probe`` (log-probs of a fixed completion, for the
-trainer's sync check). Weights travel over HTTP: simple and testable anywhere, but for multi-GB full-weight syncs
-between GPU nodes a NCCL broadcast would be faster (not built).
+trainer's sync check). Full weights travel over HTTP by default; with ``rollout.vllm.weight_transport=gloo`` over a
+gloo process group instead (``POST /weights/group``: join the trainer's group at the address given; ``POST
+/weights/flat``: the names, shapes and dtype of one flat tensor, whose receive the server posts before answering;
+the trainer broadcasts it; ``POST /weights/flat/loaded``: load and try it), measured in docs/async.md. A NCCL group
+between GPU nodes is not built.
 
 Only the server's owner may use it: every request carries ``Authorization: Bearer <token>`` (401 without it, compared
 in constant time). The token comes from ``RLTRAIN_SERVE_TOKEN`` on both sides; a server on the loopback interface
@@ -25,6 +28,7 @@ import binascii
 import hmac
 import ipaddress
 import logging
+import math
 import os
 import secrets
 import sys
@@ -32,6 +36,8 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+
+import torch
 
 from rltrain.rollout.base import Completion, SamplingParams
 from rltrain.rollout.sync import LoadRejected, LoadingEngine, SyncSettings
@@ -47,8 +53,17 @@ WEIGHTS_LIMIT_FACTOR = 2  # x the model's weight files: the trainer may send flo
 WEIGHTS_LIMIT_MIN_BYTES = 256 << 20  # and never below this (a tiny model's adapter in base64, safetensors headers)
 
 
+FLAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # /weights/flat
+
+
 class ServerError(RuntimeError):
     pass
+
+
+def _url_host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or "127.0.0.1"
 
 
 class VLLMServerEngine(LoadingEngine):
@@ -56,7 +71,7 @@ class VLLMServerEngine(LoadingEngine):
     sent by one rank alone (``sync.send``); every rank checks the probe."""
 
     def __init__(self, url: str, *, connect_timeout_s: float = 300.0, request_timeout_s: float = 600.0,
-                 sync: SyncSettings | None = None) -> None:
+                 sync: SyncSettings | None = None, weight_transport: str = "http") -> None:
         import httpx
 
         self.url = url.rstrip("/")
@@ -70,6 +85,7 @@ class VLLMServerEngine(LoadingEngine):
         self.info = self._wait_healthy(connect_timeout_s)
         self._adapter_version = 0
         self.sync = sync
+        self.weight_transport, self._group = weight_transport, None
 
     def _wait_healthy(self, timeout_s: float) -> dict:
         import httpx
@@ -120,8 +136,31 @@ class VLLMServerEngine(LoadingEngine):
         from safetensors.torch import save
 
         items = weights.items() if isinstance(weights, dict) else weights
+        if self.weight_transport == "gloo":
+            self._load_over_group(items)
+            return
         payload = save({name: t.detach().to("cpu").contiguous() for name, t in items})
         self._post("/weights", content=payload, headers={"content-type": "application/octet-stream"})
+
+    def _load_over_group(self, items) -> None:
+        """Each dtype's tensors as one flat tensor broadcast over the weight group (opened at the first sync: the
+        server joins it at this machine's address): announced first (``/weights/flat``: the server checks it and
+        posts its receive, or refuses before anything is sent), then sent, then loaded (``/weights/flat/loaded``)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from rltrain.rollout.sync import facing_address, flat_parts, free_port, weight_group
+
+        if self._group is None:
+            host, port = facing_address(_url_host(self.url)), free_port()
+            with ThreadPoolExecutor(max_workers=1) as pool:  # the server joins while this side opens the group
+                joined = pool.submit(self._post, "/weights/group", json={"host": host, "port": port})
+                self._group = weight_group(0, host, port, self.request_timeout_s)
+                joined.result()
+        for names, shapes, flat in flat_parts(items):
+            self._post("/weights/flat", json={"names": names, "shapes": shapes,
+                                              "dtype": str(flat.dtype).removeprefix("torch.")})
+            self._group.broadcast(flat, 0).wait()
+            self._post("/weights/flat/loaded")
 
     def finish_sync(self) -> None:
         self._post("/weights/done")
@@ -152,7 +191,6 @@ def build_app(engine, *, token: str, max_weights_bytes: int, max_json_bytes: int
     present ``token``, with bodies of at most ``max_weights_bytes`` (/weights, /adapter) or ``max_json_bytes``."""
     import threading
 
-    import torch
     from fastapi import FastAPI, HTTPException, Request
     from safetensors import SafetensorError
     from safetensors.torch import load
@@ -214,6 +252,41 @@ def build_app(engine, *, token: str, max_weights_bytes: int, max_json_bytes: int
             raise HTTPException(422, f"/weights takes a safetensors file of tensors ({err})") from None
         await run_in_threadpool(load_bucket, tensors)
         return {"loaded": len(tensors)}
+
+    group: dict = {}  # the weight group of /weights/group, once a trainer opened it
+
+    @app.post("/weights/group")
+    def weights_group(body: dict) -> dict:
+        from rltrain.rollout.sync import weight_group
+
+        with lock:
+            group["it"] = weight_group(1, str(body["host"]), int(body["port"]), timeout_s=600.0)
+        return {"ok": True}
+
+    @app.post("/weights/flat")
+    def weights_flat(body: dict) -> dict:
+        """Check the announced flat tensor and post its receive (the trainer sends it once this answers)."""
+        if "it" not in group:
+            raise HTTPException(409, "no weight group: POST /weights/group first")
+        dtype = FLAT_DTYPES.get(body.get("dtype"))
+        if dtype is None:
+            raise HTTPException(422, f"/weights/flat: dtype must be one of {sorted(FLAT_DTYPES)}")
+        names, shapes = list(body["names"]), [list(map(int, shape)) for shape in body["shapes"]]
+        sizes = [math.prod(shape) for shape in shapes]
+        if len(names) != len(shapes) or sum(sizes) * dtype.itemsize > max_weights_bytes:
+            raise HTTPException(413, "/weights/flat: names and shapes differ in number, or more than the limit")
+        flat = torch.empty(sum(sizes), dtype=dtype)
+        group["pending"] = (group["it"].broadcast(flat, 0), names, shapes, sizes, flat)
+        return {"accepted": len(names)}
+
+    @app.post("/weights/flat/loaded")
+    def weights_flat_loaded() -> dict:
+        if "pending" not in group:
+            raise HTTPException(409, "no flat tensor announced: POST /weights/flat first")
+        received, names, shapes, sizes, flat = group.pop("pending")
+        received.wait()
+        load_bucket({n: part.view(shape) for n, shape, part in zip(names, shapes, flat.split(sizes))})
+        return {"loaded": len(names)}
 
     @app.post("/weights/done")
     def weights_done() -> dict:

@@ -215,6 +215,37 @@ class LoadingEngine(SyncedEngine):
         """Implemented by each engine."""
 
 
+def weight_group(rank: int, host: str, port: int, timeout_s: float = 1800.0):
+    """A gloo group of two for weights only: the trainer (rank 0, whose TCPStore it is, at ``host``:``port``) and one
+    receiver (the rollout worker, ``rltrain serve``), apart from any torchrun group. Like every torch.distributed
+    group it is not authenticated: the receiver learns the address over an authenticated channel, and the port should
+    be on the cluster's private network."""
+    import datetime
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = torch.distributed.TCPStore(host, port, 2, rank == 0, timeout=timeout)
+    return torch.distributed.ProcessGroupGloo(store, rank, 2, timeout)
+
+
+def flat_parts(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[list[str], list[list[int]], torch.Tensor]]:
+    """Tensors flattened into one CPU tensor per dtype, with their names and shapes in order: what a weight group
+    carries."""
+    by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append((name, tensor))
+    return [([n for n, _ in part], [list(t.shape) for _, t in part],
+             torch.cat([t.detach().reshape(-1).cpu() for _, t in part])) for part in by_dtype.values()]
+
+
+def facing_address(host: str) -> str:
+    """This machine's address on its route to ``host`` (where ``host`` reaches it back)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((socket.gethostbyname(host), 9))  # no packet is sent: the kernel picks the interface
+        return sock.getsockname()[0]
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface (for a process group's store)."""
     import socket
