@@ -244,7 +244,8 @@ class AheadSchedule(str, enum.Enum):
 
 class StalePolicy(str, enum.Enum):
     drop = "drop"  # samples older than trainer.max_staleness are dropped (counted) and the step produced afresh
-    regenerate = "regenerate"  # ... generated again for the same prompts with the current weights
+    regenerate = "regenerate"  # ... generated again for the same prompts with the current weights (the schedules
+    # never make such samples; a run resumed with a smaller max_staleness may hold them)
 
 
 @dataclass
@@ -252,9 +253,6 @@ class AheadConfig:
     """Rollouts ahead of training (trainer.max_staleness > 0): docs/async.md."""
 
     schedule: AheadSchedule = AheadSchedule.deterministic
-    # continuous: steps produced ahead at most; 0: trainer.max_staleness. Further ahead than the staleness allows,
-    # the generator never waits for the trainer, and samples that grew too old meanwhile go as ``stale`` says
-    queue: int = 0
     stale: StalePolicy = StalePolicy.drop
     # continuous: generate in pieces of this many tokens and take new weights between pieces (partial rollouts:
     # tokens after a swap come from the new weights; each token's version is recorded); 0: whole completions

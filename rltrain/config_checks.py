@@ -199,16 +199,16 @@ def to_config(cfg: DictConfig) -> Config:
 
 def _check_ahead(config: Config) -> None:
     a, k = config.rollout.ahead, config.trainer.max_staleness
-    if a.queue < 0 or a.partial_tokens < 0:
-        raise ConfigError("rollout.ahead.queue and rollout.ahead.partial_tokens must be >= 0")
-    if a.schedule == AheadSchedule.deterministic and (a.queue or a.partial_tokens):
-        raise ConfigError("rollout.ahead.queue and partial_tokens apply to rollout.ahead.schedule=continuous: the "
-                          "deterministic schedule produces exactly trainer.max_staleness steps ahead, whole")
+    if a.partial_tokens < 0:
+        raise ConfigError("rollout.ahead.partial_tokens must be >= 0")
+    if a.schedule == AheadSchedule.deterministic and a.partial_tokens:
+        raise ConfigError("rollout.ahead.partial_tokens applies to rollout.ahead.schedule=continuous: the "
+                          "deterministic schedule generates each step whole, with the version its step fixes")
     if a.partial_tokens and config.rollout.backend == "vllm":
         raise ConfigError("rollout.ahead.partial_tokens: partial rollouts run on the HF rollout worker (rollout=hf); "
                           "`rltrain serve` generates whole completions")
     if config.rollout.worker_address and (k == 0 or config.rollout.backend == "vllm"):
         raise ConfigError("rollout.worker_address: a rollout worker generates ahead of training with the HF engine "
                           "(trainer.max_staleness > 0, rollout=hf)")
-    if k == 0 and (a.schedule != AheadSchedule.deterministic or a.queue or a.partial_tokens):
+    if k == 0 and (a.schedule != AheadSchedule.deterministic or a.partial_tokens):
         raise ConfigError("rollout.ahead applies to rollouts ahead of training: set trainer.max_staleness > 0")

@@ -20,10 +20,10 @@ on every rank in the trainer's thread, so the production thread never enters a c
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-import threading
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -60,11 +60,10 @@ Produce = Callable[[int, "list[Selection] | None"], tuple[RolloutBatch | None, d
 
 class RolloutsAhead:
     def __init__(self, produce: Produce, version: Callable[[], int], staleness: int, last_step: int,
-                 world: World = World(), *, continuous: bool = False, queue: int = 0,
-                 stale: StalePolicy = StalePolicy.drop) -> None:
+                 world: World = World(), *, continuous: bool = False, stale: StalePolicy = StalePolicy.drop) -> None:
         self._produce, self._version = produce, version
         self.staleness, self.last_step, self.world = staleness, last_step, world
-        self.continuous, self.queue, self.stale = continuous, queue or staleness, stale
+        self.continuous, self.stale = continuous, stale
         self.pending: dict[int, Future | Produced] = {}
         self.syncs: list[Future] = []  # the jobs that apply queued weight syncs; errors surface at take or wait
         self._jobs: list[Callable[[], dict]] = []  # weight syncs queued, not yet applied
@@ -97,28 +96,49 @@ class RolloutsAhead:
     def take(self, step: int) -> tuple[Produced, float, dict]:
         """Step ``step``'s samples (produced now if nothing was ahead: the first step, a resumed run without them),
         how long the trainer waited for them, and the metrics of the weight syncs applied since the last take (a
-        failed sync's error is raised here). Samples older than the staleness allows (a continuous queue longer
-        than it) are dropped or regenerated (``stale``), counted in ``stale_dropped`` / ``stale_regenerated``.
-        Under torchrun rank 0 produces and every rank gets its samples."""
+        failed sync's error is raised here). Samples older than the staleness allows (kept by a checkpoint of a run
+        with a larger ``trainer.max_staleness``) are dropped or regenerated (``stale``), counted in
+        ``stale_dropped`` / ``stale_regenerated``. Under torchrun rank 0 produces and every rank gets its samples,
+        or its error."""
         start = time.perf_counter()
-        produced, synced = None, {}
-        if self.world.is_main:
-            item = self.pending.pop(step, None)
-            produced = self._result(item) if item is not None else self.pool.submit(self._run, step).result()
-            stale = 0
-            while (oldest := produced.oldest()) is not None and step - 1 - oldest > self.staleness:
-                stale += len(produced.batch)
-                replay = produced.selections if self.stale == StalePolicy.regenerate else None
-                produced = self.pool.submit(self._run, step, replay).result()  # behind the productions queued
-            if stale:
-                name = "stale_dropped" if self.stale == StalePolicy.drop else "stale_regenerated"
-                produced.stats = {**produced.stats, name: stale}
-            while self.syncs and self.syncs[0].done():
-                self.syncs.pop(0).result()
-            while self._synced:
-                synced.update(self._synced.pop(0))
-        produced = self.world.broadcast(produced)
+        produced, synced = self._on_main(lambda: self._take(step))
         return produced, time.perf_counter() - start, synced
+
+    def _take(self, step: int) -> tuple[Produced, dict]:
+        item = self.pending.pop(step, None)
+        produced = self._result(item) if item is not None else self.pool.submit(self._run, step).result()
+        stale = 0
+        while (oldest := produced.oldest()) is not None and step - 1 - oldest > self.staleness:
+            stale += len(produced.batch)
+            replay = produced.selections if self.stale == StalePolicy.regenerate else None
+            produced = self.pool.submit(self._run, step, replay).result()
+        if stale:
+            name = "stale_dropped" if self.stale == StalePolicy.drop else "stale_regenerated"
+            produced.stats = {**produced.stats, name: stale}
+        while self.syncs and self.syncs[0].done():
+            self.syncs.pop(0).result()
+        synced: dict = {}
+        while self._synced:
+            synced = merge_syncs(synced, self._synced.pop(0))
+        return produced, synced
+
+    def _on_main(self, work: Callable[[], object]):
+        """``work()`` on rank 0, its result (or its error, raised on every rank) broadcast to all: a failed production
+        or sync must not leave the other ranks waiting in a collective."""
+        result, error = None, None
+        if self.world.is_main:
+            try:
+                result = work()
+            except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+                error = err
+        if self.world.active:
+            result, message = self.world.broadcast((result, None if error is None else f"{type(error).__name__}: "
+                                                                                       f"{error}"))
+            if message is not None and error is None:
+                raise RolloutsFailed(f"rank 0's rollouts failed: {message}")
+        if error is not None:
+            raise error
+        return result
 
     @staticmethod
     def _result(item: Future | Produced) -> Produced:
@@ -135,15 +155,19 @@ class RolloutsAhead:
             self.syncs.append(self.pool.submit(self.apply_syncs, None if self.continuous else 1))
 
     def submit(self, step: int) -> None:
-        """Start producing the steps up to ``step + queue`` not yet under way (one each step once running)."""
+        """Start producing the steps up to ``step + staleness`` not yet under way (one each step once running)."""
         if not self.world.is_main:
             return
-        for ahead in range(step + 1, min(step + self.queue, self.last_step) + 1):
+        for ahead in range(step + 1, min(step + self.staleness, self.last_step) + 1):
             if ahead not in self.pending:
                 self.pending[ahead] = self.pool.submit(self._run, ahead)
 
     def wait(self) -> None:
-        """Finish every job queued (before an evaluation or a checkpoint); a job's error is raised here."""
+        """Finish every job queued (before an evaluation or a checkpoint; every rank calls it); a job's error is
+        raised here, on every rank."""
+        self._on_main(self._finish)
+
+    def _finish(self) -> None:
         for step, item in list(self.pending.items()):
             self.pending[step] = self._result(item)
         for job in self.syncs:
@@ -154,12 +178,28 @@ class RolloutsAhead:
 
     # ---- checkpointed: the steps produced ahead ------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        self.wait()
+    def state_dict(self) -> dict:  # (rank 0 alone writes the state: no collective here)
+        self._finish()
         return {"pending": {step: _produced_state(p) for step, p in self.pending.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.pending = {int(step): _produced_from(p) for step, p in state.get("pending", {}).items()}
+
+
+class RolloutsFailed(RuntimeError):
+    """Rank 0's production or weight sync failed (raised on the other ranks, with its message)."""
+
+
+def merge_syncs(a: dict, b: dict) -> dict:
+    """The metrics of two weight syncs applied between the same two steps: the worst probe difference, the summed
+    times and bytes, and how many there were (``syncs_applied``)."""
+    out = {**a, **b, "syncs_applied": a.get("syncs_applied", 1 if a else 0) + b.get("syncs_applied", 1)}
+    for key in a.keys() & b.keys():
+        if key.endswith("probe_diff") or key.endswith("max_diff"):
+            out[key] = max(a[key], b[key])
+        elif key.startswith("time_") or key.endswith("_mb"):
+            out[key] = a[key] + b[key]
+    return out
 
 
 def staleness_metrics(produced: Produced, step: int) -> dict:

@@ -138,7 +138,7 @@ def rollouts_ahead(c: Components, config: Config) -> RolloutsAhead:
         return batch, stats, log, selections
     return RolloutsAhead(produce, version=lambda: c.engine.engine.version,  # a SyncedEngine's
                          staleness=config.trainer.max_staleness, last_step=config.trainer.steps, world=c.world,
-                         continuous=a.schedule == AheadSchedule.continuous, queue=a.queue, stale=a.stale)
+                         continuous=a.schedule == AheadSchedule.continuous, stale=a.stale)
 
 
 def build_planner(config: Config, model: torch.nn.Module, tokenizer, train_ids: PromptIds,

@@ -143,9 +143,9 @@ def test_a_worker_with_another_token_is_refused_on_both_sides(base, monkeypatch)
     monkeypatch.setenv(TOKEN_ENV, "the-trainers-secret")
     port = free_port()
     process = _dial(port, "another-secret")
-    with pytest.raises(WorkerError, match="no rollout worker connected"):
+    with pytest.raises(WorkerError, match=f"no rollout worker connected at 127.0.0.1:{port} in 15 s"):
         RemoteHFEngine.listen(f"127.0.0.1:{port}", directory, lora=None, batch_size=8,
-                              sync=_sync(prompts, tokenizer), connect_timeout_s=60)
+                              sync=_sync(prompts, tokenizer), connect_timeout_s=15)  # the refused one is not it
     _, err = process.communicate(timeout=60)
     assert process.returncode == 2 and err.strip().splitlines() == [
         f"rltrain: the trainer at 127.0.0.1:{port} holds another {TOKEN_ENV}"]

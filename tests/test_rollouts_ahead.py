@@ -13,7 +13,8 @@ import torch
 from rltrain.algorithms.base import Selection
 from rltrain.batch import RolloutBatch
 from rltrain.config import StalePolicy
-from rltrain.pipeline import RolloutsAhead
+from rltrain.distributed import World
+from rltrain.pipeline import RolloutsAhead, merge_syncs
 
 
 def _batch(step: int) -> RolloutBatch:
@@ -57,7 +58,9 @@ def test_deterministic_productions_see_the_version_their_place_in_the_queue_give
         ahead.take(1)
         stand.release.clear()
         ahead.submit(1)  # step 2, held
+        deadline = time.monotonic() + 10
         while 2 not in stand.started:  # under way (its version read) before the syncs are queued
+            assert time.monotonic() < deadline
             time.sleep(0.001)
         ahead.sync(stand.sync(1))
         ahead.submit(2)  # step 3: behind the sync of version 1
@@ -71,35 +74,42 @@ def test_deterministic_productions_see_the_version_their_place_in_the_queue_give
 
 
 def test_samples_older_than_the_staleness_are_dropped_or_regenerated_and_counted():
-    """A continuous queue longer than the staleness: step 4 was produced from version 0 while the trainer is at
-    version 3, so its samples go; dropped ones are produced afresh (new prompts chosen), regenerated ones for the
-    same prompts. Either way with the current weights, and counted."""
+    """A run checkpointed after step 1 at staleness 3 holds steps 2-4, made from version 0; resumed at staleness 1,
+    step 2's samples are young enough, steps 3 and 4's are not: dropped ones are produced afresh (new prompts
+    chosen), regenerated ones for the same prompts, either way with the weights of their take, and counted."""
     for stale, name in ((StalePolicy.drop, "stale_dropped"), (StalePolicy.regenerate, "stale_regenerated")):
+        before = Stand()
+        ahead = RolloutsAhead(before.produce, version=lambda: before.version, staleness=3, last_step=20)
+        ahead.take(1)
+        ahead.submit(1)
+        state = ahead.state_dict()
+        ahead.close()
         stand = Stand()
-        ahead = _ahead(stand, continuous=True, queue=3, stale=stale)
-        first, _, _ = ahead.take(1)
-        assert first.stats.get(name) is None
-        ahead.submit(1)  # steps 2, 3, 4, all from version 0
-        ahead.wait()
-        for step in (2, 3, 4):
-            ahead.sync(stand.sync(step - 1))
-            ahead.wait()
-            produced, _, _ = ahead.take(step)
-            ahead.submit(step)  # a production beyond the queue applies the sync
-            ahead.wait()
-            age = step - 1 - int(produced.batch.versions_N.min())
-            assert age <= 1
-            if step == 2:
-                assert produced.version == 0 and name not in produced.stats
-        # step 3 (version 0, trainer at 2) and step 4 (version 0, trainer at 3) were too old: made again from
-        # the weights of their take
-        assert stand.started[3] == [0, 2] and stand.started[4] == [0, 3]
-        replays = [replay for step, replay in stand.replays if step in (3, 4) and replay is not None]
+        stand.version = 1  # the sync after step 1, as the resumed run does
+        resumed = _ahead(stand, stale=stale)
+        resumed.load_state_dict(state)
+        produced, _, _ = resumed.take(2)
+        assert produced.version == 0 and name not in produced.stats
+        for step in (3, 4):
+            resumed.sync(stand.sync(step - 1))
+            resumed.wait()
+            produced, _, synced = resumed.take(step)
+            assert synced == {"synced": step - 1, "syncs_applied": 1}
+            assert produced.stats[name] == 2 and int(produced.batch.versions_N.min()) == step - 1
+            assert stand.started[step] == [step - 1]
+        replays = [replay for _, replay in stand.replays]
         if stale == StalePolicy.regenerate:
             assert replays == [[Selection([3], [2], [3])], [Selection([4], [2], [4])]]
         else:
-            assert replays == []
-        ahead.close()
+            assert replays == [None, None]
+        resumed.close()
+
+
+def test_the_metrics_of_several_syncs_between_two_steps_are_merged():
+    a = {"rollout_worker_probe_diff": 1e-6, "time_weight_transfer_s": 0.5, "weight_transfer_mb": 10.0}
+    b = {"rollout_worker_probe_diff": 3e-6, "time_weight_transfer_s": 0.25, "weight_transfer_mb": 10.0}
+    assert merge_syncs(merge_syncs({}, a), b) == {"rollout_worker_probe_diff": 3e-6, "time_weight_transfer_s": 0.75,
+                                                  "weight_transfer_mb": 20.0, "syncs_applied": 2}
 
 
 def test_state_keeps_the_prompts_of_each_production():
@@ -115,3 +125,39 @@ def test_state_keeps_the_prompts_of_each_production():
     assert torch.equal(produced.batch.versions_N, torch.tensor([0, 0]))
     ahead.close()
     again.close()
+
+
+def _rank(rank: int, init: str, out) -> None:  # one of two gloo ranks (torch.multiprocessing.spawn)
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    stand = Stand()
+
+    def produce(step: int, replay):
+        if step == 2:
+            raise ValueError("the reward service is down")
+        return stand.produce(step, replay)
+    ahead = RolloutsAhead(produce, version=lambda: 0, staleness=1, last_step=5, world=World(rank=rank, size=2))
+    first, _, _ = ahead.take(1)
+    ahead.submit(1)
+    try:
+        ahead.take(2)
+        out.put((rank, len(first.batch), "no error"))
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        out.put((rank, len(first.batch), f"{type(err).__name__}: {err}"))
+    ahead.close()
+    torch.distributed.destroy_process_group()
+
+
+def test_under_torchrun_every_rank_gets_rank_0s_samples_and_its_errors(tmp_path):
+    """Rank 0 alone produces; the other ranks receive its samples, and when a production fails there, its error as
+    one line instead of waiting in a collective."""
+    context = torch.multiprocessing.get_context("spawn")
+    out = context.Queue()
+    init = f"file://{tmp_path / 'store'}"
+    processes = [context.Process(target=_rank, args=(rank, init, out)) for rank in range(2)]
+    for p in processes:
+        p.start()
+    results = sorted(out.get(timeout=120) for _ in processes)
+    for p in processes:
+        p.join(timeout=60)
+    assert results == [(0, 2, "ValueError: the reward service is down"),
+                       (1, 2, "RolloutsFailed: rank 0's rollouts failed: ValueError: the reward service is down")]

@@ -87,7 +87,7 @@ def ahead_engine(config: Config, tokenizer, train_ids: PromptIds, world: World, 
     if not world.is_main:
         from rltrain.rollout.sync import FollowingEngine
 
-        return FollowingEngine(sync)
+        return FollowingEngine(sync, adapter_as_files=r.backend == "vllm")
     if r.backend == "vllm":
         return server_engine(config, sync)
     from rltrain.rollout.remote import RemoteHFEngine

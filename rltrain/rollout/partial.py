@@ -23,7 +23,8 @@ class PartialRollouts:
 
     def __init__(self, engine, tokens: int, between: Callable[[], None], version: Callable[[], int],
                  tokenizer=None, eos_token_ids: list[int] = ()) -> None:
-        self.engine, self.tokens, self.between, self.version = engine, tokens, between, version
+        # (``version`` stays the engine's attribute, the version it holds, through ``__getattr__``)
+        self.engine, self.tokens, self.between, self._version_now = engine, tokens, between, version
         self.tokenizer, self.eos_token_ids = tokenizer, list(eos_token_ids)
 
     def __getattr__(self, name: str):
@@ -46,7 +47,7 @@ class PartialRollouts:
             if not active:
                 break
             self.between()  # new weights, if a sync was queued since the last piece
-            version = self.version()
+            version = self._version_now()
             piece = dataclasses.replace(params, max_tokens=min(self.tokens, params.max_tokens - len(ids[active[0]])))
             if first:  # whole groups: the engine prefills each shared prompt once
                 out = self.engine.generate(prompts, piece, counts, seeds)

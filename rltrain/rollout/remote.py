@@ -65,7 +65,9 @@ def _serve(spec: WorkerSpec, conn) -> None:  # the worker process
     torch.set_num_threads(spec.threads)
     if not Path(spec.model_dir).is_dir():
         conn.send(("error", f"{spec.model_dir} is not a directory on the worker's machine ({socket.gethostname()}): "
-                            "the worker reads the starting weights from model.path, which both machines must reach"))
+                            "the worker reads the starting weights from there (model.path, or the trainer's temporary "
+                            "copy of a model made in the run): give model.source=hf model.path=DIR that both machines "
+                            "reach"))
         return
     try:
         model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32)
@@ -168,20 +170,21 @@ class RemoteHFEngine(SyncedEngine):
 
         host, port = _address(address)
         listener = Listener((host, port), authkey=worker_token().encode())
-        accepted: list = []
-        waiter = threading.Thread(target=lambda: accepted.append(_accept(listener)), daemon=True)
-        waiter.start()
         logger.warning("waiting for a rollout worker at %s:%d (on its machine: %s=... rltrain worker --connect "
                        "%s:%d)", host, port, TOKEN_ENV, host, port)
-        waiter.join(connect_timeout_s)
-        if not accepted or isinstance(accepted[0], Exception):
+        conn = _accept_until(listener, time.monotonic() + connect_timeout_s)
+        if conn is None:
             listener.close()
-            why = f": {accepted[0]}" if accepted else f" in {connect_timeout_s:.0f} s"
-            raise WorkerError(f"no rollout worker connected at {host}:{port}{why}")
+            raise WorkerError(f"no rollout worker connected at {host}:{port} in {connect_timeout_s:.0f} s")
         # threads 0 and no device: the worker's own choice; it reaches the weights' group where it reached us
         spec = WorkerSpec(str(model_dir), lora, batch_size, threads=0, port=free_port(), device="", host=host)
-        accepted[0].send(spec)
-        return cls(spec, sync, accepted[0], listener=listener)
+        try:
+            conn.send(spec)
+            return cls(spec, sync, conn, listener=listener)
+        except BaseException:
+            conn.close()
+            listener.close()
+            raise
 
     def _reply(self, doing: str):
         deadline = time.monotonic() + TIMEOUT.total_seconds()
@@ -302,11 +305,28 @@ def _address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _accept(listener):
-    try:
-        return listener.accept()
-    except Exception as err:  # noqa: BLE001 - a worker with the wrong token, or none: reported by ``listen``
-        return err
+def _accept_until(listener, deadline: float):
+    """The first connection that passes the token handshake before ``deadline`` (None: none did); a caller with
+    another token (or a port scan) is refused with one logged line, and the wait goes on."""
+    from multiprocessing.connection import AuthenticationError
+
+    accepted: list = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(listener.accept())
+                return
+            except AuthenticationError:
+                logger.warning("a rollout worker with another %s was refused", TOKEN_ENV)
+            except OSError:  # the listener was closed: the wait is over
+                return
+            except Exception as err:  # noqa: BLE001 - a caller that is not a worker (a scan, a health check)
+                logger.warning("a connection that is not a rollout worker was refused (%s)", type(err).__name__)
+    waiter = threading.Thread(target=accept, daemon=True, name="rltrain-worker-listener")
+    waiter.start()
+    waiter.join(max(0.0, deadline - time.monotonic()))
+    return accepted[0] if accepted else None
 
 
 def worker_token() -> str:

@@ -33,6 +33,7 @@ import os
 import secrets
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -146,16 +147,24 @@ class VLLMServerEngine(LoadingEngine):
         """Each dtype's tensors as one flat tensor broadcast over the weight group (opened at the first sync: the
         server joins it at this machine's address): announced first (``/weights/flat``: the server checks it and
         posts its receive, or refuses before anything is sent), then sent, then loaded (``/weights/flat/loaded``)."""
-        from concurrent.futures import ThreadPoolExecutor
-
         from rltrain.rollout.sync import facing_address, flat_parts, free_port, weight_group
 
-        if self._group is None:
+        if self._group is None:  # opened here (a daemon thread) while the server joins; a refusal ends the wait
             host, port = facing_address(_url_host(self.url)), free_port()
-            with ThreadPoolExecutor(max_workers=1) as pool:  # the server joins while this side opens the group
-                joined = pool.submit(self._post, "/weights/group", json={"host": host, "port": port})
-                self._group = weight_group(0, host, port, self.request_timeout_s)
-                joined.result()
+            opened: list = []
+
+            def open_group() -> None:
+                try:
+                    opened.append(weight_group(0, host, port, self.request_timeout_s))
+                except Exception as err:  # noqa: BLE001 - reported below
+                    opened.append(err)
+            opener = threading.Thread(target=open_group, daemon=True, name="rltrain-weight-group")
+            opener.start()
+            self._post("/weights/group", json={"host": host, "port": port})
+            opener.join()
+            if isinstance(opened[0], Exception):
+                raise ServerError(f"the weight group at {host}:{port} did not form ({opened[0]})")
+            self._group = opened[0]
         for names, shapes, flat in flat_parts(items):
             self._post("/weights/flat", json={"names": names, "shapes": shapes,
                                               "dtype": str(flat.dtype).removeprefix("torch.")})
@@ -189,8 +198,6 @@ class VLLMServerEngine(LoadingEngine):
 def build_app(engine, *, token: str, max_weights_bytes: int, max_json_bytes: int = MAX_JSON_BYTES):
     """The HTTP API around a ``VLLMEngine`` (one request at a time: the engine is not re-entrant), for clients that
     present ``token``, with bodies of at most ``max_weights_bytes`` (/weights, /adapter) or ``max_json_bytes``."""
-    import threading
-
     from fastapi import FastAPI, HTTPException, Request
     from safetensors import SafetensorError
     from safetensors.torch import load
@@ -257,10 +264,17 @@ def build_app(engine, *, token: str, max_weights_bytes: int, max_json_bytes: int
 
     @app.post("/weights/group")
     def weights_group(body: dict) -> dict:
+        """Join the trainer's weight group (generation goes on meanwhile); it replaces any earlier one."""
         from rltrain.rollout.sync import weight_group
 
-        with lock:
-            group["it"] = weight_group(1, str(body["host"]), int(body["port"]), timeout_s=600.0)
+        host, port = str(body["host"]), int(body["port"])
+        try:
+            joined = weight_group(1, host, port, timeout_s=600.0)
+        except Exception as err:  # noqa: BLE001 - the trainer gets one line
+            raise HTTPException(502, f"could not join the weight group at {host}:{port} ({type(err).__name__}: "
+                                     f"{str(err)[:200]})") from None
+        group.clear()
+        group["it"] = joined
         return {"ok": True}
 
     @app.post("/weights/flat")
@@ -268,6 +282,8 @@ def build_app(engine, *, token: str, max_weights_bytes: int, max_json_bytes: int
         """Check the announced flat tensor and post its receive (the trainer sends it once this answers)."""
         if "it" not in group:
             raise HTTPException(409, "no weight group: POST /weights/group first")
+        if "pending" in group:
+            raise HTTPException(409, "a flat tensor announced before was not loaded: POST /weights/flat/loaded")
         dtype = FLAT_DTYPES.get(body.get("dtype"))
         if dtype is None:
             raise HTTPException(422, f"/weights/flat: dtype must be one of {sorted(FLAT_DTYPES)}")

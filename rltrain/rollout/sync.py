@@ -133,10 +133,17 @@ class FollowingEngine(SyncedEngine):
     rollout worker or the server's handle and produces every step's samples). It joins the collective part of each
     sync, so that ZeRO-3 can gather the weights and score the probe on every rank, and sends nothing."""
 
-    def __init__(self, sync: SyncSettings) -> None:
+    def __init__(self, sync: SyncSettings, *, adapter_as_files: bool = False) -> None:
         self.sync = sync
+        self.adapter_as_files = adapter_as_files  # rank 0 holds a LoadingEngine: it saves an adapter, gathered whole
 
     def send_weights(self, policy: PolicyWorker) -> None:
+        """The collectives rank 0's engine enters: ``LoadingEngine``'s (an adapter saved, or the full weights in
+        buckets) or the rollout worker's (the adapter's tensors or the full weights, in buckets)."""
+        if policy.is_peft and self.adapter_as_files:
+            with tempfile.TemporaryDirectory(prefix="rltrain-adapter-") as directory:
+                policy.save_adapter_here(directory)
+            return
         for _ in policy.weight_buckets(self.sync.bucket_bytes, adapter_only=policy.is_peft):
             pass
 
