@@ -10,6 +10,11 @@ waits only for samples not yet made. A checkpoint after step s (every job finish
 already produced (``state_dict``: plain tensors and lists), and a resumed run trains on exactly what the
 uninterrupted one would have.
 
+That is the deterministic schedule. The continuous one (``continuous=True``) lets each production, and each piece of
+a partial rollout (rltrain/rollout/partial.py), first apply every sync queued so far: timing then decides the
+versions, still at most k behind. Samples older than k (only a run resumed with a smaller k holds them) are dropped
+or regenerated when taken.
+
 Generation itself happens in the worker process and rewards in their own processes, so the thread mostly waits while
 the update runs here.
 
