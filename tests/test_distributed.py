@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from rltrain.distributed import shard_sizes
 from rltrain.rollout.base import SamplingParams
 from rltrain.rollout.collect import mix64, prompt_seed
 from rltrain.rollout.hf import HFEngine, row_key, uniforms
+from rltrain.rollout.sync import free_port
 from tests.test_fast_paths import PROMPTS, qwen2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,20 +144,14 @@ def test_torchrun_two_ranks_equal_one_process_and_resume(stage, single, tmp_path
     shutil.rmtree(tmp_path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_nodes(run_dir: Path, *extra: str, rollout_node: bool = False) -> dict[int, dict]:
     """launch/slurm.sbatch's launch on this machine's loopback: two torchrun agents ("nodes", one rank each) meeting
     at a c10d rendezvous, as srun starts one per node; with ``rollout_node`` a third "node" runs ``rltrain worker``,
     which the trainer's rank 0 waits for (launch/slurm_async.sbatch's layout). Its per-step records."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RLTRAIN_WORKER_TOKEN": "rehearsal-secret"}
     if rollout_node:
-        worker_port = _free_port()
+        worker_port = free_port()
         extra = (*extra, f"rollout.worker_address=127.0.0.1:{worker_port}")
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=rehearsal",

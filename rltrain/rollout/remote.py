@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from rltrain.rollout.base import Completion, SamplingParams
-from rltrain.rollout.sync import SyncedEngine, SyncSettings, free_port, weight_group
+from rltrain.rollout.sync import SyncedEngine, SyncSettings, flat_parts, free_port, weight_group
 
 TIMEOUT = datetime.timedelta(minutes=30)
 logger = logging.getLogger("rltrain")
@@ -235,34 +235,24 @@ class RemoteHFEngine(SyncedEngine):
                 sent.set_result(None)  # the buffers may be refilled
         return send
 
-    def _snapshot(self, policy, slot: int | None) -> list[tuple[list[str], torch.Tensor]]:
-        """Per bucket and dtype: the names and one flat copy of their tensors. The copies go into the buffers of
-        ``slot`` (allocating 0.5 GB afresh cost 0.27 s a sync for SmolLM2-135M; refilling, a fraction), once the
-        snapshot they last held has been sent; ``slot`` None: new buffers."""
+    def _snapshot(self, policy, slot: int | None) -> list[tuple[list[str], list[list[int]], torch.Tensor]]:
+        """Per bucket and dtype: the names and one flat copy of their tensors (``flat_parts``), in the buffers of
+        ``slot`` once the snapshot they last held has been sent; ``slot`` None: new buffers."""
         buffers: list[torch.Tensor] = []
         if slot is not None:
             buffers, sending = self._slots[slot]
             if sending is not None:
                 sending.result()
-        parts, buffers = [], iter(buffers)
+        parts, reuse = [], iter(buffers)
         for bucket in policy.weight_buckets(self.sync.bucket_bytes, adapter_only=policy.is_peft):
-            by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
-            for name, tensor in bucket:
-                by_dtype.setdefault(tensor.dtype, []).append((name, tensor))
-            for part in by_dtype.values():
-                size, dtype = sum(t.numel() for _, t in part), part[0][1].dtype
-                flat = next(buffers, None)
-                if flat is None or flat.numel() != size or flat.dtype != dtype:
-                    flat = torch.empty(size, dtype=dtype)
-                torch.cat([t.reshape(-1).cpu() for _, t in part], out=flat)
-                parts.append(([n for n, _ in part], flat))
+            parts += flat_parts(bucket, reuse)
         if slot is not None:
-            self._slots[slot] = ([flat for _, flat in parts], None)
+            self._slots[slot] = ([flat for *_, flat in parts], None)
         return parts
 
-    def _send(self, parts: list[tuple[list[str], torch.Tensor]]) -> None:
+    def _send(self, parts: list[tuple[list[str], list[list[int]], torch.Tensor]]) -> None:
         start, self.sent_bytes = time.perf_counter(), 0
-        for names, flat in parts:
+        for names, _, flat in parts:
             self.conn.send(("load", names))
             self.group.broadcast(flat, 0).wait()
             self.sent_bytes += flat.numel() * flat.element_size()
