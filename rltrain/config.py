@@ -423,6 +423,12 @@ class TrainerConfig:
     rollouts_per_prompt: int = 8
     updates_per_step: int = 1  # optimizer steps per rollout batch
     micro_batch_size_per_device: int = 16  # sequences per forward/backward
+    # Long completions within memory (rltrain/scoring.py, docs/memory.md). A token budget per forward/backward
+    # instead of a row count: rows x (longest prompt + completion) <= this; 0: micro_batch_size_per_device rows.
+    max_tokens_per_micro_batch: int = 0
+    logprob_chunk_size: int = 1024  # scored positions per LM-head + log-softmax chunk; 0: all [B, T, V] logits at once
+    gradient_checkpointing: bool = False  # decoder layers recompute their activations in the backward
+    packing: bool = False  # padding-free rows (each prompt per sample) instead of the shared-prompt forward
     lr: float = 1e-5
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

@@ -35,6 +35,10 @@ def check(config: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, value in {"trainer.max_tokens_per_micro_batch": t.max_tokens_per_micro_batch,
+                       "trainer.logprob_chunk_size": t.logprob_chunk_size}.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0 (0: off), got {value}")
     if (t.prompts_per_step * t.rollouts_per_prompt) % t.updates_per_step:
         raise ConfigError(
             f"trainer.updates_per_step={t.updates_per_step} must divide the rollouts per step "

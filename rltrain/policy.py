@@ -2,8 +2,9 @@
 
 Verbs: ``logprobs`` (no grad), ``update`` (one rollout batch -> one or more optimizer steps), ``save``.
 Samples of a group share their prompt, so a forward runs each distinct prompt once and only the completions per
-sample (``_forward``). Micro-batches keep a prompt's samples together and are length-bucketed (groups sorted by
-length, so padding stays small), and gradient accumulation weights each micro-batch by its share of the step
+sample (``rltrain.scoring``, which also keeps long completions within memory). Micro-batches keep a prompt's samples
+together and are length-bucketed (groups sorted by length, so padding stays small), sized by rows or by a token
+budget, and gradient accumulation weights each micro-batch by its share of the step
 (``aggregation.weight``), so the accumulated gradient equals the gradient of the whole batch at once, for every
 aggregation mode.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from rltrain.algorithms.base import LossInputs, PolicyLoss  # noqa: F401 (the lo
 from rltrain.algorithms.corrections import Correction, correct
 from rltrain.batch import RolloutBatch, Source
 from rltrain.distributed import World, without_zero3_hooks
-from rltrain.rollout.hf import nucleus_logp
+from rltrain.scoring import Scorer, ScoringSettings
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,10 @@ class OptimSettings:
     top_p: float = 1.0  # < 1: log-probs under the nucleus the generator sampled from (``nucleus_logp``)
     lr_schedule: str = "constant"  # | "linear" | "cosine": decay by the run's progress (``update``'s argument)
     min_lr_ratio: float = 0.0
+    logprob_chunk: int = 0  # scored positions per LM-head chunk (``rltrain.scoring``); 0: all at once
+    gradient_checkpointing: bool = False
+    packing: bool = False  # padding-free rows instead of the shared-prompt forward
+    max_tokens_per_micro_batch: int = 0  # > 0: micro-batches filled to this many tokens, not micro_batch_size rows
 
 
 def lr_multiplier(schedule: str, optimizer_step: int, progress: float, *, warmup: int, floor: float) -> float:
@@ -67,8 +71,8 @@ class PolicyWorker:
         self.reference = reference
         self.world = world
         if getattr(model, "is_gradient_checkpointing", False):
-            raise ValueError("the shared-prompt forward (``_forward``) needs the KV cache, which HF drops under "
-                             "gradient checkpointing")
+            raise ValueError("the model has transformers' gradient checkpointing on, which drops the KV cache the "
+                             "shared-prompt forward needs: turn it off and set trainer.gradient_checkpointing=true")
         params = [p for p in model.parameters() if p.requires_grad]
         warmup = max(settings.warmup_steps, 0)
         self._progress = 0.0  # through the run, 0..1, as ``update`` was last told: the scheduler's decay reads it
@@ -97,10 +101,24 @@ class PolicyWorker:
         if self.engine is not None:
             self.zero_stage = self.engine.zero_optimization_stage()
         self.device = self.engine.device if self.engine is not None else next(model.parameters()).device
+        self.scorer = Scorer(
+            ScoringSettings(temperature=settings.temperature, top_p=settings.top_p, chunk=settings.logprob_chunk,
+                            checkpointing=settings.gradient_checkpointing, packing=settings.packing),
+            pad_token_id=pad_token_id, device=self.device, autocast=self._autocast,
+            call=lambda m: self.engine if self.engine is not None and m is self.model else m,
+            gather=self._head_gathered)
 
     @property
     def is_peft(self) -> bool:
         return hasattr(self.model, "peft_config")
+
+    def _head_gathered(self, model: nn.Module):
+        """The LM head's weights whole while the chunked head uses them (ZeRO-3 partitions them; collective)."""
+        if self.zero_stage != 3 or model is not self.model:
+            return contextlib.nullcontext()
+        import deepspeed as ds
+
+        return ds.zero.GatheredParameters(list(model.get_output_embeddings().parameters()))
 
     def gathered(self):
         """A context in which ``self.model`` holds its full weights and runs without ZeRO-3's per-module gathers (for
@@ -128,72 +146,18 @@ class PolicyWorker:
         self, model: nn.Module, prompts: list[list[int]], completions: list[list[int]], want_entropy: bool,
         temperature: float | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Log-probs [B, T] of each completion token given its prompt (right-padded), and optionally entropies.
-
-        A group's G samples share one prompt, and running it G times was most of the compute. So the distinct
-        prompts run once (left-padded, with gradients), their KV cache is repeated for each sample of that prompt,
-        and the completions (right-padded) run on it. The logits predicting a completion's first token come from its
-        prompt's last position; the LM head runs on those and on completion positions only. Positions count real
-        tokens only, as in left-padded generation. Gradients flow through the repeated cache into the prompt forward,
-        so the result equals one forward of each whole sequence; it needs the KV cache, which HF models drop under
-        gradient checkpointing (hence the check in ``__init__``).
-        """
-        distinct: dict[tuple[int, ...], int] = {}
-        prompt_of_B = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts])
-        prompt_ids, prompt_mask = left_pad(list(distinct), self.pad_token_id)
-        prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        width = max(len(c) for c in completions)
-        # Under ZeRO-3 every pass must call the model as often on every rank: always prefill + completion forward.
-        t_max = max(width, 2) if self.zero_stage == 3 else width
-        targets_BT = torch.full((len(completions), t_max), self.pad_token_id, dtype=torch.long)
-        for b, c in enumerate(completions):
-            targets_BT[b, : len(c)] = torch.tensor(c, dtype=torch.long)
-        # The last completion token predicts nothing we score, so it is not fed at all.
-        inputs_BT = targets_BT[:, :-1]
-        completion_mask = (torch.arange(t_max - 1) < torch.tensor([len(c) for c in completions]).unsqueeze(-1)).long()
-        attention_mask = torch.cat([prompt_mask[prompt_of_B], completion_mask], dim=1)
-        positions_BT = prompt_positions[prompt_of_B, -1:] + 1 + torch.arange(t_max - 1)
-        if self.engine is not None and model is self.model:
-            model = self.engine  # DeepSpeed's forward keeps its gradient-accumulation bookkeeping (ZeRO-3)
-        with self._autocast():
-            prefill = model(
-                input_ids=prompt_ids.to(self.device),
-                attention_mask=prompt_mask.to(self.device),
-                position_ids=prompt_positions.to(self.device),
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            repeat_B = prompt_of_B.to(self.device)
-            logits_BTV = prefill.logits[repeat_B]
-            if t_max > 1:  # a one-token completion is scored from its prompt's last position alone
-                cache = prefill.past_key_values
-                cache.batch_select_indices(repeat_B)  # row b of the cache now holds sample b's prompt
-                rest_BTV = model(
-                    input_ids=inputs_BT.to(self.device),
-                    attention_mask=attention_mask.to(self.device),
-                    position_ids=positions_BT.to(self.device),
-                    past_key_values=cache,
-                    use_cache=True,
-                ).logits
-                logits_BTV = torch.cat([logits_BTV, rest_BTV], dim=1)
-        logits_BTV = logits_BTV.float() / (self.settings.temperature if temperature is None else temperature)
-        targets_BT = targets_BT.to(self.device)
-        if temperature is None and self.settings.top_p < 1.0:  # the sampling distribution: the nucleus, renormalised
-            logp_BT = nucleus_logp(logits_BTV, targets_BT, self.settings.top_p)
-        else:
-            logp_BT = logits_BTV.gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits_BTV, -1)
-        entropy_BT = None
-        if want_entropy:
-            probs_BTV = torch.softmax(logits_BTV, dim=-1)
-            entropy_BT = (torch.logsumexp(logits_BTV, -1) - (probs_BTV * logits_BTV).sum(-1))[:, :width]
-        return logp_BT[:, :width], entropy_BT
+        """Log-probs [B, T] of each completion token given its prompt (right-padded), and optionally entropies, at
+        the sampling temperature (or ``temperature``): ``rltrain.scoring.Scorer``."""
+        return self.scorer(model, prompts, completions, want_entropy, temperature, collective=self.zero_stage == 3)
 
     def _micro_batches(
         self, indices: list[int], prompts: list[list[int]], completions: list[list[int]]
     ) -> list[list[int]]:
-        """Chunks of ``micro_batch_size`` samples in which a prompt's samples sit together, so that each chunk runs
-        a prompt once (a group larger than a chunk, or cut by a chunk boundary, runs it once per chunk it touches).
-        Groups go longest first and samples within a group too, so each chunk holds similar lengths."""
+        """Micro-batches in which a prompt's samples sit together, so that each runs a prompt once (a group cut by a
+        boundary runs it once per micro-batch it touches). Groups go longest first and samples within a group too,
+        so each holds similar lengths. Each takes ``micro_batch_size`` samples, or with
+        ``max_tokens_per_micro_batch`` as many as fit that many tokens: rows x the longest prompt + completion among
+        them, what the padded forward holds (a sample longer than the budget goes alone)."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for i in indices:
             groups.setdefault(tuple(prompts[i]), []).append(i)
@@ -206,8 +170,20 @@ class PolicyWorker:
             for group in sorted(groups.values(), key=lambda g: max(map(length, g)), reverse=True)
             for i in sorted(group, key=length, reverse=True)
         ]
-        size = self.settings.micro_batch_size
-        return [by_length[i : i + size] for i in range(0, len(by_length), size)]
+        budget = self.settings.max_tokens_per_micro_batch
+        if budget <= 0:
+            size = self.settings.micro_batch_size
+            return [by_length[i : i + size] for i in range(0, len(by_length), size)]
+        out: list[list[int]] = []
+        longest = 0
+        for i in by_length:
+            if out and (len(out[-1]) + 1) * max(longest, length(i)) <= budget:
+                out[-1].append(i)
+                longest = max(longest, length(i))
+            else:
+                out.append([i])
+                longest = length(i)
+        return out
 
     @torch.no_grad()
     def logprobs(
@@ -563,17 +539,6 @@ class PolicyWorker:
             group["weight_decay"], group["betas"] = s.weight_decay, tuple(s.betas)
             bases[i] = s.lr
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
-    """Token ids [len(rows), longest] left-padded with ``pad_token_id``, and the attention mask (1 = real token)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[b, width - len(r) :] = 1
-    return ids, mask
 
 
 def _pad(rows: list[list[float]], width: int) -> Tensor:

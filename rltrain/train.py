@@ -32,6 +32,7 @@ from rltrain.data import PromptSampler
 from rltrain.distributed import ShardedEngine, World, deepspeed_config
 from rltrain.errors import TrainingDiverged
 from rltrain.evaluation import evaluate
+from rltrain.memory import PeakMemory
 from rltrain.metrics import MetricsLogger, NullLogger
 from rltrain.pipeline import RolloutsAhead, staleness_metrics
 from rltrain.policy import OptimSettings, PolicyWorker
@@ -97,7 +98,8 @@ def build(config: Config, world: World = World()) -> Components:
         warmup_steps=t.warmup_steps, micro_batch_size=t.micro_batch_size_per_device,
         updates_per_step=t.updates_per_step, temperature=r.temperature, top_p=r.top_p,
         precision=config.model.precision.value, correction=r.correction, lr_schedule=t.lr_schedule.value,
-        min_lr_ratio=t.min_lr_ratio,
+        min_lr_ratio=t.min_lr_ratio, logprob_chunk=t.logprob_chunk_size, gradient_checkpointing=t.gradient_checkpointing,
+        packing=t.packing, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
     )
     policy = PolicyWorker(model, settings, pad_token_id=tokenizer.pad_token_id, reference=reference, world=world,
                           deepspeed=deepspeed_config(config, world))
@@ -280,6 +282,7 @@ def train_step(c: Components, config: Config, step: int, rollouts_before: int = 
     its batch, and the prompt selector's per-prompt log. ``rollouts_before``: generated in earlier steps (the
     learning-rate decay's progress on a rollout budget)."""
     start = time.perf_counter()
+    memory = PeakMemory(c.policy.device).start()
     c.engine.wake()  # vLLM on a GPU reclaims its KV cache (a no-op where the sync already woke it)
     try:
         if c.ahead is None:
@@ -319,6 +322,7 @@ def train_step(c: Components, config: Config, step: int, rollouts_before: int = 
         c.ahead.sync(c.engine.engine.sync_later(c.policy, step))
     record["time_sync_s"] = time.perf_counter() - updated
     record["time_step_s"] = time.perf_counter() - start
+    record.update(memory.read())
     return record, batch, selector_log
 
 

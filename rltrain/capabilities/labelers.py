@@ -151,7 +151,7 @@ def mean_logprobs(model, heads: Sequence[Sequence[int]], tails: Sequence[Sequenc
     """Mean log-probability of each ``tails[i]`` following ``heads[i]``, batched: left padding with explicit
     positions, and logits only for the last positions, where the tails are (the vocabulary projection and softmax
     over every head position would cost more than the model)."""
-    from rltrain.policy import left_pad
+    from rltrain.scoring import left_pad
 
     out = []
     device = next(model.parameters()).device

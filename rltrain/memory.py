@@ -1,0 +1,56 @@
+"""Peak memory over a stretch of work (a training step; one benchmark row), in GiB.
+
+On a GPU: CUDA's peak allocated bytes, its counter reset at the start. On CPU: the process's peak resident set
+(``VmHWM``), which Linux resets when "5" is written to /proc/self/clear_refs; elsewhere (or where that file cannot
+be written) the process's peak since it started, which then only ever grows. ``growth`` is the peak minus the
+memory held at the start: what the work itself added (the model and optimizer state already held are the start).
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+_GIB = 2**30
+
+
+def resident_gib() -> tuple[float, float]:
+    """(current, peak) resident set of this process; the peak since the last reset where Linux allows one."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        text = status.read_text()
+        current, peak = (int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) * 1024 / _GIB
+                         for key in ("VmRSS", "VmHWM"))
+        return current, peak
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, kB elsewhere
+    peak_gib = peak / _GIB if sys.platform == "darwin" else peak * 1024 / _GIB
+    return peak_gib, peak_gib
+
+
+class PeakMemory:
+    """``start`` at the beginning of the work, ``read`` at its end: {"peak_memory_gb", "peak_memory_growth_gb"}."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.at_start = 0.0
+
+    def start(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.at_start = torch.cuda.memory_allocated(self.device) / _GIB
+            return self
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # the peak resident set starts again from here
+        except OSError:
+            pass  # not Linux, or not allowed: the peak is the process's so far
+        self.at_start = resident_gib()[0]
+        return self
+
+    def read(self) -> dict[str, float]:
+        peak = torch.cuda.max_memory_allocated(self.device) / _GIB if self.cuda else resident_gib()[1]
+        return {"peak_memory_gb": peak, "peak_memory_growth_gb": max(peak - self.at_start, 0.0)}

@@ -1,0 +1,281 @@
+"""Long completions within memory (rltrain/scoring.py): the chunked LM head, activation checkpointing, token-budget
+micro-batches and padding-free packing give the log-probs and gradients of the plain path (every position's logits
+at once, no recomputation, micro-batches of a fixed row count) to 1e-6 relative in fp32 (the 2-norm of the
+difference over the 2-norm, per parameter tensor), for every policy loss, full
+fine-tuning and LoRA, on real tiny transformers models (Qwen2, Llama, GPT-2). The torchrun part (ZeRO-2/3) runs
+tests/long_sequences_zero.py. Seconds, CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rltrain.algorithms.grpo import GRPOLoss
+from rltrain.algorithms.gspo import GSPOLoss
+from rltrain.algorithms.guide import GuideLoss
+from rltrain.algorithms.rl_plus import RLPlusLoss
+from rltrain.policy import OptimSettings, PolicyWorker
+from rltrain.scoring import checkpointing, head_logprobs, packed_rows, prefix_cache
+from tests.test_fast_paths import MODELS
+from tests.test_policy_gradients import MAX_LEN, TEMPERATURE, make_batch
+
+REPO = Path(__file__).resolve().parents[1]
+REL = 1e-6
+# Packing is another forward (each sequence whole, its prompt included) rather than the same one in pieces, so it
+# agrees to fp32 summation order, as the shared-prompt path agrees with per-sequence forwards (test_fast_paths.py).
+PACKED_REL = 1e-5
+
+pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+
+# Each variant against the plain path; "all" combines the three memory savers the shared-prompt forward takes.
+VARIANTS = {
+    "chunked": {"logprob_chunk": 4},
+    "checkpointed": {"gradient_checkpointing": True},
+    "token_budget": {"max_tokens_per_micro_batch": 24},
+    "all": {"logprob_chunk": 3, "gradient_checkpointing": True, "max_tokens_per_micro_batch": 24},
+    "packed": {"packing": True, "logprob_chunk": 5, "gradient_checkpointing": True},
+}
+
+
+def settings(**memory) -> OptimSettings:
+    return OptimSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), max_grad_norm=1e9, warmup_steps=0,
+                         micro_batch_size=3, updates_per_step=1, temperature=TEMPERATURE, precision="fp32", **memory)
+
+
+def losses():
+    return {
+        "grpo_token_mean": GRPOLoss(eps_low=0.2, eps_high=0.28, max_len=MAX_LEN),
+        "grpo_seq_mean": GRPOLoss(aggregation="seq_mean_token_mean", max_len=MAX_LEN),
+        "dr_grpo": GRPOLoss(aggregation="seq_mean_token_sum_norm", max_len=MAX_LEN),
+        "kl_entropy": GRPOLoss(beta=0.05, entropy_coef=0.01, max_len=MAX_LEN),
+        "gspo": GSPOLoss(eps_low=3e-4, eps_high=4e-4, max_len=MAX_LEN),
+        "guide_batch_gamma": GuideLoss(gamma="percentile", scope="batch", max_len=MAX_LEN),
+        "rl_plus": RLPlusLoss(vocab_size=128, max_len=MAX_LEN),
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| (2-norm over the tensor): each parameter's gradient, or a set of log-probs."""
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).norm()) / max(float(want.norm()), 1e-30)
+
+
+def gradients(model, loss_fn, batch, reference=None, **memory) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``PolicyWorker.update``'s metrics and its accumulated gradient (the optimizer step replaced by a recorder)."""
+    worker = PolicyWorker(model, settings(**memory), pad_token_id=0, reference=reference)
+    recorded = []
+    worker.optimizer.step = lambda *a, **k: recorded.append(
+        {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+    metrics = worker.update(batch, loss_fn)
+    assert len(recorded) == 1
+    return metrics, recorded[0]
+
+
+# ---- the chunked head alone ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_chunked_head_equals_the_whole_head_in_values_and_gradients(top_p):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True)
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    results = []
+    for chunk in (0, 4, 23, 64):
+        head.zero_grad()
+        hidden.grad = None
+        logp, entropy = head_logprobs(head, hidden, targets, temperature=0.7, top_p=top_p, chunk=chunk,
+                                      want_entropy=True, softcap=5.0)
+        (logp.sum() * 0.3 + (entropy * torch.linspace(0, 1, 23)).sum()).backward()
+        results.append((logp.detach(), entropy.detach(), hidden.grad.clone(), head.weight.grad.clone()))
+    whole = results[0]
+    # the plain path, written out: soft-cap, temperature, log-softmax, entropy
+    logits = torch.tanh(head(hidden.detach()) / 5.0) * 5.0 / 0.7
+    if top_p == 1.0:
+        assert torch.allclose(whole[0], torch.log_softmax(logits, -1)[torch.arange(23), targets], atol=1e-6)
+    probs = torch.softmax(logits, -1)
+    assert torch.allclose(whole[1], -(probs * torch.log_softmax(logits, -1)).sum(-1), atol=1e-5)
+    for other in results[1:]:
+        assert all(relative_error(o, w) <= REL for o, w in zip(other, whole))
+
+
+def test_chunked_head_holds_one_chunks_logits_at_a_time():
+    """The point of chunking: the backward keeps the hidden states, not [N, V] logits (saved tensors counted)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 1000, bias=False)
+    hidden = torch.randn(64, 8, requires_grad=True)
+    targets = torch.randint(0, 1000, (64,))
+    saved = {}
+    for chunk in (0, 8):
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logp, _ = head_logprobs(head, hidden, targets, temperature=1.0, chunk=chunk)
+        logp.sum().backward()
+        saved[chunk] = max(sizes)
+    assert saved[0] >= 64 * 1000  # the plain path keeps whole logits for its backward
+    assert saved[8] <= 8 * 1000 < saved[0]
+
+
+# ---- the policy worker: log-probs and gradients ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def family(request):
+    torch.manual_seed(0)
+    return request.param, MODELS[request.param]().train()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logprobs_equal_the_plain_path(family, variant):
+    _, model = family
+    batch = make_batch()
+    plain = PolicyWorker(model, settings(), pad_token_id=0)
+    other = PolicyWorker(model, settings(**VARIANTS[variant]), pad_token_id=0)
+    rel = PACKED_REL if variant == "packed" else REL
+    for prompts in (batch.train_prompt_ids, batch.gen_prompt_ids):
+        want = plain.logprobs(prompts, batch.completion_ids)
+        got = other.logprobs(prompts, batch.completion_ids)
+        for g, w in zip(got, want):
+            assert relative_error(torch.tensor(g), torch.tensor(w)) <= rel
+    with torch.no_grad():
+        logp, entropy = other._forward(model, batch.train_prompt_ids, batch.completion_ids, True)
+        want_logp, want_entropy = plain._forward(model, batch.train_prompt_ids, batch.completion_ids, True)
+    assert relative_error(entropy, want_entropy) <= rel and relative_error(logp, want_logp) <= rel
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gradients_equal_the_plain_path_for_every_loss(family, variant):
+    name, model = family
+    batch = make_batch()
+    reference = None
+    if not name.endswith("lora"):  # LoRA's reference is its base, the adapter disabled
+        reference = copy.deepcopy(model).requires_grad_(False)
+        with torch.no_grad():
+            for p in reference.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    rel = PACKED_REL if variant == "packed" else REL
+    for loss_name, loss_fn in losses().items():
+        want_metrics, want = gradients(model, loss_fn, batch, reference)
+        got_metrics, got = gradients(model, loss_fn, batch, reference, **VARIANTS[variant])
+        assert got.keys() == want.keys() and want
+        assert max(float(g.abs().max()) for g in want.values()) > 1e-4, loss_name  # a real gradient
+        for key in want:
+            assert relative_error(got[key], want[key]) <= rel, (loss_name, key)
+        # the loss is a sum of micro-batch terms of both signs (advantages), so its error is fp32's on their scale
+        assert got_metrics["loss"] == pytest.approx(want_metrics["loss"], rel=rel, abs=1e-7)
+        assert got_metrics["grad_norm"] == pytest.approx(want_metrics["grad_norm"], rel=rel)
+
+
+def test_gradients_equal_with_several_updates_per_step():
+    """updates_per_step > 1: the old log-probs (no-grad, chunked) feed the ratio of every update."""
+    batch = make_batch()
+    results = []
+    for memory in ({}, VARIANTS["all"]):
+        torch.manual_seed(0)
+        model = MODELS["qwen2"]().train()
+        worker = PolicyWorker(model, OptimSettings(**{**settings(**memory).__dict__, "updates_per_step": 2}),
+                              pad_token_id=0)
+        torch.manual_seed(1)  # the same mini-batch permutation
+        metrics = worker.update(batch, GRPOLoss(max_len=MAX_LEN))
+        results.append((metrics, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    assert results[0][0]["loss"] == pytest.approx(results[1][0]["loss"], rel=1e-5)
+    assert relative_error(results[1][1], results[0][1]) <= 1e-6
+
+
+# ---- the pieces ------------------------------------------------------------------------------------------------------
+
+
+def test_token_budget_fills_micro_batches_by_tokens_and_keeps_groups_together():
+    model = MODELS["qwen2"]()
+    worker = PolicyWorker(model, settings(max_tokens_per_micro_batch=24), pad_token_id=0)
+    batch = make_batch()
+    prompts, completions = batch.train_prompt_ids, batch.completion_ids
+    chunks = worker._micro_batches(list(range(len(batch))), prompts, completions)
+    assert sorted(i for c in chunks for i in c) == list(range(len(batch)))
+    for chunk in chunks:
+        longest = max(len(prompts[i]) + len(completions[i]) for i in chunk)
+        assert len(chunk) * longest <= 24 or len(chunk) == 1
+    # rows vary with length (prompt + completion): 11 and 9; 8, 7 and 7; 6, 5 and 5
+    assert chunks == [[6, 7], [3, 1, 0], [4, 2, 5]]
+    order = [i for c in chunks for i in c]
+    for prompt in map(tuple, prompts):  # a prompt's samples are consecutive
+        at = [k for k, i in enumerate(order) if tuple(prompts[i]) == prompt]
+        assert at == list(range(at[0], at[0] + len(at)))
+    alone = PolicyWorker(model, settings(max_tokens_per_micro_batch=5), pad_token_id=0)
+    assert all(len(c) == 1 for c in alone._micro_batches(list(range(len(batch))), prompts, completions))
+
+
+def test_packed_rows_restart_positions_and_point_at_the_predicting_positions():
+    ids, positions, scored = packed_rows([[5, 6], [7]], [[8, 9, 10], [11]])
+    assert ids.tolist() == [[5, 6, 8, 9, 7]]
+    assert positions.tolist() == [[0, 1, 2, 3, 0]]
+    assert scored.tolist() == [1, 2, 3, 4]  # 6 predicts 8, 8 predicts 9, 9 predicts 10; 7 predicts 11
+
+
+def test_prefix_cache_is_read_only_and_checkpointing_replays_the_same_states():
+    torch.manual_seed(0)
+    model = MODELS["llama"]().train()
+    prompt = torch.tensor([[3, 4, 5]])
+    out = model(input_ids=prompt, use_cache=True)
+    cache = prefix_cache(out.past_key_values, torch.tensor([0, 0]))
+    keys_before = [layer.keys for layer in cache.layers]
+    completion = torch.tensor([[6, 7], [8, 9]])
+    with checkpointing(model):
+        assert all(getattr(m, "gradient_checkpointing", False) for m in model.model.layers)
+        logits = model(input_ids=completion, past_key_values=cache, use_cache=True).logits
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.model.layers)  # restored
+    assert [layer.keys for layer in cache.layers] == keys_before and cache.get_seq_length() == 3
+    full = model(input_ids=torch.cat([prompt.expand(2, -1), completion], 1)).logits[:, 3:]
+    assert torch.allclose(logits, full, atol=1e-5)
+    logits.sum().backward()  # the replay reads the same cache: no shape error, gradients reach the prompt pass
+    assert model.model.embed_tokens.weight.grad[3:6].abs().sum() > 0
+    with pytest.raises(ValueError, match="no transformers decoder layers"):
+        with checkpointing(torch.nn.Linear(2, 2)):
+            pass
+
+
+def test_a_model_with_transformers_checkpointing_on_is_refused_with_the_setting_to_use():
+    model = MODELS["qwen2"]()
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="trainer.gradient_checkpointing=true"):
+        PolicyWorker(model, settings(), pad_token_id=0)
+
+
+# ---- ZeRO-2/3 under torchrun ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_memory_savers_under_zero_equal_the_plain_path(stage, tmp_path):
+    """tests/long_sequences_zero.py on 2 ranks: per loss, full fine-tuning and LoRA, each variant's gathered gradient
+    against the plain path's under the same ZeRO stage (and that against one process)."""
+    out = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "tests" / "long_sequences_zero.py"), str(stage), str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["errors"]) >= 2 * 2 * 3  # models x losses x variants
+    assert all(err <= REL for err in result["errors"].values()), result["errors"]
+    assert all(err <= 1e-5 for err in result["against_one_process"].values()), result["against_one_process"]
