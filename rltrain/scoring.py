@@ -212,7 +212,8 @@ class Scorer:
 
     def __init__(self, settings: ScoringSettings, *, pad_token_id: int, device: torch.device,
                  call: Callable[[nn.Module], Callable] = lambda model: model,
-                 gather: Callable[[nn.Module], contextlib.AbstractContextManager] = lambda model: contextlib.nullcontext(),
+                 gather: Callable[[nn.Module], contextlib.AbstractContextManager] = (
+                     lambda model: contextlib.nullcontext()),
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         self.settings = settings
         self.pad_token_id = pad_token_id

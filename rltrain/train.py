@@ -98,8 +98,8 @@ def build(config: Config, world: World = World()) -> Components:
         warmup_steps=t.warmup_steps, micro_batch_size=t.micro_batch_size_per_device,
         updates_per_step=t.updates_per_step, temperature=r.temperature, top_p=r.top_p,
         precision=config.model.precision.value, correction=r.correction, lr_schedule=t.lr_schedule.value,
-        min_lr_ratio=t.min_lr_ratio, logprob_chunk=t.logprob_chunk_size, gradient_checkpointing=t.gradient_checkpointing,
-        packing=t.packing, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
+        min_lr_ratio=t.min_lr_ratio, logprob_chunk=t.logprob_chunk_size,
+        gradient_checkpointing=t.gradient_checkpointing, packing=t.packing, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
     )
     policy = PolicyWorker(model, settings, pad_token_id=tokenizer.pad_token_id, reference=reference, world=world,
                           deepspeed=deepspeed_config(config, world))
