@@ -23,6 +23,7 @@ USAGE = ("usage: rltrain {train,eval,route,capabilities,export,push,report,bench
          "  bench rollout        rollout time per step, vLLM vs the HF engine, written to docs/benchmarks.md\n"
          "  bench busy --baseline DIR  step time alone and beside a busy process, against another checkout\n"
          "  bench async          steps/hour with rollouts ahead (trainer.max_staleness) against the synchronous loop\n"
+         "  bench memory         peak memory and time of one step on long completions, written to docs/benchmarks.md\n"
          "  serve [overrides]    vLLM behind an HTTP API for rollout.vllm.mode=server (docs/scale.md)\n"
          "  worker --connect H:P  a rollout worker for a trainer on another machine (rollout.worker_address)\n"
          "  route [overrides]    route prompts among models/adapters by predicted success and cost (--help)\n"
@@ -44,6 +45,7 @@ COMMANDS = {
     ("bench", "rollout"): ("bench", "rollout_main"),
     ("bench", "busy"): ("bench", "busy_main"),
     ("bench", "async"): ("bench", "async_main"),
+    ("bench", "memory"): ("bench", "memory_main"),
     ("bench", None): ("bench", "trl_main"),  # its arguments start with "trl"
     ("export", None): ("export", "main"),
     ("push", None): ("push", "main"),

@@ -157,7 +157,8 @@ class PolicyWorker:
         boundary runs it once per micro-batch it touches). Groups go longest first and samples within a group too,
         so each holds similar lengths. Each takes ``micro_batch_size`` samples, or with
         ``max_tokens_per_micro_batch`` as many as fit that many tokens: rows x the longest prompt + completion among
-        them, what the padded forward holds (a sample longer than the budget goes alone)."""
+        them, what the padded forward holds, or with packing the sum of their lengths (a sample longer than the
+        budget goes alone)."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for i in indices:
             groups.setdefault(tuple(prompts[i]), []).append(i)
@@ -174,15 +175,17 @@ class PolicyWorker:
         if budget <= 0:
             size = self.settings.micro_batch_size
             return [by_length[i : i + size] for i in range(0, len(by_length), size)]
+        packed = self.settings.packing  # one row of the sequences end to end: no padding to count
+
+        def cost(rows: list[int]) -> int:
+            return sum(map(length, rows)) if packed else len(rows) * max(map(length, rows))
+
         out: list[list[int]] = []
-        longest = 0
         for i in by_length:
-            if out and (len(out[-1]) + 1) * max(longest, length(i)) <= budget:
+            if out and cost([*out[-1], i]) <= budget:
                 out[-1].append(i)
-                longest = max(longest, length(i))
             else:
                 out.append([i])
-                longest = length(i)
         return out
 
     @torch.no_grad()

@@ -221,6 +221,7 @@ class Scorer:
         self.call = call
         self.gather = gather
         self.autocast = autocast
+        self._checked: set[int] = set()  # models whose head this scorer has checked against their own logits
 
     def __call__(self, model: nn.Module, prompts: list[list[int]], completions: list[list[int]], want_entropy: bool,
                  temperature: float | None = None, *, collective: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -264,6 +265,7 @@ class Scorer:
                               position_ids=prompt_positions.to(d), use_cache=True, logits_to_keep=1,
                               output_hidden_states=True)
             rows_B = prompt_of_B.to(d)
+            self._check_head(model, prefill)
             hidden_BTH = prefill.hidden_states[-1][:, -1:][rows_B]
             if t_max > 1:  # a one-token completion is scored from its prompt's last position alone
                 with self._checkpointing(model):  # the prompt pass writes its cache: never replayed
@@ -276,6 +278,23 @@ class Scorer:
                 hidden_BTH = torch.cat([hidden_BTH, rest.hidden_states[-1]], dim=1)
         return hidden_BTH[:, :width][scored_BT.to(d)]
 
+    def _check_head(self, model: nn.Module, out) -> None:
+        """Once per model: the LM head with soft-capping (what ``head_logprobs`` applies to the final hidden states)
+        gives the model's own logits at the last position, so a model that transforms its logits in some other way
+        (a logit scale, say) fails here with one line instead of training on wrong log-probs."""
+        if id(model) in self._checked:
+            return
+        with torch.no_grad():
+            own_BV = out.logits[:, -1].float()
+            ours_BV = model.get_output_embeddings()(out.hidden_states[-1][:, -1]).float()
+            softcap = getattr(model.config, "final_logit_softcapping", None)
+            if softcap:
+                ours_BV = torch.tanh(ours_BV / softcap) * softcap
+        if not torch.allclose(ours_BV, own_BV, rtol=1e-3, atol=1e-3 * float(own_BV.abs().max())):
+            raise ValueError(f"{type(model).__name__} transforms its logits after the LM head in a way rltrain's "
+                             "log-probs (rltrain/scoring.py) do not reproduce; the model is not supported for training")
+        self._checked.add(id(model))
+
     def _checkpointing(self, model: nn.Module):
         return checkpointing(model, self.settings.checkpointing and model.training and torch.is_grad_enabled())
 
@@ -285,6 +304,7 @@ class Scorer:
         with self.autocast(), self._checkpointing(model):
             out = self.call(model)(input_ids=ids.to(d), position_ids=positions.to(d), use_cache=False,
                                    logits_to_keep=1, output_hidden_states=True)
+        self._check_head(model, out)
         return out.hidden_states[-1][0, scored_N.to(d)]
 
 

@@ -279,3 +279,50 @@ def test_memory_savers_under_zero_equal_the_plain_path(stage, tmp_path):
     assert len(result["errors"]) >= 2 * 2 * 3  # models x losses x variants
     assert all(err <= REL for err in result["errors"].values()), result["errors"]
     assert all(err <= 1e-5 for err in result["against_one_process"].values()), result["against_one_process"]
+
+
+def test_a_model_whose_logits_are_transformed_after_the_head_is_refused():
+    """The log-probs come from the LM head applied to the final hidden states; a model that scales its logits after
+    the head (Cohere's logit_scale, say) would be scored wrongly, so the first forward compares with the model's own
+    logits and stops."""
+    model = MODELS["qwen2"]()
+    worker = PolicyWorker(model, settings(logprob_chunk=4), pad_token_id=0)
+    batch = make_batch()
+    worker.logprobs(batch.train_prompt_ids, batch.completion_ids)  # the real head: accepted
+    original = model.forward
+
+    def scaled(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    model.forward = scaled
+    other = PolicyWorker(model, settings(logprob_chunk=4), pad_token_id=0)
+    with pytest.raises(ValueError, match="transforms its logits after the LM head"):
+        other.logprobs(batch.train_prompt_ids, batch.completion_ids)
+
+
+def test_peak_memory_sees_an_allocation_and_starts_again():
+    from rltrain.memory import PeakMemory
+
+    memory = PeakMemory(torch.device("cpu")).start()
+    quiet = memory.read()
+    block = torch.ones(400 * 2**20 // 4)  # 400 MiB, written
+    loud = memory.read()
+    del block
+    again = memory.start().read()
+    assert loud["peak_memory_gb"] - quiet["peak_memory_gb"] > 0.35
+    assert loud["peak_memory_growth_gb"] > 0.35
+    if Path("/proc/self/clear_refs").exists():  # Linux: the peak starts again at ``start``
+        assert again["peak_memory_gb"] < loud["peak_memory_gb"] - 0.3
+
+
+def test_a_packed_token_budget_counts_real_tokens():
+    batch = make_batch()
+    worker = PolicyWorker(MODELS["qwen2"](), settings(max_tokens_per_micro_batch=24, packing=True), pad_token_id=0)
+    chunks = worker._micro_batches(list(range(len(batch))), batch.train_prompt_ids, batch.completion_ids)
+    # lengths 11, 9, 8, 7, 7, 6, 5, 5 end to end: 11+9 (a third would pass 24), 8+7+7, 6+5+5
+    assert chunks == [[6, 7], [3, 1, 0], [4, 2, 5]]
+    tight = PolicyWorker(MODELS["qwen2"](), settings(max_tokens_per_micro_batch=20, packing=True), pad_token_id=0)
+    assert [len(c) for c in tight._micro_batches(list(range(len(batch))), batch.train_prompt_ids,
+                                                  batch.completion_ids)] == [2, 2, 3, 1]

@@ -18,7 +18,7 @@ FAST = ["experiment=tiny", "model.tiny.sft_steps=30", "task.builtin.train_size=2
         "trainer.prompts_per_step=4", "trainer.rollouts_per_prompt=4", "trainer.micro_batch_size_per_device=8",
         "logger.progress=false"]
 STEP_KEYS = {"step", "reward_mean", "accuracy", "frac_zero_std_groups", "rollouts", "tokens_generated",
-             "time_generate_s", "time_update_s", "time_step_s"}
+             "time_generate_s", "time_update_s", "time_step_s", "peak_memory_gb", "peak_memory_growth_gb"}
 # Rewards that differ within a group, so every step has signal even for a barely trained model.
 DENSE_REWARD = "task.rewards=[{fn: tests.reward_fixtures:length_penalty, weight: 1.0}]"
 REPO = Path(__file__).resolve().parent.parent
@@ -42,6 +42,7 @@ def test_metrics_contract_and_final_weights(tmp_path):
         assert r["rollouts"] == 16
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["frac_zero_std_groups"] <= 1.0
         assert r["time_step_s"] >= r["time_generate_s"] > 0
+        assert r["peak_memory_gb"] >= r["peak_memory_growth_gb"] >= 0 and r["peak_memory_gb"] > 0.1  # the process
     assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in evals)
     assert summary["eval_accuracy_end"] == evals[-1]["eval_accuracy"]
     assert (tmp_path / "final" / "model.safetensors").exists()

@@ -1,5 +1,6 @@
 """``rltrain bench trl`` (seconds per GRPO step against TRL's GRPOTrainer), ``rltrain bench rollout`` (rollout
-time per step, vLLM vs the HF engine), ``busy`` and ``async`` (rollouts ahead of training): arguments, the order of
+time per step, vLLM vs the HF engine), ``busy``, ``async`` (rollouts ahead of training) and ``memory`` (one step on
+long completions): arguments, the order of
 the work and its progress lines; the harnesses are rltrain/bench/, which writes the results as sections of
 docs/benchmarks.md."""
 
@@ -13,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rltrain.bench import ahead, busy, rollout, trl
+from rltrain.bench import ahead, busy, memory, rollout, trl
 from rltrain.bench import trl_report as report
 from rltrain.bench.results import machine, write_section
 from rltrain.commands.setup import compose
@@ -243,3 +244,64 @@ def async_main(argv: list[str]) -> None:
     write_section(Path(args.out), section, ahead.SECTION)
     print(f"rltrain bench async: wrote section '{ahead.SECTION}' of {args.out}", flush=True)
 
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def memory_main(argv: list[str]) -> None:
+    """``rltrain bench memory [options]``: one GRPO step on long completions, peak memory and time per row."""
+    p = argparse.ArgumentParser(prog="rltrain bench memory", description=memory.__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", default="512,1024,2048", help="completion lengths (tokens, forced)")
+    p.add_argument("--completions", type=int, default=16, help="completions per step")
+    p.add_argument("--group", type=int, default=8, help="completions per prompt")
+    p.add_argument("--micro-batch", type=int, default=4, help="completions per forward/backward (row-count rows)")
+    p.add_argument("--chunk", type=int, default=1024, help="scored positions per LM-head chunk")
+    p.add_argument("--token-budget", type=int, default=0,
+                   help="tokens per micro-batch for the token-budget rows (default: --micro-batch x (the shortest "
+                        "length + the prompt), so that longer completions keep the shortest one's memory)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per row (0: torch's default)")
+    p.add_argument("--frameworks", default="rltrain,trl")
+    p.add_argument("--cap-gb", type=float, default=0.0, help="also find the largest length surviving this cap")
+    p.add_argument("--cap-lengths", default="512,1024,2048,4096,8192")
+    p.add_argument("--cap-completions", type=int, default=4)
+    p.add_argument("--out", default="docs/benchmarks.md")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    lengths = _ints(args.lengths)
+    if args.completions % args.group or args.completions % args.micro_batch:
+        p.error("--group and --micro-batch must divide --completions")
+    budget = args.token_budget or args.micro_batch * (min(lengths) + 64)  # the prompts are ~50 tokens
+    started = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    frameworks = args.frameworks.split(",")
+    specs = [s for s in memory.rows(lengths, args.completions, args.group, args.micro_batch, args.chunk, budget,
+                                    args.threads) if s.framework in frameworks]
+    results = []
+    for spec in specs:
+        print(f"rltrain bench memory: L={spec.length} {spec.label} ...", flush=True)
+        result = memory.run(spec)
+        results.append((spec, result))
+        print("  " + (f"failed: {result['failed']}" if "failed" in result else
+                      f"peak {result['peak_memory_gb']:.2f} GiB (+{result['peak_memory_growth_gb']:.2f}), "
+                      f"{result['step_s']:.1f} s"), flush=True)
+    caps = []
+    if args.cap_gb:
+        group = min(args.group, args.cap_completions)
+        micro = min(args.micro_batch, args.cap_completions)
+        for spec in (memory.Spec("rltrain before (plain path)", "rltrain", 0, args.cap_completions, group, micro,
+                                 threads=args.threads, cap_gb=args.cap_gb),
+                     memory.Spec("rltrain chunked + checkpointing + token budget", "rltrain", 0,
+                                 args.cap_completions, group, micro, chunk=args.chunk, checkpointing=True,
+                                 token_budget=budget, threads=args.threads, cap_gb=args.cap_gb)):
+            print(f"rltrain bench memory: under {args.cap_gb:g} GiB, {spec.label} ...", flush=True)
+            found = memory.largest_surviving(spec, _ints(args.cap_lengths))
+            caps.append((spec, found))
+            print(f"  survived {[length for length, _ in found['survived']]}, failed at "
+                  f"{found['failure'][0] if found['failure'] else 'none'}", flush=True)
+    section = memory.render(results, caps, "rltrain bench memory " + " ".join(argv), started, machine())
+    if args.no_write:
+        print(section)
+        return
+    write_section(Path(args.out), section, memory.SECTION)
+    print(f"rltrain bench memory: wrote section '{memory.SECTION}' of {args.out}", flush=True)
