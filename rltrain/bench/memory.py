@@ -51,12 +51,12 @@ class Spec:
     threads: int = 0
     cap_gb: float = 0.0  # > 0: the address space this process may add once the model is loaded
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)  # the model config's source and path (the command's default model)
 
 
 def rows(lengths: list[int], completions: int, group: int, micro_batch: int, chunk: int, token_budget: int,
-         threads: int) -> list[Spec]:
-    common = dict(completions=completions, group=group, micro_batch=micro_batch, threads=threads)
+         threads: int, model: dict) -> list[Spec]:
+    common = dict(completions=completions, group=group, micro_batch=micro_batch, threads=threads, model=model)
     out = []
     for length in lengths:
         out += [
@@ -242,7 +242,7 @@ def measure(spec: Spec) -> dict:
     import torch
     import transformers
 
-    from rltrain.commands.setup import compose
+    from rltrain.config import ModelConfig, ModelSource
     from rltrain.memory import PeakMemory, resident_gib
     from rltrain.models import load_model
 
@@ -250,7 +250,7 @@ def measure(spec: Spec) -> dict:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
-    model, tokenizer = load_model(compose([]).model)
+    model, tokenizer = load_model(ModelConfig(source=ModelSource(spec.model["source"]), path=spec.model["path"]))
     prompts, completions, advantages, prompt_of = _batch(spec, tokenizer, model.config.vocab_size)
     build = _trl_step if spec.framework == "trl" else _rltrain_step
     step = build(spec, model, tokenizer, prompts, completions, advantages, prompt_of)

@@ -275,8 +275,10 @@ def memory_main(argv: list[str]) -> None:
     budget = args.token_budget or args.micro_batch * (min(lengths) + 64)  # the prompts are ~50 tokens
     started = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     frameworks = args.frameworks.split(",")
+    default = compose([]).model  # the embedded default experiment's model
+    model = {"source": default.source.value, "path": default.path}
     specs = [s for s in memory.rows(lengths, args.completions, args.group, args.micro_batch, args.chunk, budget,
-                                    args.threads) if s.framework in frameworks]
+                                    args.threads, model) if s.framework in frameworks]
     results = []
     for spec in specs:
         print(f"rltrain bench memory: L={spec.length} {spec.label} ...", flush=True)
@@ -290,10 +292,10 @@ def memory_main(argv: list[str]) -> None:
         group = min(args.group, args.cap_completions)
         micro = min(args.micro_batch, args.cap_completions)
         for spec in (memory.Spec("rltrain before (plain path)", "rltrain", 0, args.cap_completions, group, micro,
-                                 threads=args.threads, cap_gb=args.cap_gb),
+                                 threads=args.threads, cap_gb=args.cap_gb, model=model),
                      memory.Spec("rltrain chunked + checkpointing + token budget", "rltrain", 0,
                                  args.cap_completions, group, micro, chunk=args.chunk, checkpointing=True,
-                                 token_budget=budget, threads=args.threads, cap_gb=args.cap_gb)):
+                                 token_budget=budget, threads=args.threads, cap_gb=args.cap_gb, model=model)):
             print(f"rltrain bench memory: under {args.cap_gb:g} GiB, {spec.label} ...", flush=True)
             found = memory.largest_surviving(spec, _ints(args.cap_lengths))
             caps.append((spec, found))
