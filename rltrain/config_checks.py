@@ -39,6 +39,9 @@ def check(config: Config) -> None:
                        "trainer.logprob_chunk_size": t.logprob_chunk_size}.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0 (0: off), got {value}")
+    if t.selective_checkpointing and not t.gradient_checkpointing:
+        raise ConfigError("trainer.selective_checkpointing=true chooses what checkpointing keeps: it needs "
+                          "trainer.gradient_checkpointing=true")
     if (t.prompts_per_step * t.rollouts_per_prompt) % t.updates_per_step:
         raise ConfigError(
             f"trainer.updates_per_step={t.updates_per_step} must divide the rollouts per step "

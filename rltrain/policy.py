@@ -44,6 +44,7 @@ class OptimSettings:
     min_lr_ratio: float = 0.0
     logprob_chunk: int = 0  # scored positions per LM-head chunk (``rltrain.scoring``); 0: all at once
     gradient_checkpointing: bool = False
+    selective_checkpointing: bool = False  # checkpointing keeps matmul and attention outputs (``keep_matmuls``)
     packing: bool = False  # padding-free rows instead of the shared-prompt forward
     max_tokens_per_micro_batch: int = 0  # > 0: micro-batches filled to this many tokens, not micro_batch_size rows
 
@@ -103,7 +104,8 @@ class PolicyWorker:
         self.device = self.engine.device if self.engine is not None else next(model.parameters()).device
         self.scorer = Scorer(
             ScoringSettings(temperature=settings.temperature, top_p=settings.top_p, chunk=settings.logprob_chunk,
-                            checkpointing=settings.gradient_checkpointing, packing=settings.packing),
+                            checkpointing=settings.gradient_checkpointing,
+                            selective=settings.selective_checkpointing, packing=settings.packing),
             pad_token_id=pad_token_id, device=self.device, autocast=self._autocast,
             call=lambda m: self.engine if self.engine is not None and m is self.model else m,
             gather=self._head_gathered)

@@ -193,6 +193,14 @@ def _run_panels(steps: list[dict], evals: list[dict]) -> list:
             ax.set_ylim(0, ax.get_ylim()[1] * 1.35)  # room for the legend above the curves
             ax.legend(fontsize=7, loc="upper center", ncol=3)
         panels.append(("time per step by phase", draw_time))
+    if any(finite(r.get("peak_memory_gb")) for r in steps):
+        def draw_memory(ax):
+            ax.plot(*series(steps, "peak_memory_gb"), "-", color="tab:blue", linewidth=1, label="peak")
+            ax.plot(*series(steps, "peak_memory_growth_gb"), ":", color="tab:blue", linewidth=1,
+                    label="growth in the step")
+            ax.set_ylabel("GiB", fontsize=8)
+            ax.legend(fontsize=7, loc="best")
+        panels.append(("memory per step (CUDA allocated on a GPU, resident set on CPU)", draw_memory))
     failures = [k for k in ("reward_errors", "reward_timeouts") if any(finite(r.get(k)) and r[k] for r in steps)]
     if failures:
         def draw_failures(ax):

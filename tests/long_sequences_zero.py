@@ -75,7 +75,7 @@ def main() -> None:
             if world.is_main:
                 alone = gradient(model_name, loss_name, World(), None)
                 against_one[f"{model_name}/{loss_name}"] = max(relative_error(plain[k], alone[k]) for k in alone)
-            for variant in os.environ.get("ZERO_VARIANTS", "chunked,checkpointed,token_budget,all").split(","):
+            for variant in os.environ.get("ZERO_VARIANTS", "chunked,checkpointed,selective,token_budget,all").split(","):
                 got = gradient(model_name, loss_name, world, zero_config(stage, world), **VARIANTS[variant])
                 errors[f"{model_name}/{loss_name}/{variant}"] = max(relative_error(got[k], plain[k]) for k in plain)
     if world.is_main:

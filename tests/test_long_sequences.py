@@ -39,6 +39,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)
 VARIANTS = {
     "chunked": {"logprob_chunk": 4},
     "checkpointed": {"gradient_checkpointing": True},
+    "selective": {"gradient_checkpointing": True, "selective_checkpointing": True, "logprob_chunk": 4},
     "token_budget": {"max_tokens_per_micro_batch": 24},
     "all": {"logprob_chunk": 3, "gradient_checkpointing": True, "max_tokens_per_micro_batch": 24},
     "packed": {"packing": True, "logprob_chunk": 5, "gradient_checkpointing": True},
@@ -326,3 +327,34 @@ def test_a_packed_token_budget_counts_real_tokens():
     tight = PolicyWorker(MODELS["qwen2"](), settings(max_tokens_per_micro_batch=20, packing=True), pad_token_id=0)
     assert [len(c) for c in tight._micro_batches(list(range(len(batch))), batch.train_prompt_ids,
                                                   batch.completion_ids)] == [2, 2, 3, 1]
+
+
+def test_selective_checkpointing_recomputes_no_matmul_and_full_checkpointing_all():
+    """The backward of a checkpointed completion pass reruns the layers' forward: all of it with full checkpointing,
+    only the elementwise part with selective (the matmuls of the backward itself are the plain path's)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = MODELS["llama"]().train()
+    counts = {}
+    for mode in ("none", "full", "selective"):
+        out = model(input_ids=torch.tensor([[3, 4, 5]]), use_cache=True)
+        cache = prefix_cache(out.past_key_values, torch.tensor([0, 0]))
+        with checkpointing(model, mode != "none", selective=mode == "selective"):
+            hidden = model(input_ids=torch.tensor([[6, 7], [8, 9]]), past_key_values=cache, use_cache=False,
+                           output_hidden_states=True).hidden_states[-1]
+        counter = CountMatmuls()
+        with counter:
+            hidden.square().sum().backward()
+        counts[mode] = counter.count
+        model.zero_grad()
+    assert counts["selective"] == counts["none"] < counts["full"]

@@ -200,3 +200,17 @@ def test_a_run_with_rollouts_ahead_gets_an_off_policy_panel_and_its_wait_time(tm
     write_jsonl(run_dir / "metrics.jsonl", [eval_record(0), *steps, eval_record(10)])
     png, _ = write_run_report(run_dir)
     assert_png(png, 1000, 800)
+
+
+def test_a_run_with_peak_memory_gets_a_memory_panel(tmp_path):
+    from rltrain.report import _run_panels
+
+    steps = [{**step_record(s), "peak_memory_gb": 3.0 + s / 10, "peak_memory_growth_gb": 1.0} for s in range(1, 11)]
+    title = "memory per step (CUDA allocated on a GPU, resident set on CPU)"
+    assert title in [p[0] for p in _run_panels(steps, [eval_record(0)])]
+    assert title not in [p[0] for p in _run_panels([step_record(s) for s in range(1, 11)], [eval_record(0)])]
+    run_dir = tmp_path / "run"
+    make_run(run_dir, steps=10)
+    write_jsonl(run_dir / "metrics.jsonl", [eval_record(0), *steps, eval_record(10)])
+    png, _ = write_run_report(run_dir)
+    assert_png(png, 1000, 800)

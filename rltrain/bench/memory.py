@@ -10,8 +10,9 @@ what the process already held (the model, its tokenizer, the libraries); ``growt
 activations, logits, gradients and the optimizer state, which AdamW allocates in its first step).
 
 Rows: rltrain's plain path (``trainer.logprob_chunk_size=0``: every position's [B, T, V] logits at once, today's
-path before the chunked head), then chunked (``logprob_chunk_size``), + activation checkpointing, + a token budget
-instead of a row count per micro-batch, and TRL 1.16's ``GRPOTrainer`` with the memory options it has on CPU
+path before the chunked head), then chunked (``logprob_chunk_size``), + activation checkpointing (full, or selective:
+``trainer.selective_checkpointing``), + a token budget instead of a row count per micro-batch, and TRL 1.16's
+``GRPOTrainer`` with the memory options it has on CPU
 (``gradient_checkpointing=True``; its fused LM head, on by default, never materialises the logits), fed the same
 token ids and advantages through its ``compute_loss`` with the same micro-batches (generation bypassed).
 
@@ -46,7 +47,7 @@ class Spec:
     group: int
     micro_batch: int
     chunk: int = 0
-    checkpointing: bool = False
+    checkpointing: str = ""  # "full" | "selective"
     token_budget: int = 0
     threads: int = 0
     cap_gb: float = 0.0  # > 0: the address space this process may add once the model is loaded
@@ -62,11 +63,15 @@ def rows(lengths: list[int], completions: int, group: int, micro_batch: int, chu
         out += [
             Spec("rltrain before (plain path)", "rltrain", length, **common),
             Spec("rltrain chunked", "rltrain", length, chunk=chunk, **common),
-            Spec("rltrain chunked + checkpointing", "rltrain", length, chunk=chunk, checkpointing=True, **common),
+            Spec("rltrain chunked + checkpointing", "rltrain", length, chunk=chunk, checkpointing="full", **common),
+            Spec("rltrain chunked + selective checkpointing", "rltrain", length, chunk=chunk,
+                 checkpointing="selective", **common),
             Spec("rltrain chunked + token budget", "rltrain", length, chunk=chunk, token_budget=token_budget,
                  **common),
             Spec("rltrain chunked + checkpointing + token budget", "rltrain", length, chunk=chunk,
-                 checkpointing=True, token_budget=token_budget, **common),
+                 checkpointing="full", token_budget=token_budget, **common),
+            Spec("rltrain chunked + selective checkpointing + token budget", "rltrain", length, chunk=chunk,
+                 checkpointing="selective", token_budget=token_budget, **common),
             Spec("TRL GRPOTrainer (gradient checkpointing, fused LM head)", "trl", length, **common),
         ]
     return out
@@ -173,7 +178,8 @@ def _rltrain_step(spec: Spec, model, tokenizer, prompts, completions, advantages
 
     settings = OptimSettings(lr=1e-6, weight_decay=0.0, betas=(0.9, 0.999), max_grad_norm=1.0, warmup_steps=0,
                              micro_batch_size=spec.micro_batch, updates_per_step=1, temperature=1.0, precision="fp32",
-                             logprob_chunk=spec.chunk, gradient_checkpointing=spec.checkpointing,
+                             logprob_chunk=spec.chunk, gradient_checkpointing=bool(spec.checkpointing),
+                             selective_checkpointing=spec.checkpointing == "selective",
                              max_tokens_per_micro_batch=spec.token_budget)
     worker = PolicyWorker(model, settings, pad_token_id=tokenizer.pad_token_id)
     ids = completions.tolist()

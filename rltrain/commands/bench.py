@@ -294,7 +294,7 @@ def memory_main(argv: list[str]) -> None:
         for spec in (memory.Spec("rltrain before (plain path)", "rltrain", 0, args.cap_completions, group, micro,
                                  threads=args.threads, cap_gb=args.cap_gb, model=model),
                      memory.Spec("rltrain chunked + checkpointing + token budget", "rltrain", 0,
-                                 args.cap_completions, group, micro, chunk=args.chunk, checkpointing=True,
+                                 args.cap_completions, group, micro, chunk=args.chunk, checkpointing="full",
                                  token_budget=budget, threads=args.threads, cap_gb=args.cap_gb, model=model)):
             print(f"rltrain bench memory: under {args.cap_gb:g} GiB, {spec.label} ...", flush=True)
             found = memory.largest_surviving(spec, _ints(args.cap_lengths))
