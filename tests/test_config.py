@@ -65,6 +65,16 @@ def test_cross_field_check_names_key():
         compose(["trainer.prompts_per_step=3", "trainer.rollouts_per_prompt=3", "trainer.updates_per_step=2"])
     with pytest.raises(ConfigError, match="model.path"):
         compose(["model.source=hf", "model.path="])
+    with pytest.raises(ConfigError, match="^trainer.selective_checkpointing=true .* needs trainer.gradient_checkpointing"):
+        compose(["trainer.selective_checkpointing=true"])
+    with pytest.raises(ConfigError, match=r"^trainer.max_tokens_per_micro_batch must be >= 0 \(0: off\), got -1"):
+        compose(["trainer.max_tokens_per_micro_batch=-1"])
+    with pytest.raises(ConfigError, match=r"^trainer.logprob_chunk_size must be >= 0"):
+        compose(["trainer.logprob_chunk_size=-5"])
+    long = compose(["trainer.gradient_checkpointing=true", "trainer.selective_checkpointing=true",
+                    "trainer.max_tokens_per_micro_batch=8192", "trainer.logprob_chunk_size=256"]).trainer
+    assert (long.gradient_checkpointing, long.selective_checkpointing, long.max_tokens_per_micro_batch,
+            long.logprob_chunk_size) == (True, True, 8192, 256)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
