@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from rltrain.algorithms.corrections import Correction, CorrectionMode  # noqa: F401 (re-exported)
 from rltrain.algorithms.guide import GammaKind, GammaScope, GuideConfig, GuideMode  # noqa: F401 (re-exported)
 from rltrain.algorithms.rl_plus import ExternalTerm, MisUniform, RLPlusConfig  # noqa: F401 (re-exported)
+from rltrain.algorithms.sapo import SAPOConfig
 from rltrain.errors import ConfigError  # noqa: F401 (re-exported)
 from rltrain.tasks.reasoning_gym import ReasoningGymConfig
 
@@ -295,6 +296,7 @@ class AlgorithmConfig:
     # Each algorithm's own options, defined in its module (rltrain.algorithms.NAME), read by that algorithm only
     guide: GuideConfig = field(default_factory=GuideConfig)
     rl_plus: RLPlusConfig = field(default_factory=RLPlusConfig)
+    sapo: SAPOConfig = field(default_factory=SAPOConfig)
     options: dict[str, Any] = field(default_factory=dict)  # a plug-in algorithm's (name=module:Class) own options
 
 

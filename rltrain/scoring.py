@@ -305,7 +305,7 @@ class Scorer:
         if id(model) in self._checked:
             return
         with torch.no_grad():
-            own_BV = out.logits[:, -1].float()
+            own_BV = out.logits[:, -1].detach().float()
             ours_BV = model.get_output_embeddings()(out.hidden_states[-1][:, -1]).float()
             softcap = getattr(model.config, "final_logit_softcapping", None)
             if softcap:

@@ -27,7 +27,9 @@ from trl.trainer.grpo_trainer import GRPOTrainer  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
 from rltrain.algorithms.grpo import GRPOLoss, group_advantages  # noqa: E402
+from rltrain.algorithms.cispo import CISPOLoss  # noqa: E402
 from rltrain.algorithms.gspo import GSPOLoss  # noqa: E402
+from rltrain.algorithms.sapo import SAPOLoss  # noqa: E402
 from rltrain.batch import RolloutBatch  # noqa: E402
 from rltrain.config import ModelConfig, ModelSource, TinyModelConfig  # noqa: E402
 from rltrain.models import tiny_model, tiny_tokenizer  # noqa: E402
@@ -41,6 +43,8 @@ EPS_LOW, EPS_HIGH = 0.2, 0.28
 MAX_COMPLETION_LENGTH = 9
 PAD = 0
 TOL = 1e-5
+SAPO_TAU = (1.0, 1.05)  # TRL's defaults, and rltrain's
+CISPO_MAX = 1.2  # a cap the perturbed old log-probs below cross on some tokens (TRL's default is larger)
 
 # The rltrain side replaces optimizer.step with a gradient recorder; the LR scheduler notices and warns.
 pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
@@ -90,7 +94,8 @@ class TRLGRPOLoss:
         self.current_gradient_accumulation_steps = 1
         self.model = SimpleNamespace(training=True)
         self.accelerator = SingleProcessAccelerator()
-        self.args = SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1)
+        self.args = SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1,
+                                    sapo_temperature_pos=SAPO_TAU[0], sapo_temperature_neg=SAPO_TAU[1])
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
 
@@ -268,6 +273,35 @@ def test_loss_types_differ_on_this_batch(model):
     assert abs(losses["grpo"] - losses["bnpo"]) > 1e-3
     assert abs(losses["grpo"] - losses["dr_grpo"]) > 1e-3
     assert abs(losses["bnpo"] - losses["dr_grpo"]) > 1e-3
+
+
+# ---- CISPO and SAPO: TRL's loss_type="cispo" / "sapo" -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["on", "off"])
+@pytest.mark.parametrize("name", ["cispo", "sapo"])
+def test_cispo_and_sapo_match_trl(model, name, policy):
+    """algorithm=cispo (the capped, detached weight times the REINFORCE term; TRL's token mean over the batch) and
+    algorithm=sapo (the sigmoid gate; TRL's per-sequence mean), on-policy and with old log-probs that move the ratio
+    past CISPO's cap and across SAPO's gate, accumulated over micro-batches of 3."""
+    batch = make_batch()
+    worker, recorded = rltrain_worker(model)
+    settings = dict(eps_low=EPS_LOW, max_len=MAX_COMPLETION_LENGTH)
+    loss_fn = (CISPOLoss(eps_high=CISPO_MAX, aggregation="token_mean", **settings) if name == "cispo" else
+               SAPOLoss(tau_pos=SAPO_TAU[0], tau_neg=SAPO_TAU[1], eps_high=EPS_HIGH, aggregation="seq_mean_token_mean",
+                        **settings))
+    old_logp = perturbed_old_logprobs(worker, batch) if policy == "off" else None
+    if old_logp is None:
+        metrics = worker.update(batch, loss_fn)
+    else:
+        metrics = worker._one_update(batch, list(range(len(batch))), loss_fn, old_logp, {})
+    trl_loss, trl_grads, _ = trl_step(model, batch, name, old_logp=old_logp, eps=(EPS_LOW, CISPO_MAX))
+    assert metrics["loss"] == pytest.approx(trl_loss, abs=TOL)
+    assert_grads_close(recorded[0], trl_grads)
+    if name == "cispo" and old_logp is not None:  # the cap is exercised on some tokens, not all
+        assert 0.0 < metrics["clip_frac"] < 1.0
+    if name == "sapo" and old_logp is not None:  # off-policy the gate is not the clipped surrogate
+        assert abs(trl_step(model, batch, "grpo", old_logp=old_logp)[0] - trl_loss) > 1e-4
 
 
 # ---- GSPO: TRL's importance_sampling_level="sequence" ---------------------------------------------------------------

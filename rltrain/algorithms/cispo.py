@@ -16,8 +16,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rltrain.algorithms.grpo import GRPO, GRPOLoss
+
 
 def cispo_surrogate(logp_BT: Tensor, old_logp_BT: Tensor, adv_B: Tensor, *, max_ratio: float = 5.0) -> Tensor:
     """Per-token loss [B, T]: -sg(min(r, max_ratio)) * A * logp."""
     weight_BT = torch.clamp(torch.exp(logp_BT - old_logp_BT), max=max_ratio).detach()
     return -weight_BT * adv_B.unsqueeze(-1) * logp_BT
+
+
+class CISPOLoss(GRPOLoss):
+    """The CISPO term per token (``max_ratio`` = ``eps_high``, as TRL reads its ``epsilon_high``), plus GRPOLoss's
+    optional KL and entropy terms. Metrics: ``ratio_mean`` and ``clip_frac`` (tokens whose weight was capped)."""
+
+    def __call__(self, inputs) -> tuple[Tensor, dict[str, Tensor]]:
+        loss_BT = cispo_surrogate(inputs.logp_BT, inputs.old_logp_BT, inputs.adv_B, max_ratio=self.eps_high)
+        ratio_BT = torch.exp(inputs.logp_BT.detach() - inputs.old_logp_BT)
+        return self.regularized(loss_BT, inputs, {"ratio_mean": ratio_BT,
+                                                  "clip_frac": (ratio_BT > self.eps_high).float()})
+
+
+class CISPO(GRPO):
+    """GRPO's sampling and advantages with the CISPO term (conf/algorithm/cispo.yaml)."""
+
+    def build_loss(self) -> CISPOLoss:
+        return CISPOLoss(**self.loss_settings())

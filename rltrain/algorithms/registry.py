@@ -15,6 +15,8 @@ BUILTIN = {
     "guide": "rltrain.algorithms.guide:Guide",
     "rl_plus": "rltrain.algorithms.rl_plus:RLPlus",
     "gspo": "rltrain.algorithms.gspo:GSPO",
+    "cispo": "rltrain.algorithms.cispo:CISPO",
+    "sapo": "rltrain.algorithms.sapo:SAPO",
 }
 ENTRY_POINT_GROUP = "rltrain.algorithms"
 

@@ -12,8 +12,12 @@ faster (they spread probability over the whole vocabulary).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+from rltrain.algorithms.grpo import GRPO, GRPOLoss
 
 
 def sapo_surrogate(logp_BT: Tensor, old_logp_BT: Tensor, adv_B: Tensor, *, tau_pos: float = 1.0,
@@ -23,3 +27,35 @@ def sapo_surrogate(logp_BT: Tensor, old_logp_BT: Tensor, adv_B: Tensor, *, tau_p
     tau_B = torch.where(adv_B > 0, torch.full_like(adv_B, tau_pos), torch.full_like(adv_B, tau_neg))
     tau_BT = tau_B.unsqueeze(-1)
     return -(4.0 / tau_BT) * torch.sigmoid(tau_BT * (ratio_BT - 1.0)) * adv_B.unsqueeze(-1)
+
+
+@dataclass
+class SAPOConfig:
+    """``algorithm.sapo``: the gate's temperatures (TRL's ``sapo_temperature_pos`` / ``sapo_temperature_neg``)."""
+
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+
+
+class SAPOLoss(GRPOLoss):
+    """The SAPO gate per token, plus GRPOLoss's optional KL and entropy terms. Metric: ``ratio_mean``."""
+
+    def __init__(self, *, tau_pos: float = 1.0, tau_neg: float = 1.05, **grpo) -> None:
+        super().__init__(**grpo)
+        if tau_pos <= 0 or tau_neg <= 0:
+            raise ValueError(f"algorithm.sapo: tau_pos and tau_neg must be > 0, got {tau_pos} and {tau_neg}")
+        self.tau_pos, self.tau_neg = tau_pos, tau_neg
+
+    def __call__(self, inputs) -> tuple[Tensor, dict[str, Tensor]]:
+        loss_BT = sapo_surrogate(inputs.logp_BT, inputs.old_logp_BT, inputs.adv_B, tau_pos=self.tau_pos,
+                                 tau_neg=self.tau_neg)
+        ratio_BT = torch.exp(inputs.logp_BT.detach() - inputs.old_logp_BT)
+        return self.regularized(loss_BT, inputs, {"ratio_mean": ratio_BT})
+
+
+class SAPO(GRPO):
+    """GRPO's sampling and advantages with the SAPO gate (conf/algorithm/sapo.yaml)."""
+
+    def build_loss(self) -> SAPOLoss:
+        s = self.config.sapo
+        return SAPOLoss(tau_pos=s.tau_pos, tau_neg=s.tau_neg, **self.loss_settings())

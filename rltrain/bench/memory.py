@@ -137,7 +137,7 @@ def render(results: list[tuple[Spec, dict]], caps: list[tuple[Spec, dict]], comm
         spec0 = caps[0][0]
         lines += ["", f"Largest completion length one step survives with {spec0.cap_gb:g} GiB of address space "
                   f"(`RLIMIT_AS`) above what the process holds once the model is loaded, {spec0.completions} "
-                  f"completions ({spec0.completions // spec0.group} prompts x {spec0.group}), lengths tried in "
+                  f"completions ({spec0.completions // spec0.group} prompt(s) x {spec0.group}), lengths tried in "
                   "ascending order until one fails:", "",
                   "| row | largest surviving L | its peak GiB | first failing L | how it failed |", "|---|---|---|---|---|"]
         for spec, found in caps:
