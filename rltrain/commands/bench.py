@@ -134,12 +134,7 @@ def trl_main(argv: list[str]) -> None:
         shutil.rmtree(work, ignore_errors=True)
     command = "rltrain bench " + " ".join(argv)
     section = report.render(rows, s, command, machine(), report.versions(), started, time.perf_counter() - started_wall)
-    if args.no_write:
-        print(section)
-        return
-    out = Path(args.out)
-    write_section(out, section, trl.SECTION)
-    print(f"rltrain bench: wrote section '{trl.SECTION}' of {out}", flush=True)
+    _publish(section, args, "trl", trl.SECTION)
 
 
 def parse_rollout(argv: list[str]) -> argparse.Namespace:
@@ -166,11 +161,7 @@ def rollout_main(argv: list[str]) -> None:
             print(f"rltrain bench rollout: {backend} ...", flush=True)
             results[backend] = rollout.run_backend(backend, args.steps, args.overrides, Path(work))
     section = rollout.render(results, args.warmup, "rltrain bench rollout " + " ".join(argv), started)
-    if args.no_write:
-        print(section)
-        return
-    write_section(Path(args.out), section, rollout.SECTION)
-    print(f"rltrain bench rollout: wrote section '{rollout.SECTION}' of {args.out}", flush=True)
+    _publish(section, args, "rollout", rollout.SECTION)
 
 
 def busy_main(argv: list[str]) -> None:
@@ -198,11 +189,7 @@ def busy_main(argv: list[str]) -> None:
                 results[(name, loaded)] = busy.run(name, code, loaded, args.steps, args.overrides, Path(work))
                 print(f"  median {results[(name, loaded)]['median']:.2f} s/step", flush=True)
     section = busy.render(results, labels, "rltrain bench busy " + " ".join(argv), started, machine())
-    if args.no_write:
-        print(section)
-        return
-    write_section(Path(args.out), section, busy.SECTION)
-    print(f"rltrain bench busy: wrote section '{busy.SECTION}' of {args.out}", flush=True)
+    _publish(section, args, "busy", busy.SECTION)
 
 
 def async_main(argv: list[str]) -> None:
@@ -238,12 +225,17 @@ def async_main(argv: list[str]) -> None:
                 row = ahead.run(f"{name} {label}", k, threads, count, overrides, Path(work), busy.REPO, env)
                 rows[label] = {**row, "threads": f"{threads[0]}" if k == 0 else f"{threads[0]} + {threads[1]}"}
     section = ahead.render(experiments, "rltrain bench async " + " ".join(argv), started, machine())
+    _publish(section, args, "async", ahead.SECTION)
+
+
+
+def _publish(section: str, args: argparse.Namespace, command: str, heading: str) -> None:
+    """The section printed (``--no-write``) or written into ``--out`` in place of its earlier version."""
     if args.no_write:
         print(section)
         return
-    write_section(Path(args.out), section, ahead.SECTION)
-    print(f"rltrain bench async: wrote section '{ahead.SECTION}' of {args.out}", flush=True)
-
+    write_section(Path(args.out), section, heading)
+    print(f"rltrain bench {command}: wrote section '{heading}' of {args.out}", flush=True)
 
 
 def _ints(text: str) -> list[int]:
@@ -302,8 +294,4 @@ def memory_main(argv: list[str]) -> None:
             print(f"  survived {[length for length, _ in found['survived']]}, failed at "
                   f"{found['failure'][0] if found['failure'] else 'none'}", flush=True)
     section = memory.render(results, caps, "rltrain bench memory " + " ".join(argv), started, machine())
-    if args.no_write:
-        print(section)
-        return
-    write_section(Path(args.out), section, memory.SECTION)
-    print(f"rltrain bench memory: wrote section '{memory.SECTION}' of {args.out}", flush=True)
+    _publish(section, args, "memory", memory.SECTION)
