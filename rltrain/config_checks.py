@@ -42,6 +42,10 @@ def check(config: Config) -> None:
     if t.selective_checkpointing and not t.gradient_checkpointing:
         raise ConfigError("trainer.selective_checkpointing=true chooses what checkpointing keeps: it needs "
                           "trainer.gradient_checkpointing=true")
+    if t.selective_checkpointing and config.distributed.kind == DistributedKind.zero3:
+        raise ConfigError("trainer.selective_checkpointing=true does not run under distributed=zero3 (ZeRO-3's "
+                          "parameter gathers inside a layer change the ops torch's selective checkpointing replays); "
+                          "use full checkpointing there")
     if (t.prompts_per_step * t.rollouts_per_prompt) % t.updates_per_step:
         raise ConfigError(
             f"trainer.updates_per_step={t.updates_per_step} must divide the rollouts per step "

@@ -101,6 +101,9 @@ class PolicyWorker:
                     model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=deepspeed)
         if self.engine is not None:
             self.zero_stage = self.engine.zero_optimization_stage()
+        if settings.selective_checkpointing and self.zero_stage == 3:
+            raise ValueError("selective checkpointing does not run under ZeRO-3 (its parameter gathers inside a layer "
+                             "change the ops the replay must match); use full checkpointing")
         self.device = self.engine.device if self.engine is not None else next(model.parameters()).device
         self.scorer = Scorer(
             ScoringSettings(temperature=settings.temperature, top_p=settings.top_p, chunk=settings.logprob_chunk,

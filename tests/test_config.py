@@ -67,6 +67,8 @@ def test_cross_field_check_names_key():
         compose(["model.source=hf", "model.path="])
     with pytest.raises(ConfigError, match="^trainer.selective_checkpointing=true .* needs trainer.gradient_checkpointing"):
         compose(["trainer.selective_checkpointing=true"])
+    with pytest.raises(ConfigError, match="^trainer.selective_checkpointing=true does not run under distributed=zero3"):
+        compose(["trainer.gradient_checkpointing=true", "trainer.selective_checkpointing=true", "distributed=zero3"])
     with pytest.raises(ConfigError, match=r"^trainer.max_tokens_per_micro_batch must be >= 0 \(0: off\), got -1"):
         compose(["trainer.max_tokens_per_micro_batch=-1"])
     with pytest.raises(ConfigError, match=r"^trainer.logprob_chunk_size must be >= 0"):
