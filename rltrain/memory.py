@@ -18,13 +18,16 @@ import torch
 _GIB = 2**30
 
 
+def process_status_gib(*keys: str) -> list[float]:
+    """Linux's /proc/self/status entries (``VmRSS``, ``VmHWM``, ``VmSize``...) of this process, in GiB."""
+    text = Path("/proc/self/status").read_text()
+    return [int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) * 1024 / _GIB for key in keys]
+
+
 def resident_gib() -> tuple[float, float]:
     """(current, peak) resident set of this process; the peak since the last reset where Linux allows one."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        text = status.read_text()
-        current, peak = (int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) * 1024 / _GIB
-                         for key in ("VmRSS", "VmHWM"))
+    if Path("/proc/self/status").exists():
+        current, peak = process_status_gib("VmRSS", "VmHWM")
         return current, peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, kB elsewhere
     peak_gib = peak / _GIB if sys.platform == "darwin" else peak * 1024 / _GIB

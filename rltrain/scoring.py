@@ -121,7 +121,8 @@ def _head_math(logits_NV: Tensor, targets_N: Tensor, temperature: float, top_p: 
     if softcap:  # Gemma-style final logit soft-capping, part of the model's logits
         logits_NV = torch.tanh(logits_NV / softcap) * softcap
     logits_NV = logits_NV / temperature
-    normaliser_N = torch.logsumexp(logits_NV, -1)
+    # the full distribution's normaliser: the log-prob's unless top-p samples from a nucleus, and the entropy's
+    normaliser_N = torch.logsumexp(logits_NV, -1) if top_p >= 1.0 or want_entropy else None
     if top_p < 1.0:  # the sampling distribution: the nucleus, renormalised
         logp_N = nucleus_logp(logits_NV, targets_N, top_p)
     else:

@@ -249,7 +249,7 @@ def measure(spec: Spec) -> dict:
     import transformers
 
     from rltrain.config import ModelConfig, ModelSource
-    from rltrain.memory import PeakMemory, resident_gib
+    from rltrain.memory import PeakMemory, process_status_gib, resident_gib
     from rltrain.models import load_model
 
     transformers.logging.set_verbosity_error()
@@ -262,7 +262,7 @@ def measure(spec: Spec) -> dict:
     step = build(spec, model, tokenizer, prompts, completions, advantages, prompt_of)
     loaded = resident_gib()[0]
     if spec.cap_gb:
-        held = _address_space_gib()
+        held = process_status_gib("VmSize")[0]  # the address space the process already holds
         limit = int((held + spec.cap_gb) * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     memory = PeakMemory(torch.device("cpu")).start()
@@ -271,11 +271,6 @@ def measure(spec: Spec) -> dict:
     seconds = time.perf_counter() - started
     return {**result, **memory.read(), "step_s": seconds, "loaded_gb": loaded,
             "tokens": int(completions.numel()), "prompt_tokens": len(prompts[0])}
-
-
-def _address_space_gib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmSize:")) / 2**20
 
 
 if __name__ == "__main__":
