@@ -139,7 +139,8 @@ def render(results: list[tuple[Spec, dict]], caps: list[tuple[Spec, dict]], comm
                   f"(`RLIMIT_AS`) above what the process holds once the model is loaded, {spec0.completions} "
                   f"completions ({spec0.completions // spec0.group} prompt(s) x {spec0.group}), lengths tried in "
                   "ascending order until one fails:", "",
-                  "| row | largest surviving L | its peak GiB | first failing L | how it failed |", "|---|---|---|---|---|"]
+                  "| row | largest surviving L | its peak GiB | first failing L | how it failed |",
+                  "|---|---|---|---|---|"]
         for spec, found in caps:
             best = found["survived"][-1] if found["survived"] else None
             fail = found["failure"]
