@@ -40,6 +40,7 @@ class RolloutBatch:
     reward_components: dict[str, Tensor] = field(default_factory=dict)  # name -> [N]
     correct_N: Tensor = None  # bool, filled with the rewards: the sample earned the task's full reward
     advantages_N: Tensor = None  # float32, filled by the algorithm
+    token_advantages: list[list[float]] = None  # per completion token, where the algorithm's vary along it (PPO)
     completion_mask: list[list[int]] = None  # 1 = token trained on; defaults to all ones
     # Multi-turn samples (rltrain.agents.task): per sample its transcript after the prompt ("messages"), the
     # environment's reward ("env_reward", None where it gave none), "turns", how it "ended", and its tool counts

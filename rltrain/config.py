@@ -58,6 +58,28 @@ class AdvantageScale(str, enum.Enum):
     none = "none"
 
 
+class AdvantageEstimator(str, enum.Enum):
+    grpo = "grpo"  # group-relative: R - group mean, scaled by advantage_scale (group std, batch std, or none)
+    rloo = "rloo"  # R - mean of the group's other samples
+    reinforce_pp = "reinforce_pp"  # R - group mean, then whitened over the whole batch
+
+
+class ImportanceLevel(str, enum.Enum):
+    token = "token"  # each token's own ratio
+    sequence = "sequence"  # the sequence's length-normalised ratio on every token (GSPO's)
+
+
+class KLEstimator(str, enum.Enum):
+    k1 = "k1"
+    k2 = "k2"
+    k3 = "k3"
+
+
+class KLPlacement(str, enum.Enum):
+    loss = "loss"  # beta * KL per token in the loss, with its gradient
+    reward = "reward"  # beta * the sequence's summed KL subtracted from its reward, before advantages
+
+
 class StdKind(str, enum.Enum):
     unbiased = "unbiased"
     population = "population"
@@ -282,15 +304,29 @@ class RolloutConfig:
 
 
 @dataclass
+class OverlongConfig:
+    """``algorithm.overlong``: what happens to completions that run long (DAPO, arXiv 2503.14476, section 3.4)."""
+
+    buffer: int = 0  # > 0: DAPO's soft overlong punishment, ramping to -1 over the last `buffer` tokens of max_len
+    max_len: int = 0  # the punishment's max_len; 0: rollout.max_tokens
+    filter: bool = False  # truncated completions (stopped at max tokens) carry no loss
+
+
+@dataclass
 class AlgorithmConfig:
     name: str = "grpo"
-    advantage_scale: AdvantageScale = AdvantageScale.group
+    advantage_estimator: AdvantageEstimator = AdvantageEstimator.grpo
+    advantage_scale: AdvantageScale = AdvantageScale.group  # advantage_estimator=grpo's scale
     advantage_std: StdKind = StdKind.unbiased
+    importance_level: ImportanceLevel = ImportanceLevel.token
     eps_low: float = 0.2
     eps_high: float = 0.2
-    beta: float = 0.0  # k3 KL to the initial policy
+    beta: float = 0.0  # KL to the initial policy
+    kl_estimator: KLEstimator = KLEstimator.k3
+    kl_placement: KLPlacement = KLPlacement.loss
     entropy_coef: float = 0.0
     aggregation: Aggregation = Aggregation.token_mean
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
     filter_constant_groups: bool = False
     max_refill_rounds: int = 0  # extra generation rounds to replace filtered groups
     # Each algorithm's own options, defined in its module (rltrain.algorithms.NAME), read by that algorithm only

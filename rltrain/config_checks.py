@@ -35,6 +35,11 @@ def check(config: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    o = config.algorithm.overlong
+    max_len = o.max_len or r.max_tokens
+    if o.buffer < 0 or o.max_len < 0 or o.buffer > max_len:
+        raise ConfigError(f"algorithm.overlong.buffer={o.buffer} must be in [0, max_len={max_len}] (0: no punishment; "
+                          "max_len: algorithm.overlong.max_len, or rollout.max_tokens when 0)")
     for key, value in {"trainer.max_tokens_per_micro_batch": t.max_tokens_per_micro_batch,
                        "trainer.logprob_chunk_size": t.logprob_chunk_size}.items():
         if value < 0:

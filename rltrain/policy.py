@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from rltrain.algorithms import aggregation
 from rltrain.algorithms.base import LossInputs, PolicyLoss  # noqa: F401 (the loss contract, re-exported)
 from rltrain.algorithms.corrections import Correction, correct
+from rltrain.algorithms.grpo import kl_estimate
 from rltrain.batch import RolloutBatch, Source
 from rltrain.distributed import World, without_zero3_hooks
 from rltrain.scoring import Scorer, ScoringSettings
@@ -255,10 +256,7 @@ class PolicyWorker:
         ref_logp: dict[int, list[float]] = {}
         if loss_fn.needs_reference:
             every = [i for i in range(len(batch)) if mine[i]]
-            values = self.logprobs(
-                [batch.train_prompt_ids[i] for i in every], [batch.completion_ids[i] for i in every], model=self.reference
-            ) if self.reference is not None else self._reference_logprobs_from_adapter(batch, every)
-            ref_logp = dict(zip(every, values))
+            ref_logp = dict(zip(every, self.reference_logprobs(batch, every)))
 
         permutation = torch.randperm(len(batch)).tolist() if n_updates > 1 else list(range(len(batch)))
         mini_batches = [permutation[k::n_updates] for k in range(n_updates)]
@@ -271,6 +269,22 @@ class PolicyWorker:
 
     def _collective(self) -> bool:
         return self.engine is not None and self.world.active
+
+    def reference_logprobs(self, batch: RolloutBatch, rows: list[int]) -> list[list[float]]:
+        """Per-token log-probs of samples ``rows`` (their training context) under the frozen reference."""
+        if self.reference is None:
+            return self._reference_logprobs_from_adapter(batch, rows)
+        return self.logprobs([batch.train_prompt_ids[i] for i in rows], [batch.completion_ids[i] for i in rows],
+                             model=self.reference)
+
+    def sequence_kl(self, batch: RolloutBatch, estimator: str) -> Tensor:
+        """[N]: each sample's KL estimate (``kl_estimate``) to the reference, summed over its trained tokens, under
+        the policy as it is now (no gradient): the KL a reward-side penalty subtracts. Every rank scores the batch."""
+        rows = list(range(len(batch)))
+        logp = self.logprobs([batch.train_prompt_ids[i] for i in rows], [batch.completion_ids[i] for i in rows])
+        width = max((len(c) for c in batch.completion_ids), default=0)
+        kl_NT = kl_estimate(_pad(logp, width), _pad(self.reference_logprobs(batch, rows), width), estimator=estimator)
+        return (kl_NT * _mask(batch, rows)).sum(-1)
 
     def _reference_logprobs_from_adapter(self, batch: RolloutBatch, rows: list[int]) -> list[list[float]]:
         """For a PEFT model the reference is the base model: the same module with its adapters disabled."""
@@ -326,6 +340,8 @@ class PolicyWorker:
                 ref_logp_BT=_pad([ref_logp[i] for i in mb], logp_BT.shape[1]).to(logp_BT.device) if ref_logp else None,
                 behaviour_logp_BT=_pad([batch.behaviour_logp[i] for i in mb], logp_BT.shape[1]).to(logp_BT.device),
                 adv_B=batch.advantages_N[mb].to(logp_BT.device),
+                token_adv_BT=None if batch.token_advantages is None else
+                _pad([batch.token_advantages[i] for i in mb], logp_BT.shape[1]).to(logp_BT.device),
                 mask_BT=mask_BT,
                 sources=[batch.sources[i] for i in mb],
                 entropy_BT=entropy_BT,

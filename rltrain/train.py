@@ -22,6 +22,7 @@ import torch
 from rltrain.algorithms.base import Algorithm, Selection, Setup
 from rltrain.algorithms.grpo import constant_groups
 from rltrain.algorithms.registry import algorithm_class
+from rltrain.algorithms.shaping import RewardShaping
 from rltrain.batch import RolloutBatch, Source
 from rltrain.budget.features import Projection, pooled_hidden_states
 from rltrain.budget.plan import RolloutPlanner
@@ -64,6 +65,7 @@ class Components:
     policy: PolicyWorker
     engine: ShardedEngine
     algorithm: Algorithm  # how a step's samples are produced, their advantages, the loss
+    shaping: RewardShaping  # overlong punishment or filtering, KL in the reward (algorithm.overlong, kl_placement)
     selector: UniformSelector | PlannedSelector  # which prompts, how many samples each
     rewards: RewardScorer
     tokenizer: object
@@ -111,6 +113,7 @@ def build(config: Config, world: World = World()) -> Components:
                   max_prompt_tokens=start.max_prompt_tokens, skip_invalid=config.task.invalid_rows == InvalidRows.skip)
     components = Components(
         policy=policy, engine=engine, algorithm=algorithm_class(config.algorithm.name)(config.algorithm, setup),
+        shaping=RewardShaping(config.algorithm, setup.max_tokens, policy.sequence_kl),
         selector=selector, rewards=RewardScorer.from_config(config.task), tokenizer=tokenizer, train_ids=train_ids,
         eval_ids=eval_ids, adapter_base=adapter_base, world=world,
         sampling=SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens, seed=t.seed),
@@ -303,18 +306,20 @@ def train_step(c: Components, config: Config, step: int, rollouts_before: int = 
     if batch is None:  # nothing to learn from (see generate_step)
         record.update(reward_mean=float("nan"), accuracy=float("nan"), empty_batch=1.0)
     else:
-        batch.advantages_N = c.algorithm.advantages(batch)
         sampled = [i for i, source in enumerate(batch.sources) if source != Source.EXTERNAL]  # generated here
         record.update(
-            reward_mean=float(batch.rewards_N.mean()),
+            reward_mean=float(batch.rewards_N.mean()),  # the task's reward, before shaping
             accuracy=float(batch.correct_N.float().mean()),
             completion_len_mean=sum(len(batch.completion_ids[i]) for i in sampled) / max(len(sampled), 1),
             truncated_frac=float(batch.truncated_N[sampled].float().mean()) if sampled else 0.0,
-            **{f"reward/{k}": float(v.nanmean()) for k, v in batch.reward_components.items()},  # where it applies
         )
+        batch, shaping = c.shaping(batch)  # overlong punishment or filtering, KL in the reward: as configured
+        record.update(shaping, **{f"reward/{k}": float(v.nanmean()) for k, v in batch.reward_components.items()})
+        batch.advantages_N = c.algorithm.advantages(batch)
         # the scheduler steps after this update: the next update's rate follows the progress this step makes
         progress = run_progress(config.trainer, step, rollouts_before + stats["rollouts"])
         record.update(c.policy.update(batch, c.algorithm.loss, progress=progress))
+        record.update(c.algorithm.learn(batch))  # what the algorithm trains besides the policy (PPO's critic)
     updated = time.perf_counter()
     record["time_update_s"] = updated - generated
     if c.ahead is None:

@@ -73,6 +73,16 @@ def test_cross_field_check_names_key():
         compose(["trainer.max_tokens_per_micro_batch=-1"])
     with pytest.raises(ConfigError, match=r"^trainer.logprob_chunk_size must be >= 0"):
         compose(["trainer.logprob_chunk_size=-5"])
+    with pytest.raises(ConfigError, match=r"^algorithm.overlong.buffer=300 must be in \[0, max_len=256\]"):
+        compose(["algorithm.overlong.buffer=300", "rollout.max_tokens=256"])
+    for name in ("guide", "rl_plus", "gmpo"):  # their losses are per token by construction
+        with pytest.raises(ConfigError, match=f"^algorithm.importance_level=sequence does not apply to algorithm.name="
+                                              f"{name}: it takes token"):
+            compose([f"algorithm={name}", "algorithm.importance_level=sequence"])
+    with pytest.raises(ConfigError, match="^algorithm.importance_level=token does not apply to algorithm.name=gspo"):
+        compose(["algorithm=gspo", "algorithm.importance_level=token"])
+    assert compose(["algorithm=cispo", "algorithm.importance_level=sequence"]).algorithm.importance_level.value == \
+        "sequence"
     long = compose(["trainer.gradient_checkpointing=true", "trainer.selective_checkpointing=true",
                     "trainer.max_tokens_per_micro_batch=8192", "trainer.logprob_chunk_size=256"]).trainer
     assert (long.gradient_checkpointing, long.selective_checkpointing, long.max_tokens_per_micro_batch,

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 import statistics
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from rltrain.algorithms import aggregation
+from rltrain.algorithms.base import LossInputs
 from rltrain.algorithms.aggregation import aggregate
 from rltrain.algorithms.grpo import GRPOLoss, clipped_surrogate, constant_groups, group_advantages, k3_kl
+from rltrain.batch import Source
 
 EPS = 1e-6
 
@@ -299,7 +300,9 @@ def test_constant_groups_flags():
 
 
 def _inputs(logp, old, adv_B, ref=None, entropy=None):
-    return SimpleNamespace(logp_BT=logp, old_logp_BT=old, adv_B=adv_B, ref_logp_BT=ref, entropy_BT=entropy)
+    return LossInputs(logp_BT=logp, old_logp_BT=old, adv_B=adv_B, ref_logp_BT=ref, entropy_BT=entropy,
+                      behaviour_logp_BT=torch.zeros_like(old), mask_BT=torch.ones_like(old),
+                      sources=[Source.ON_POLICY] * len(adv_B))
 
 
 def test_grpo_loss_metrics_and_clip_fraction():

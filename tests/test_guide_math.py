@@ -6,11 +6,11 @@ micro-batch size against an unpadded reference written out here. Pure math in mi
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from rltrain.algorithms.base import LossInputs
 from rltrain.algorithms.aggregation import aggregate
 from rltrain.algorithms.grpo import GRPOLoss, group_advantages
 from rltrain.algorithms.guide import GuideLoss, masked_quantile, percentile_gamma, shaped_surrogate
@@ -26,7 +26,7 @@ def inputs(logp, old, adv, mask=None, sources=None, *, ref=None, entropy=None, s
     """The fields of policy.LossInputs the losses read."""
     mask = torch.ones_like(old) if mask is None else mask
     sources = [HINTED] * old.shape[0] if sources is None else sources
-    return SimpleNamespace(logp_BT=logp, old_logp_BT=old, ref_logp_BT=ref, behaviour_logp_BT=torch.zeros_like(old),
+    return LossInputs(logp_BT=logp, old_logp_BT=old, ref_logp_BT=ref, behaviour_logp_BT=torch.zeros_like(old),
                            adv_B=adv, mask_BT=mask, sources=sources, entropy_BT=entropy, step=step or {})
 
 

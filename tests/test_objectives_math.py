@@ -1,5 +1,6 @@
 """Hand-computed test vectors for the objectives of api.md's "Objectives" section (CISPO, SAPO, RLOO, REINFORCE++,
-DAPO's overlong penalty, GAE); each number's arithmetic is written beside it. Milliseconds, CPU."""
+DAPO's overlong penalty, GAE) and the options beside them (GMPO, the sequence-level ratio, the KL estimators, the
+reward shaping stage); each number's arithmetic is written beside it. Milliseconds, CPU."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ import torch
 
 from rltrain.algorithms.advantages import reinforce_pp, rloo
 from rltrain.algorithms.cispo import cispo_surrogate
+from rltrain.algorithms.gmpo import gmpo_surrogate
+from rltrain.algorithms.grpo import importance_log_ratio, kl_estimate
 from rltrain.algorithms.ppo import gae
 from rltrain.algorithms.sapo import sapo_surrogate
-from rltrain.algorithms.shaping import overlong_penalty
+from rltrain.algorithms.shaping import RewardShaping, overlong_penalty
+from rltrain.batch import RolloutBatch
+from rltrain.config import AlgorithmConfig, KLPlacement
 
 
 def test_cispo_clips_the_detached_weight_and_keeps_every_tokens_gradient():
@@ -83,3 +88,64 @@ def test_gae_on_three_sequences_by_hand():
     # returns = A + V
     assert returns.tolist()[0] == pytest.approx([0.71712, 0.846, 1.0], abs=1e-6)
     assert returns.tolist()[1] == pytest.approx([0.792, 9.0, 1.0], abs=1e-6)
+
+
+def test_gmpo_geometric_mean_of_log_space_clipped_ratios():
+    # log-ratios: row 0 (A = 2 > 0): 0.1, 0.6 (above eps_high 0.4: clipped to 0.4), -0.3 masked out;
+    #             row 1 (A = -1 < 0): -0.6 (below -eps_low: clipped to -0.4), 0.5 (kept: max(l, clip(l)) = 0.5)
+    old = torch.zeros(2, 3)
+    logp = torch.tensor([[0.1, 0.6, -0.3], [-0.6, 0.5, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    loss = gmpo_surrogate(logp, old, torch.tensor([2.0, -1.0]), mask, eps_low=0.4, eps_high=0.4)
+    # row 0: -2 * exp((0.1 + 0.4) / 2) = -2 exp(0.25) = -2.568051; row 1: +1 * exp((-0.4 + 0.5) / 2) = exp(0.05)
+    assert loss.tolist() == pytest.approx([-2 * math.exp(0.25), math.exp(0.05)], rel=1e-6)
+    loss.sum().backward()
+    # d/dl_t = -A s / |o| on unclipped tokens, 0 on clipped and masked ones
+    assert logp.grad[0].tolist() == pytest.approx([-math.exp(0.25), 0.0, 0.0], abs=1e-6)
+    assert logp.grad[1].tolist() == pytest.approx([0.0, math.exp(0.05) / 2, 0.0], abs=1e-6)
+
+
+def test_sequence_level_log_ratio_is_the_masked_mean_on_every_token():
+    logp = torch.tensor([[0.2, -0.4, 9.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    seq = importance_log_ratio(logp, torch.zeros(2, 3), mask, level="sequence")
+    # (0.2 - 0.4) / 2 = -0.1 on all three tokens (the masked 9.0 is left out); an all-masked row gets 0
+    assert seq.flatten().tolist() == pytest.approx([-0.1] * 3 + [0.0] * 3)
+    assert torch.equal(importance_log_ratio(logp, torch.zeros(2, 3), mask), logp)  # token level: as it is
+
+
+def test_kl_estimators_by_hand():
+    logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    # d = logp - ref = 0.5, -1.0
+    assert kl_estimate(logp, ref, estimator="k1").tolist()[0] == pytest.approx([0.5, -1.0])
+    assert kl_estimate(logp, ref, estimator="k2").tolist()[0] == pytest.approx([0.125, 0.5])  # d^2 / 2
+    # k3 = exp(-d) + d - 1: exp(-0.5) - 0.5 = 0.106531, exp(1) - 2 = 0.718282
+    assert kl_estimate(logp, ref, estimator="k3").tolist()[0] == pytest.approx(
+        [math.exp(-0.5) - 0.5, math.e - 2.0], rel=1e-6)
+
+
+def _shaping_batch() -> RolloutBatch:
+    completions = [[1] * 3, [1] * 7, [1] * 9, [1] * 10]
+    return RolloutBatch(
+        train_prompt_ids=[[5]] * 4, gen_prompt_ids=[[5]] * 4, completion_ids=completions,
+        behaviour_logp=[[0.0] * len(c) for c in completions], group_ids_N=[0, 0, 1, 1],
+        sources=["on_policy", "on_policy", "on_policy", "external"], prompt_index=[0, 0, 1, 1],
+        truncated_N=[False, False, True, True],
+    ).with_rewards(torch.tensor([1.0, 0.0, 1.0, 1.0]), {})
+
+
+def test_reward_shaping_overlong_penalty_filter_and_kl_in_the_reward():
+    config = AlgorithmConfig(beta=0.1, kl_placement=KLPlacement.reward)
+    config.overlong.buffer, config.overlong.filter = 4, True
+    kl = lambda batch, estimator: torch.tensor([1.0, 2.0, 3.0, 4.0]) * (estimator == "k3")  # noqa: E731
+    shaped, metrics = RewardShaping(config, 10, kl)(_shaping_batch())
+    # max_len 10, buffer 4: lengths 3 -> 0; 7 -> (6 - 7) / 4 = -0.25; 9 -> -0.75; the demonstration (10) is not punished
+    assert shaped.reward_components["overlong"].tolist() == pytest.approx([0.0, -0.25, -0.75, 0.0])
+    # R + penalty - 0.1 * KL: 1 - 0.1; 0 - 0.25 - 0.2; 1 - 0.75 - 0.3; 1 - 0.4
+    assert shaped.rewards_N.tolist() == pytest.approx([0.9, -0.45, -0.05, 0.6])
+    assert shaped.correct_N.tolist() == [True, False, True, True]  # correctness is the task's, not the shaped reward's
+    # the truncated generated sample carries no loss; the demonstration (not generated here) keeps its mask
+    assert [sum(m) for m in shaped.completion_mask] == [3, 7, 0, 10]
+    assert metrics == {"kl_reward": pytest.approx(2.5), "overlong_filtered_frac": 0.25}
+    unshaped, none = RewardShaping(AlgorithmConfig(), 10)(_shaping_batch())
+    assert none == {} and unshaped.rewards_N.tolist() == [1.0, 0.0, 1.0, 1.0]

@@ -6,11 +6,11 @@ same loss and gradient for every micro-batch size against an unpadded reference 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from rltrain.algorithms.base import LossInputs
 from rltrain.algorithms.aggregation import aggregate
 from rltrain.algorithms.grpo import clipped_surrogate, group_advantages
 from rltrain.algorithms.rl_plus import RLPlusLoss, exploration_advantage, mis_ratio
@@ -26,7 +26,7 @@ ON, EXT = Source.ON_POLICY, Source.EXTERNAL
 def inputs(logp, old, adv, sources, *, mask=None, ref=None, entropy=None):
     """The fields of policy.LossInputs the losses read."""
     mask = torch.ones_like(old) if mask is None else mask
-    return SimpleNamespace(logp_BT=logp, old_logp_BT=old, ref_logp_BT=ref, behaviour_logp_BT=torch.zeros_like(old),
+    return LossInputs(logp_BT=logp, old_logp_BT=old, ref_logp_BT=ref, behaviour_logp_BT=torch.zeros_like(old),
                            adv_B=adv, mask_BT=mask, sources=sources, entropy_BT=entropy, step={})
 
 

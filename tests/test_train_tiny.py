@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -73,6 +74,21 @@ def test_bf16_kl_and_several_updates_per_step(tmp_path):
     steps = [r for r in records if "step" in r]
     assert all(r["skipped_update"] == 0.0 and r["kl"] >= 0.0 for r in steps)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+
+
+def test_objective_options_compose_in_one_run(tmp_path):
+    """GMPO with REINFORCE++ advantages, DAPO's overlong punishment and filter, and a k1 KL in the reward, over two
+    updates per step: every option takes part (its metric is logged) and the updates stay finite."""
+    _, records = run(tmp_path, "trainer.steps=2", "trainer.eval_every=0", "algorithm=gmpo",
+                     "algorithm.advantage_estimator=reinforce_pp", "algorithm.overlong.buffer=4",
+                     "algorithm.overlong.filter=true", "algorithm.beta=0.05", "algorithm.kl_placement=reward",
+                     "algorithm.kl_estimator=k1", "trainer.updates_per_step=2", DENSE_REWARD)
+    steps = [r for r in records if "step" in r]
+    for r in steps:
+        assert r["reward/overlong"] <= 0.0 and 0.0 <= r["overlong_filtered_frac"] <= 1.0
+        assert "kl" not in r and math.isfinite(r["kl_reward"])  # the KL is the reward's, not the loss's
+        assert r["skipped_update"] == 0.0 and math.isfinite(r["loss"]) and r["grad_norm"] > 0
+    assert steps[-1]["kl_reward"] != 0.0  # the policy moved away from the reference after the first update
 
 
 def test_constant_groups_are_filtered_and_refilled(tmp_path):

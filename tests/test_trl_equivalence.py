@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import replace
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -30,6 +31,8 @@ from rltrain.algorithms.grpo import GRPOLoss, group_advantages  # noqa: E402
 from rltrain.algorithms.cispo import CISPOLoss  # noqa: E402
 from rltrain.algorithms.gspo import GSPOLoss  # noqa: E402
 from rltrain.algorithms.sapo import SAPOLoss  # noqa: E402
+from rltrain.algorithms.shaping import RewardShaping, overlong_penalty  # noqa: E402
+from rltrain.config import AlgorithmConfig  # noqa: E402
 from rltrain.batch import RolloutBatch  # noqa: E402
 from rltrain.config import ModelConfig, ModelSource, TinyModelConfig  # noqa: E402
 from rltrain.models import tiny_model, tiny_tokenizer  # noqa: E402
@@ -278,15 +281,17 @@ def test_loss_types_differ_on_this_batch(model):
 # ---- CISPO and SAPO: TRL's loss_type="cispo" / "sapo" -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("policy", ["on", "off"])
 @pytest.mark.parametrize("name", ["cispo", "sapo"])
-def test_cispo_and_sapo_match_trl(model, name, policy):
+def test_cispo_and_sapo_match_trl(model, name, policy, level):
     """algorithm=cispo (the capped, detached weight times the REINFORCE term; TRL's token mean over the batch) and
     algorithm=sapo (the sigmoid gate; TRL's per-sequence mean), on-policy and with old log-probs that move the ratio
-    past CISPO's cap and across SAPO's gate, accumulated over micro-batches of 3."""
+    past CISPO's cap and across SAPO's gate, at each importance level (algorithm.importance_level, TRL's
+    importance_sampling_level), accumulated over micro-batches of 3."""
     batch = make_batch()
     worker, recorded = rltrain_worker(model)
-    settings = dict(eps_low=EPS_LOW, max_len=MAX_COMPLETION_LENGTH)
+    settings = dict(eps_low=EPS_LOW, max_len=MAX_COMPLETION_LENGTH, level=level)
     loss_fn = (CISPOLoss(eps_high=CISPO_MAX, aggregation="token_mean", **settings) if name == "cispo" else
                SAPOLoss(tau_pos=SAPO_TAU[0], tau_neg=SAPO_TAU[1], eps_high=EPS_HIGH, aggregation="seq_mean_token_mean",
                         **settings))
@@ -295,11 +300,13 @@ def test_cispo_and_sapo_match_trl(model, name, policy):
         metrics = worker.update(batch, loss_fn)
     else:
         metrics = worker._one_update(batch, list(range(len(batch))), loss_fn, old_logp, {})
-    trl_loss, trl_grads, _ = trl_step(model, batch, name, old_logp=old_logp, eps=(EPS_LOW, CISPO_MAX))
+    trl_loss, trl_grads, _ = trl_step(model, batch, name, old_logp=old_logp, eps=(EPS_LOW, CISPO_MAX), level=level)
     assert metrics["loss"] == pytest.approx(trl_loss, abs=TOL)
     assert_grads_close(recorded[0], trl_grads)
-    if name == "cispo" and old_logp is not None:  # the cap is exercised on some tokens, not all
+    if name == "cispo" and old_logp is not None:  # the cap is exercised on some tokens (or sequences), not all
         assert 0.0 < metrics["clip_frac"] < 1.0
+    if old_logp is not None and level == "sequence":  # the sequence level is not the token level on this batch
+        assert abs(trl_step(model, batch, name, old_logp=old_logp, eps=(EPS_LOW, CISPO_MAX))[0] - trl_loss) > 1e-4
     if name == "sapo" and old_logp is not None:  # off-policy the gate is not the clipped surrogate
         assert abs(trl_step(model, batch, "grpo", old_logp=old_logp)[0] - trl_loss) > 1e-4
 
@@ -338,6 +345,47 @@ def test_gspo_matches_trl_sequence_level(model, loss_type, policy):
         assert 0.0 < metrics["clip_frac"] < 1.0
         token_level, _, _ = trl_step(model, batch, loss_type, old_logp=old_logp, eps=GSPO_EPS)
         assert abs(token_level - trl_loss) > 1e-3  # sequence level is not the token level on this batch
+
+
+# ---- DAPO's overlong shaping: TRL's get_soft_overlong_punishment and mask_truncated_completions -------------------
+
+
+def test_overlong_penalty_is_trls_soft_overlong_punishment():
+    from trl.rewards import get_soft_overlong_punishment
+
+    lengths = list(range(0, 40))
+    theirs = get_soft_overlong_punishment(max_completion_len=30, soft_punish_cache=8)([[7] * n for n in lengths])
+    ours = overlong_penalty(torch.tensor(lengths), max_len=30, buffer=8)
+    assert ours.tolist() == pytest.approx(theirs, abs=1e-7)
+    assert min(theirs) == -1.0 and 0.0 in theirs and any(-1 < x < 0 for x in theirs)  # all three pieces
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_overlong_filter_matches_trls_masked_truncated_completions(model, loss_type):
+    """algorithm.overlong.filter=true (rltrain.algorithms.shaping.RewardShaping) trains on what TRL's
+    mask_truncated_completions=True does: TRL zeroes the completion and tool masks of truncated samples and counts
+    the batch's tokens after (its lines, applied to the inputs here); rltrain zeroes their trained-token mask.
+    Off-policy, micro-batches of 3."""
+    truncated = [True, False, False, False, True, False, False]
+    batch = replace(make_batch(), truncated_N=torch.tensor(truncated))
+    config = AlgorithmConfig()
+    config.overlong.filter = True
+    shaped, metrics = RewardShaping(config, MAX_COMPLETION_LENGTH)(batch)
+    assert metrics["overlong_filtered_frac"] == pytest.approx(2 / 7)
+    worker, recorded = rltrain_worker(model)
+    old_logp = perturbed_old_logprobs(worker, shaped)
+    ours = worker._one_update(shaped, list(range(len(shaped))), rltrain_loss(loss_type), old_logp, {})
+    inputs = trl_inputs(batch, old_logp)
+    kept = (~torch.tensor(truncated)).unsqueeze(1).int()  # TRL's masking, then its token count from the masks
+    inputs["completion_mask"], inputs["tool_mask"] = inputs["completion_mask"] * kept, inputs["tool_mask"] * kept
+    inputs["num_items_in_batch"] = (inputs["completion_mask"] * inputs["tool_mask"]).sum()
+    trl_model = copy.deepcopy(model)
+    add_fused_lm_head(trl_model, temperature=TEMPERATURE, outputs=("log_probs", "entropy"))
+    trl_loss = TRLGRPOLoss(loss_type)._compute_loss(trl_model, inputs)
+    trl_loss.backward()
+    assert ours["loss"] == pytest.approx(trl_loss.item(), abs=TOL)
+    assert_grads_close(recorded[0], {n: p.grad for n, p in trl_model.named_parameters()})
+    assert abs(trl_step(model, batch, loss_type, old_logp=old_logp)[0] - trl_loss.item()) > 1e-4  # the mask matters
 
 
 @pytest.mark.parametrize("messages", [

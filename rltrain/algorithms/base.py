@@ -38,6 +38,11 @@ class LossInputs:
     sources: list[Source]
     entropy_BT: Tensor | None  # only when the loss asks for it
     step: dict[str, Tensor] = field(default_factory=dict)  # loss_fn.step_statistics of this optimizer step
+    token_adv_BT: Tensor | None = None  # per-token advantages, where the algorithm gives them (PPO's GAE)
+
+    def advantages(self) -> Tensor:
+        """The advantages a loss multiplies: per token [B, T] where the algorithm gives them, else per sample [B]."""
+        return self.adv_B if self.token_adv_BT is None else self.token_adv_BT
 
 
 class PolicyLoss(Protocol):
@@ -151,6 +156,11 @@ class Algorithm(ABC):
     @abstractmethod
     def advantages(self, batch: RolloutBatch) -> Tensor:
         """Per-sample advantages [N] of a scored batch."""
+
+    def learn(self, batch: RolloutBatch) -> dict[str, float]:
+        """Train what the algorithm learns besides the policy (PPO's critic) on the step's batch, after the policy's
+        update; its metrics. Most algorithms learn nothing else."""
+        return {}
 
     def summarize(self, counts: dict[str, float]) -> dict[str, float]:
         """Metrics derived from the step's summed ``produce`` counts."""

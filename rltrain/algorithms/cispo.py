@@ -8,7 +8,8 @@ The weight is detached, so every token keeps a REINFORCE gradient -w_t A d(logp_
 clipped surrogate drops the gradient of tokens outside its range, and in long reasoning those are often the rare
 "fork" tokens the update most needs. The value equals -min(r, max_ratio) A logp. The paper also clips from below
 (1 - eps_low) and leaves it unused; like TRL 1.16's ``loss_type="cispo"`` (``epsilon_high`` = max_ratio) there is
-only the upper bound.
+only the upper bound. With ``algorithm.importance_level=sequence`` r_t is the sequence's GSPO ratio (TRL's
+``importance_sampling_level="sequence"``).
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rltrain.algorithms.grpo import GRPO, GRPOLoss
+from rltrain.algorithms.grpo import GRPO, GRPOLoss, per_token
 
 
 def cispo_surrogate(logp_BT: Tensor, old_logp_BT: Tensor, adv_B: Tensor, *, max_ratio: float = 5.0) -> Tensor:
     """Per-token loss [B, T]: -sg(min(r, max_ratio)) * A * logp."""
-    weight_BT = torch.clamp(torch.exp(logp_BT - old_logp_BT), max=max_ratio).detach()
-    return -weight_BT * adv_B.unsqueeze(-1) * logp_BT
+    return cispo_objective(torch.exp(logp_BT - old_logp_BT), adv_B, logp_BT, max_ratio=max_ratio)
+
+
+def cispo_objective(ratio_BT: Tensor, adv: Tensor, logp_BT: Tensor, *, max_ratio: float) -> Tensor:
+    """-sg(min(r, max_ratio)) * A * logp for given ratios (a token's, or its sequence's); A per sample or per token."""
+    return -torch.clamp(ratio_BT, max=max_ratio).detach() * per_token(adv) * logp_BT
 
 
 class CISPOLoss(GRPOLoss):
@@ -30,8 +35,8 @@ class CISPOLoss(GRPOLoss):
     optional KL and entropy terms. Metrics: ``ratio_mean`` and ``clip_frac`` (tokens whose weight was capped)."""
 
     def __call__(self, inputs) -> tuple[Tensor, dict[str, Tensor]]:
-        loss_BT = cispo_surrogate(inputs.logp_BT, inputs.old_logp_BT, inputs.adv_B, max_ratio=self.eps_high)
-        ratio_BT = torch.exp(inputs.logp_BT.detach() - inputs.old_logp_BT)
+        ratio_BT = self.ratio(inputs).detach()
+        loss_BT = cispo_objective(ratio_BT, inputs.advantages(), inputs.logp_BT, max_ratio=self.eps_high)
         return self.regularized(loss_BT, inputs, {"ratio_mean": ratio_BT,
                                                   "clip_frac": (ratio_BT > self.eps_high).float()})
 

@@ -352,6 +352,8 @@ class Guide(GRPO):
     """GRPO whose failed groups are regenerated with hints (``HintGuidance``) and whose hinted samples are trained
     with the shaped loss (``GuideLoss``). The hint levels reached by escalation are checkpointed."""
 
+    importance_levels = ("token",)  # its hinted samples' correction is per token
+
     options = GuideConfig
     options_key = "guide"
 
@@ -374,6 +376,7 @@ class Guide(GRPO):
 
     @classmethod
     def check(cls, config) -> None:
+        super().check(config)
         g = config.algorithm.guide
         if not 0 <= g.reroll_threshold < 1 or not 0 < g.quantile <= 1 or not g.gamma_value > 0:
             raise ConfigError("algorithm.guide: reroll_threshold must be in [0, 1), quantile in (0, 1], "

@@ -17,6 +17,7 @@ BUILTIN = {
     "gspo": "rltrain.algorithms.gspo:GSPO",
     "cispo": "rltrain.algorithms.cispo:CISPO",
     "sapo": "rltrain.algorithms.sapo:SAPO",
+    "gmpo": "rltrain.algorithms.gmpo:GMPO",
 }
 ENTRY_POINT_GROUP = "rltrain.algorithms"
 

@@ -334,6 +334,8 @@ class RLPlus(GRPO):
     """GRPO groups with ``n_external`` demonstrations each (``Demonstrations``), trained with ``RLPlusLoss``. A
     group keeps the size the prompt selector gave it: its demonstrations take that many of its places."""
 
+    importance_levels = ("token",)  # its demonstrations' MIS weight is per token
+
     options = RLPlusConfig
     options_key = "rl_plus"
 
@@ -350,6 +352,7 @@ class RLPlus(GRPO):
 
     @classmethod
     def check(cls, config) -> None:
+        super().check(config)
         p, t, b = config.algorithm.rl_plus, config.trainer, config.budget
         if not 1 <= p.n_external < t.rollouts_per_prompt:
             raise ConfigError(f"algorithm.rl_plus.n_external={p.n_external} must be >= 1 and leave on-policy samples "

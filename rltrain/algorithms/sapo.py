@@ -7,7 +7,8 @@ Equation as implemented, per token with r_t = exp(logp_t - old_logp_t):
 
 At r = 1 the gate's slope is 1 (sigmoid' (0) = 1/4, times 4), so on-policy the gradient is GRPO's; away from 1 it
 decays smoothly instead of vanishing at a clip boundary. A larger tau for negative advantages damps those updates
-faster (they spread probability over the whole vocabulary).
+faster (they spread probability over the whole vocabulary). With ``algorithm.importance_level=sequence`` r_t is
+the sequence's GSPO ratio (TRL's ``importance_sampling_level="sequence"``).
 """
 
 from __future__ import annotations
@@ -17,16 +18,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rltrain.algorithms.grpo import GRPO, GRPOLoss
+from rltrain.algorithms.grpo import GRPO, GRPOLoss, per_token
 
 
 def sapo_surrogate(logp_BT: Tensor, old_logp_BT: Tensor, adv_B: Tensor, *, tau_pos: float = 1.0,
                    tau_neg: float = 1.05) -> Tensor:
     """Per-token loss [B, T]: -(4 / tau) sigmoid(tau (r - 1)) A."""
-    ratio_BT = torch.exp(logp_BT - old_logp_BT)
-    tau_B = torch.where(adv_B > 0, torch.full_like(adv_B, tau_pos), torch.full_like(adv_B, tau_neg))
-    tau_BT = tau_B.unsqueeze(-1)
-    return -(4.0 / tau_BT) * torch.sigmoid(tau_BT * (ratio_BT - 1.0)) * adv_B.unsqueeze(-1)
+    return sapo_objective(torch.exp(logp_BT - old_logp_BT), adv_B, tau_pos=tau_pos, tau_neg=tau_neg)
+
+
+def sapo_objective(ratio_BT: Tensor, adv: Tensor, *, tau_pos: float, tau_neg: float) -> Tensor:
+    """-(4 / tau) sigmoid(tau (r - 1)) A for given ratios; A per sample or per token."""
+    adv_BT = per_token(adv)
+    tau_BT = torch.where(adv_BT > 0, torch.full_like(adv_BT, tau_pos), torch.full_like(adv_BT, tau_neg))
+    return -(4.0 / tau_BT) * torch.sigmoid(tau_BT * (ratio_BT - 1.0)) * adv_BT
 
 
 @dataclass
@@ -47,10 +52,9 @@ class SAPOLoss(GRPOLoss):
         self.tau_pos, self.tau_neg = tau_pos, tau_neg
 
     def __call__(self, inputs) -> tuple[Tensor, dict[str, Tensor]]:
-        loss_BT = sapo_surrogate(inputs.logp_BT, inputs.old_logp_BT, inputs.adv_B, tau_pos=self.tau_pos,
-                                 tau_neg=self.tau_neg)
-        ratio_BT = torch.exp(inputs.logp_BT.detach() - inputs.old_logp_BT)
-        return self.regularized(loss_BT, inputs, {"ratio_mean": ratio_BT})
+        ratio_BT = self.ratio(inputs)
+        loss_BT = sapo_objective(ratio_BT, inputs.advantages(), tau_pos=self.tau_pos, tau_neg=self.tau_neg)
+        return self.regularized(loss_BT, inputs, {"ratio_mean": ratio_BT.detach()})
 
 
 class SAPO(GRPO):
