@@ -166,6 +166,18 @@ class RolloutBatch:
                 values[f.name] = [x for p in parts for x in p]
         return RolloutBatch(**values)
 
+    def with_advantages(self, advantages: Tensor | list[Tensor]) -> "RolloutBatch":
+        """The batch with an algorithm's advantages: per sample [N], or per token (N tensors, one value per completion
+        token: ``token_advantages``, with ``advantages_N`` their mean over each sample's trained tokens)."""
+        if isinstance(advantages, Tensor):
+            return replace(self, advantages_N=advantages.to(torch.float32), token_advantages=None)
+        if len(advantages) != len(self) or any(len(a) != len(c) for a, c in zip(advantages, self.completion_ids)):
+            raise ValueError("per-token advantages need one tensor per sample, one value per completion token")
+        means = [float((a.float() * torch.tensor(m, dtype=torch.float32)).sum()) / max(sum(m), 1)
+                 for a, m in zip(advantages, self.completion_mask)]
+        return replace(self, advantages_N=torch.tensor(means, dtype=torch.float32),
+                       token_advantages=[a.float().tolist() for a in advantages])
+
     def with_rewards(self, rewards_N: Tensor, components: dict[str, Tensor], full_reward: float | Tensor = 1.0
                      ) -> "RolloutBatch":
         """The batch scored: rewards, their components, and ``correct_N`` (the reward reaches ``full_reward``, one

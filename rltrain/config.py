@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from rltrain.algorithms.corrections import Correction, CorrectionMode  # noqa: F401 (re-exported)
 from rltrain.algorithms.guide import GammaKind, GammaScope, GuideConfig, GuideMode  # noqa: F401 (re-exported)
 from rltrain.algorithms.rl_plus import ExternalTerm, MisUniform, RLPlusConfig  # noqa: F401 (re-exported)
+from rltrain.algorithms.ppo import PPOConfig
 from rltrain.algorithms.sapo import SAPOConfig
 from rltrain.errors import ConfigError  # noqa: F401 (re-exported)
 from rltrain.tasks.reasoning_gym import ReasoningGymConfig
@@ -333,6 +334,7 @@ class AlgorithmConfig:
     guide: GuideConfig = field(default_factory=GuideConfig)
     rl_plus: RLPlusConfig = field(default_factory=RLPlusConfig)
     sapo: SAPOConfig = field(default_factory=SAPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     options: dict[str, Any] = field(default_factory=dict)  # a plug-in algorithm's (name=module:Class) own options
 
 

@@ -90,6 +90,8 @@ def build(config: Config, world: World = World()) -> Components:
     else:
         selector = UniformSelector(sampler, config.trainer.rollouts_per_prompt)
     engine_init = save_engine_init(config, model, tokenizer, world)
+    algorithm_cls = algorithm_class(config.algorithm.name)
+    model_copy = copy.deepcopy(model) if algorithm_cls.wants_model_copy else None  # before adapters and sharding
     model, adapter_base = with_adapter(config, model)
     reference = None  # the KL term's: with an adapter, the base is the model with the adapter disabled
     if config.adapter.kind != AdapterKind.lora and config.algorithm.beta != 0.0:
@@ -110,9 +112,10 @@ def build(config: Config, world: World = World()) -> Components:
                           engine_init=engine_init)
     setup = Setup(prompts=train_ids, tokenizer=tokenizer, vocab_size=model.config.vocab_size,
                   rollouts_per_prompt=t.rollouts_per_prompt, max_tokens=config.task.completion_tokens(r.max_tokens),
-                  max_prompt_tokens=start.max_prompt_tokens, skip_invalid=config.task.invalid_rows == InvalidRows.skip)
+                  max_prompt_tokens=start.max_prompt_tokens, skip_invalid=config.task.invalid_rows == InvalidRows.skip,
+                  model_copy=model_copy)
     components = Components(
-        policy=policy, engine=engine, algorithm=algorithm_class(config.algorithm.name)(config.algorithm, setup),
+        policy=policy, engine=engine, algorithm=algorithm_cls(config.algorithm, setup),
         shaping=RewardShaping(config.algorithm, setup.max_tokens, policy.sequence_kl),
         selector=selector, rewards=RewardScorer.from_config(config.task), tokenizer=tokenizer, train_ids=train_ids,
         eval_ids=eval_ids, adapter_base=adapter_base, world=world,
@@ -315,7 +318,7 @@ def train_step(c: Components, config: Config, step: int, rollouts_before: int = 
         )
         batch, shaping = c.shaping(batch)  # overlong punishment or filtering, KL in the reward: as configured
         record.update(shaping, **{f"reward/{k}": float(v.nanmean()) for k, v in batch.reward_components.items()})
-        batch.advantages_N = c.algorithm.advantages(batch)
+        batch = batch.with_advantages(c.algorithm.advantages(batch))
         # the scheduler steps after this update: the next update's rate follows the progress this step makes
         progress = run_progress(config.trainer, step, rollouts_before + stats["rollouts"])
         record.update(c.policy.update(batch, c.algorithm.loss, progress=progress))

@@ -111,6 +111,8 @@ class Setup:
     max_tokens: int  # the longest completion: rollout.max_tokens (an episode's: task.agent.max_episode_tokens)
     max_prompt_tokens: int  # the longest prompt that leaves room for a completion in the model's context
     skip_invalid: bool  # task.invalid_rows=skip: leave out unusable rows (counted, warned) instead of stopping
+    model_copy: Any = None  # a copy of the starting model (before any adapter or sharding), for an algorithm that
+    # sets ``wants_model_copy`` (PPO's critic); None otherwise
 
 
 class Algorithm(ABC):
@@ -123,6 +125,7 @@ class Algorithm(ABC):
 
     options: ClassVar[type | None] = None
     options_key: ClassVar[str] = "options"
+    wants_model_copy: ClassVar[bool] = False  # Setup.model_copy: a model of its own built from the starting one
     loss: Any
 
     def __init__(self, config: Any, setup: Setup) -> None:
@@ -154,8 +157,10 @@ class Algorithm(ABC):
         return rollouts.sample(selection.rows, selection.counts, selection.group_ids), {}
 
     @abstractmethod
-    def advantages(self, batch: RolloutBatch) -> Tensor:
-        """Per-sample advantages [N] of a scored batch."""
+    def advantages(self, batch: RolloutBatch) -> Tensor | list[Tensor]:
+        """Per-sample advantages [N] of a scored batch; or, for an algorithm whose advantage varies along a
+        completion (PPO's GAE), N per-token tensors, one value per completion token (``RolloutBatch.with_advantages``
+        stores either)."""
 
     def learn(self, batch: RolloutBatch) -> dict[str, float]:
         """Train what the algorithm learns besides the policy (PPO's critic) on the step's batch, after the policy's

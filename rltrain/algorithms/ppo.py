@@ -1,16 +1,39 @@
-"""PPO's generalised advantage estimation (Schulman et al., 2016, arXiv 1506.02438) over token positions.
+"""PPO with a learned critic (Schulman et al., 2017, arXiv 1707.06347; for language models as in Ouyang et al., 2022):
+a value model scores every completion position, generalised advantage estimation (Schulman et al., 2016, arXiv
+1506.02438) turns the sample's reward into per-token advantages, and the policy trains on GRPO's clipped surrogate
+with those advantages while the critic regresses the returns with a clipped value loss.
 
+    r_t     = R on the sample's last trained token, 0 elsewhere (R after any shaping: overlong, KL in the reward)
+    V_t     = critic(prompt + completion[:t]): the value of the state before token t
     delta_t = r_t + gamma V_{t+1} - V_t,      V after the last unmasked token = 0
     A_t     = delta_t + gamma lam A_{t+1}    over the unmasked positions only (a masked position, e.g. a tool's
                                              output inside an episode, gets A = 0 and is skipped: t+1 is the next
                                              unmasked position)
-    returns = A + V
+    returns = A + V;   A whitened over the batch's trained tokens (``algorithm.ppo.whiten``)
+    policy  l_t = -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)          (GRPOLoss, per-token A)
+    critic  l_t = 1/2 max((V'_t - ret_t)^2, (V_t + clip(V'_t - V_t, -c, c) - ret_t)^2)   V' the critic being trained
+
+The critic is a separate model: a copy of the policy's starting weights (``algorithm.ppo.critic_model`` empty) or a
+named causal LM sharing the tokenizer, its LM head replaced by a zero-initialised scalar head; its own AdamW, trained
+after each policy update (``Algorithm.learn``), its weights and optimizer state checkpointed with the run (the
+algorithm's state). Every rank holds the whole critic and trains it on the whole batch (the same data, so the same
+weights): it is not sharded by ZeRO. This is not the V0 value predictor (rltrain.budget): V0 predicts a prompt's
+success before any rollout, to choose prompts and budgets; the critic values each position of a sampled completion,
+to spread the reward over its tokens.
 """
 
 from __future__ import annotations
 
+import copy
+import enum
+from dataclasses import dataclass
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from rltrain.algorithms.grpo import GRPO, GRPOLoss
+from rltrain.batch import RolloutBatch
+from rltrain.errors import ConfigError
 
 
 def gae(rewards_BT: Tensor, values_BT: Tensor, mask_BT: Tensor, *, gamma: float = 1.0, lam: float = 0.95
@@ -29,3 +52,207 @@ def gae(rewards_BT: Tensor, values_BT: Tensor, mask_BT: Tensor, *, gamma: float 
         next_value_B = torch.where(on_B, values_BT[:, t], next_value_B)
         next_adv_B = torch.where(on_B, adv_B, next_adv_B)
     return adv_BT, adv_BT + values_BT
+
+
+def clipped_value_loss(values_BT: Tensor, old_values_BT: Tensor, returns_BT: Tensor, *, clip: float) -> Tensor:
+    """Per-token 1/2 max((V - ret)^2, (V_old + clip(V - V_old, -clip, clip) - ret)^2), before masking."""
+    clipped_BT = old_values_BT + (values_BT - old_values_BT).clamp(-clip, clip)
+    return 0.5 * torch.maximum((values_BT - returns_BT) ** 2, (clipped_BT - returns_BT) ** 2)
+
+
+def terminal_rewards(rewards_N: Tensor, mask_BT: Tensor) -> Tensor:
+    """[B, T]: each sample's reward on its last trained token, 0 elsewhere (and everywhere for a sample with none)."""
+    mask_BT = mask_BT.to(torch.bool)
+    position_B = torch.where(mask_BT, torch.arange(mask_BT.shape[1]), -1).amax(-1)
+    out_BT = torch.zeros(mask_BT.shape, dtype=torch.float32)
+    has_B = position_B >= 0
+    out_BT[has_B.nonzero().squeeze(-1), position_B[has_B]] = rewards_N.to(torch.float32)[has_B]
+    return out_BT
+
+
+def whiten(values_BT: Tensor, mask_BT: Tensor, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / (std + eps) over the masked entries (population std); masked-out entries become 0."""
+    mask_BT = mask_BT.to(values_BT.dtype)
+    count = mask_BT.sum().clamp(min=1.0)
+    mean = (values_BT * mask_BT).sum() / count
+    std = (((values_BT - mean) ** 2 * mask_BT).sum() / count).sqrt()
+    return (values_BT - mean) / (std + eps) * mask_BT
+
+
+class Critic(nn.Module):
+    """A causal LM's trunk with a zero-initialised scalar head: ``values`` gives V at each completion position."""
+
+    def __init__(self, model: nn.Module, pad_token_id: int) -> None:
+        super().__init__()
+        self.trunk = model.base_model  # the decoder without its LM head
+        self.head = nn.Linear(model.config.hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.head.to(device=next(self.trunk.parameters()).device)
+        self.pad_token_id = pad_token_id
+
+    def values(self, prompts: list[list[int]], completions: list[list[int]]) -> Tensor:
+        """[B, T] (T the longest completion; right-padded with 0): V of the state before each completion token."""
+        device = self.head.weight.device
+        sequences = [p + c for p, c in zip(prompts, completions)]
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for b, sequence in enumerate(sequences):
+            ids[b, : len(sequence)] = torch.tensor(sequence)
+            attention[b, : len(sequence)] = 1
+        hidden = self.trunk(input_ids=ids.to(device), attention_mask=attention.to(device)).last_hidden_state
+        values_BS = self.head(hidden).squeeze(-1).float()
+        longest = max(len(c) for c in completions)
+        start_B = torch.tensor([len(p) - 1 for p in prompts])
+        index_BT = (start_B.unsqueeze(-1) + torch.arange(longest)).clamp(max=width - 1).to(device)
+        present_BT = (torch.arange(longest) < torch.tensor([len(c) for c in completions]).unsqueeze(-1)).to(device)
+        return torch.where(present_BT, values_BS.gather(1, index_BT), 0.0)
+
+
+class CriticSource(str, enum.Enum):
+    copy = "copy"  # a copy of the policy's starting weights (trunk), with a fresh value head
+    path = "path"  # the causal LM at algorithm.ppo.critic_path (same tokenizer), with a fresh value head
+
+
+@dataclass
+class PPOConfig:
+    """``algorithm.ppo``: the critic and the advantage estimation (conf/algorithm/ppo.yaml)."""
+
+    critic: CriticSource = CriticSource.copy
+    critic_path: str = ""  # critic=path: a local model directory (safetensors; no remote code)
+    critic_lr: float = 1e-5
+    critic_micro_batch_size: int = 32
+    critic_updates: int = 1  # optimizer steps per training step, over disjoint slices of the batch
+    critic_max_grad_norm: float = 1.0
+    value_clip: float = 0.2  # c: how far a value may move from the step's old value before its loss is clipped
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: bool = True
+
+
+class PPOLoss(GRPOLoss):
+    """GRPO's clipped surrogate with per-token advantages: a sample whose mean advantage is 0 may still teach."""
+
+    def __init__(self, **settings) -> None:
+        super().__init__(**settings)
+        self.zero_without_advantage = False
+
+
+class PPO(GRPO):
+    """PPO with a learned critic (conf/algorithm/ppo.yaml): the selection sampled as it is, GAE advantages per token
+    from the critic's values, the clipped surrogate; the critic trains after each policy update."""
+
+    options = PPOConfig
+    options_key = "ppo"
+    wants_model_copy = True
+    importance_levels = ("token",)  # a per-token advantage with a sequence's ratio is no objective of the papers
+
+    def __init__(self, config, setup) -> None:
+        super().__init__(config, setup)
+        o = self.opts
+        self.critic = Critic(self._critic_base(o, setup), setup.tokenizer.pad_token_id)
+        self.optimizer = torch.optim.AdamW(self.critic.parameters(), lr=o.critic_lr, weight_decay=0.0)
+        self._targets: tuple[Tensor, Tensor, Tensor] | None = None  # this step's (old values, returns, mask)
+
+    @staticmethod
+    def _critic_base(o: PPOConfig, setup) -> nn.Module:
+        if o.critic == CriticSource.copy:
+            if setup.model_copy is None:
+                raise ValueError("algorithm=ppo with critic=copy needs Setup.model_copy (the starting model)")
+            return copy.deepcopy(setup.model_copy).float()
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(o.critic_path, torch_dtype=torch.float32, use_safetensors=True)
+        if model.config.vocab_size < setup.vocab_size:
+            raise ConfigError(f"algorithm.ppo.critic_path={o.critic_path}: its vocabulary ({model.config.vocab_size}) "
+                              f"is smaller than the policy's ({setup.vocab_size}); the critic reads the policy's tokens")
+        return model.to(next(setup.model_copy.parameters()).device if setup.model_copy is not None else "cpu")
+
+    @classmethod
+    def check(cls, config) -> None:
+        super().check(config)
+        a, o = config.algorithm, config.algorithm.ppo
+        if a.advantage_estimator.value != "grpo":
+            raise ConfigError(f"algorithm.advantage_estimator={a.advantage_estimator.value} does not apply to "
+                              "algorithm=ppo: its advantages are GAE over the critic's values")
+        if o.critic == CriticSource.path and not o.critic_path:
+            raise ConfigError("algorithm.ppo.critic=path needs algorithm.ppo.critic_path (a local model directory)")
+        if not (0 <= o.gamma <= 1 and 0 <= o.lam <= 1):
+            raise ConfigError(f"algorithm.ppo.gamma={o.gamma} and lam={o.lam} must be in [0, 1]")
+        if o.critic_lr <= 0 or o.critic_micro_batch_size < 1 or o.critic_updates < 1 or o.value_clip <= 0:
+            raise ConfigError("algorithm.ppo: critic_lr and value_clip must be > 0, critic_micro_batch_size and "
+                              "critic_updates >= 1")
+
+    def build_loss(self) -> PPOLoss:
+        return PPOLoss(**self.loss_settings())
+
+    def _values(self, batch: RolloutBatch, rows: list[int]) -> Tensor:
+        return self.critic.values([batch.train_prompt_ids[i] for i in rows], [batch.completion_ids[i] for i in rows])
+
+    def _mask(self, batch: RolloutBatch) -> Tensor:
+        width = max(len(c) for c in batch.completion_ids)
+        mask_NT = torch.zeros(len(batch), width)
+        for i, m in enumerate(batch.completion_mask):
+            mask_NT[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
+        return mask_NT
+
+    def advantages(self, batch: RolloutBatch) -> list[Tensor]:
+        """Per-token GAE advantages of each sample (whitened over the batch); keeps the values and returns for
+        ``learn``."""
+        o, size = self.opts, self.opts.critic_micro_batch_size
+        self.critic.eval()
+        with torch.no_grad():
+            chunks = [self._values(batch, list(range(k, min(k + size, len(batch))))).cpu()
+                      for k in range(0, len(batch), size)]
+        width = max(len(c) for c in batch.completion_ids)
+        values_NT = torch.cat([nn.functional.pad(v, (0, width - v.shape[1])) for v in chunks])
+        mask_NT = self._mask(batch)
+        adv_NT, returns_NT = gae(terminal_rewards(batch.rewards_N, mask_NT), values_NT, mask_NT, gamma=o.gamma,
+                                 lam=o.lam)
+        self._targets = (values_NT, returns_NT, mask_NT)
+        if o.whiten:
+            adv_NT = whiten(adv_NT, mask_NT)
+        return [adv_NT[i, : len(c)] for i, c in enumerate(batch.completion_ids)]
+
+    def learn(self, batch: RolloutBatch) -> dict[str, float]:
+        """``critic_updates`` AdamW steps of the clipped value loss (token mean over each slice), micro-batched."""
+        if self._targets is None or self._targets[0].shape[0] != len(batch):
+            raise RuntimeError("PPO.learn needs the advantages of the same batch first")
+        o = self.opts
+        old_NT, returns_NT, mask_NT = self._targets
+        self._targets = None
+        self.critic.train()
+        rows = [i for i in range(len(batch)) if mask_NT[i].any()]
+        totals = {"value_loss": 0.0, "critic_grad_norm": 0.0}
+        for k in range(o.critic_updates):
+            part = rows[k::o.critic_updates]
+            if not part:
+                continue
+            tokens = float(mask_NT[part].sum())
+            self.optimizer.zero_grad(set_to_none=True)
+            for start in range(0, len(part), o.critic_micro_batch_size):
+                mb = part[start:start + o.critic_micro_batch_size]
+                values_BT = self._values(batch, mb)
+                device, width = values_BT.device, values_BT.shape[1]
+                loss_BT = clipped_value_loss(values_BT, old_NT[mb, :width].to(device), returns_NT[mb, :width].to(device),
+                                             clip=o.value_clip)
+                loss = (loss_BT * mask_NT[mb, :width].to(device)).sum() / tokens
+                loss.backward()
+                totals["value_loss"] += float(loss.detach()) / o.critic_updates
+            norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), o.critic_max_grad_norm)
+            totals["critic_grad_norm"] += float(norm) / o.critic_updates
+            self.optimizer.step()
+        on = mask_NT.bool()
+        if on.any():
+            totals.update(value_mean=float(old_NT[on].mean()), returns_mean=float(returns_NT[on].mean()))
+        if on.sum() > 1 and float(returns_NT[on].var()) > 1e-8:  # how much of the returns' spread V explains
+            totals["value_explained_variance"] = float(1 - (returns_NT - old_NT)[on].var() / returns_NT[on].var())
+        return totals
+
+    def state_dict(self) -> dict:
+        return {"critic": self.critic.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.critic.load_state_dict(state["critic"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -18,6 +18,7 @@ BUILTIN = {
     "cispo": "rltrain.algorithms.cispo:CISPO",
     "sapo": "rltrain.algorithms.sapo:SAPO",
     "gmpo": "rltrain.algorithms.gmpo:GMPO",
+    "ppo": "rltrain.algorithms.ppo:PPO",
 }
 ENTRY_POINT_GROUP = "rltrain.algorithms"
 
