@@ -259,7 +259,7 @@ METHODS = {
               "task.rewards=[{fn: tests.reward_fixtures:slow_answer_only, weight: 1.0}]"],
     "async_v0_guide": ["trainer.max_staleness=2", "algorithm=guide", *V0],
     # PPO: its critic's weights and AdamW state resume with the policy's
-    "ppo": ["algorithm=ppo", "algorithm.ppo.critic_lr=1e-3"],
+    "ppo": ["algorithm=ppo"],
 }
 
 

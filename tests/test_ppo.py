@@ -150,7 +150,7 @@ def test_ppo_config_mistakes_are_one_line():
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_ppo_raises_held_out_accuracy_of_the_tiny_model(seed, tmp_path):
-    config = compose(["experiment=tiny", "algorithm=ppo", "algorithm.ppo.critic_lr=1e-3", f"trainer.seed={seed}",
+    config = compose(["experiment=tiny", "algorithm=ppo", f"trainer.seed={seed}",
                       "logger.progress=false"])
     threads = torch.get_num_threads()
     try:

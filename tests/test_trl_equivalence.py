@@ -32,7 +32,7 @@ from rltrain.algorithms.cispo import CISPOLoss  # noqa: E402
 from rltrain.algorithms.gspo import GSPOLoss  # noqa: E402
 from rltrain.algorithms.sapo import SAPOLoss  # noqa: E402
 from rltrain.algorithms.shaping import RewardShaping, overlong_penalty  # noqa: E402
-from rltrain.config import AlgorithmConfig  # noqa: E402
+from rltrain.config import AlgorithmConfig, KLEstimator, KLPlacement  # noqa: E402
 from rltrain.batch import RolloutBatch  # noqa: E402
 from rltrain.config import ModelConfig, ModelSource, TinyModelConfig  # noqa: E402
 from rltrain.models import tiny_model, tiny_tokenizer  # noqa: E402
@@ -345,6 +345,65 @@ def test_gspo_matches_trl_sequence_level(model, loss_type, policy):
         assert 0.0 < metrics["clip_frac"] < 1.0
         token_level, _, _ = trl_step(model, batch, loss_type, old_logp=old_logp, eps=GSPO_EPS)
         assert abs(token_level - trl_loss) > 1e-3  # sequence level is not the token level on this batch
+
+
+# ---- RLOO: TRL's RLOOTrainer advantages (with its k1 KL in the reward) ---------------------------------------------
+
+
+def trl_rloo_advantages(rewards, old_logp_NT, ref_logp_NT, mask_NT, *, beta, num_generations):
+    """TRL 1.16's RLOO advantages, by running the lines of ``RLOOTrainer._generate_and_score_completions`` that
+    compute them (from its KL penalty to its NaN clean-up), read from TRL's source, on one process."""
+    import inspect
+    import textwrap
+
+    from trl.trainer.rloo_trainer import RLOOTrainer
+    from trl.trainer.utils import nanstd
+
+    source = inspect.getsource(RLOOTrainer._generate_and_score_completions)
+    first, last = "# Include the KL penalty in the reward", "advantages = torch.nan_to_num(advantages, nan=0.0)"
+    assert first in source and last in source, "TRL's RLOO advantage code moved: update this test's markers"
+    code = textwrap.dedent(source[source.rindex("\n", 0, source.index(first)) + 1: source.index(last) + len(last)])
+    scope = {"torch": torch, "nanstd": nanstd, "gather": lambda x: x, "num_generations": num_generations,
+             "self": SimpleNamespace(beta=beta, normalize_advantages=False), "rewards": rewards.clone(),
+             "old_per_token_logps": old_logp_NT, "ref_per_token_logps": ref_logp_NT, "completion_mask": mask_NT}
+    exec(code, scope)  # noqa: S102 - TRL's own code, installed
+    return scope["advantages"]
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.05])
+def test_rloo_advantages_and_step_match_trl(model, beta):
+    """algorithm=rloo's advantages (with beta: TRL's k1 KL in the reward, algorithm.kl_placement=reward
+    kl_estimator=k1) equal TRL's RLOOTrainer's on two groups of 3; the step trained on them (GRPO's clipped surrogate,
+    off-policy, micro-batches of 3) equals TRL's GRPO loss on the same advantages. TRL's RLOOTrainer itself trains a
+    sequence-level REINFORCE loss (exp of the summed token log-ratio), which rltrain does not implement."""
+    from rltrain.algorithms.advantages import rloo
+
+    batch = make_batch().select(list(range(6)))
+    batch = replace(batch, completion_mask=[[1] * len(c) for c in batch.completion_ids])  # TRL's KL: all tokens
+    worker, recorded = rltrain_worker(model)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    worker.reference = reference
+    config = AlgorithmConfig(beta=beta, kl_placement=KLPlacement.reward, kl_estimator=KLEstimator.k1)
+    shaped, metrics = RewardShaping(config, MAX_COMPLETION_LENGTH, worker.sequence_kl)(batch)
+    ours = rloo(shaped.rewards_N, shaped.group_ids_N)
+    t_max = max(len(c) for c in batch.completion_ids)
+    old = pad_right(worker.logprobs(batch.train_prompt_ids, batch.completion_ids), t_max)
+    ref = pad_right(worker.reference_logprobs(batch, list(range(6))), t_max)
+    mask = pad_right([[1] * len(c) for c in batch.completion_ids], t_max, 0, torch.long)
+    order = [3, 4, 5, 0, 1, 2]  # TRL's groups are consecutive runs of num_generations: group 0, then group 2
+    theirs = trl_rloo_advantages(batch.rewards_N[order], old[order], ref[order], mask[order], beta=beta,
+                                 num_generations=3)
+    assert ours[order].tolist() == pytest.approx(theirs.tolist(), abs=1e-6)
+    assert (metrics.get("kl_reward", 0.0) != 0.0) == (beta > 0)
+    shaped.advantages_N = ours
+    old_logp = perturbed_old_logprobs(worker, shaped)
+    loss = worker._one_update(shaped, list(range(6)), rltrain_loss("dapo"), old_logp, {})
+    trl_loss, trl_grads, _ = trl_step(model, shaped, "dapo", old_logp=old_logp)
+    assert loss["loss"] == pytest.approx(trl_loss, abs=TOL)
+    assert_grads_close(recorded[0], trl_grads)
 
 
 # ---- DAPO's overlong shaping: TRL's get_soft_overlong_punishment and mask_truncated_completions -------------------

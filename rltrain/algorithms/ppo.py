@@ -121,7 +121,7 @@ class PPOConfig:
 
     critic: CriticSource = CriticSource.copy
     critic_path: str = ""  # critic=path: a local model directory (safetensors; no remote code)
-    critic_lr: float = 1e-5
+    critic_lr: float = 1e-4  # 10x the default experiment's policy lr (critics usually learn faster)
     critic_micro_batch_size: int = 32
     critic_updates: int = 1  # optimizer steps per training step, over disjoint slices of the batch
     critic_max_grad_norm: float = 1.0
