@@ -402,6 +402,7 @@ class JobSummary:
     steps: int | None
     rollouts: int | None  # generated, hinted ones included (trainer.max_rollouts budgets them)
     final_reward: float  # mean reward_mean of the last 5 steps
+    start_eval_accuracy: float  # first eval record (step 0: the starting model)
     final_eval_accuracy: float  # last eval record
     wall_time_s: float
     curves: tuple[list[dict], list[dict]]  # (step records, eval records), for the overlay plot
@@ -415,11 +416,13 @@ def summarize_job(job_dir: Path) -> JobSummary:
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         final_reward, final_eval = summary["reward_mean_last5"], summary["eval_accuracy_end"]
-        wall = summary["wall_time_s"]
+        start_eval, wall = summary["eval_accuracy_start"], summary["wall_time_s"]
     else:
         final_reward = nan_mean(r.get("reward_mean") for r in steps[-LAST_STEPS:])
         last_eval = last_eval_with(evals, "eval_accuracy")
         final_eval = last_eval["eval_accuracy"] if last_eval else math.nan
+        first_eval = next((r for r in evals if "eval_accuracy" in r), None)
+        start_eval = first_eval["eval_accuracy"] if first_eval else math.nan
         wall = wall_time_s(steps + evals)
     config = read_yaml(job_dir / ".hydra" / "config.yaml") or {}
     expected = config.get("trainer", {}).get("steps")
@@ -430,8 +433,8 @@ def summarize_job(job_dir: Path) -> JobSummary:
     else:
         status = "ok"
     rollouts = sum(int(r.get("rollouts", 0)) for r in steps) if steps else None
-    return JobSummary(int(job_dir.name), overrides, status, n_steps, rollouts, final_reward, final_eval, wall,
-                      (steps, evals))
+    return JobSummary(int(job_dir.name), overrides, status, n_steps, rollouts, final_reward, start_eval, final_eval,
+                      wall, (steps, evals))
 
 
 def summarize_sweep(sweep_dir: Path) -> list[JobSummary]:
@@ -445,13 +448,40 @@ def split_overrides(jobs: list[JobSummary]) -> tuple[list[str], dict[int, str]]:
     return common, {j.job: " ".join(o for o in j.overrides if o not in common) for j in jobs}
 
 
-COLUMNS = ("job", "overrides", "status", "steps", "rollouts", "final reward", "final eval accuracy", "wall time")
-SHORT = {"final reward": "reward", "final eval accuracy": "eval acc", "wall time": "time"}  # console headers
+COLUMNS = ("job", "overrides", "status", "steps", "rollouts", "final reward", "start eval accuracy",
+           "final eval accuracy", "wall time")
+SHORT = {"final reward": "reward", "start eval accuracy": "eval start", "final eval accuracy": "eval end",
+         "wall time": "time"}  # console headers
+SEED = "trainer.seed="
 
 
 def _cells(job: JobSummary, label: str) -> list[str]:
     return [str(job.job), label or "-", job.status, fmt(job.steps), fmt(job.rollouts), fixed(job.final_reward),
-            fixed(job.final_eval_accuracy), duration(job.wall_time_s)]
+            fixed(job.start_eval_accuracy), fixed(job.final_eval_accuracy), duration(job.wall_time_s)]
+
+
+SEED_COLUMNS = ("overrides", "seeds", "start eval accuracy", "final eval accuracy", "gain", "final eval per seed")
+
+
+def seed_rows(jobs: list[JobSummary], labels: dict[int, str]) -> list[list[str]]:
+    """Jobs that differ only in ``trainer.seed``, one row each: the mean held-out accuracy at start and end over the
+    seeds that finished, and each seed's end. Empty when the sweep does not vary the seed."""
+    if not any(SEED in labels[j.job] for j in jobs):
+        return []
+    groups: dict[str, list[JobSummary]] = {}
+    for job in jobs:
+        key = " ".join(o for o in labels[job.job].split() if not o.startswith(SEED)) or "-"
+        groups.setdefault(key, []).append(job)
+    rows = []
+    for key, members in groups.items():
+        done = [j for j in members if j.status == "ok" and finite(j.final_eval_accuracy)]
+        start = nan_mean(j.start_eval_accuracy for j in done)
+        end = nan_mean(j.final_eval_accuracy for j in done)
+        seeds = " ".join(o.removeprefix(SEED) for j in done for o in j.overrides if o.startswith(SEED)) or "-"
+        rows.append([key, f"{len(done)}/{len(members)} ({seeds})", fixed(start), fixed(end),
+                     f"{end - start:+.3f}" if finite(end - start) else "-",
+                     " ".join(fixed(j.final_eval_accuracy) for j in done) or "-"])
+    return rows
 
 
 def plot_sweep(jobs: list[JobSummary], labels: dict[int, str], path: Path, title: str) -> None:
@@ -488,21 +518,34 @@ def write_sweep_report(sweep_dir: Path, console: Console) -> tuple[Path, Path, P
     for job in jobs:
         table.add_row(*_cells(job, labels[job.job]), style=None if job.status == "ok" else "yellow")
     console.print(table)
+    by_seed = seed_rows(jobs, labels)
+    if by_seed:
+        seeds_table = Table(title="over seeds (jobs that finished)")
+        for column in SEED_COLUMNS:
+            seeds_table.add_column(column, justify="left" if column == "overrides" else "right", overflow="fold")
+        for row in by_seed:
+            seeds_table.add_row(*row)
+        console.print(seeds_table)
 
     md, csv_path, png = sweep_dir / "summary.md", sweep_dir / "summary.csv", sweep_dir / "sweep.png"
     lines = [f"# Sweep {sweep_dir.resolve().name}", "", f"Common overrides: `{' '.join(common) or '-'}`", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(job, labels[job.job])) + " |" for job in jobs]
+    if by_seed:
+        lines += ["", "Over seeds (the mean of the jobs that finished):", "", "| " + " | ".join(SEED_COLUMNS) + " |",
+                  "|" + "---|" * len(SEED_COLUMNS)]
+        lines += ["| " + " | ".join(row) + " |" for row in by_seed]
     md.write_text("\n".join(lines) + "\n")
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["job", "overrides", "status", "steps", "rollouts", "final_reward", "final_eval_accuracy",
-                         "wall_time_s"])
+        writer.writerow(["job", "overrides", "status", "steps", "rollouts", "final_reward", "start_eval_accuracy",
+                         "final_eval_accuracy", "wall_time_s"])
         for job in jobs:
             writer.writerow([job.job, " ".join(job.overrides), job.status, *("" if v is None else v
                                                                             for v in (job.steps, job.rollouts)),
                              *("" if not finite(v) else repr(v)
-                               for v in (job.final_reward, job.final_eval_accuracy, job.wall_time_s))])
+                               for v in (job.final_reward, job.start_eval_accuracy, job.final_eval_accuracy,
+                                         job.wall_time_s))])
     plot_sweep(jobs, labels, png, f"{sweep_dir.resolve().name}: {len(jobs)} jobs"
                + (f" (common overrides: {' '.join(common)})" if common else ""))
     return md, csv_path, png

@@ -150,6 +150,7 @@ def test_sweep_report_table_csv_md_and_plot(tmp_path):
     assert list(rows) == [0, 1, 2, 10]
     assert float(rows[0]["final_reward"]) == pytest.approx(0.4)  # mean of steps 6..10 = (6+...+10)/5/20
     assert float(rows[0]["final_eval_accuracy"]) == 0.35 and float(rows[0]["wall_time_s"]) == 31.5
+    assert float(rows[0]["start_eval_accuracy"]) == 0.1
     assert (rows[0]["steps"], rows[0]["rollouts"], rows[0]["status"]) == ("10", "165", "ok")
     assert rows[0]["overrides"] == "experiment=tiny trainer.lr=1e-5"
     assert (float(rows[1]["final_reward"]), float(rows[1]["final_eval_accuracy"])) == (0.625, 0.75)  # summary.json
@@ -161,13 +162,32 @@ def test_sweep_report_table_csv_md_and_plot(tmp_path):
 
     text = md.read_text()
     assert "Common overrides: `experiment=tiny`" in text
-    assert "| 0 | trainer.lr=1e-5 | ok | 10 | 165 | 0.400 | 0.350 | 31.5s |" in text
-    assert "| 1 | trainer.lr=1e-4 | ok | 10 | 165 | 0.625 | 0.750 | 42.0s |" in text
-    assert "| 2 | trainer.lr=1e-3 | no metrics | - | - | - | - | - |" in text
-    assert "| 10 | trainer.lr=3e-3 | incomplete (4/10 steps) | 4 | 66 | 0.583 | 0.250 | 13.5s |" in text
+    assert "| 0 | trainer.lr=1e-5 | ok | 10 | 165 | 0.400 | 0.100 | 0.350 | 31.5s |" in text
+    assert "| 1 | trainer.lr=1e-4 | ok | 10 | 165 | 0.625 | 0.100 | 0.750 | 42.0s |" in text
+    assert "| 2 | trainer.lr=1e-3 | no metrics | - | - | - | - | - | - |" in text
+    assert "| 10 | trainer.lr=3e-3 | incomplete (4/10 steps) | 4 | 66 | 0.583 | 0.000 | 0.250 | 13.5s |" in text
+    assert "Over seeds" not in text  # the sweep does not vary the seed
     console = out.getvalue()
     assert "no metrics" in console and "trainer.lr=1e-4" in console and "0.625" in console
     assert_png(png, 1000, 400)
+
+
+def test_a_sweep_over_seeds_gets_their_mean_start_and_end_per_setting(tmp_path):
+    sweep = tmp_path / "multirun"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
+    runs = [("grpo", 0, [0.2, 0.8]), ("grpo", 1, [0.3, 0.6]), ("ppo", 0, [0.2, 0.5]), ("ppo", 1, None)]
+    for job, (algorithm, seed, evals) in enumerate(runs):
+        make_job(sweep, job, "1e-5", rewards=[0.5] * 10 if evals else None, evals=evals)
+        overrides = sweep / str(job) / ".hydra" / "overrides.yaml"
+        overrides.write_text(overrides.read_text() + f"- algorithm={algorithm}\n- trainer.seed={seed}\n")
+    out = io.StringIO()
+    md, _, _ = write_sweep_report(sweep, Console(file=out, width=200))
+    text = md.read_text()
+    # grpo: start (0.2 + 0.3) / 2, end (0.8 + 0.6) / 2, gain +0.45; ppo: the seed that crashed is left out (1 of 2)
+    assert "| algorithm=grpo | 2/2 (0 1) | 0.250 | 0.700 | +0.450 | 0.800 0.600 |" in text
+    assert "| algorithm=ppo | 1/2 (0) | 0.200 | 0.500 | +0.300 | 0.500 |" in text
+    assert "over seeds" in out.getvalue()
 
 
 def test_main_rejects_a_dir_that_is_neither(tmp_path, capsys):
