@@ -144,6 +144,17 @@ def test_torchrun_two_ranks_equal_one_process_and_resume(stage, single, tmp_path
     shutil.rmtree(tmp_path)
 
 
+@pytest.mark.slow
+def test_ppo_under_torchrun_equals_one_process(tmp_path):
+    """algorithm=ppo on two ZeRO-2 ranks: each rank trains the whole critic on the whole batch, so the critic's loss
+    is the single process's, and the policy's loss and gradient norm match as GRPO's do."""
+    want = _run(tmp_path / "single", "algorithm=ppo")
+    got = _run(tmp_path / "two", "algorithm=ppo", "distributed=zero2", ranks=2)
+    _assert_same(got, want)
+    assert all(got[s]["value_loss"] == pytest.approx(want[s]["value_loss"], rel=1e-5) for s in want)
+    assert len({want[s]["value_loss"] for s in want}) == 3  # the critic moves
+
+
 def _run_nodes(run_dir: Path, *extra: str, rollout_node: bool = False) -> dict[int, dict]:
     """launch/slurm.sbatch's launch on this machine's loopback: two torchrun agents ("nodes", one rank each) meeting
     at a c10d rendezvous, as srun starts one per node; with ``rollout_node`` a third "node" runs ``rltrain worker``,
