@@ -248,13 +248,8 @@ class Scorer:
                  temperature: float | None = None, *, collective: bool = False) -> tuple[Tensor, Tensor | None]:
         """``collective``: every rank runs both passes whatever the lengths (ZeRO-3 gathers weights per call)."""
         s = self.settings
-        lengths_B = torch.tensor([len(c) for c in completions])
-        scored_BT = torch.arange(int(lengths_B.max())) < lengths_B.unsqueeze(-1)
+        hidden_NH, scored_BT = self.hidden(model, prompts, completions, collective=collective)
         targets_N = torch.tensor([t for c in completions for t in c], dtype=torch.long, device=self.device)
-        if s.packing:
-            hidden_NH = self._packed_hidden(model, prompts, completions)
-        else:
-            hidden_NH = self._shared_prompt_hidden(model, prompts, completions, scored_BT, collective)
         with self.autocast():
             logp_N, entropy_N = head_logprobs(
                 model.get_output_embeddings(), hidden_NH, targets_N,
@@ -262,7 +257,18 @@ class Scorer:
                 top_p=s.top_p if temperature is None else 1.0, chunk=s.chunk, want_entropy=want_entropy,
                 softcap=getattr(model.config, "final_logit_softcapping", None),
                 gather=partial(self.gather, model))
-        return _unflatten(logp_N, scored_BT), None if entropy_N is None else _unflatten(entropy_N, scored_BT)
+        return unflatten(logp_N, scored_BT), None if entropy_N is None else unflatten(entropy_N, scored_BT)
+
+    def hidden(self, model: nn.Module, prompts: list[list[int]], completions: list[list[int]], *,
+               collective: bool = False) -> tuple[Tensor, Tensor]:
+        """The final hidden states [N, H] at the positions predicting each completion token (completions in order,
+        by ``settings``: shared prompts or packed rows), and the [B, T] mask of the positions they fill
+        (``unflatten`` puts per-position values back in place). Also what PPO's critic reads."""
+        lengths_B = torch.tensor([len(c) for c in completions])
+        scored_BT = torch.arange(int(lengths_B.max())) < lengths_B.unsqueeze(-1)
+        if self.settings.packing:
+            return self._packed_hidden(model, prompts, completions), scored_BT
+        return self._shared_prompt_hidden(model, prompts, completions, scored_BT, collective), scored_BT
 
     def _shared_prompt_hidden(self, model: nn.Module, prompts: list[list[int]], completions: list[list[int]],
                               scored_BT: Tensor, collective: bool) -> Tensor:
@@ -330,6 +336,7 @@ class Scorer:
         return out.hidden_states[-1][0, scored_N.to(d)]
 
 
-def _unflatten(values_N: Tensor, scored_BT: Tensor) -> Tensor:
+def unflatten(values_N: Tensor, scored_BT: Tensor) -> Tensor:
+    """[B, T]: per-position values [N] back at the positions ``scored_BT`` marks, zeros elsewhere."""
     out_BT = values_N.new_zeros(scored_BT.shape)
     return out_BT.masked_scatter(scored_BT.to(values_N.device), values_N)

@@ -98,10 +98,11 @@ def test_critic_values_are_the_states_before_each_completion_token_whatever_the_
     prompts, completions = [[5, 6, 7], [8]], [[9, 10], [11, 12, 13, 14]]
     together = critic.values(prompts, completions)
     assert together.shape == (2, 4) and together[0, 2:].abs().sum() == 0  # padding of the shorter completion
-    for b in range(2):  # alone (no padding) the same numbers; V_t reads the trunk at prompt length - 1 + t
+    for b in range(2):  # alone (no padding) the same numbers; V_t reads the final hidden state at prompt length - 1 + t
         alone = critic.values([prompts[b]], [completions[b]])[0]
         assert torch.allclose(together[b, : len(completions[b])], alone, atol=1e-5)
-        hidden = critic.trunk(input_ids=torch.tensor([prompts[b] + completions[b]])).last_hidden_state[0]
+        hidden = critic.model(input_ids=torch.tensor([prompts[b] + completions[b]]),
+                              output_hidden_states=True).hidden_states[-1][0]
         want = critic.head(hidden).squeeze(-1)[len(prompts[b]) - 1: len(prompts[b]) - 1 + len(completions[b])]
         assert torch.allclose(alone, want, atol=1e-5)
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from rltrain.algorithms.grpo import GRPO, GRPOLoss
 from rltrain.batch import RolloutBatch
 from rltrain.errors import ConfigError
+from rltrain.scoring import Scorer, ScoringSettings, unflatten
 
 
 def gae(rewards_BT: Tensor, values_BT: Tensor, mask_BT: Tensor, *, gamma: float = 1.0, lam: float = 0.95
@@ -80,34 +81,25 @@ def whiten(values_BT: Tensor, mask_BT: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 class Critic(nn.Module):
-    """A causal LM's trunk with a zero-initialised scalar head: ``values`` gives V at each completion position."""
+    """A causal LM with a zero-initialised scalar head on its final hidden states: ``values`` gives V at each
+    completion position. The forward is the policy's (``rltrain.scoring.Scorer.hidden``): a group's shared prompt
+    runs once; the LM's own head stays unused."""
 
     def __init__(self, model: nn.Module, pad_token_id: int) -> None:
         super().__init__()
-        self.trunk = model.base_model  # the decoder without its LM head
-        self.head = nn.Linear(model.config.hidden_size, 1)
+        self.model = model
+        device = next(model.parameters()).device
+        self.head = nn.Linear(model.config.hidden_size, 1, device=device)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        self.head.to(device=next(self.trunk.parameters()).device)
-        self.pad_token_id = pad_token_id
+        settings = ScoringSettings(temperature=1.0, top_p=1.0, chunk=0, checkpointing=False, selective=False,
+                                   packing=False)
+        self.scorer = Scorer(settings, pad_token_id=pad_token_id, device=device)
 
     def values(self, prompts: list[list[int]], completions: list[list[int]]) -> Tensor:
         """[B, T] (T the longest completion; right-padded with 0): V of the state before each completion token."""
-        device = self.head.weight.device
-        sequences = [p + c for p, c in zip(prompts, completions)]
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        for b, sequence in enumerate(sequences):
-            ids[b, : len(sequence)] = torch.tensor(sequence)
-            attention[b, : len(sequence)] = 1
-        hidden = self.trunk(input_ids=ids.to(device), attention_mask=attention.to(device)).last_hidden_state
-        values_BS = self.head(hidden).squeeze(-1).float()
-        longest = max(len(c) for c in completions)
-        start_B = torch.tensor([len(p) - 1 for p in prompts])
-        index_BT = (start_B.unsqueeze(-1) + torch.arange(longest)).clamp(max=width - 1).to(device)
-        present_BT = (torch.arange(longest) < torch.tensor([len(c) for c in completions]).unsqueeze(-1)).to(device)
-        return torch.where(present_BT, values_BS.gather(1, index_BT), 0.0)
+        hidden_NH, scored_BT = self.scorer.hidden(self.model, prompts, completions)
+        return unflatten(self.head(hidden_NH).squeeze(-1).float(), scored_BT)
 
 
 class CriticSource(str, enum.Enum):
