@@ -5,6 +5,7 @@ Seconds, CPU, except the slow test (about 3 minutes)."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -113,7 +114,7 @@ def _ppo(tiny, **ppo) -> PPO:
     for key, value in ppo.items():
         setattr(config.ppo, key, value)
     setup = Setup(prompts=None, tokenizer=tokenizer, vocab_size=len(tokenizer), rollouts_per_prompt=4, max_tokens=8,
-                  max_prompt_tokens=32, skip_invalid=False, model_copy=model)
+                  max_prompt_tokens=32, skip_invalid=False, model_copy=copy.deepcopy(model))
     return PPO(config, setup)
 
 

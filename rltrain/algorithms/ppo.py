@@ -24,7 +24,6 @@ to spread the reward over its tokens.
 
 from __future__ import annotations
 
-import copy
 import enum
 from dataclasses import dataclass
 
@@ -152,7 +151,7 @@ class PPO(GRPO):
         if o.critic == CriticSource.copy:
             if setup.model_copy is None:
                 raise ValueError("algorithm=ppo with critic=copy needs Setup.model_copy (the starting model)")
-            return copy.deepcopy(setup.model_copy).float()
+            return setup.model_copy.float()  # the run's copy, made for this algorithm: it becomes the critic
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(o.critic_path, torch_dtype=torch.float32, use_safetensors=True)
