@@ -38,6 +38,17 @@ RUNS: dict[str, tuple[list[str], int]] = {
     "luffy": (["algorithm=luffy", *DEMOS], 0),
     "v0_budget": (["budget.predictor=v0", "budget.min_context=8", "trainer.steps=4"], 0),
     "lora": (["adapter=lora", "trainer.lr=1e-3"], 0),
+    # the objectives (docs/algorithms.md, sections 6-9), two updates per step so that ratios leave 1
+    "gspo": (["algorithm=gspo", "trainer.updates_per_step=2"], 0),
+    "cispo": (["algorithm=cispo", "trainer.updates_per_step=2"], 0),
+    "sapo": (["algorithm=sapo", "trainer.updates_per_step=2"], 0),
+    "gmpo": (["algorithm=gmpo", "trainer.updates_per_step=2"], 0),
+    "rloo": (["algorithm=rloo", "trainer.updates_per_step=2"], 0),
+    "reinforce_pp_sequence": (["algorithm=reinforce_pp", "algorithm.importance_level=sequence",
+                               "trainer.updates_per_step=2"], 0),
+    "ppo": (["algorithm=ppo", "trainer.updates_per_step=2"], 0),
+    "shaping": (["algorithm.overlong.buffer=3", "algorithm.overlong.filter=true", "algorithm.beta=0.05",
+                 "algorithm.kl_placement=reward", "algorithm.kl_estimator=k2"], 0),
     "zero2_two_ranks": (["distributed=zero2"], 2),
     "vllm": (["rollout=vllm"], 0),
 }
@@ -46,7 +57,8 @@ RESUME = ["trainer.steps=4", "trainer.checkpoint_every=2"]
 KEYS = ("loss", "grad_norm", "reward_mean", "rollouts")
 # Compared where a run logs them: they show that each method's own path really acted (hints, demonstrations, budget).
 OPTIONAL = ("accuracy", "frac_zero_std_groups", "guide_rerolled", "gamma_mean", "guided_token_share",
-            "external_samples", "mis_ratio_mean", "external_token_share", "vllm_probe_diff")
+            "external_samples", "mis_ratio_mean", "external_token_share", "vllm_probe_diff", "value_loss",
+            "kl_reward", "reward/overlong", "overlong_filtered_frac")
 
 
 def run(run_dir: Path, overrides: list[str], ranks: int = 0, *, in_process: bool = False) -> dict:
