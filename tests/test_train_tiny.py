@@ -190,3 +190,32 @@ def test_group_ids_of_every_step_and_refill_round_are_distinct(prompts, rounds):
     assert [(s, r) for _, s, r in spans] == [(s, r) for s in range(3) for r in range(rounds + 1)]  # in run order
     if prompts <= 1000 and (rounds + 1) * 1000 <= 1_000_000:
         assert all(base == step * 1_000_000 + r * 1000 for base, step, r in spans)
+
+
+AGENT = ["task=calculator", "task.agent.env=tests.tool_fixtures:Countdown", "task.rewards=[]", "task.agent.max_turns=3",
+         "task.agent.max_episode_tokens=40", "model.max_context=256", "task.agent.train_size=64"]
+
+
+@pytest.mark.parametrize("combo", [
+    ["algorithm=ppo", "adapter=lora", "trainer.lr=1e-3"],  # a full critic beside a LoRA policy
+    ["algorithm=ppo", *AGENT],  # episodes: the reward on the last trained token, tool outputs masked
+    ["algorithm=ppo", "budget.predictor=v0", "budget.min_context=8"],  # the V0 selector's budgets
+    ["algorithm=guide", "algorithm.advantage_estimator=rloo", "algorithm.overlong.buffer=2"],  # hints, RLOO, overlong
+    ["algorithm=rl_plus", "algorithm.rl_plus.demo_column=answer", "algorithm.advantage_estimator=reinforce_pp"],
+    ["algorithm=cispo", "algorithm.importance_level=sequence", "adapter=lora", "algorithm.beta=0.05",
+     "algorithm.kl_estimator=k2", "trainer.updates_per_step=2"],  # LoRA's reference (adapters off) for the KL
+], ids=["ppo_lora", "ppo_agent", "ppo_v0", "guide_rloo_overlong", "rl_plus_reinforce_pp", "cispo_sequence_lora_kl"])
+def test_objectives_compose_with_the_methods(tmp_path, combo):
+    """Each objective option with LoRA, episodes, the V0 selector, Guide's hints and RL-PLUS's demonstrations: two
+    steps train (finite, non-zero gradients) and log the option's own metrics."""
+    reward = [] if "task=calculator" in combo else [DENSE_REWARD]  # (an episode is rewarded by its environment)
+    _, records = run(tmp_path, "trainer.steps=2", "trainer.eval_every=0", *reward, *combo)
+    steps = [r for r in records if "step" in r]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) and r["skipped_update"] == 0.0 for r in steps)
+    assert any(r["grad_norm"] > 0 for r in steps)
+    if "algorithm=ppo" in combo:
+        assert all(math.isfinite(r["value_loss"]) and r["critic_grad_norm"] >= 0 for r in steps)
+    if "algorithm.overlong.buffer=2" in combo:
+        assert all(r["reward/overlong"] <= 0 for r in steps)
+    if "algorithm.beta=0.05" in combo:
+        assert steps[-1]["kl"] > 0  # the LoRA policy moved away from its base after two updates
