@@ -194,27 +194,40 @@ class PolicyWorker:
                 out.append([i])
         return out
 
-    @torch.no_grad()
     def logprobs(
         self, prompts: list[list[int]], completions: list[list[int]], *, model: nn.Module | None = None,
         temperature: float | None = None,
     ) -> list[list[float]]:
         """Per-token log-probs of each completion under ``model`` (default: the policy), micro-batched, at the
         sampling temperature (or ``temperature``); in eval mode, so dropout (e.g. LoRA's) never makes them noisy."""
-        model = self.model if model is None else model
-        out: list[list[float]] = [[] for _ in prompts]
-        chunks = self._micro_batches(list(range(len(prompts))), prompts, completions)
+        def score(model, p, c):
+            logp_BT, _ = self._forward(model, p, c, False, temperature)
+            return [logp_BT[row, : len(c[row])].tolist() for row in range(len(c))]
+        return self._each_micro_batch(self.model if model is None else model, prompts, completions, score)
+
+    def features(self, prompts: list[list[int]], completions: list[list[int]]) -> list[Tensor]:
+        """The policy's final hidden states [L_i, H] at the positions predicting each completion token (no gradient,
+        eval mode, micro-batched): what a value head on the policy's trunk reads (PPO's ``critic=shared``)."""
+        def hidden(model, p, c):
+            hidden_NH, _ = self.scorer.hidden(model, p, c, collective=self.zero_stage == 3)
+            return list(hidden_NH.float().cpu().split([len(x) for x in c]))
+        return self._each_micro_batch(self.model, prompts, completions, hidden)
+
+    @torch.no_grad()
+    def _each_micro_batch(self, model: nn.Module, prompts: list[list[int]], completions: list[list[int]],
+                          score) -> list:
+        """``score(model, prompts, completions)`` (one value per sample) over micro-batches, per sample in order; a
+        rank with fewer micro-batches joins ZeRO-3's gathers with padding passes."""
+        out: list = [None] * len(prompts)
         was_training = model.training
         model.eval()
         try:
-            for chunk in self._equalised(chunks, model):
+            for chunk in self._equalised(self._micro_batches(list(range(len(prompts))), prompts, completions), model):
                 if chunk is None:  # another rank has more to score: it joins ZeRO-3's gathers with a dummy pass
-                    self._forward(model, [self._dummy[0]], [self._dummy[1]], False)
+                    score(model, [self._dummy[0]], [self._dummy[1]])
                     continue
-                logp_BT, _ = self._forward(model, [prompts[i] for i in chunk], [completions[i] for i in chunk], False,
-                                           temperature)
-                for row, i in enumerate(chunk):
-                    out[i] = logp_BT[row, : len(completions[i])].tolist()
+                for i, value in zip(chunk, score(model, [prompts[i] for i in chunk], [completions[i] for i in chunk])):
+                    out[i] = value
         finally:
             model.train(was_training)
         return out

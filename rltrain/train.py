@@ -91,7 +91,8 @@ def build(config: Config, world: World = World()) -> Components:
         selector = UniformSelector(sampler, config.trainer.rollouts_per_prompt)
     engine_init = save_engine_init(config, model, tokenizer, world)
     algorithm_cls = algorithm_class(config.algorithm.name)
-    model_copy = copy.deepcopy(model) if algorithm_cls.wants_model_copy else None  # before adapters and sharding
+    wants_copy = algorithm_cls.wants_model_copy(config.algorithm)
+    model_copy = copy.deepcopy(model) if wants_copy else None  # before adapters and sharding
     model, adapter_base = with_adapter(config, model)
     reference = None  # the KL term's: with an adapter, the base is the model with the adapter disabled
     if config.adapter.kind != AdapterKind.lora and config.algorithm.beta != 0.0:
@@ -113,7 +114,8 @@ def build(config: Config, world: World = World()) -> Components:
     setup = Setup(prompts=train_ids, tokenizer=tokenizer, vocab_size=model.config.vocab_size,
                   rollouts_per_prompt=t.rollouts_per_prompt, max_tokens=config.task.completion_tokens(r.max_tokens),
                   max_prompt_tokens=start.max_prompt_tokens, skip_invalid=config.task.invalid_rows == InvalidRows.skip,
-                  model_copy=model_copy)
+                  model_copy=model_copy, device=policy.device, hidden_size=model.config.hidden_size,
+                  features=policy.features)
     components = Components(
         policy=policy, engine=engine, algorithm=algorithm_cls(config.algorithm, setup),
         shaping=RewardShaping(config.algorithm, setup.max_tokens, policy.sequence_kl),

@@ -13,11 +13,12 @@ import torch
 
 from rltrain.algorithms.base import LossInputs, Setup
 from rltrain.algorithms.grpo import GRPOLoss
-from rltrain.algorithms.ppo import PPO, Critic, clipped_value_loss, terminal_rewards, whiten
+from rltrain.algorithms.ppo import PPO, Critic, CriticSource, clipped_value_loss, terminal_rewards, whiten
 from rltrain.batch import RolloutBatch, Source
 from rltrain.cli import compose
 from rltrain.config import AlgorithmConfig, ConfigError, ModelConfig, ModelSource, TinyModelConfig
 from rltrain.models import tiny_model, tiny_tokenizer
+from rltrain.policy import OptimSettings, PolicyWorker
 from rltrain.train import RunContext, train
 
 
@@ -94,7 +95,7 @@ def _batch(prompts, completions, masks=None, rewards=None) -> RolloutBatch:
 
 def test_critic_values_are_the_states_before_each_completion_token_whatever_the_padding(tiny):
     model, tokenizer = tiny
-    critic = Critic(model, tokenizer.pad_token_id)
+    critic = Critic(model.config.hidden_size, torch.device("cpu"), model=model, pad_token_id=tokenizer.pad_token_id)
     torch.nn.init.normal_(critic.head.weight)  # (a fresh head is zero: every value 0)
     prompts, completions = [[5, 6, 7], [8]], [[9, 10], [11, 12, 13, 14]]
     together = critic.values(prompts, completions)
@@ -108,13 +109,15 @@ def test_critic_values_are_the_states_before_each_completion_token_whatever_the_
         assert torch.allclose(alone, want, atol=1e-5)
 
 
-def _ppo(tiny, **ppo) -> PPO:
+def _ppo(tiny, features=None, **ppo) -> PPO:
     model, tokenizer = tiny
     config = AlgorithmConfig(name="ppo")
     for key, value in ppo.items():
         setattr(config.ppo, key, value)
     setup = Setup(prompts=None, tokenizer=tokenizer, vocab_size=len(tokenizer), rollouts_per_prompt=4, max_tokens=8,
-                  max_prompt_tokens=32, skip_invalid=False, model_copy=copy.deepcopy(model))
+                  max_prompt_tokens=32, skip_invalid=False, device=torch.device("cpu"),
+                  hidden_size=model.config.hidden_size,
+                  **({"features": features} if features else {"model_copy": copy.deepcopy(model)}))
     return PPO(config, setup)
 
 
@@ -138,6 +141,28 @@ def test_ppo_advantages_are_gae_of_the_critic_and_the_critic_learns_the_returns(
     other = _ppo(tiny)
     other.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(other.critic.state_dict().values(), ppo.critic.state_dict().values()))
+
+
+def test_a_shared_critic_is_a_head_on_the_policys_hidden_states_and_only_the_head_trains(tiny):
+    model, tokenizer = tiny
+    settings = OptimSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), max_grad_norm=1.0, warmup_steps=0,
+                             micro_batch_size=2, updates_per_step=1, temperature=1.0, precision="fp32")
+    policy = PolicyWorker(model, settings, pad_token_id=tokenizer.pad_token_id)
+    ppo = _ppo(tiny, features=policy.features, critic=CriticSource.shared, critic_lr=3e-2, whiten=False)
+    assert [n for n, _ in ppo.critic.named_parameters()] == ["head.weight", "head.bias"]  # no second model
+    batch = _batch([[5, 6], [7], [8, 9, 10]], [[11, 12, 13], [14, 15, 17], [16]], rewards=[1.0, 0.0, -1.0])
+    # the features are the policy's final hidden states at the positions predicting each completion token
+    hidden = model(input_ids=torch.tensor([[5, 6, 11, 12, 13]]), output_hidden_states=True).hidden_states[-1][0]
+    assert torch.allclose(policy.features([[5, 6]], [[11, 12, 13]])[0], hidden[1:4], atol=1e-5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ppo.advantages(batch)
+    first = ppo.learn(batch)
+    for _ in range(30):
+        ppo.advantages(batch)
+        last = ppo.learn(batch)
+    assert last["value_loss"] < 0.5 * first["value_loss"]
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # the policy is not the critic's
+    assert set(ppo.state_dict()["critic"]) == {"head.weight", "head.bias"}
 
 
 def test_ppo_config_mistakes_are_one_line():

@@ -111,8 +111,12 @@ class Setup:
     max_tokens: int  # the longest completion: rollout.max_tokens (an episode's: task.agent.max_episode_tokens)
     max_prompt_tokens: int  # the longest prompt that leaves room for a completion in the model's context
     skip_invalid: bool  # task.invalid_rows=skip: leave out unusable rows (counted, warned) instead of stopping
-    model_copy: Any = None  # a copy of the starting model (before any adapter or sharding), for an algorithm that
-    # sets ``wants_model_copy`` (PPO's critic); None otherwise
+    model_copy: Any = None  # a copy of the starting model (before any adapter or sharding) where the algorithm's
+    # ``wants_model_copy`` says so (PPO's critic, which takes it over); None otherwise
+    device: Any = None  # the policy's device
+    hidden_size: int = 0  # the size of the policy's final hidden states
+    features: Any = None  # PolicyWorker.features: (prompts, completions) -> the policy's final hidden states [L_i, H]
+    # at each completion position, no gradient (a value head on the policy's trunk: PPO's critic=shared)
 
 
 class Algorithm(ABC):
@@ -125,7 +129,6 @@ class Algorithm(ABC):
 
     options: ClassVar[type | None] = None
     options_key: ClassVar[str] = "options"
-    wants_model_copy: ClassVar[bool] = False  # Setup.model_copy: a model of its own built from the starting one
     loss: Any
 
     def __init__(self, config: Any, setup: Setup) -> None:
@@ -144,6 +147,12 @@ class Algorithm(ABC):
             return cls.options(**config.options)
         except TypeError as err:
             raise ConfigError(f"algorithm.options: {err} (the options of {cls.__name__})") from None
+
+    @classmethod
+    def wants_model_copy(cls, config: Any) -> bool:
+        """Whether the algorithm builds a model of its own from the starting one (``Setup.model_copy``), by the
+        ``algorithm`` config node."""
+        return False
 
     @classmethod
     def check(cls, config: Any) -> None:

@@ -13,11 +13,12 @@ with those advantages while the critic regresses the returns with a clipped valu
     policy  l_t = -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t)          (GRPOLoss, per-token A)
     critic  l_t = 1/2 max((V'_t - ret_t)^2, (V_t + clip(V'_t - V_t, -c, c) - ret_t)^2)   V' the critic being trained
 
-The critic is a separate model: a copy of the policy's starting weights (``algorithm.ppo.critic_model`` empty) or a
-named causal LM sharing the tokenizer, its LM head replaced by a zero-initialised scalar head; its own AdamW, trained
-after each policy update (``Algorithm.learn``), its weights and optimizer state checkpointed with the run (the
-algorithm's state). Every rank holds the whole critic and trains it on the whole batch (the same data, so the same
-weights): it is not sharded by ZeRO. This is not the V0 value predictor (rltrain.budget): V0 predicts a prompt's
+The critic (``algorithm.ppo.critic``): ``copy``, a copy of the policy's starting weights, or ``path``, a named causal
+LM sharing the tokenizer, each with a zero-initialised scalar head on its final hidden states, the whole model
+trained; or ``shared``, a scalar head on the policy's own final hidden states (no second model; the value loss trains
+the head alone, never the policy's weights). Its own AdamW, trained after each policy update (``Algorithm.learn``),
+its weights and optimizer state checkpointed with the run (the algorithm's state). Every rank holds the whole critic
+and trains it on the whole batch (the same data, so the same weights): it is not sharded by ZeRO. This is not the V0 value predictor (rltrain.budget): V0 predicts a prompt's
 success before any rollout, to choose prompts and budgets; the critic values each position of a sampled completion,
 to spread the reward over its tokens.
 """
@@ -25,6 +26,7 @@ to spread the reward over its tokens.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -80,15 +82,18 @@ def whiten(values_BT: Tensor, mask_BT: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 class Critic(nn.Module):
-    """A causal LM with a zero-initialised scalar head on its final hidden states: ``values`` gives V at each
-    completion position. The forward is the policy's (``rltrain.scoring.Scorer.hidden``): a group's shared prompt
-    runs once; the LM's own head stays unused."""
+    """V at each completion position: a zero-initialised scalar head on final hidden states, those of its own causal
+    LM (``model``: a copy of the policy, or a named model) or the policy's (``features``: PolicyWorker.features, no
+    gradient, so the head alone trains). Its own LM runs the policy's forward (``rltrain.scoring.Scorer.hidden``): a
+    group's shared prompt once; the LM's own head stays unused."""
 
-    def __init__(self, model: nn.Module, pad_token_id: int) -> None:
+    def __init__(self, hidden_size: int, device, *, model: nn.Module | None = None, pad_token_id: int = 0,
+                 features: Callable[[list[list[int]], list[list[int]]], list[Tensor]] | None = None) -> None:
         super().__init__()
-        self.model = model
-        device = next(model.parameters()).device
-        self.head = nn.Linear(model.config.hidden_size, 1, device=device)
+        if (model is None) == (features is None):
+            raise ValueError("a critic reads either its own model or the policy's features")
+        self.model, self.features = model, features
+        self.head = nn.Linear(hidden_size, 1, device=device)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         settings = ScoringSettings(temperature=1.0, top_p=1.0, chunk=0, checkpointing=False, selective=False,
@@ -97,13 +102,19 @@ class Critic(nn.Module):
 
     def values(self, prompts: list[list[int]], completions: list[list[int]]) -> Tensor:
         """[B, T] (T the longest completion; right-padded with 0): V of the state before each completion token."""
-        hidden_NH, scored_BT = self.scorer.hidden(self.model, prompts, completions)
+        if self.model is not None:
+            hidden_NH, scored_BT = self.scorer.hidden(self.model, prompts, completions)
+        else:
+            lengths_B = torch.tensor([len(c) for c in completions])
+            scored_BT = torch.arange(int(lengths_B.max())) < lengths_B.unsqueeze(-1)
+            hidden_NH = torch.cat(self.features(prompts, completions)).to(self.head.weight.device)
         return unflatten(self.head(hidden_NH).squeeze(-1).float(), scored_BT)
 
 
 class CriticSource(str, enum.Enum):
-    copy = "copy"  # a copy of the policy's starting weights (trunk), with a fresh value head
+    copy = "copy"  # a copy of the policy's starting weights, with a fresh value head: the whole model trains
     path = "path"  # the causal LM at algorithm.ppo.critic_path (same tokenizer), with a fresh value head
+    shared = "shared"  # a value head on the policy's own final hidden states: no second model, the head alone trains
 
 
 @dataclass
@@ -136,18 +147,28 @@ class PPO(GRPO):
 
     options = PPOConfig
     options_key = "ppo"
-    wants_model_copy = True
     importance_levels = ("token",)  # a per-token advantage with a sequence's ratio is no objective of the papers
 
     def __init__(self, config, setup) -> None:
         super().__init__(config, setup)
         o = self.opts
-        self.critic = Critic(self._critic_base(o, setup), setup.tokenizer.pad_token_id)
+        if o.critic == CriticSource.shared:
+            if setup.features is None:
+                raise ValueError("algorithm.ppo.critic=shared needs Setup.features (the policy's hidden states)")
+            self.critic = Critic(setup.hidden_size, setup.device, features=setup.features)
+        else:
+            model = self._critic_model(o, setup)
+            self.critic = Critic(model.config.hidden_size, setup.device, model=model,
+                                 pad_token_id=setup.tokenizer.pad_token_id)
         self.optimizer = torch.optim.AdamW(self.critic.parameters(), lr=o.critic_lr, weight_decay=0.0)
         self._targets: tuple[Tensor, Tensor, Tensor] | None = None  # this step's (old values, returns, mask)
 
+    @classmethod
+    def wants_model_copy(cls, config) -> bool:
+        return cls.read_options(config).critic == CriticSource.copy
+
     @staticmethod
-    def _critic_base(o: PPOConfig, setup) -> nn.Module:
+    def _critic_model(o: PPOConfig, setup) -> nn.Module:
         if o.critic == CriticSource.copy:
             if setup.model_copy is None:
                 raise ValueError("algorithm=ppo with critic=copy needs Setup.model_copy (the starting model)")
@@ -158,7 +179,7 @@ class PPO(GRPO):
         if model.config.vocab_size < setup.vocab_size:
             raise ConfigError(f"algorithm.ppo.critic_path={o.critic_path}: its vocabulary ({model.config.vocab_size}) "
                               f"is smaller than the policy's ({setup.vocab_size}); the critic reads the policy's tokens")
-        return model.to(next(setup.model_copy.parameters()).device if setup.model_copy is not None else "cpu")
+        return model.to(setup.device)
 
     @classmethod
     def check(cls, config) -> None:

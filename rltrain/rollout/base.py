@@ -52,3 +52,11 @@ class RolloutEngine(Protocol):
 
     def close(self) -> None:
         """Release what the engine holds (temporary files, connections)."""
+
+
+def mix64(x: int) -> int:
+    """SplitMix64's finaliser on Python ints (the scalar twin of ``rltrain.rollout.hf.uniforms``)."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rltrain.batch import RolloutBatch, Source
-from rltrain.rollout.base import RolloutEngine, SamplingParams
+from rltrain.rollout.base import RolloutEngine, SamplingParams, mix64
 from rltrain.tasks.prompts import PromptFormatter, PromptSet
 
 
@@ -38,14 +38,6 @@ class PromptIds:
 def prompt_seed(seed: int, group_id: int, hinted: bool) -> int:
     """A prompt's sampling seed: a 63-bit hash of the run's seed, its group and whether it carries a hint."""
     return mix64(mix64(mix64(seed) ^ group_id) ^ int(hinted)) & (2**63 - 1)
-
-
-def mix64(x: int) -> int:
-    """SplitMix64's finaliser on Python ints (the scalar twin of ``rltrain.rollout.hf.uniforms``)."""
-    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return x ^ (x >> 31)
 
 
 def collect(

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from rltrain.errors import TrainingDiverged
-from rltrain.rollout.base import Completion, SamplingParams
+from rltrain.rollout.base import Completion, SamplingParams, mix64
 
 
 class HFEngine:
@@ -271,8 +271,6 @@ _M1, _M2 = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64
 
 def row_key(seed: int, copy: int) -> int:
     """The key of copy ``copy`` of a prompt with sampling seed ``seed`` (an unsigned 64-bit int)."""
-    from rltrain.rollout.collect import mix64
-
     return mix64((seed + copy) & 0xFFFFFFFFFFFFFFFF)
 
 
@@ -295,7 +293,7 @@ def _shr(x: Tensor, bits: int) -> Tensor:
 def uniforms(keys_B: Tensor, step: int) -> Tensor:
     """A uniform in [0, 1) per row, float64: SplitMix64 of (key + step x increment) -- counter-based, so the number
     row b draws at token ``step`` depends on its key and the step alone. int64 products wrap modulo 2^64 as the
-    unsigned arithmetic needs (checked against ``rltrain.rollout.collect.mix64``)."""
+    unsigned arithmetic needs (checked against ``rltrain.rollout.base.mix64``)."""
     z = keys_B + _signed(((step + 1) * _GOLDEN) % 2**64)
     z = (z ^ _shr(z, 30)) * _M1
     z = (z ^ _shr(z, 27)) * _M2
