@@ -70,7 +70,8 @@ def test_the_clipped_surrogate_takes_per_token_advantages():
                         behaviour_logp_BT=torch.zeros(1, 3), adv_B=torch.tensor([0.0]), mask_BT=torch.ones(1, 3),
                         sources=[Source.ON_POLICY], entropy_BT=None, token_adv_BT=adv_BT)
     loss, _ = GRPOLoss(eps_low=0.2, eps_high=0.2)(inputs)
-    # -min(r A, clip(r) A): r 1, A 2 -> -2; r 1.5 (clip 1.2), A 1 -> -1.2; r 0.5 (clip 0.8), A -1 -> -min(-0.5, -0.8) = 0.8
+    # -min(r A, clip(r) A): r 1, A 2 -> -2; r 1.5 (clip 1.2), A 1 -> -1.2;
+    # r 0.5 (clip 0.8), A -1 -> -min(-0.5, -0.8) = 0.8
     assert loss.tolist()[0] == pytest.approx([-2.0, -1.2, 0.8], rel=1e-6)
 
 

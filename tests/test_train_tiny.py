@@ -205,7 +205,8 @@ AGENT = ["task=calculator", "task.agent.env=tests.tool_fixtures:Countdown", "tas
     ["algorithm=rl_plus", "algorithm.rl_plus.demo_column=answer", "algorithm.advantage_estimator=reinforce_pp"],
     ["algorithm=cispo", "algorithm.importance_level=sequence", "adapter=lora", "algorithm.beta=0.05",
      "algorithm.kl_estimator=k2", "trainer.updates_per_step=2"],  # LoRA's reference (adapters off) for the KL
-], ids=["ppo_lora", "ppo_shared_lora", "ppo_agent", "ppo_v0", "guide_rloo_overlong", "rl_plus_reinforce_pp", "cispo_sequence_lora_kl"])
+], ids=["ppo_lora", "ppo_shared_lora", "ppo_agent", "ppo_v0", "guide_rloo_overlong", "rl_plus_reinforce_pp",
+        "cispo_sequence_lora_kl"])
 def test_objectives_compose_with_the_methods(tmp_path, combo):
     """Each objective option with LoRA, episodes, the V0 selector, Guide's hints and RL-PLUS's demonstrations: two
     steps train (finite, non-zero gradients) and log the option's own metrics."""

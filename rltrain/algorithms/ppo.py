@@ -18,9 +18,10 @@ LM sharing the tokenizer, each with a zero-initialised scalar head on its final 
 trained; or ``shared``, a scalar head on the policy's own final hidden states (no second model; the value loss trains
 the head alone, never the policy's weights). Its own AdamW, trained after each policy update (``Algorithm.learn``),
 its weights and optimizer state checkpointed with the run (the algorithm's state). Every rank holds the whole critic
-and trains it on the whole batch (the same data, so the same weights): it is not sharded by ZeRO. This is not the V0 value predictor (rltrain.budget): V0 predicts a prompt's
-success before any rollout, to choose prompts and budgets; the critic values each position of a sampled completion,
-to spread the reward over its tokens.
+and trains it on the whole batch (the same data, so the same weights): it is not sharded by ZeRO.
+
+This is not the V0 value predictor (rltrain.budget): V0 predicts a prompt's success before any rollout, to choose
+prompts and budgets; the critic values each position of a sampled completion, to spread the reward over its tokens.
 """
 
 from __future__ import annotations
@@ -177,8 +178,9 @@ class PPO(GRPO):
 
         model = AutoModelForCausalLM.from_pretrained(o.critic_path, torch_dtype=torch.float32, use_safetensors=True)
         if model.config.vocab_size < setup.vocab_size:
-            raise ConfigError(f"algorithm.ppo.critic_path={o.critic_path}: its vocabulary ({model.config.vocab_size}) "
-                              f"is smaller than the policy's ({setup.vocab_size}); the critic reads the policy's tokens")
+            raise ConfigError(f"algorithm.ppo.critic_path={o.critic_path}: its vocabulary "
+                              f"({model.config.vocab_size}) is smaller than the policy's ({setup.vocab_size}); the "
+                              "critic reads the policy's tokens")
         return model.to(setup.device)
 
     @classmethod
@@ -247,8 +249,8 @@ class PPO(GRPO):
                 mb = part[start:start + o.critic_micro_batch_size]
                 values_BT = self._values(batch, mb)
                 device, width = values_BT.device, values_BT.shape[1]
-                loss_BT = clipped_value_loss(values_BT, old_NT[mb, :width].to(device), returns_NT[mb, :width].to(device),
-                                             clip=o.value_clip)
+                loss_BT = clipped_value_loss(values_BT, old_NT[mb, :width].to(device),
+                                             returns_NT[mb, :width].to(device), clip=o.value_clip)
                 loss = (loss_BT * mask_NT[mb, :width].to(device)).sum() / tokens
                 loss.backward()
                 totals["value_loss"] += float(loss.detach()) / o.critic_updates
