@@ -204,13 +204,6 @@ class PPO(GRPO):
     def _values(self, batch: RolloutBatch, rows: list[int]) -> Tensor:
         return self.critic.values([batch.train_prompt_ids[i] for i in rows], [batch.completion_ids[i] for i in rows])
 
-    def _mask(self, batch: RolloutBatch) -> Tensor:
-        width = max(len(c) for c in batch.completion_ids)
-        mask_NT = torch.zeros(len(batch), width)
-        for i, m in enumerate(batch.completion_mask):
-            mask_NT[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
-        return mask_NT
-
     def advantages(self, batch: RolloutBatch) -> list[Tensor]:
         """Per-token GAE advantages of each sample (whitened over the batch); keeps the values and returns for
         ``learn``."""
@@ -221,7 +214,7 @@ class PPO(GRPO):
                       for k in range(0, len(batch), size)]
         width = max(len(c) for c in batch.completion_ids)
         values_NT = torch.cat([nn.functional.pad(v, (0, width - v.shape[1])) for v in chunks])
-        mask_NT = self._mask(batch)
+        mask_NT = batch.padded()["completion_mask_NT"]
         adv_NT, returns_NT = gae(terminal_rewards(batch.rewards_N, mask_NT), values_NT, mask_NT, gamma=o.gamma,
                                  lam=o.lam)
         self._targets = (values_NT, returns_NT, mask_NT)
