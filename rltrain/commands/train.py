@@ -15,6 +15,7 @@ from rltrain.commands.setup import check_overrides_or_exit, exit_error, quiet_tr
 from rltrain.config import DistributedKind
 from rltrain.distributed import init_world
 from rltrain.errors import ConfigError
+from rltrain.memory import release_memory
 from rltrain.rewards import RewardError
 from rltrain.rollout.server import ServerError
 from rltrain.rollout.sync import EngineOutOfSync
@@ -61,6 +62,8 @@ def _hydra_entry():
         except KeyboardInterrupt:  # a second Ctrl-C while the step finished
             exit_error("interrupted: the step in progress is lost; resume=auto continues from the last checkpoint",
                        130)
+        finally:  # the next job of a multirun runs in this process: it starts on the memory this one held
+            release_memory()
 
     return main
 
