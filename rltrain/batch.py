@@ -43,7 +43,8 @@ class RolloutBatch:
     token_advantages: list[list[float]] = None  # per completion token, where the algorithm's vary along it (PPO)
     completion_mask: list[list[int]] = None  # 1 = token trained on; defaults to all ones
     # Multi-turn samples (rltrain.agents.task): per sample its transcript after the prompt ("messages"), the
-    # environment's reward ("env_reward", None where it gave none), "turns", how it "ended", and its tool counts
+    # environment's reward ("env_reward", None where it gave none; "step_rewards": [position, reward] of turns before
+    # the end), "turns", how it "ended", and its tool counts
     episodes: list[dict] = None
     versions_N: Tensor = None  # long: the policy version (updates so far) that generated each sample; -1: none did
     # Partial rollouts (rollout.ahead.partial_tokens): per completion token the version that generated it (the

@@ -234,6 +234,35 @@ def _check_episodes(inner, model, tok, chat: ChatTokens, template: str, *, toler
         == pytest.approx(1.0)
 
 
+class TurnRewards(Scripted):
+    """Scripted, with a reward of its own on each turn before the end: -0.25, then -0.5, then 1 at the end."""
+
+    def step(self, reply: str):
+        observation = super().step(reply)
+        if not observation.done:
+            observation.reward = -0.25 * self.turn
+        return observation
+
+
+def test_a_reward_given_with_a_turn_is_kept_on_that_turns_last_token(tokenizer):
+    chat = ChatTokens(tokenizer)
+    model = _short_turn_model(tokenizer, chat.eos_ids[0])
+    engine = HFEngine(model, eos_token_ids=chat.eos_ids, pad_token_id=tokenizer.pad_token_id, batch_size=64,
+                      tokenizer=tokenizer)
+    runner = EpisodeRunner(engine, chat, TurnRewards, EpisodeLimits(max_turns=3, max_episode_tokens=1000))
+    episodes = runner.run(runner.start(ROWS, [0, 1, 2], [4, 4, 4], [10, 11, 12]),
+                          SamplingParams(temperature=1.0, max_tokens=12, seed=3))
+    records = episode_batch(episodes).episodes
+    done = [(e, r) for e, r in zip(episodes, records) if e.ended == "done"]
+    assert done  # with 12 tokens a turn, most turns end by themselves
+    for e, record in done:
+        ends = [i for i in range(len(e.mask)) if e.mask[i] == 1 and (i + 1 == len(e.mask) or e.mask[i + 1] == 0)]
+        assert len(ends) == 3  # three sampled turns; the first two answered with a reward of their own
+        assert record["step_rewards"] == [[ends[0], -0.25], [ends[1], -0.5]]
+        assert record["env_reward"] == pytest.approx(1.0 - 0.25 - 0.5)
+    assert "episode_step_rewards_mean" not in episode_metrics(records)  # not a count
+
+
 def test_tool_calls_are_parsed_and_every_bad_call_is_the_models_to_read():
     from rltrain.agents.tools import BadCall, ToolCall, parse_calls
 

@@ -13,7 +13,8 @@ import torch
 
 from rltrain.algorithms.base import LossInputs, Setup
 from rltrain.algorithms.grpo import GRPOLoss
-from rltrain.algorithms.ppo import PPO, Critic, CriticSource, clipped_value_loss, terminal_rewards, whiten
+from rltrain.algorithms.ppo import (PPO, Critic, CriticSource, clipped_value_loss, placed_rewards, terminal_rewards,
+                                    whiten)
 from rltrain.batch import RolloutBatch, Source
 from rltrain.cli import compose
 from rltrain.config import AlgorithmConfig, ConfigError, ModelConfig, ModelSource, TinyModelConfig
@@ -27,6 +28,18 @@ def test_terminal_rewards_sit_on_the_last_trained_token():
     out = terminal_rewards(torch.tensor([1.0, -0.5, 3.0, 2.0]), mask)
     # row 0: positions 0-2 trained, the last at 2; row 1: at 1; row 2: no trained token, no reward; row 3: at 3
     assert out.tolist() == [[0, 0, 1, 0], [0, -0.5, 0, 0], [0, 0, 0, 0], [0, 0, 0, 2]]
+
+
+def test_placed_rewards_move_a_turns_own_reward_onto_its_last_token():
+    # Two episodes: [turn 1: 0-1][environment: 2][turn 2: 3-4] and [turn 1: 0][environment: 1-2][turn 2: 3].
+    mask = torch.tensor([[1, 1, 0, 1, 1], [1, 0, 0, 1, 0]])
+    rewards = torch.tensor([1.0, 0.5])  # R: the environment's sum (turns and end) plus any reward function's
+    out = placed_rewards(rewards, mask, [[[1, -0.25]], [[0, 0.75]]])
+    # row 0: -0.25 on position 1 (turn 1's last token), R + 0.25 = 1.25 on position 4; row 1: 0.75 on 0, 0.5 - 0.75
+    assert out.tolist() == [[0, -0.25, 0, 0, 1.25], [0.75, 0, 0, -0.25, 0]]
+    assert out.sum(-1).tolist() == rewards.tolist()
+    assert placed_rewards(rewards, mask, None).tolist() == terminal_rewards(rewards, mask).tolist()
+    assert placed_rewards(rewards, mask, [[], []]).tolist() == terminal_rewards(rewards, mask).tolist()
 
 
 def test_whiten_over_masked_entries():
@@ -138,6 +151,14 @@ def test_ppo_advantages_are_gae_of_the_critic_and_the_critic_learns_the_returns(
     assert last["value_loss"] < 0.2 * first["value_loss"]
     with pytest.raises(RuntimeError, match="advantages of the same batch first"):
         ppo.learn(batch)
+    # An episode whose environment rewarded its first turn: GAE reads that reward at the turn's last token
+    episode = _batch([[5, 6]], [[11, 12, 13, 14]], masks=[[1, 0, 1, 1]], rewards=[1.0])
+    episode.episodes = [{"messages": [], "env_reward": 1.0, "step_rewards": [[0, 0.5]], "turns": 2, "ended": "done"}]
+    fresh = _ppo(tiny, whiten=False, lam=0.5)
+    # r = [0.5, -, 0, 0.5] (the end keeps 1 - 0.5); V = 0: A_3 = 0.5, A_2 = 0.25, A_0 = 0.5 + 0.5 x 0.25 (1 skipped)
+    assert fresh.advantages(episode)[0].tolist() == [0.625, 0.0, 0.25, 0.5]
+    episode.episodes[0]["step_rewards"] = []
+    assert fresh.advantages(episode)[0].tolist() == [0.25, 0.0, 0.5, 1.0]  # all of R at the end
     state = ppo.state_dict()
     other = _ppo(tiny)
     other.load_state_dict(state)

@@ -199,7 +199,8 @@ AGENT = ["task=calculator", "task.agent.env=tests.tool_fixtures:Countdown", "tas
 @pytest.mark.parametrize("combo", [
     ["algorithm=ppo", "adapter=lora", "trainer.lr=1e-3"],  # a full critic beside a LoRA policy
     ["algorithm=ppo", "algorithm.ppo.critic=shared", "adapter=lora", "trainer.lr=1e-3"],  # a head on the policy
-    ["algorithm=ppo", *AGENT],  # episodes: the reward on the last trained token, tool outputs masked
+    ["algorithm=ppo", *AGENT[:1], "task.agent.env=tests.tool_fixtures:CountdownTurns", *AGENT[2:]],  # episodes:
+    # each turn's own reward on its last token, the final one on the last trained token, tool outputs masked
     ["algorithm=ppo", "budget.predictor=v0", "budget.min_context=8"],  # the V0 selector's budgets
     ["algorithm=guide", "algorithm.advantage_estimator=rloo", "algorithm.overlong.buffer=2"],  # hints, RLOO, overlong
     ["algorithm=rl_plus", "algorithm.rl_plus.demo_column=answer", "algorithm.advantage_estimator=reinforce_pp"],
@@ -217,6 +218,11 @@ def test_objectives_compose_with_the_methods(tmp_path, combo):
     assert any(r["grad_norm"] > 0 for r in steps)
     if "algorithm=ppo" in combo:
         assert all(math.isfinite(r["value_loss"]) and r["critic_grad_norm"] >= 0 for r in steps)
+    if "task.agent.env=tests.tool_fixtures:CountdownTurns" in combo:  # the turns' rewards join the end's:
+        # the same first step's episodes (same weights, same seeds) under Countdown, which rewards the end alone
+        _, plain = run(tmp_path / "plain", "trainer.steps=1", "trainer.eval_every=0", "algorithm=ppo", *AGENT)
+        first = [r for r in plain if "step" in r][0]
+        assert steps[0]["reward/environment"] > first["reward/environment"] > 0
     if "algorithm.overlong.buffer=2" in combo:
         assert all(r["reward/overlong"] <= 0 for r in steps)
     if "algorithm.beta=0.05" in combo:

@@ -77,3 +77,18 @@ class Unscored(Countdown):
 
     def finish(self, ended: str) -> None:
         return None
+
+
+class CountdownTurns(Countdown):
+    """Countdown that also rewards each turn before the end: 0.1 per digit the reply adds to those used."""
+
+    def step(self, reply: str):
+        before = len(self.digits)
+        messages, done, reward = _as_tuple(super().step(reply))
+        return messages, done, reward if done else 0.1 * (len(self.digits) - before)
+
+
+def _as_tuple(answer):
+    from rltrain.agents.environment import Observation
+
+    return (answer.messages, answer.done, answer.reward) if isinstance(answer, Observation) else answer

@@ -2,8 +2,9 @@
 
 An environment is made once per episode. ``reset(row)`` gives the episode's first messages (system and user turns)
 and the tools it offers; ``step(reply)`` takes the assistant's reply (its text) and answers with the messages that
-follow it (tool results, observations), whether the episode is over, and a reward when it ends (None: the task's
-reward functions score the transcript). A user's environment is a class named by import path, like a reward function.
+follow it (tool results, observations), whether the episode is over, and a reward or None (at the end, None leaves
+the transcript to the task's reward functions; a reward with a turn that does not end it is that turn's own). A
+user's environment is a class named by import path, like a reward function.
 """
 
 from __future__ import annotations

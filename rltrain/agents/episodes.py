@@ -9,6 +9,9 @@ The first turn of a group shares its prompt (one prefill, ``counts``) and its se
 one-turn episode draws exactly the tokens ``rltrain.rollout.collect`` would; later turns seed each episode by its
 group, its place in the group and the turn, independent of batching.
 
+An environment's reward on a turn that does not end the episode is that turn's own (a process reward): the sample's
+reward adds it to the final one, and PPO's returns place it on the turn's last token (``RolloutBatch.episodes``).
+
 An episode ends when the environment says so (``done``: e.g. a reply without a tool call), after ``max_turns``
 assistant turns (``max_turns``), or when its tokens reach ``max_episode_tokens`` or a turn reaches the per-turn
 token limit without ending (``max_tokens``, counted as truncated).
@@ -44,7 +47,8 @@ class Episode:
     messages: list[dict] = field(default_factory=list)  # the transcript after the first messages
     turns: int = 0
     ended: str | None = None  # one of ENDINGS
-    reward: float | None = None  # the environment's, when it gives one
+    reward: float | None = None  # the environment's at the end, when it gives one
+    step_rewards: list[tuple[int, float]] = field(default_factory=list)  # (last token of the turn, reward) before it
     info: dict[str, float] = field(default_factory=dict)  # summed counts (tool calls, tool errors, ...)
 
     @property
@@ -149,6 +153,8 @@ class EpisodeRunner:
         if observation.done:
             e.ended, e.reward = "done", observation.reward
             return
+        if observation.reward is not None:  # a turn's own reward (a process reward), on the turn's last token
+            e.step_rewards.append((len(e.ids) - 1, float(observation.reward)))
         after_eos = bool(tokens) and tokens[-1] in self.chat.eos_ids
         appended = self.chat.append(observation.messages, after_eos=after_eos)
         e.messages += observation.messages
@@ -178,8 +184,12 @@ def episode_batch(episodes: list[Episode]) -> RolloutBatch:
 
 def episode_record(e: Episode) -> dict:
     """What a sample keeps of its episode (``RolloutBatch.episodes``): the transcript after the first messages, the
-    environment's reward (None where it gave none), its turns, how it ended, and its summed counts."""
-    return {"messages": e.messages, "env_reward": e.reward, "turns": e.turns, "ended": e.ended, **e.info}
+    environment's reward (the sum of the turns' rewards and the final one; None where it gave none), the turns'
+    own rewards before the end with the completion position each follows, its turns, how it ended, and its summed
+    counts."""
+    given = [r for _, r in e.step_rewards] + ([] if e.reward is None else [e.reward])
+    return {"messages": e.messages, "env_reward": sum(given) if given else None,
+            "step_rewards": [list(pair) for pair in e.step_rewards], "turns": e.turns, "ended": e.ended, **e.info}
 
 
 def episode_metrics(records: list[dict]) -> dict[str, float]:
@@ -193,4 +203,4 @@ def episode_metrics(records: list[dict]) -> dict[str, float]:
     return out
 
 
-RECORD_KEYS = ("messages", "env_reward", "turns", "ended")
+RECORD_KEYS = ("messages", "env_reward", "step_rewards", "turns", "ended")

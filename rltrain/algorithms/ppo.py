@@ -3,7 +3,9 @@ a value model scores every completion position, generalised advantage estimation
 1506.02438) turns the sample's reward into per-token advantages, and the policy trains on GRPO's clipped surrogate
 with those advantages while the critic regresses the returns with a clipped value loss.
 
-    r_t     = R on the sample's last trained token, 0 elsewhere (R after any shaping: overlong, KL in the reward)
+    r_t     = R on the sample's last trained token, 0 elsewhere (R after any shaping: overlong, KL in the reward);
+              in an episode, a reward the environment gave on a turn before the end sits on that turn's last
+              token instead, and the last token keeps the rest of R (``placed_rewards``)
     V_t     = critic(prompt + completion[:t]): the value of the state before token t
     delta_t = r_t + gamma V_{t+1} - V_t,      V after the last unmasked token = 0
     A_t     = delta_t + gamma lam A_{t+1}    over the unmasked positions only (a masked position, e.g. a tool's
@@ -27,7 +29,7 @@ prompts and budgets; the critic values each position of a sampled completion, to
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +72,22 @@ def terminal_rewards(rewards_N: Tensor, mask_BT: Tensor) -> Tensor:
     out_BT = torch.zeros(mask_BT.shape, dtype=torch.float32)
     has_B = position_B >= 0
     out_BT[has_B.nonzero().squeeze(-1), position_B[has_B]] = rewards_N.to(torch.float32)[has_B]
+    return out_BT
+
+
+def placed_rewards(rewards_N: Tensor, mask_BT: Tensor, steps: Sequence[Sequence[Sequence[float]]] | None = None
+                   ) -> Tensor:
+    """[B, T]: ``terminal_rewards``, with the rewards an episode's environment gave on turns before its end
+    (``steps[i]``: [position, reward] pairs, ``RolloutBatch.episodes``' "step_rewards") moved onto the positions
+    they follow; the last trained token keeps the rest of the sample's reward, so each row still sums to R."""
+    out_BT = terminal_rewards(rewards_N, mask_BT)
+    last_B = torch.where(mask_BT.to(torch.bool), torch.arange(mask_BT.shape[1]), -1).amax(-1)
+    for i, pairs in enumerate(steps or []):
+        for position, reward in pairs:
+            if int(last_B[i]) < 0:
+                break
+            out_BT[i, int(position)] += reward
+            out_BT[i, last_B[i]] -= reward
     return out_BT
 
 
@@ -215,7 +233,8 @@ class PPO(GRPO):
         width = max(len(c) for c in batch.completion_ids)
         values_NT = torch.cat([nn.functional.pad(v, (0, width - v.shape[1])) for v in chunks])
         mask_NT = batch.padded()["completion_mask_NT"]
-        adv_NT, returns_NT = gae(terminal_rewards(batch.rewards_N, mask_NT), values_NT, mask_NT, gamma=o.gamma,
+        steps = None if batch.episodes is None else [e.get("step_rewards", []) for e in batch.episodes]
+        adv_NT, returns_NT = gae(placed_rewards(batch.rewards_N, mask_NT, steps), values_NT, mask_NT, gamma=o.gamma,
                                  lam=o.lam)
         self._targets = (values_NT, returns_NT, mask_NT)
         if o.whiten:
