@@ -263,6 +263,22 @@ def test_a_reward_given_with_a_turn_is_kept_on_that_turns_last_token(tokenizer):
     assert "episode_step_rewards_mean" not in episode_metrics(records)  # not a count
 
 
+def test_a_replayed_transcript_earns_what_the_same_episode_would(tokenizer):
+    """A demonstration's transcript stepped through a fresh environment (RL-PLUS's external samples): the turns' own
+    rewards and the final one, summed as for an episode the policy played."""
+    from rltrain.agents.task import EpisodeTask
+    from rltrain.config import AgentConfig
+
+    row = {"prompt": "Count down from 9?"}
+    replies = [{"role": "assistant", "content": c} for c in ("9 8", "7 6", "5")]  # the third turn ends it
+    turns = EpisodeTask(AgentConfig(env="tests.tool_fixtures:CountdownTurns"), tokenizer, [row], hint_format="{prompt}")
+    plain = EpisodeTask(AgentConfig(env="tests.tool_fixtures:Countdown"), tokenizer, [row], hint_format="{prompt}")
+    # Countdown: 5 of 10 digits used = 0.5 at the end; CountdownTurns adds 0.1 per new digit on turns 1 and 2: 0.4
+    assert plain.replayed_reward(row, replies) == pytest.approx(0.5)
+    assert turns.replayed_reward(row, replies) == pytest.approx(0.9)
+    assert turns.replayed_reward(row, replies[:1] + [{"role": "assistant", "content": "done"}]) == pytest.approx(0.4)
+
+
 def test_tool_calls_are_parsed_and_every_bad_call_is_the_models_to_read():
     from rltrain.agents.tools import BadCall, ToolCall, parse_calls
 

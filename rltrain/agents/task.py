@@ -96,15 +96,23 @@ class EpisodeTask:
 
     def replayed_reward(self, row: dict, messages: list[dict]) -> float | None:
         """The environment's reward for a transcript it did not play (a demonstration): its assistant turns stepped
-        through a fresh environment of ``row``, which may end it early; None where it gives none."""
+        through a fresh environment of ``row``, which may end it early; the sum of the turns' own rewards and the
+        final one, as for an episode it played (``episode_record``); None where it gives none."""
         env = self.make_env(row)
         env.reset(row)
-        turns = [m["content"] for m in messages if m["role"] == "assistant"]
-        for turn in turns:
+        given: list[float] = []
+        final = None
+        for turn in [m["content"] for m in messages if m["role"] == "assistant"]:
             observation = env.step(turn)
             if observation.done:
-                return observation.reward
-        return env.finish("max_turns") if hasattr(env, "finish") else None
+                final = observation.reward
+                break
+            if observation.reward is not None:
+                given.append(observation.reward)
+        else:
+            final = env.finish("max_turns") if hasattr(env, "finish") else None
+        given += [] if final is None else [final]
+        return sum(given) if given else None
 
     def close(self) -> None:
         if self.sandbox is not None:
