@@ -32,6 +32,10 @@ REL = 1e-6
 # Packing is another forward (each sequence whole, its prompt included) rather than the same one in pieces, so it
 # agrees to fp32 summation order, as the shared-prompt path agrees with per-sequence forwards (test_fast_paths.py).
 PACKED_REL = 1e-5
+# "all" composes three savers, each held to REL alone per parameter tensor: three fp32 reorderings of the same sums.
+# Composed, the whole gradient stays within REL, but a small tensor whose gradient is mostly cancellation (a key
+# bias under RoPE) can drift further: 1.3e-6 and 3.3e-6 on an AMD Zen 4 with AVX-512, depending on the random draws
+# of the tests before (5e-7 to 8.5e-7 on the machine the test was written on). Per tensor it is held to PACKED_REL.
 
 pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 
@@ -175,7 +179,8 @@ def test_gradients_equal_the_plain_path_for_every_loss(family, variant):
         with torch.no_grad():
             for p in reference.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-    rel = PACKED_REL if variant == "packed" else REL
+    exact = PACKED_REL if variant == "packed" else REL  # the whole gradient, the loss and the gradient norm
+    rel = PACKED_REL if variant in ("packed", "all") else REL  # each parameter tensor
     for loss_name, loss_fn in losses().items():
         want_metrics, want = gradients(model, loss_fn, batch, reference)
         got_metrics, got = gradients(model, loss_fn, batch, reference, **VARIANTS[variant])
@@ -183,9 +188,11 @@ def test_gradients_equal_the_plain_path_for_every_loss(family, variant):
         assert max(float(g.abs().max()) for g in want.values()) > 1e-4, loss_name  # a real gradient
         for key in want:
             assert relative_error(got[key], want[key]) <= rel, (loss_name, key)
+        flat = [torch.cat([g[k].flatten() for k in want]) for g in (got, want)]
+        assert relative_error(*flat) <= exact, loss_name
         # the loss is a sum of micro-batch terms of both signs (advantages), so its error is fp32's on their scale
-        assert got_metrics["loss"] == pytest.approx(want_metrics["loss"], rel=rel, abs=1e-7)
-        assert got_metrics["grad_norm"] == pytest.approx(want_metrics["grad_norm"], rel=rel)
+        assert got_metrics["loss"] == pytest.approx(want_metrics["loss"], rel=exact, abs=1e-7)
+        assert got_metrics["grad_norm"] == pytest.approx(want_metrics["grad_norm"], rel=exact)
 
 
 def test_gradients_equal_with_several_updates_per_step():
@@ -200,7 +207,8 @@ def test_gradients_equal_with_several_updates_per_step():
         torch.manual_seed(1)  # the same mini-batch permutation
         metrics = worker.update(batch, GRPOLoss(max_len=MAX_LEN))
         results.append((metrics, torch.cat([p.detach().flatten() for p in model.parameters()])))
-    assert results[0][0]["loss"] == pytest.approx(results[1][0]["loss"], rel=1e-5)
+    # the loss sums micro-batch terms of both signs: its error is fp32's on their scale (as in the test above)
+    assert results[0][0]["loss"] == pytest.approx(results[1][0]["loss"], rel=1e-5, abs=1e-7)
     assert relative_error(results[1][1], results[0][1]) <= 1e-6
 
 
