@@ -83,12 +83,10 @@ class CountdownTurns(Countdown):
     """Countdown that also rewards each turn before the end: 0.1 per digit the reply adds to those used."""
 
     def step(self, reply: str):
+        from rltrain.agents.environment import as_observation
+
         before = len(self.digits)
-        messages, done, reward = _as_tuple(super().step(reply))
-        return messages, done, reward if done else 0.1 * (len(self.digits) - before)
-
-
-def _as_tuple(answer):
-    from rltrain.agents.environment import Observation
-
-    return (answer.messages, answer.done, answer.reward) if isinstance(answer, Observation) else answer
+        observation = as_observation(super().step(reply), "CountdownTurns")
+        if not observation.done:
+            observation.reward = 0.1 * (len(self.digits) - before)
+        return observation

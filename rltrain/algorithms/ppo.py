@@ -65,10 +65,14 @@ def clipped_value_loss(values_BT: Tensor, old_values_BT: Tensor, returns_BT: Ten
     return 0.5 * torch.maximum((values_BT - returns_BT) ** 2, (clipped_BT - returns_BT) ** 2)
 
 
+def last_trained(mask_BT: Tensor) -> Tensor:
+    """[B]: each row's last trained position; -1 for a row with none."""
+    return torch.where(mask_BT.to(torch.bool), torch.arange(mask_BT.shape[1]), -1).amax(-1)
+
+
 def terminal_rewards(rewards_N: Tensor, mask_BT: Tensor) -> Tensor:
     """[B, T]: each sample's reward on its last trained token, 0 elsewhere (and everywhere for a sample with none)."""
-    mask_BT = mask_BT.to(torch.bool)
-    position_B = torch.where(mask_BT, torch.arange(mask_BT.shape[1]), -1).amax(-1)
+    position_B = last_trained(mask_BT)
     out_BT = torch.zeros(mask_BT.shape, dtype=torch.float32)
     has_B = position_B >= 0
     out_BT[has_B.nonzero().squeeze(-1), position_B[has_B]] = rewards_N.to(torch.float32)[has_B]
@@ -81,11 +85,9 @@ def placed_rewards(rewards_N: Tensor, mask_BT: Tensor, steps: Sequence[Sequence[
     (``steps[i]``: [position, reward] pairs, ``RolloutBatch.episodes``' "step_rewards") moved onto the positions
     they follow; the last trained token keeps the rest of the sample's reward, so each row still sums to R."""
     out_BT = terminal_rewards(rewards_N, mask_BT)
-    last_B = torch.where(mask_BT.to(torch.bool), torch.arange(mask_BT.shape[1]), -1).amax(-1)
+    last_B = last_trained(mask_BT)
     for i, pairs in enumerate(steps or []):
-        for position, reward in pairs:
-            if int(last_B[i]) < 0:
-                break
+        for position, reward in pairs if last_B[i] >= 0 else []:
             out_BT[i, int(position)] += reward
             out_BT[i, last_B[i]] -= reward
     return out_BT
