@@ -99,6 +99,7 @@ def test_tag_labeler_word_problems_and_single_capability_kinds():
         TagLabeler(["tool_use"])
 
 
+@pytest.mark.slow
 def test_analysis_of_a_planted_gap_selects_what_the_model_lacks_and_not_what_it_has(tmp_path):
     """experiment=tiny_trace: the warm start learned 1-digit max(a,b) only; the target mix adds sums and counts."""
     import json as _json

@@ -195,6 +195,8 @@ def test_async_layout_on_three_nodes_equals_one_process(single, tmp_path):
     assert all(r["rollout_worker_probe_diff"] < 1e-4 for r in got.values() if "rollout_worker_probe_diff" in r)
 
 
+# slow: rollouts ahead stay in the default run through the three-node layout above and tests/test_checkpoint.py
+@pytest.mark.slow
 def test_rollouts_ahead_under_torchrun_equal_one_process_and_resume(single, tmp_path):
     """Rollouts ahead of training with two trainer ranks (ZeRO-2): rank 0 holds the rollout worker and produces every
     step's samples, each rank joins the sync; the run trains as the single process with its own worker does, on

@@ -83,6 +83,7 @@ def test_judge_text_and_missing_definitions_are_named():
         JudgeLabeler(None, None, ["tool_use"], DEFINITIONS)
 
 
+@pytest.mark.slow
 def test_analyze_with_the_judge_runs_n_passes_through_k_of_n(tmp_path):
     run = [sys.executable, "-m", "rltrain", "capabilities", "analyze", "experiment=tiny_trace", "trainer.num_threads=1",
            "capabilities.labeler=judge", "capabilities.runs=4", "capabilities.k=3", "capabilities.prompts=12",

@@ -274,7 +274,8 @@ def test_a_model_with_transformers_checkpointing_on_is_refused_with_the_setting_
 # ---- ZeRO-2/3 under torchrun ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-3 (parameters partitioned, gathered per layer in the replay) stays in the default run; ZeRO-2 is slow
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_memory_savers_under_zero_equal_the_plain_path(stage, tmp_path):
     """tests/long_sequences_zero.py on 2 ranks: per loss, full fine-tuning and LoRA, each variant's gathered gradient
     against the plain path's under the same ZeRO stage (and that against one process)."""
