@@ -438,7 +438,8 @@ def _finish(config: Config, ctx: RunContext, log: MetricsLogger, loop: LoopState
     log.console.print(
         f"done: eval accuracy {summary['eval_accuracy_start']:.3f} -> {summary['eval_accuracy_end']:.3f}, "
         f"reward (mean of 5 steps) {summary['reward_mean_first5']:.3f} -> {summary['reward_mean_last5']:.3f}; "
-        f"run dir {ctx.run_dir}"
+        f"run dir {ctx.run_dir}",
+        soft_wrap=True,  # the path whole, to copy
     )
     return summary
 

@@ -204,6 +204,14 @@ def test_main_on_a_run_dir_writes_the_report(tmp_path, capsys):
     assert (tmp_path / "run" / "report.html").exists() and "report.png" in capsys.readouterr().out
 
 
+def test_the_written_paths_print_whole_however_long(tmp_path, capsys):
+    """Rich wrapped them at the console's width (80 columns when not a terminal), cutting a path in two."""
+    run = tmp_path / ("a-long-run-directory-name-" * 4) / "run"
+    make_run(run, steps=10)
+    main([str(run)])
+    assert f"{run / 'report.png'}, {run / 'report.html'}" in capsys.readouterr().out
+
+
 def test_a_run_with_rollouts_ahead_gets_an_off_policy_panel_and_its_wait_time(tmp_path):
     """trainer.max_staleness > 0: staleness and the mismatch KL in one panel, the time waited among the phases; a
     synchronous run (staleness absent or 0) has no such panel."""

@@ -79,7 +79,8 @@ def print_report(result: dict, ks: list[int]) -> None:
     console = Console()
     sampled = "pass_at_k" in result
     console.print(f"[bold]{result['checkpoint'] or 'the config model'}[/]: {result['split']} split, "
-                  f"{result['prompts']} prompts" + (f", {result['samples']} samples each" if sampled else ""))
+                  f"{result['prompts']} prompts" + (f", {result['samples']} samples each" if sampled else ""),
+                  soft_wrap=True)
     head = Table()
     head.add_column("greedy accuracy", justify="right")
     head.add_column("greedy reward mean", justify="right")

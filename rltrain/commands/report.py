@@ -25,4 +25,4 @@ def main(argv: list[str]) -> None:
         print(f"rltrain report: {directory} is neither a run dir (no metrics.jsonl) nor a multirun dir "
               f"(no multirun.yaml)", file=sys.stderr)
         raise SystemExit(2)
-    console.print("wrote " + ", ".join(str(p) for p in paths))
+    console.print("wrote " + ", ".join(str(p) for p in paths), soft_wrap=True)  # paths whole, to copy
