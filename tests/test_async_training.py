@@ -64,8 +64,10 @@ def test_rollouts_ahead_compose(case, tmp_path):
     records = _train(tmp_path / "run", *CASES[case])
     steps = [r for r in records if "step" in r]
     assert [r["staleness"] for r in steps] == [0, 1, 1, 1]
+    # the sync after step k is applied behind step k+1's production: before step k+2's samples are taken at the
+    # latest, maybe before step k+1's, so steps 1 and 2's land in the records of steps 2-4, one record or two
     synced = [r for r in steps if "rollout_worker_probe_diff" in r]
-    assert len(synced) >= 2 and all(r["rollout_worker_probe_diff"] < 1e-4 for r in synced)
+    assert sum(r["syncs_applied"] for r in synced) >= 2 and all(r["rollout_worker_probe_diff"] < 1e-4 for r in synced)
     assert any(r.get("mismatch_kl", 0.0) > 0 for r in steps[1:])  # trained on samples of an older version
     assert sum(r["eval_accuracy"] >= 0 for r in records if "eval_step" in r) == 2
     if case == "lora":  # the adapter alone crosses: a small fraction of the tiny model's weights

@@ -329,9 +329,10 @@ def test_a_function_that_hangs_on_everything_costs_a_batch_three_timeouts_howeve
     elapsed = time.perf_counter() - start
     # was 7 timeouts (3.5 s); the margin is the replaced workers' starts, which the budget does not count
     assert 3 * timeout_s <= elapsed < 3 * timeout_s + 1.0
-    # 4 workers, two samples each (a ninth may start as a replaced worker's start extends the budget); the rest were
-    # not started: reward errors
-    assert stats["reward_failed"] == stats["reward_samples"] == 24 and 8 <= stats["reward_timeouts"] <= 12
+    # 4 workers, one sample each at least; a second round (and a ninth, as a replaced worker's start extends the
+    # budget) where the first round's timeouts are seen before the budget ends, which a busy machine can delay. The
+    # rest were not started: reward errors
+    assert stats["reward_failed"] == stats["reward_samples"] == 24 and 4 <= stats["reward_timeouts"] <= 12
     assert stats["reward_timeouts"] + stats["reward_errors"] == 24 and stats["reward_dropped"] == 0
     assert torch.equal(batch.rewards_N, torch.zeros(n))
 
