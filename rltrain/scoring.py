@@ -33,7 +33,10 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from rltrain.rollout.hf import nucleus_logp
@@ -47,6 +50,43 @@ class ScoringSettings:
     checkpointing: bool  # activation checkpointing of the decoder layers in training forwards
     selective: bool  # checkpointing keeps matmul and attention outputs, recomputes the rest (``keep_matmuls``)
     packing: bool  # padding-free rows (``packed_rows``) instead of the shared-prompt forward
+    causal_prefix: bool = True  # sdpa models: the completion pass through ``prefix_causal_sdpa`` (False: the mask)
+
+
+PREFIX_ATTENTION = "rltrain_sdpa"
+
+
+def prefix_causal_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                       dropout: float = 0.0, scaling: float | None = None, causal_prefix: int | None = None,
+                       **kwargs) -> tuple[Tensor, None]:
+    """transformers' sdpa attention, but for a completion pass over a prompt cache of ``causal_prefix`` positions
+    with no padding in it (the scorer says so): there each of the T queries sees the P prompt keys and the completion's
+    keys up to its own, a causal mask aligned to the bottom right of [T, P + T]. torch's fused kernels take a dense
+    mask, which they read whole, or ``is_causal``, aligned to the top left, which lets them skip the masked blocks:
+    P rows of zeros ahead of the queries make the top-left mask the one wanted, for about half the attention's time
+    (docs/memory.md). Anything else (no ``causal_prefix``, a sliding window, a position bias) goes to sdpa as is."""
+    n_queries, n_keys = query.shape[2], key.shape[2]
+    if (causal_prefix is None or n_keys - n_queries != causal_prefix or n_queries == 1  # one query: nothing to skip or kwargs.get("sliding_window") is not None
+            or kwargs.get("position_bias") is not None or not getattr(module, "is_causal", True)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    padded = torch.cat([query.new_zeros(*query.shape[:2], causal_prefix, query.shape[3]), query], dim=2)
+    out = nn.functional.scaled_dot_product_attention(
+        padded, key, value, dropout_p=dropout, scale=scaling, is_causal=True,
+        enable_gqa=getattr(module, "num_key_value_groups", 1) > 1)
+    return out[:, :, causal_prefix:].transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PREFIX_ATTENTION, prefix_causal_sdpa)
+AttentionMaskInterface.register(PREFIX_ATTENTION, sdpa_mask)
+
+
+def use_prefix_attention(model: nn.Module) -> None:
+    """``model`` (a transformers model, PEFT-wrapped or not) on ``prefix_causal_sdpa`` if it runs sdpa: the same
+    attention everywhere except where a scorer passes ``causal_prefix``. Not saved with the model's config."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation(PREFIX_ATTENTION)
 
 
 class PrefixLayer(DynamicLayer):
@@ -120,7 +160,8 @@ def _head_math(logits_NV: Tensor, targets_N: Tensor, temperature: float, top_p: 
     logits_NV = logits_NV.float()
     if softcap:  # Gemma-style final logit soft-capping, part of the model's logits
         logits_NV = torch.tanh(logits_NV / softcap) * softcap
-    logits_NV = logits_NV / temperature
+    if temperature != 1.0:  # (a division by 1 is a pass over the chunk's logits that changes nothing)
+        logits_NV = logits_NV / temperature
     # the full distribution's normaliser: the log-prob's unless top-p samples from a nucleus, and the entropy's
     normaliser_N = torch.logsumexp(logits_NV, -1) if top_p >= 1.0 or want_entropy else None
     if top_p < 1.0:  # the sampling distribution: the nucleus, renormalised
@@ -287,6 +328,11 @@ class Scorer:
         completion_mask = (torch.arange(t_max - 1) < torch.tensor([len(c) - 1 for c in completions]).unsqueeze(-1))
         forward = self.call(model)
         d = self.device
+        if self.settings.causal_prefix:
+            use_prefix_attention(model)
+        # no padding inside the prompt cache: the completion pass's attention is causal from the bottom right
+        causal = ({"causal_prefix": prompt_ids.shape[1]} if self.settings.causal_prefix and bool(prompt_mask.all())
+                  and getattr(model.config, "_attn_implementation", None) == PREFIX_ATTENTION else {})
         with self.autocast():
             prefill = forward(input_ids=prompt_ids.to(d), attention_mask=prompt_mask.to(d),
                               position_ids=prompt_positions.to(d), use_cache=True, logits_to_keep=1,
@@ -301,7 +347,7 @@ class Scorer:
                         attention_mask=torch.cat([prompt_mask[prompt_of_B], completion_mask.long()], dim=1).to(d),
                         position_ids=(prompt_positions[prompt_of_B, -1:] + 1 + torch.arange(t_max - 1)).to(d),
                         past_key_values=prefix_cache(prefill.past_key_values, rows_B), use_cache=False,
-                        logits_to_keep=1, output_hidden_states=True)
+                        logits_to_keep=1, output_hidden_states=True, **causal)
                 hidden_BTH = torch.cat([hidden_BTH, rest.hidden_states[-1]], dim=1)
         return hidden_BTH[:, :width][scored_BT.to(d)]
 

@@ -23,7 +23,8 @@ from rltrain.algorithms.gspo import GSPOLoss
 from rltrain.algorithms.guide import GuideLoss
 from rltrain.algorithms.rl_plus import RLPlusLoss
 from rltrain.policy import OptimSettings, PolicyWorker
-from rltrain.scoring import checkpointing, head_logprobs, packed_rows, prefix_cache
+from rltrain import scoring
+from rltrain.scoring import Scorer, ScoringSettings, checkpointing, head_logprobs, packed_rows, prefix_cache
 from tests.test_fast_paths import MODELS
 from tests.test_policy_gradients import MAX_LEN, TEMPERATURE, make_batch
 
@@ -210,6 +211,54 @@ def test_gradients_equal_with_several_updates_per_step():
     # the loss sums micro-batch terms of both signs: its error is fp32's on their scale (as in the test above)
     assert results[0][0]["loss"] == pytest.approx(results[1][0]["loss"], rel=1e-5, abs=1e-7)
     assert relative_error(results[1][1], results[0][1]) <= 1e-6
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_the_causal_prefix_kernel_equals_the_masked_attention(family, checkpointed, monkeypatch):
+    """``prefix_causal_sdpa``: with prompts of one length (no padding in the cache) the completion pass runs sdpa's
+    causal kernel over zero-padded queries instead of a [T, P + T] mask: the same log-probs, entropies and gradients
+    (every parameter tensor, LoRA included) as the masked attention, to REL; with prompts of two lengths it leaves
+    the masked attention in place."""
+    name, model = family
+    n_layers = model.config.num_hidden_layers
+    if model.config._attn_implementation not in ("sdpa", scoring.PREFIX_ATTENTION):
+        pytest.skip(f"{name} runs {model.config._attn_implementation} attention, which the kernel leaves alone")
+    calls = []  # per sdpa call: (query rows, key rows, a mask given, is_causal)
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, *args, is_causal=False, **kwargs):
+        calls.append((q.shape[2], k.shape[2], attn_mask is not None, is_causal))
+        return original(q, k, v, attn_mask, *args, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    one_length = [[5, 6, 7], [8, 9, 10], [5, 6, 7]]
+    two_lengths = [[5, 6], [8, 9, 10], [5, 6]]
+    completions = [[13, 14, 15, 16, 17], [18, 19], [20, 21, 22, 23]]  # right-padded to 5 in the pass
+    weights = torch.linspace(-1, 1, 3 * 5).view(3, 5)
+    for prompts, kernel in ((one_length, True), (two_lengths, False)):
+        results = []
+        for causal in (False, True):
+            scorer = Scorer(ScoringSettings(temperature=TEMPERATURE, top_p=1.0, chunk=4, checkpointing=checkpointed,
+                                            selective=False, packing=False, causal_prefix=causal),
+                            pad_token_id=0, device=torch.device("cpu"))
+            model.zero_grad()
+            calls.clear()
+            logp, entropy = scorer(model, prompts, completions, want_entropy=True)
+            ((logp * weights).sum() + 0.1 * (entropy * weights.flip(0)).sum()).backward()
+            results.append((logp.detach(), entropy.detach(),
+                            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+            # the completion pass (4 positions over a prompt of 3): masked, or the kernel's 3 + 4 queries, causal;
+            # once per layer, twice with checkpointing (the replay)
+            completion_calls = [c[2:] for c in calls if c[1] == 7]
+            used = causal and kernel
+            assert completion_calls == [(not used, used)] * (1 + checkpointed) * n_layers, (causal, kernel)
+            assert all(c[0] == (7 if used else 4) for c in calls if c[1] == 7)
+        (logp0, ent0, grads0), (logp1, ent1, grads1) = results
+        assert relative_error(logp1, logp0) <= REL and relative_error(ent1, ent0) <= REL
+        assert grads1.keys() == grads0.keys() and grads0
+        for key in grads0:
+            assert relative_error(grads1[key], grads0[key]) <= REL, key
+    assert model.config._attn_implementation == scoring.PREFIX_ATTENTION
 
 
 # ---- the pieces ------------------------------------------------------------------------------------------------------

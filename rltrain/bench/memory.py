@@ -23,6 +23,7 @@ for the savers together. The command (arguments, the order of the work) is rltra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -49,32 +50,44 @@ class Spec:
     chunk: int = 0
     checkpointing: str = ""  # "full" | "selective"
     token_budget: int = 0
+    causal_prefix: bool = True  # the completion pass's attention through ``prefix_causal_sdpa`` (False: the mask)
     threads: int = 0
     cap_gb: float = 0.0  # > 0: the address space this process may add once the model is loaded
     seed: int = 0
     model: dict = field(default_factory=dict)  # the model config's source and path (the command's default model)
 
 
-def rows(lengths: list[int], completions: int, group: int, micro_batch: int, chunk: int, token_budget: int,
-         threads: int, model: dict) -> list[Spec]:
+ROWS = {  # key: (label, rltrain's settings or the framework)
+    "before": ("rltrain before (plain path)", dict(causal_prefix=False)),
+    "kernel": ("rltrain plain path + causal-prefix attention", {}),
+    "chunked": ("rltrain chunked", dict(chunk=True)),
+    "checkpointing": ("rltrain chunked + checkpointing", dict(chunk=True, checkpointing="full")),
+    "selective": ("rltrain chunked + selective checkpointing", dict(chunk=True, checkpointing="selective")),
+    "budget": ("rltrain chunked + token budget", dict(chunk=True, token_budget=True)),
+    "checkpointing+budget": ("rltrain chunked + checkpointing + token budget",
+                             dict(chunk=True, checkpointing="full", token_budget=True)),
+    "selective+budget": ("rltrain chunked + selective checkpointing + token budget",
+                         dict(chunk=True, checkpointing="selective", token_budget=True)),
+    "trl": ("TRL GRPOTrainer (gradient checkpointing, fused LM head)", dict(framework="trl")),
+}
+DEFAULT_ROWS = ("before", "kernel", "chunked", "checkpointing", "checkpointing+budget", "trl")
+
+
+def spec_of(key: str, length: int, *, chunk: int, token_budget: int, **common) -> Spec:
+    """Row ``key`` of ``ROWS`` at completion length ``length``."""
+    label, how = ROWS[key]
+    how = dict(how)
+    framework = how.pop("framework", "rltrain")
+    how["chunk"] = chunk if how.get("chunk") else 0
+    how["token_budget"] = token_budget if how.get("token_budget") else 0
+    return Spec(label, framework, length, **how, **common)
+
+
+def rows(lengths: list[int], keys: list[str], completions: int, group: int, micro_batch: int, chunk: int,
+         token_budget: int, threads: int, model: dict) -> list[Spec]:
     common = dict(completions=completions, group=group, micro_batch=micro_batch, threads=threads, model=model)
-    out = []
-    for length in lengths:
-        out += [
-            Spec("rltrain before (plain path)", "rltrain", length, **common),
-            Spec("rltrain chunked", "rltrain", length, chunk=chunk, **common),
-            Spec("rltrain chunked + checkpointing", "rltrain", length, chunk=chunk, checkpointing="full", **common),
-            Spec("rltrain chunked + selective checkpointing", "rltrain", length, chunk=chunk,
-                 checkpointing="selective", **common),
-            Spec("rltrain chunked + token budget", "rltrain", length, chunk=chunk, token_budget=token_budget,
-                 **common),
-            Spec("rltrain chunked + checkpointing + token budget", "rltrain", length, chunk=chunk,
-                 checkpointing="full", token_budget=token_budget, **common),
-            Spec("rltrain chunked + selective checkpointing + token budget", "rltrain", length, chunk=chunk,
-                 checkpointing="selective", token_budget=token_budget, **common),
-            Spec("TRL GRPOTrainer (gradient checkpointing, fused LM head)", "trl", length, **common),
-        ]
-    return out
+    return [spec_of(key, length, chunk=chunk, token_budget=token_budget, **common)
+            for length in lengths for key in keys]
 
 
 def run(spec: Spec) -> dict:
@@ -127,12 +140,15 @@ def render(results: list[tuple[Spec, dict]], caps: list[tuple[Spec, dict]], comm
             lines.append(f"| {length} | {spec.label} | {r['peak_memory_gb']:.2f} | {r['peak_memory_growth_gb']:.2f} | "
                          f"{r['step_s']:.1f} | {ratio(before, 'peak_memory_gb')} | {ratio(trl, 'peak_memory_gb')} | "
                          f"{ratio(before, 'step_s')} | {r['loss']:.6f} | {r['grad_norm']:.4f} |")
-    if first.token_budget:
-        lines += ["", f"Token budget: {first.token_budget} tokens per micro-batch (`trainer.max_tokens_per_micro_batch`"
-                  "; rows x the longest prompt + completion). Chunk: "
-                  f"{first.chunk or next(s.chunk for s, _ in results if s.chunk)} scored positions per LM-head chunk "
-                  "(`trainer.logprob_chunk_size`). The loss and gradient norm columns show that every row computes "
-                  "the same step."]
+    budget = next((s.token_budget for s, _ in results if s.token_budget), 0)
+    chunk = next((s.chunk for s, _ in results if s.chunk), 0)
+    notes = [f"Token budget: {budget} tokens per micro-batch (`trainer.max_tokens_per_micro_batch`; rows x the "
+             "longest prompt + completion)." if budget else "",
+             f"Chunk: {chunk} scored positions per LM-head chunk (`trainer.logprob_chunk_size`)." if chunk else "",
+             "Causal-prefix attention: the completion pass's attention over the prompt's cache through sdpa's causal "
+             "kernel (`rltrain.scoring.prefix_causal_sdpa`), in every rltrain row but the first.",
+             "The loss and gradient norm columns show that every row computes the same step."]
+    lines += ["", " ".join(n for n in notes if n)]
     if caps:
         spec0 = caps[0][0]
         lines += ["", f"Largest completion length one step survives with {spec0.cap_gb:g} GiB of address space "
@@ -183,6 +199,7 @@ def _rltrain_step(spec: Spec, model, tokenizer, prompts, completions, advantages
                              selective_checkpointing=spec.checkpointing == "selective",
                              max_tokens_per_micro_batch=spec.token_budget)
     worker = PolicyWorker(model, settings, pad_token_id=tokenizer.pad_token_id)
+    worker.scorer.settings = dataclasses.replace(worker.scorer.settings, causal_prefix=spec.causal_prefix)
     ids = completions.tolist()
     batch = RolloutBatch(
         train_prompt_ids=prompts, gen_prompt_ids=prompts, completion_ids=ids,

@@ -254,7 +254,8 @@ def memory_main(argv: list[str]) -> None:
                    help="tokens per micro-batch for the token-budget rows (default: --micro-batch x (the shortest "
                         "length + the prompt), so that longer completions keep the shortest one's memory)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per row (0: torch's default)")
-    p.add_argument("--frameworks", default="rltrain,trl")
+    p.add_argument("--rows", default=",".join(memory.DEFAULT_ROWS),
+                   help=f"the rows, of {', '.join(memory.ROWS)}")
     p.add_argument("--cap-gb", type=float, default=0.0, help="also find the largest length surviving this cap")
     p.add_argument("--cap-lengths", default="512,1024,2048,4096,8192")
     p.add_argument("--cap-completions", type=int, default=4)
@@ -266,11 +267,13 @@ def memory_main(argv: list[str]) -> None:
         p.error("--group and --micro-batch must divide --completions")
     budget = args.token_budget or args.micro_batch * (min(lengths) + 64)  # the prompts are ~50 tokens
     started = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    frameworks = args.frameworks.split(",")
+    keys = [k.strip() for k in args.rows.split(",") if k.strip()]
+    if unknown := [k for k in keys if k not in memory.ROWS]:
+        p.error(f"--rows: unknown row {unknown[0]!r}; the rows are {', '.join(memory.ROWS)}")
     default = compose([]).model  # the embedded default experiment's model
     model = {"source": default.source.value, "path": default.path}
-    specs = [s for s in memory.rows(lengths, args.completions, args.group, args.micro_batch, args.chunk, budget,
-                                    args.threads, model) if s.framework in frameworks]
+    specs = memory.rows(lengths, keys, args.completions, args.group, args.micro_batch, args.chunk, budget,
+                        args.threads, model)
     results = []
     for spec in specs:
         print(f"rltrain bench memory: L={spec.length} {spec.label} ...", flush=True)
@@ -283,11 +286,10 @@ def memory_main(argv: list[str]) -> None:
     if args.cap_gb:
         group = min(args.group, args.cap_completions)
         micro = min(args.micro_batch, args.cap_completions)
-        for spec in (memory.Spec("rltrain before (plain path)", "rltrain", 0, args.cap_completions, group, micro,
-                                 threads=args.threads, cap_gb=args.cap_gb, model=model),
-                     memory.Spec("rltrain chunked + checkpointing + token budget", "rltrain", 0,
-                                 args.cap_completions, group, micro, chunk=args.chunk, checkpointing="full",
-                                 token_budget=budget, threads=args.threads, cap_gb=args.cap_gb, model=model)):
+        common = dict(completions=args.cap_completions, group=group, micro_batch=micro, threads=args.threads,
+                      cap_gb=args.cap_gb, model=model)
+        for spec in (memory.spec_of(key, 0, chunk=args.chunk, token_budget=budget, **common)
+                     for key in ("before", "checkpointing+budget")):
             print(f"rltrain bench memory: under {args.cap_gb:g} GiB, {spec.label} ...", flush=True)
             found = memory.largest_surviving(spec, _ints(args.cap_lengths))
             caps.append((spec, found))
