@@ -1,6 +1,6 @@
 """Per-token log-probs (and entropies) of completions under a causal LM, within memory: the policy worker's forward.
 
-Four things keep a step's memory small when completions are long (docs/memory.md has the measurements):
+What keeps a step's memory and time small when completions are long (docs/memory.md has the measurements):
 
 - **The prompt once per group** (``Scorer.__call__``). A group's samples share their prompt: the distinct prompts run
   once, their KV cache is repeated per sample and the completions run on it. Gradients flow through the repeated
@@ -14,6 +14,8 @@ Four things keep a step's memory small when completions are long (docs/memory.md
   recompute the rest in the backward. The prompt's cache stays differentiable and is read-only there
   (``PrefixLayer``: a layer's replay sees the same keys and values, and nothing is appended twice). The prompt pass,
   one row per distinct prompt, keeps its activations.
+- **Causal-prefix attention** (``prefix_causal_sdpa``; time rather than memory): the completion pass's attention over
+  an unpadded prompt cache through sdpa's causal kernel, which skips the masked blocks, instead of a dense mask.
 - **Padding-free packing** (``packing``, ``packed_rows``): a micro-batch's sequences (prompt + completion each) in one
   row, position ids restarting per sequence and no attention mask, which transformers turns into attention within
   each sequence. It drops the shared prompt. With flash attention (GPU) nothing is padded; with sdpa or eager
@@ -64,10 +66,12 @@ def prefix_causal_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     keys up to its own, a causal mask aligned to the bottom right of [T, P + T]. torch's fused kernels take a dense
     mask, which they read whole, or ``is_causal``, aligned to the top left, which lets them skip the masked blocks:
     P rows of zeros ahead of the queries make the top-left mask the one wanted, for about half the attention's time
-    (docs/memory.md). Anything else (no ``causal_prefix``, a sliding window, a position bias) goes to sdpa as is."""
+    (docs/memory.md). Anything else (no ``causal_prefix``, one query, a sliding window, a position bias) goes to
+    transformers' sdpa as is."""
     n_queries, n_keys = query.shape[2], key.shape[2]
-    if (causal_prefix is None or n_keys - n_queries != causal_prefix or n_queries == 1  # one query: nothing to skip or kwargs.get("sliding_window") is not None
-            or kwargs.get("position_bias") is not None or not getattr(module, "is_causal", True)):
+    if (causal_prefix is None or n_keys - n_queries != causal_prefix or n_queries == 1  # one query: nothing to skip
+            or kwargs.get("sliding_window") is not None or kwargs.get("position_bias") is not None
+            or not getattr(module, "is_causal", True)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     padded = torch.cat([query.new_zeros(*query.shape[:2], causal_prefix, query.shape[3]), query], dim=2)
