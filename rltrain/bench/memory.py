@@ -130,7 +130,7 @@ def render(results: list[tuple[Spec, dict]], caps: list[tuple[Spec, dict]], comm
     for spec, result in results:
         by_length.setdefault(spec.length, []).append((spec, result))
     for length, measured in by_length.items():
-        before = next((r for s, r in measured if s.framework == "rltrain" and not s.chunk and "failed" not in r), None)
+        before = next((r for s, r in measured if s.label == ROWS["before"][0] and "failed" not in r), None)
         trl = next((r for s, r in measured if s.framework == "trl" and "failed" not in r), None)
         for spec, r in measured:
             if "failed" in r:
@@ -146,7 +146,7 @@ def render(results: list[tuple[Spec, dict]], caps: list[tuple[Spec, dict]], comm
              "longest prompt + completion)." if budget else "",
              f"Chunk: {chunk} scored positions per LM-head chunk (`trainer.logprob_chunk_size`)." if chunk else "",
              "Causal-prefix attention: the completion pass's attention over the prompt's cache through sdpa's causal "
-             "kernel (`rltrain.scoring.prefix_causal_sdpa`), in every rltrain row but the first.",
+             "kernel (`rltrain.scoring.prefix_causal_sdpa`), in every rltrain row but \"before\".",
              "The loss and gradient norm columns show that every row computes the same step."]
     lines += ["", " ".join(n for n in notes if n)]
     if caps:
