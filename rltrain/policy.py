@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from rltrain import memory
 from rltrain.algorithms import aggregation
 from rltrain.algorithms.base import LossInputs, PolicyLoss  # noqa: F401 (the loss contract, re-exported)
 from rltrain.algorithms.corrections import Correction, correct
@@ -48,6 +49,7 @@ class OptimSettings:
     selective_checkpointing: bool = False  # checkpointing keeps matmul and attention outputs (``keep_matmuls``)
     packing: bool = False  # padding-free rows instead of the shared-prompt forward
     max_tokens_per_micro_batch: int = 0  # > 0: micro-batches filled to this many tokens, not micro_batch_size rows
+    trim_heap: bool = True  # on CPU: glibc's free heap pages returned after each backward (``rltrain.memory``)
 
 
 def lr_multiplier(schedule: str, optimizer_step: int, progress: float, *, warmup: int, floor: float) -> float:
@@ -366,6 +368,8 @@ class PolicyWorker:
             loss = aggregation.aggregate(loss_BT, mask_BT, mode=loss_fn.aggregation, max_len=max_len) * share
             finite_loss &= math.isfinite(float(loss.detach()))
             self._backward(loss * scale)
+            if self.settings.trim_heap and self.device.type == "cpu":
+                memory.trim_heap()  # the activations just freed, before the next micro-batch allocates its own
             loss_total += float(loss.detach())
             n_tok = float(mask_BT.sum())
             tokens += n_tok

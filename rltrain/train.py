@@ -105,7 +105,7 @@ def build(config: Config, world: World = World()) -> Components:
         precision=config.model.precision.value, correction=r.correction, lr_schedule=t.lr_schedule.value,
         min_lr_ratio=t.min_lr_ratio, logprob_chunk=t.logprob_chunk_size,
         gradient_checkpointing=t.gradient_checkpointing, selective_checkpointing=t.selective_checkpointing,
-        packing=t.packing, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
+        packing=t.packing, max_tokens_per_micro_batch=t.max_tokens_per_micro_batch, trim_heap=t.trim_heap,
     )
     policy = PolicyWorker(model, settings, pad_token_id=tokenizer.pad_token_id, reference=reference, world=world,
                           deepspeed=deepspeed_config(config, world))

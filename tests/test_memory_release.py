@@ -72,3 +72,34 @@ def test_each_job_of_a_multirun_starts_on_the_memory_the_first_did(tmp_path):
     """), tmp_path)
     assert len(starts) == 2
     assert starts[1] - starts[0] < 0.1, starts  # without the release: 0.5 GiB more
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resident memory read from /proc; trims glibc")
+@pytest.mark.parametrize("trim", [True, False])
+def test_an_update_returns_what_each_backward_freed_to_the_system(trim, tmp_path):
+    """On CPU a micro-batch's freed activations stay resident (glibc keeps the holes of its heap) and the next one
+    allocates on top of them, unless the update trims the heap after each backward (``trainer.trim_heap``, on by
+    default). A real tiny model whose backward also leaves 0.5 GiB of freed holes (a gradient hook), trimmed or not."""
+    grown = _python(FRAGMENT + textwrap.dedent(f"""
+        import json
+        from rltrain.algorithms.grpo import GRPOLoss
+        from rltrain.memory import resident_gib
+        from rltrain.policy import OptimSettings, PolicyWorker
+        from tests.test_fast_paths import MODELS
+        from tests.test_policy_gradients import make_batch
+        model = MODELS["qwen2"]()
+        settings = OptimSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), max_grad_norm=1.0, warmup_steps=0,
+                                 micro_batch_size=3, updates_per_step=1, temperature=1.0, precision="fp32",
+                                 trim_heap={trim})
+        worker = PolicyWorker(model, settings, pad_token_id=0)
+        batch = make_batch()
+        worker.update(batch, GRPOLoss())  # the optimizer's state allocated
+        next(model.parameters()).register_hook(lambda grad: fragment())
+        start = resident_gib()[0]
+        worker.update(batch, GRPOLoss())
+        print(json.dumps(resident_gib()[0] - start))
+    """), tmp_path)
+    if trim:
+        assert grown < 0.1, grown  # 8 MiB of small blocks kept per backward
+    else:
+        assert grown > 0.4, grown

@@ -51,6 +51,7 @@ class Spec:
     checkpointing: str = ""  # "full" | "selective"
     token_budget: int = 0
     causal_prefix: bool = True  # the completion pass's attention through ``prefix_causal_sdpa`` (False: the mask)
+    trim_heap: bool = True  # glibc's free heap pages returned after each backward (``trainer.trim_heap``)
     threads: int = 0
     cap_gb: float = 0.0  # > 0: the address space this process may add once the model is loaded
     seed: int = 0
@@ -58,8 +59,8 @@ class Spec:
 
 
 ROWS = {  # key: (label, rltrain's settings or the framework)
-    "before": ("rltrain before (plain path)", dict(causal_prefix=False)),
-    "kernel": ("rltrain plain path + causal-prefix attention", {}),
+    "before": ("rltrain before (plain path)", dict(causal_prefix=False, trim_heap=False)),
+    "kernel": ("rltrain plain path + causal-prefix attention + heap trim", {}),
     "chunked": ("rltrain chunked", dict(chunk=True)),
     "checkpointing": ("rltrain chunked + checkpointing", dict(chunk=True, checkpointing="full")),
     "selective": ("rltrain chunked + selective checkpointing", dict(chunk=True, checkpointing="selective")),
@@ -146,7 +147,8 @@ def render(results: list[tuple[Spec, dict]], caps: list[tuple[Spec, dict]], comm
              "longest prompt + completion)." if budget else "",
              f"Chunk: {chunk} scored positions per LM-head chunk (`trainer.logprob_chunk_size`)." if chunk else "",
              "Causal-prefix attention: the completion pass's attention over the prompt's cache through sdpa's causal "
-             "kernel (`rltrain.scoring.prefix_causal_sdpa`), in every rltrain row but \"before\".",
+             "kernel (`rltrain.scoring.prefix_causal_sdpa`), and glibc's free heap pages returned to the system after "
+             "each micro-batch's backward (`trainer.trim_heap`), in every rltrain row but \"before\".",
              "The loss and gradient norm columns show that every row computes the same step."]
     lines += ["", " ".join(n for n in notes if n)]
     if caps:
@@ -197,7 +199,7 @@ def _rltrain_step(spec: Spec, model, tokenizer, prompts, completions, advantages
                              micro_batch_size=spec.micro_batch, updates_per_step=1, temperature=1.0, precision="fp32",
                              logprob_chunk=spec.chunk, gradient_checkpointing=bool(spec.checkpointing),
                              selective_checkpointing=spec.checkpointing == "selective",
-                             max_tokens_per_micro_batch=spec.token_budget)
+                             max_tokens_per_micro_batch=spec.token_budget, trim_heap=spec.trim_heap)
     worker = PolicyWorker(model, settings, pad_token_id=tokenizer.pad_token_id)
     worker.scorer.settings = dataclasses.replace(worker.scorer.settings, causal_prefix=spec.causal_prefix)
     ids = completions.tolist()
