@@ -75,18 +75,15 @@ def release_memory() -> None:
     trim_heap()
 
 
-def trim_heap() -> bool:
-    """Return the free pages of glibc's heap to the system (``malloc_trim(0)``); whether there was a glibc to ask.
+def trim_heap() -> None:
+    """Return the free pages of glibc's heap to the system (``malloc_trim(0)``); nothing where there is no glibc.
 
     On CPU a tensor of a few MB comes from the heap (glibc raises its mmap threshold to the size of the largest block
     freed, up to 32 MB), and freed blocks between live ones stay resident: two checkpointed backwards over 2 x 2,048
     tokens of SmolLM2-135M left 3.4 GiB resident and free, which each micro-batch added to. The trim costs
     milliseconds; the pages it returns fault in again when reused (docs/memory.md)."""
-    libc = _libc()
-    if libc is None:
-        return False
-    libc.malloc_trim(0)
-    return True
+    if (libc := _libc()) is not None:
+        libc.malloc_trim(0)
 
 
 @functools.cache
