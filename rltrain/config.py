@@ -472,7 +472,7 @@ class TrainerConfig:
     # activations, products): a few percent of time instead of a whole forward, for about half the memory saving
     selective_checkpointing: bool = False
     packing: bool = False  # padding-free rows (each prompt per sample) instead of the shared-prompt forward
-    trim_heap: bool = True  # on CPU: return glibc's free heap pages to the system after each micro-batch's backward
+    trim_heap: bool = True  # on CPU: return glibc's free heap pages to the system after each forward and backward
     lr: float = 1e-5
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

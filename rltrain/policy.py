@@ -49,7 +49,7 @@ class OptimSettings:
     selective_checkpointing: bool = False  # checkpointing keeps matmul and attention outputs (``keep_matmuls``)
     packing: bool = False  # padding-free rows instead of the shared-prompt forward
     max_tokens_per_micro_batch: int = 0  # > 0: micro-batches filled to this many tokens, not micro_batch_size rows
-    trim_heap: bool = True  # on CPU: glibc's free heap pages returned after each backward (``rltrain.memory``)
+    trim_heap: bool = True  # on CPU: glibc's free heap pages returned after each forward and backward
 
 
 def lr_multiplier(schedule: str, optimizer_step: int, progress: float, *, warmup: int, floor: float) -> float:
@@ -347,6 +347,7 @@ class PolicyWorker:
             logp_BT, entropy_BT = self._forward(
                 self.model, [prompts[i] for i in mb], [batch.completion_ids[i] for i in mb], loss_fn.needs_entropy
             )
+            self._trim_heap()  # what the forward freed, before the backward allocates (its peak comes next)
             mask_BT = _mask(batch, mb).to(logp_BT.device)
             old_BT = _stack_old(mb, old_logp, logp_BT)
             inputs = LossInputs(
@@ -368,8 +369,7 @@ class PolicyWorker:
             loss = aggregation.aggregate(loss_BT, mask_BT, mode=loss_fn.aggregation, max_len=max_len) * share
             finite_loss &= math.isfinite(float(loss.detach()))
             self._backward(loss * scale)
-            if self.settings.trim_heap and self.device.type == "cpu":
-                memory.trim_heap()  # the activations just freed, before the next micro-batch allocates its own
+            self._trim_heap()  # the activations just freed, before the next micro-batch allocates its own
             loss_total += float(loss.detach())
             n_tok = float(mask_BT.sum())
             tokens += n_tok
@@ -406,6 +406,12 @@ class PolicyWorker:
         loss_BT, metrics = correct(loss_BT, inputs.old_logp_BT - inputs.behaviour_logp_BT, inputs.mask_BT, on_B,
                                    self.settings.correction)
         return loss_BT, {**token_metrics, **metrics}
+
+    def _trim_heap(self) -> None:
+        """On CPU (``trim_heap``): glibc's free heap pages back to the system, so that the next allocations fault in
+        pages as they need them instead of adding to the holes that freed tensors left (``rltrain.memory``)."""
+        if self.settings.trim_heap and self.device.type == "cpu":
+            memory.trim_heap()
 
     def _backward(self, loss: Tensor) -> None:
         if self.engine is not None:

@@ -51,7 +51,7 @@ class Spec:
     checkpointing: str = ""  # "full" | "selective"
     token_budget: int = 0
     causal_prefix: bool = True  # the completion pass's attention through ``prefix_causal_sdpa`` (False: the mask)
-    trim_heap: bool = True  # glibc's free heap pages returned after each backward (``trainer.trim_heap``)
+    trim_heap: bool = True  # glibc's free heap pages returned after each forward and backward (``trainer.trim_heap``)
     threads: int = 0
     cap_gb: float = 0.0  # > 0: the address space this process may add once the model is loaded
     seed: int = 0
@@ -148,7 +148,7 @@ def render(results: list[tuple[Spec, dict]], caps: list[tuple[Spec, dict]], comm
              f"Chunk: {chunk} scored positions per LM-head chunk (`trainer.logprob_chunk_size`)." if chunk else "",
              "Causal-prefix attention: the completion pass's attention over the prompt's cache through sdpa's causal "
              "kernel (`rltrain.scoring.prefix_causal_sdpa`), and glibc's free heap pages returned to the system after "
-             "each micro-batch's backward (`trainer.trim_heap`), in every rltrain row but \"before\".",
+             "each micro-batch's forward and backward (`trainer.trim_heap`), in every rltrain row but \"before\".",
              "The loss and gradient norm columns show that every row computes the same step."]
     lines += ["", " ".join(n for n in notes if n)]
     if caps:
