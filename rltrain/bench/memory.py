@@ -16,6 +16,9 @@ path before the chunked head), then chunked (``logprob_chunk_size``), + activati
 (``gradient_checkpointing=True``; its fused LM head, on by default, never materialises the logits), fed the same
 token ids and advantages through its ``compute_loss`` with the same micro-batches (generation bypassed).
 
+``--repeats N``: every row measured N times, in rounds (each round every row once), and the table shows each row's
+median and the range of its step times: on a shared machine a slow spell then falls on every row, not on one.
+
 ``--cap-gb``: the largest completion length (of ``--cap-lengths``) whose step a process survives under an address-
 space limit (``RLIMIT_AS``) of that many GiB above what it holds once the model is loaded, for the plain path and
 for the savers together. The command (arguments, the order of the work) is rltrain/commands/bench.py.
@@ -27,6 +30,7 @@ import dataclasses
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -103,6 +107,16 @@ def run(spec: Spec) -> dict:
     return json.loads(lines[-1])
 
 
+def median(runs: list[dict]) -> dict:
+    """One row's runs as one: the first failure if one failed, else the first run with the median peak, growth and
+    step time (the loss and gradient norm are the same in every run), and every run's step time."""
+    if failed := next((r for r in runs if "failed" in r), None):
+        return failed
+    middle = {key: statistics.median(r[key] for r in runs) for key in ("peak_memory_gb", "peak_memory_growth_gb",
+                                                                        "step_s")}
+    return {**runs[0], **middle, "step_s_runs": [r["step_s"] for r in runs]}
+
+
 def largest_surviving(spec: Spec, lengths: list[int]) -> dict:
     """The ascending ``lengths`` ``spec`` survives under its cap, up to the first that fails."""
     survived, failure = [], None
@@ -118,13 +132,17 @@ def largest_surviving(spec: Spec, lengths: list[int]) -> dict:
 def render(results: list[tuple[Spec, dict]], caps: list[tuple[Spec, dict]], command: str, started: str,
            machine: dict[str, str]) -> str:
     first = results[0][0]
+    rounds = max(len(r.get("step_s_runs", [])) for _, r in results)
+    repeated = (f" Every row was measured {rounds} times, in rounds (each round every row once, in the order of the "
+                "table), so that a slow spell of the machine falls on every row: the table shows each row's median, "
+                "with the range of its step times in brackets." if rounds > 1 else "")
     lines = [f"## {SECTION}", "",
              f"Measured {started} with `{command}`: SmolLM2-135M-Instruct (vocabulary 49,152), "
              f"{first.completions} completions ({first.completions // first.group} prompts x {first.group}) of "
              f"exactly L tokens, one optimizer step (AdamW, fp32), micro-batches of {first.micro_batch} completions "
              "unless a token budget sets them; each row a fresh process (rltrain/bench/memory.py says what is "
              "measured). Peak = the process's peak resident set during the step (model and libraries included); "
-             "growth = what the step added to what it held before.", "",
+             "growth = what the step added to what it held before." + repeated, "",
              "| L | row | peak GiB | growth GiB | step s | peak / before | peak / TRL | time / before | loss | "
              "grad norm |", "|---|---|---|---|---|---|---|---|---|---|"]
     by_length: dict[int, list[tuple[Spec, dict]]] = {}
@@ -138,9 +156,12 @@ def render(results: list[tuple[Spec, dict]], caps: list[tuple[Spec, dict]], comm
                 lines.append(f"| {length} | {spec.label} | failed: {r['failed']} | | | | | | | |")
                 continue
             ratio = (lambda other, key: f"{r[key] / other[key]:.2f}" if other else "-")
+            times = r.get("step_s_runs", [])
+            spread = f" ({min(times):.1f}-{max(times):.1f})" if len(times) > 1 else ""
             lines.append(f"| {length} | {spec.label} | {r['peak_memory_gb']:.2f} | {r['peak_memory_growth_gb']:.2f} | "
-                         f"{r['step_s']:.1f} | {ratio(before, 'peak_memory_gb')} | {ratio(trl, 'peak_memory_gb')} | "
-                         f"{ratio(before, 'step_s')} | {r['loss']:.6f} | {r['grad_norm']:.4f} |")
+                         f"{r['step_s']:.1f}{spread} | {ratio(before, 'peak_memory_gb')} | "
+                         f"{ratio(trl, 'peak_memory_gb')} | {ratio(before, 'step_s')} | {r['loss']:.6f} | "
+                         f"{r['grad_norm']:.4f} |")
     budget = next((s.token_budget for s, _ in results if s.token_budget), 0)
     chunk = next((s.chunk for s, _ in results if s.chunk), 0)
     notes = [f"Token budget: {budget} tokens per micro-batch (`trainer.max_tokens_per_micro_batch`; rows x the "

@@ -254,6 +254,9 @@ def memory_main(argv: list[str]) -> None:
                    help="tokens per micro-batch for the token-budget rows (default: --micro-batch x (the shortest "
                         "length + the prompt), so that longer completions keep the shortest one's memory)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per row (0: torch's default)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure every row this many times, in rounds (each round every row once), and show each "
+                        "row's median: a slow spell of the machine then falls on every row")
     p.add_argument("--rows", default=",".join(memory.DEFAULT_ROWS),
                    help=f"the rows, of {', '.join(memory.ROWS)}")
     p.add_argument("--cap-gb", type=float, default=0.0, help="also find the largest length surviving this cap")
@@ -263,6 +266,8 @@ def memory_main(argv: list[str]) -> None:
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     lengths = _ints(args.lengths)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.completions % args.group or args.completions % args.micro_batch:
         p.error("--group and --micro-batch must divide --completions")
     budget = args.token_budget or args.micro_batch * (min(lengths) + 64)  # the prompts are ~50 tokens
@@ -274,14 +279,17 @@ def memory_main(argv: list[str]) -> None:
     model = {"source": default.source.value, "path": default.path}
     specs = memory.rows(lengths, keys, args.completions, args.group, args.micro_batch, args.chunk, budget,
                         args.threads, model)
-    results = []
-    for spec in specs:
-        print(f"rltrain bench memory: L={spec.length} {spec.label} ...", flush=True)
-        result = memory.run(spec)
-        results.append((spec, result))
-        print("  " + (f"failed: {result['failed']}" if "failed" in result else
-                      f"peak {result['peak_memory_gb']:.2f} GiB (+{result['peak_memory_growth_gb']:.2f}), "
-                      f"{result['step_s']:.1f} s"), flush=True)
+    runs: list[list[dict]] = [[] for _ in specs]
+    for round_ in range(1, args.repeats + 1):
+        for spec, measured in zip(specs, runs):
+            which = f" (round {round_} of {args.repeats})" if args.repeats > 1 else ""
+            print(f"rltrain bench memory: L={spec.length} {spec.label}{which} ...", flush=True)
+            result = memory.run(spec)
+            measured.append(result)
+            print("  " + (f"failed: {result['failed']}" if "failed" in result else
+                          f"peak {result['peak_memory_gb']:.2f} GiB (+{result['peak_memory_growth_gb']:.2f}), "
+                          f"{result['step_s']:.1f} s"), flush=True)
+    results = [(spec, memory.median(measured)) for spec, measured in zip(specs, runs)]
     caps = []
     if args.cap_gb:
         group = min(args.group, args.cap_completions)
