@@ -34,6 +34,25 @@ def _python(code: str, tmp_path: Path) -> list:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _worker(trim: bool) -> str:
+    """A real tiny model's ``PolicyWorker`` (heap trim on or off) and a batch, its optimizer's state allocated."""
+    return textwrap.dedent(f"""
+        import json
+        from rltrain.algorithms.grpo import GRPOLoss
+        from rltrain.memory import resident_gib
+        from rltrain.policy import OptimSettings, PolicyWorker
+        from tests.test_fast_paths import MODELS
+        from tests.test_policy_gradients import make_batch
+        model = MODELS["qwen2"]()
+        settings = OptimSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), max_grad_norm=1.0, warmup_steps=0,
+                                 micro_batch_size=3, updates_per_step=1, temperature=1.0, precision="fp32",
+                                 trim_heap={trim})
+        worker = PolicyWorker(model, settings, pad_token_id=0)
+        batch = make_batch()
+        worker.update(batch, GRPOLoss())
+    """)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resident memory read from /proc; trims glibc")
 def test_release_memory_returns_a_fragmented_heap(tmp_path):
     freed, released = _python(FRAGMENT + textwrap.dedent("""
@@ -80,20 +99,7 @@ def test_an_update_returns_what_each_backward_freed_to_the_system(trim, tmp_path
     """On CPU a micro-batch's freed activations stay resident (glibc keeps the holes of its heap) and the next one
     allocates on top of them, unless the update trims the heap after each backward (``trainer.trim_heap``, on by
     default). A real tiny model whose backward also leaves 0.5 GiB of freed holes (a gradient hook), trimmed or not."""
-    grown = _python(FRAGMENT + textwrap.dedent(f"""
-        import json
-        from rltrain.algorithms.grpo import GRPOLoss
-        from rltrain.memory import resident_gib
-        from rltrain.policy import OptimSettings, PolicyWorker
-        from tests.test_fast_paths import MODELS
-        from tests.test_policy_gradients import make_batch
-        model = MODELS["qwen2"]()
-        settings = OptimSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), max_grad_norm=1.0, warmup_steps=0,
-                                 micro_batch_size=3, updates_per_step=1, temperature=1.0, precision="fp32",
-                                 trim_heap={trim})
-        worker = PolicyWorker(model, settings, pad_token_id=0)
-        batch = make_batch()
-        worker.update(batch, GRPOLoss())  # the optimizer's state allocated
+    grown = _python(FRAGMENT + _worker(trim) + textwrap.dedent("""
         next(model.parameters()).register_hook(lambda grad: fragment())
         start = resident_gib()[0]
         worker.update(batch, GRPOLoss())
@@ -112,20 +118,7 @@ def test_each_backward_starts_without_the_holes_its_forward_left(trim, tmp_path)
     backward's peak comes on top of what stays resident, unless the update trims the heap between the two
     (2 x 2,048 tokens of SmolLM2-135M: 4.97 GiB peak without, 4.00 with; docs/memory.md). Here the forward leaves
     0.5 GiB of holes (a forward hook); the resident set is read as each backward starts."""
-    grown = _python(FRAGMENT + textwrap.dedent(f"""
-        import json
-        from rltrain.algorithms.grpo import GRPOLoss
-        from rltrain.memory import resident_gib
-        from rltrain.policy import OptimSettings, PolicyWorker
-        from tests.test_fast_paths import MODELS
-        from tests.test_policy_gradients import make_batch
-        model = MODELS["qwen2"]()
-        settings = OptimSettings(lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), max_grad_norm=1.0, warmup_steps=0,
-                                 micro_batch_size=3, updates_per_step=1, temperature=1.0, precision="fp32",
-                                 trim_heap={trim})
-        worker = PolicyWorker(model, settings, pad_token_id=0)
-        batch = make_batch()
-        worker.update(batch, GRPOLoss())  # the optimizer's state allocated
+    grown = _python(FRAGMENT + _worker(trim) + textwrap.dedent("""
         at_backward, backward = [], worker._backward
         def measured(loss):
             at_backward.append(resident_gib()[0] - start)
