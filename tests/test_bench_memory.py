@@ -60,18 +60,21 @@ def test_repeats_below_one_is_refused_with_the_option_named(capsys):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the peak resident set is read from /proc")
-def test_the_command_measures_every_row_in_rounds_and_each_computes_the_same_step(capsys):
-    """The real command on the default model (each row a fresh process), short completions: the plain path and
-    the savers together, two rounds."""
+def test_the_command_measures_every_row_in_rounds_and_each_computes_the_same_step(capsys, monkeypatch, tmp_path):
+    """The real command on the default model (each row a fresh process), short completions: the plain path, the
+    savers together and TRL's GRPOTrainer, two rounds; the processes leave nothing in the temporary directory."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     bench.memory_main(["--lengths", "32", "--completions", "2", "--group", "2", "--micro-batch", "2",
-                       "--rows", "before,checkpointing+budget", "--token-budget", "100", "--repeats", "2",
+                       "--rows", "before,checkpointing+budget,trl", "--token-budget", "100", "--repeats", "2",
                        "--threads", "1", "--no-write"])
     out = capsys.readouterr().out
-    assert out.count("(round 1 of 2)") == 2 and out.count("(round 2 of 2)") == 2
+    assert out.count("(round 1 of 2)") == 3 and out.count("(round 2 of 2)") == 3
     rows = [line for line in out.splitlines() if line.startswith("| 32 |")]
-    assert len(rows) == 2, out
+    assert len(rows) == 3, out
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
     assert all(re.fullmatch(r"[\d.]+ \([\d.]+-[\d.]+\)", c[4]) for c in cells), cells  # median (range)
-    (loss, norm), (loss_, norm_) = [(float(c[8]), float(c[9])) for c in cells]
-    assert abs(loss - loss_) <= 2e-6 and abs(norm - norm_) <= 2e-4 * norm, cells  # the same step
+    steps = [(float(c[8]), float(c[9])) for c in cells]
+    for loss, norm in steps[1:]:  # the same step as the plain path's
+        assert abs(loss - steps[0][0]) <= 2e-6 and abs(norm - steps[0][1]) <= 2e-4 * steps[0][1], cells
     assert all(float(c[2]) > 0.3 for c in cells)  # the model's weights are resident
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("rltrain-bench-memory")]

@@ -239,6 +239,8 @@ def _rltrain_step(spec: Spec, model, tokenizer, prompts, completions, advantages
 
 
 def _trl_step(spec: Spec, model, tokenizer, prompts, completions, advantages, prompt_of):
+    import atexit
+    import shutil
     import tempfile
 
     import torch
@@ -246,8 +248,10 @@ def _trl_step(spec: Spec, model, tokenizer, prompts, completions, advantages, pr
     from trl import GRPOConfig, GRPOTrainer
 
     accumulation = spec.completions // spec.micro_batch
+    output_dir = tempfile.mkdtemp(prefix="rltrain-bench-memory-trl-")  # the trainer's; nothing is saved there
+    atexit.register(shutil.rmtree, output_dir, ignore_errors=True)
     args = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="rltrain-bench-memory-trl-"), per_device_train_batch_size=spec.micro_batch,
+        output_dir=output_dir, per_device_train_batch_size=spec.micro_batch,
         gradient_accumulation_steps=accumulation, steps_per_generation=accumulation, num_generations=spec.group,
         max_completion_length=spec.length, learning_rate=1e-6, beta=0.0, loss_type="dapo", optim="adamw_torch",
         max_grad_norm=1.0, use_vllm=False, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=True,
