@@ -81,7 +81,7 @@ def trim_heap() -> None:
     On CPU a tensor of a few MB comes from the heap (glibc raises its mmap threshold to the size of the largest block
     freed, up to 32 MB), and freed blocks between live ones stay resident: two checkpointed backwards over 2 x 2,048
     tokens of SmolLM2-135M left 3.4 GiB resident and free, which each micro-batch added to. The trim costs
-    milliseconds; the pages it returns fault in again when reused (docs/memory.md)."""
+    up to ~0.1 s over a heap of a few GiB; the pages it returns fault in again when reused (docs/memory.md)."""
     if (libc := _libc()) is not None:
         libc.malloc_trim(0)
 
